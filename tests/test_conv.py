@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -17,6 +17,7 @@ import particlize as pz
 from particlize.adapters.conv import ConvAdapter
 from particlize.models.vision import MobileNetV2, ResNet, SimpleCNN
 from particlize.record import unit_cost
+from strategies import removal_sets
 
 CASES = {
     "simple": (lambda: SimpleCNN(num_classes=5, in_channels=3, widths=(8, 16)), (3, 16, 16)),
@@ -52,7 +53,7 @@ def _case(name: str) -> tuple[nn.Module, torch.Tensor, pz.ParticleMap]:
         factory, shape = CASES[name]
         torch.manual_seed(0)
         model = _randomize(factory())
-        x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(1))
+        x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(1))
         _CACHE[name] = (model, x, pz.decompose(model, example_inputs=x[:1]))
     return _CACHE[name]
 
@@ -65,6 +66,26 @@ def _flops(model: nn.Module, x: torch.Tensor) -> int:
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         model(x)
     return fc.get_total_flops()
+
+
+_DENSE: dict[str, int] = {}
+
+
+def _dense_flops(name: str) -> int:
+    if name not in _DENSE:
+        model, x, pm = _case(name)
+        _DENSE[name] = _flops(model, x[:1])
+        assert _DENSE[name] == pytest.approx(pm.cost().flops, rel=1e-9)
+    return _DENSE[name]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny convs: one intra-op thread is faster than several (and steadier on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _channels(pm: pz.ParticleMap) -> dict[str, int]:
@@ -123,25 +144,12 @@ def test_mobilenet_groups() -> None:
 # ---- the invariant, costs, save/load (property-based) --------------------------------------------
 
 
-@st.composite
-def removals(draw, pm: pz.ParticleMap) -> dict[str, list[int]]:
-    out = {}
-    for g in pm.groups:
-        if not draw(st.booleans()):
-            continue
-        limit = g.size if g.kind == "block" else g.size - 1
-        idx = draw(st.lists(st.integers(0, g.size - 1), max_size=min(limit, 6), unique=True))
-        if idx and (g.kind == "block" or len(idx) < g.size):
-            out[g.name] = sorted(idx)
-    return out
-
-
 @pytest.mark.parametrize("name", list(CASES))
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=10, deadline=None)
 @given(data=st.data())
 def test_ablate_equals_prune(name: str, data, tmp_path_factory) -> None:
     model, x, pm = _case(name)
-    remove = data.draw(removals(pm))
+    remove = data.draw(removal_sets(pm))
     with torch.no_grad():
         with pm.ablate(remove):
             ablated = model(x)
@@ -149,8 +157,7 @@ def test_ablate_equals_prune(name: str, data, tmp_path_factory) -> None:
         pruned = small.eval()(x)
     assert (ablated - pruned).abs().max().item() <= 1e-5
     assert _params(small) == pm.cost(remove).params
-    dense_f, small_f = _flops(model, x[:1]), _flops(small, x[:1])
-    assert dense_f == pytest.approx(pm.cost().flops, rel=1e-6)
+    dense_f, small_f = _dense_flops(name), _flops(small, x[:1])
     assert dense_f - small_f == pytest.approx(pm.cost().flops - pm.cost(remove).flops, rel=1e-6, abs=1e-6)
     folder = pz.save(small, tmp_path_factory.mktemp("saved") / "m")
     again = pz.load(folder)
@@ -174,6 +181,51 @@ def test_prune_keeps_original_and_records_plan() -> None:
     with torch.no_grad(), pm2.ablate({"layers.1.1.conv1.channels": [0]}):
         y = small(x)
     assert (smaller.eval()(x) - y).abs().max().item() <= 1e-5
+    # block indices are positions in the group's particle list, not in the container: index 0 of
+    # layers.1.blocks is layers.1.1; the downsampling layers.1.0 stays
+    small = pm.prune({"layers.1.blocks": [0]})
+    assert len(small.layers[1]) == 1 and small.layers[1][0].downsample is not None
+    assert torch.equal(small.layers[1][0].conv1.weight, model.layers[1][0].conv1.weight)
+
+
+class Res(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, 2 * c, 3, padding=1), nn.BatchNorm2d(2 * c), nn.SiLU(),
+                                  nn.Conv2d(2 * c, c, 3, padding=1), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+def test_root_sequential_blocks_and_emptied_container(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = _randomize(nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), Res(4), Res(4),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+    ))
+    x = torch.randn(2, 3, 16, 16)
+    pm = pz.decompose(model, example_inputs=x[:1])
+    assert _blocks(pm) == {"blocks": ("3", "4")}
+    assert _channels(pm) == {"3.body.0.channels": 8, "4.body.0.channels": 8}
+    assert pm["3.body.0.channels"].scope == "3."
+    for remove in ({"blocks": [0], "4.body.0.channels": [1, 2]}, {"blocks": [0, 1]}):
+        with torch.no_grad():
+            with pm.ablate(remove):
+                ya = model(x)
+            small = pm.prune(remove)
+            assert (small(x) - ya).abs().max().item() <= 1e-5
+        assert len(small) == 8 - len(remove["blocks"]) and _params(small) == pm.cost(remove).params
+    # ResNet: both blocks of stage 0 removed leaves an empty stage, which is the identity
+    model, x, pm = _case("resnet")
+    remove = {"layers.0.blocks": [0, 1], "layers.1.1.conv1.channels": [3]}
+    with torch.no_grad():
+        with pm.ablate(remove):
+            ya = model(x)
+        small = pm.prune(remove)
+        assert len(small.layers[0]) == 0 and (small(x) - ya).abs().max().item() <= 1e-5
+        again = pz.load(pz.save(small, tmp_path / "m"))
+        assert (again(x) - ya).abs().max().item() <= 1e-5
 
 
 def test_depthwise_channels_prune() -> None:
@@ -181,7 +233,7 @@ def test_depthwise_channels_prune() -> None:
     name = "features.4.conv.0.0.channels"
     remove = {name: list(range(0, 48, 3)), "features.blocks": [0, 4, 10]}
     small = pm.prune(remove)
-    dw = small.features[4].conv[1][0]
+    dw = small.features[3].conv[1][0]  # features.1 was removed: features.4 is now features.3
     assert dw.groups == dw.in_channels == dw.out_channels == 32 and tuple(dw.weight.shape[:2]) == (32, 1)
     with torch.no_grad(), pm.ablate(remove):
         y = model(x)
@@ -249,6 +301,17 @@ def test_table(name: str) -> None:
     assert pm.cost().params == _params(model)
 
 
+
+@pytest.mark.parametrize(
+    "name", ["simple", "resnet", "mobilenet"]
+)
+def test_table_with_activation_stats(name: str) -> None:
+    _, x, pm = _case(name)
+    stats = pm.table(data=[x])
+    assert len(stats) == sum(g.size for g in pm.groups)
+    assert stats.act_mean_abs.notna().all() and (stats.act_std >= 0).all()
+
+
 # ---- other models ------------------------------------------------------------------------------------
 
 
@@ -295,6 +358,21 @@ def test_functional_cnn_and_flattened_linear() -> None:
     )
 
 
+def test_unplaced_and_transposed_flops() -> None:
+    model, x, _ = _case("resnet")
+    res = ConvAdapter().build(model, seq_len=1, example_inputs=x[:1])
+    assert set(res.unplaced) == {"stem.0", "layers.1.0.downsample.0"} | {
+        f"layers.{i}.{j}.conv2" for i in range(2) for j in range(2)
+    }
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.ConvTranspose2d(4, 2, 4, 2))
+    z = torch.zeros(1, 3, 20, 20)
+    pm = pz.decompose(net, example_inputs=z)
+    assert pm.cost().flops == _flops(net, z)
+    assert _flops(net, z) - _flops(pm.prune({"0.channels": [1, 2, 3]}), z) == pm.cost().flops - pm.cost(
+        {"0.channels": [1, 2, 3]}
+    ).flops
+
+
 def test_default_example_inputs_and_train_mode_untouched() -> None:
     model = SimpleCNN(num_classes=3, in_channels=2, widths=(4, 8)).train()
     stats = {k: v.clone() for k, v in model.state_dict().items()}
@@ -309,7 +387,7 @@ def test_default_size_falls_back_for_fixed_flatten() -> None:
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 2))
     pm = pz.decompose(model)
     assert pm.flops_unit == "per sample at 28×28"
-    assert pm["0.channels"].readers == (pz.Slice("2.weight", 1, 26 * 26),)
+    assert pm["0.channels"].readers == (pz.Slice("3.weight", 1, 26 * 26),)
 
 
 @pytest.mark.parametrize(
@@ -354,7 +432,7 @@ def test_untraceable_model_error() -> None:
         ConvAdapter().build(Branchy(), seq_len=1)
 
 
-def test_decompose_does_not_change_copy_semantics() -> None:
+def test_decompose_is_deterministic() -> None:
     model, x, pm = _case("simple")
     twin = copy.deepcopy(model)
     pm2 = pz.decompose(twin, example_inputs=x[:1])

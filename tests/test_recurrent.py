@@ -21,6 +21,15 @@ H, LAYERS, IN = 12, 3, 5
 ATOL = 1e-5
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: one intra-op thread is much faster than several, above all on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _classifier(cell: str, seed: int = 0) -> RNNClassifier:
     torch.manual_seed(seed)
     return RNNClassifier(input_size=IN, hidden_size=H, num_layers=LAYERS, num_classes=4, cell=cell).eval()
@@ -131,7 +140,7 @@ def test_speaker_encoder_invariant(seed: int, fracs: list[float]) -> None:
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(first=_layer_sets(), second=_layer_sets(H // 2, LAYERS))
 def test_two_rounds(cell: str, first: list[set[int]], second: list[set[int]], tmp_path_factory) -> None:
     model = _classifier(cell)
@@ -154,6 +163,44 @@ def test_even_then_uneven_rounds() -> None:
     assert type(small.rnn) is nn.LSTM and small.rnn.hidden_size == H - 2
     smaller = _check_invariant(pz.decompose(small), {"rnn.l1.units": [0, 1, 2]}, x)
     assert isinstance(smaller.rnn, StackedRNN) and smaller.rnn.hidden_sizes == (10, 7, 10)
+
+
+class _Variant(nn.Module):
+    """Other shapes of recurrent model: nn.RNN, no biases, sequence-first, heads on h_n[-1] / c_n[-1]."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        if kind == "rnn_relu_seq_first":
+            self.rnn = nn.RNN(IN, 9, 3, nonlinearity="relu")
+        elif kind == "gru_no_bias_hn":
+            self.rnn = nn.GRU(IN, 9, 3, bias=False, batch_first=True)
+        else:  # "lstm_cn_dropout"
+            self.rnn = nn.LSTM(IN, 9, 3, batch_first=True, dropout=0.3)
+        self.drop = nn.Dropout(0.1)
+        self.head = nn.Linear(9, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "rnn_relu_seq_first":
+            out, _ = self.rnn(x.transpose(0, 1), None)
+            return self.head(out[-1])
+        if self.kind == "gru_no_bias_hn":
+            _, h = self.rnn(x)
+            return self.head(h[-1])
+        _, (h, c) = self.rnn(x)
+        return self.head(self.drop(c[-1][:, None, :].select(1, 0)))
+
+
+@pytest.mark.parametrize("kind", ["rnn_relu_seq_first", "gru_no_bias_hn", "lstm_cn_dropout"])
+def test_variants(kind: str) -> None:
+    torch.manual_seed(0)
+    model = _Variant(kind).eval()
+    pm = pz.decompose(model, recipe={"kind": "callable", "target": "x:y", "kwargs": {}})
+    assert [g.name for g in pm] == [f"rnn.l{l}.units" for l in range(3)]
+    remove = {"rnn.l0.units": [0, 8], "rnn.l1.units": [1, 2, 3], "rnn.l2.units": [4]}
+    small = _check_invariant(pm, remove, _x())
+    assert isinstance(small.rnn, StackedRNN) and small.rnn.hidden_sizes == (7, 6, 8)
+    _check_invariant(pz.decompose(small, recipe=pm.recipe), {"rnn.l2.units": [0, 1]}, _x())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,18 +241,12 @@ def test_gates_removed_after_exception() -> None:
                 assert not torch.allclose(gated(x), y0)
                 raise RuntimeError("boom")
         assert _no_parametrizations(model)
+        assert type(model.rnn) is nn.LSTM and type(model.head) is nn.Linear
         torch.testing.assert_close(model(x), y0, rtol=0, atol=0)
         with pm.ablate({"rnn.l1.units": [4]}):
             pass
         assert _no_parametrizations(model)
         torch.testing.assert_close(model(x), y0, rtol=0, atol=0)
-
-
-def test_gates_fire_only_when_the_rnn_runs() -> None:
-    pm = pz.decompose(_classifier("gru"))
-    with pm.ablate({"rnn.l0.units": [0]}) as gated:
-        gated(_x())  # fires: no error
-    assert _no_parametrizations(pm.model)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -305,6 +346,7 @@ class _Untraceable(nn.Module):
         return self.head(out[:, -1])
 
 
+@pytest.mark.filterwarnings("ignore:recurrent adapter")
 @pytest.mark.parametrize(
     "cls,kept,why",
     [(_MeanPool, ["rnn.l0.units"], "mean"), (_ReadsFirstLayer, ["lstm.l1.units"], "layer 0"),
@@ -331,6 +373,10 @@ def test_unsupported_modules() -> None:
 
     with pytest.raises(pz.UnsupportedModelError, match="bidirectional"):
         pz.decompose(Bi())
+    bi = Bi()
+    bi.rnn = nn.LSTM(IN, 8, 2, batch_first=True, proj_size=4)
+    with pytest.raises(pz.UnsupportedModelError, match="proj_size"):
+        pz.decompose(bi)
     with pytest.raises(pz.UnsupportedModelError, match="bare recurrent module"):
         pz.decompose(nn.GRU(IN, 8, 2))
 

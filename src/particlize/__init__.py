@@ -12,11 +12,13 @@
 from .adapters import decompose
 from .errors import CheckpointError, GateError, ParticlizeError, PlanError, UnsupportedModelError
 from .io import load, save
+from .analysis import analyze, top_particles, validate_scores
 from .particles import Cost, InputGate, ParticleGroup, ParticleMap, ResidualGate, Slice, WeightMaskGate
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "Cost", "GateError", "InputGate", "ParticleGroup", "ParticleMap", "ParticlizeError",
-    "PlanError", "ResidualGate", "Slice", "UnsupportedModelError", "WeightMaskGate", "decompose", "load", "save",
+    "PlanError", "ResidualGate", "Slice", "UnsupportedModelError", "WeightMaskGate", "analyze", "decompose", "load", "save",
+    "top_particles", "validate_scores",
 ]

@@ -180,12 +180,14 @@ def _replace_output(output: Any, new: Tensor) -> Any:
 class ResidualGate(GateSite):
     """One gate per block: ``out' = in + p + g * ((out - in) - p)``. With ``g = 0`` and ``p = 0`` the
     block is the identity, exactly what removing it from its container does. The block's *activation*
-    is its update ``out - in`` (feature dimension last)."""
+    is its update ``out - in``; ``dim`` is its feature dimension (-1 for tokens, 1 for conv maps), along
+    which a mean patch is taken."""
 
     modules: tuple[str, ...]
+    dim: int = -1
 
     def gate_dim(self) -> int:
-        return -1
+        return self.dim
 
     def install(self, model, n, gate, patch, fired):
         handles = []
@@ -196,7 +198,7 @@ class ResidualGate(GateSite):
                 inp, out = _block_io(args, kwargs, output)
                 g = gate[..., i : i + 1]
                 p = patch[i] if patch else None
-                return _replace_output(output, inp + apply_gate(out - inp, -1, 1, g, p))
+                return _replace_output(output, inp + apply_gate(out - inp, self.dim, 1, g, p))
 
             handles.append(_resolve(model, path).register_forward_hook(hook, with_kwargs=True))
         return handles

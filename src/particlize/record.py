@@ -99,7 +99,7 @@ def activation_stats(pm: ParticleMap, data: Iterable[Any]) -> pd.DataFrame:
         g = pm[name]
         if isinstance(g.gate, ResidualGate):  # a block's activation is its update; one particle per point
             x = a.detach().double().reshape(-1, 1)
-            idx = i
+            idx = slice(i, i + 1)
         else:
             dim = g.gate.gate_dim() % a.ndim
             x = a.detach().double().movedim(dim, -1).reshape(-1, g.size, a.shape[dim] // g.size)

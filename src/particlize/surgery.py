@@ -39,7 +39,7 @@ def _refresh_shapes(mod: nn.Module) -> None:
         mod.out_features, mod.in_features = mod.weight.shape
     elif isinstance(mod, nn.modules.conv._ConvNd):
         w = mod.weight.shape
-        if isinstance(mod, nn.modules.conv._ConvTransposeMixin):
+        if mod.transposed:
             mod.in_channels, mod.out_channels = w[0], w[1] * mod.groups
         else:
             mod.out_channels, mod.in_channels = w[0], w[1] * mod.groups

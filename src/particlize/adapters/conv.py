@@ -1,11 +1,16 @@
 """Convolutional networks: output channels of Conv2d layers and identity-residual blocks.
 
 The model is traced with ``torch.fx.symbolic_trace`` (torch.nn modules are leaves) and shapes are
-propagated with ``torch.fx.passes.shape_prop.ShapeProp`` on ``example_inputs``. When no example inputs
-are given, a default batch ``[1, C, 32, 32]`` is used (``C`` = ``in_channels`` of the first Conv2d);
-if the model cannot run at 32×32 (a Linear reading a fixed flattened ``C×H×W`` map), a few other
-common sizes are tried (``DEFAULT_SIZES``). FLOPs are per sample at the example's spatial size, as
-``flops_unit`` says; pass ``example_inputs`` to count them at your resolution.
+propagated with ``torch.fx.passes.shape_prop.ShapeProp`` on ``example_inputs`` (a tensor, a tuple of
+positional tensors, a dict by argument name, or an ``(inputs, targets)`` pair as in
+`particlize.particles.run_batch`; run in eval mode without gradients, the model's train/eval flags and
+BN statistics are left as they were). When no example inputs are given, a default batch
+``[1, C, 32, 32]`` is used (``C`` = ``in_channels`` of the first Conv2d); if the model cannot run at
+32×32 (a Linear reading a fixed flattened ``C×H×W`` map), a few other common sizes are tried
+(``DEFAULT_SIZES``). FLOPs are per sample at the example's spatial size, as ``flops_unit`` says
+(``tensor_flops``: 2·H_out·W_out per Conv weight element, 2·positions per Linear weight element);
+pass ``example_inputs`` to count them at your resolution. Note that `ParticleMap.prune` and
+`particlize.load` re-decompose without example inputs, so a model must also run at one default size.
 
 Groups
 ------
@@ -179,7 +184,7 @@ class _Chain:
 
 class _Walker:
     def __init__(self, gm: fx.GraphModule, modules: Mapping[str, nn.Module], calls: Mapping[str, int]):
-        self.gm, self.modules, self.calls = gm, modules, calls
+        self.modules, self.calls = modules, calls
         self.meta: dict[fx.Node, bool] = {}
 
     def _users(self, node: fx.Node) -> list[fx.Node]:
@@ -207,7 +212,12 @@ class _Walker:
             shape = _shape(u)
             if u.op == "call_module":
                 m = self.modules[u.target]
-                if self.calls.get(u.target, 0) != 1 or u.args != (cur,) or u.kwargs:
+                if u.args != (cur,) or u.kwargs:
+                    return None
+                # a module with weights on the way must be called once; a stateless one (a ReLU used
+                # twice in a block) may be shared
+                stateless = isinstance(m, _ELEMENTWISE_MODULES + _POOL_MODULES + (nn.Flatten,))
+                if not stateless and self.calls.get(u.target, 0) != 1:
                     return None
                 if flat is None:
                     if isinstance(m, nn.Conv2d) and m.groups == 1 and m.in_channels == c:
@@ -435,8 +445,11 @@ class ConvAdapter:
             m = modules[node.target]
             out, inp = _shape(node), _shape(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
             if isinstance(m, nn.modules.conv._ConvNd) and out is not None:
+                # 2 FLOPs per weight element per output position (per input position when transposed)
+                spatial = inp if getattr(m, "transposed", False) else out
                 key = f"{node.target}.weight"
-                flops[key] = flops.get(key, 0.0) + 2.0 * math.prod(out[2:])
+                if spatial is not None:
+                    flops[key] = flops.get(key, 0.0) + 2.0 * math.prod(spatial[2:])
             elif isinstance(m, nn.Linear) and inp is not None:
                 key = f"{node.target}.weight"
                 flops[key] = flops.get(key, 0.0) + 2.0 * math.prod(inp[1:-1])
@@ -528,7 +541,7 @@ class ConvAdapter:
                 names += [f"{p}.{n}" for n, _ in block.named_buffers()]
                 owned.append(tuple(names))
             groups.append(ParticleGroup(
-                f"{prefix}blocks", "block", len(paths), None, ResidualGate(tuple(paths)), owned=tuple(owned),
+                f"{prefix}blocks", "block", len(paths), None, ResidualGate(tuple(paths), dim=1), owned=tuple(owned),
                 scope=prefix,
             ))
         return groups

@@ -31,10 +31,11 @@ different widths, `StackedRNN` (one single-layer module per layer) replaces it. 
 a further round of pruning (group names stay ``f"{P}.l{l}.units"``). Layers that keep equal widths keep
 the original ``nn.LSTM`` / ``nn.GRU`` with updated sizes.
 
-FLOPs are ``2`` per weight element of ``weight_ih`` / ``weight_hh`` and of the Linear(s) on top, *per time
-step*; a head on ``out[:, -1]`` or ``h_n[-1]`` really runs once per sequence, so its share is an upper
-bound. Bidirectional modules and ``proj_size > 0`` are rejected with `UnsupportedModelError`, and so is a
-bare recurrent module passed as the whole model (wrap it: its output width is the model's output).
+FLOPs are ``2`` per weight element of ``weight_ih`` / ``weight_hh`` and of the confirmed Linear(s) on top,
+*per time step*; a head on ``out[:, -1]`` or ``h_n[-1]`` really runs once per sequence, so its share is an
+upper bound (and an unconfirmed head is not counted). Bidirectional modules and ``proj_size > 0`` are
+rejected with `UnsupportedModelError`, and so is a bare recurrent module passed as the whole model (wrap
+it: its output width is the model's output).
 """
 
 from __future__ import annotations
@@ -89,6 +90,10 @@ class StackedRNN(nn.Module):
     accepted too, when all layers have the same width.
     """
 
+    # What code written for nn.LSTM usually reads besides the sizes.
+    bidirectional = False
+    proj_size = 0
+
     def __init__(
         self,
         mode: str,
@@ -119,10 +124,6 @@ class StackedRNN(nn.Module):
         )
         self._sync()
 
-    # The attributes code written for nn.LSTM usually reads.
-    bidirectional = False
-    proj_size = 0
-
     @property
     def hidden_size(self) -> int:
         """The width of ``output`` (the last layer's hidden size)."""
@@ -146,8 +147,9 @@ class StackedRNN(nn.Module):
             rnn.mode, w.shape[1], sizes, bias=rnn.bias, batch_first=rnn.batch_first, dropout=rnn.dropout,
             device=w.device, dtype=w.dtype,
         )
+        kinds = ("weight_ih", "weight_hh", "bias_ih", "bias_hh") if rnn.bias else ("weight_ih", "weight_hh")
         for l, layer in enumerate(new.layers):
-            for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh") if rnn.bias else ("weight_ih", "weight_hh"):
+            for kind in kinds:
                 setattr(layer, f"{kind}_l0", rnn._parameters[f"{kind}_l{l}"])
         new._sync()
         return new.train(rnn.training)
@@ -304,7 +306,8 @@ def _index_ndim(idx: Any, ndim: int) -> int | None:
     """The ndim after ``x[idx]`` for an ``ndim``-dim ``x`` whose last dim is kept whole, else None."""
     items = idx if isinstance(idx, tuple) else (idx,)
     for it in items:
-        if not (it is None or it is Ellipsis or isinstance(it, slice) or (isinstance(it, int) and not isinstance(it, bool))):
+        plain_int = isinstance(it, int) and not isinstance(it, bool)
+        if not (it is None or it is Ellipsis or isinstance(it, slice) or plain_int):
             return None  # tensor / dynamic indices: not followed
     full = slice(None)
     if any(it is Ellipsis for it in items):
@@ -343,7 +346,7 @@ def _analyse(call: torch.fx.Node, rnn: _Rnn, modules: dict[str, nn.Module], uses
         for l in layers:
             uses.unsafe.setdefault(l, why)
 
-    if len(call.args) > 1 or call.kwargs:
+    if any(a is not None for a in (*call.args[1:], *call.kwargs.values())):
         fail(range(num), "the module is called with an initial state, whose width pruning would change")
     lstm = rnn.mode == "LSTM"
     work: list[tuple[torch.fx.Node, str, int]] = [(call, "result", 0)]
@@ -378,7 +381,8 @@ def _analyse(call: torch.fx.Node, rnn: _Rnn, modules: dict[str, nn.Module], uses
                     continue
                 nd = _feature_ndim(user, node, ndim, modules)
                 if nd is None:
-                    fail([top], f"its last layer's features reach `{user.format_node()}`, not a Linear reading them whole")
+                    fail([top], f"its last layer's features reach `{user.format_node()}`, "
+                                "not a Linear reading them whole")
                 else:
                     work.append((user, "feat", nd))
 
