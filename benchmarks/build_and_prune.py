@@ -1,7 +1,7 @@
 """Time to build the particle map / dependency graph and prune 50% of the heads and FFN neurons of
 every layer: particlize vs Torch-Pruning 1.6.1.
 
-    .venv/bin/python benchmarks/build_and_prune.py [--rounds 3] [--rounds-1b 1] [--skip-1b]
+    .venv/bin/python benchmarks/build_and_prune.py [--rounds 3] [--rounds-1b 2] [--skip-1b]
 
 Models: (a) the real all-MiniLM-L6-v2 (BertModel), (b) a random-init TinyLlama-shaped 1.1B
 LlamaForCausalLM (fp32, hidden 2048, 22 layers, 32 heads / 4 kv heads, FFN 5632, vocab 32000).
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import statistics
 import subprocess
 import sys
@@ -91,6 +90,16 @@ def worker(kind: str, tool: str) -> dict:
     del warm
 
     if tool == "particlize":
+        import particlize as pz
+        from particlize.surgery import plan_step
+
+        # untimed breakdown: pm.prune's conversion of the plan to kept indices (surgery.plan_step)
+        pm0 = pz.decompose(model)
+        rm0 = C.pz_plan(pm0)
+        t = time.perf_counter()
+        plan_step(pm0, rm0)
+        res["plan_step_s"] = time.perf_counter() - t
+        del pm0, rm0
         if kind == "llama1b":  # how much of pm.prune is its deep copy (measured separately, untimed above)
             t = time.perf_counter()
             dup = copy.deepcopy(model)
@@ -112,6 +121,7 @@ def worker(kind: str, tool: str) -> dict:
             readers = {f"encoder.layer.{i}.attention.output.dense": 32 for i in range(len(model.encoder.layer))}
             ffn = {f"encoder.layer.{i}.intermediate.dense" for i in range(len(model.encoder.layer))}
             res["removed"] = C.tp_removed(pruner, readers, ffn)
+            res["partial_heads"] = any(v == [-1] for k, v in res["removed"].items() if k in readers)
         else:
             n = len(model.model.layers)
             readers = {f"model.layers.{i}.self_attn.o_proj": 64 for i in range(n)}
@@ -157,7 +167,7 @@ def _med(xs):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3, help="rounds for MiniLM (default 3)")
-    ap.add_argument("--rounds-1b", type=int, default=1, help="rounds for the 1.1B Llama (default 1)")
+    ap.add_argument("--rounds-1b", type=int, default=2, help="rounds for the 1.1B Llama (default 2)")
     ap.add_argument("--skip-1b", action="store_true", help="skip the 1.1B Llama")
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per MiniLM job")
@@ -217,9 +227,13 @@ def main() -> int:
             checks.append("shapes ok" if not any(x["shape_problems"] for x in ok) else "SHAPES: " + "; ".join(x0["shape_problems"]))
             checks.append("finite" if all(x["finite"] for x in ok) else "NON-FINITE OUTPUT")
             if tool == "particlize":
-                checks.append(f"= masked (max|diff| {max(x['max_abs_diff_vs_masked'] for x in ok):.1e})"
+                checks.append(f"= masked (max abs diff {max(x['max_abs_diff_vs_masked'] for x in ok):.1e})"
                               if all(x["masked_equal"] for x in ok) else
-                              f"≠ masked (max|diff| {max(x['max_abs_diff_vs_masked'] for x in ok):.1e})")
+                              f"≠ masked (max abs diff {max(x['max_abs_diff_vs_masked'] for x in ok):.1e})")
+            if tool == "torch-pruning":
+                checks.append("PARTIAL HEADS" if any(x.get("partial_heads") for x in ok) else "whole heads")
+                if kind == "llama1b":
+                    checks.append(f"heads removed per kv group {ok[0].get('heads_removed_per_kv_group')}")
             if errs:
                 checks.append(f"{len(errs)} failed: {errs[0]}")
             ratio = ""
@@ -231,15 +245,14 @@ def main() -> int:
                 C.fmt_s(_med([x["total_s"] for x in ok])),
                 f"{x0['params_before'] / 1e6:.2f}M → {x0['params_after'] / 1e6:.2f}M", ratio, ", ".join(checks),
             ])
-            if tool == "particlize" and kind == "llama1b":
+            if tool == "particlize":
                 dc = _med([x.get("deepcopy_s") for x in ok])
-                if dc is not None:
-                    notes.append(f"llama1b: particlize's prune includes a deep copy of the model "
-                                 f"(a separate copy.deepcopy of it took {dc:.1f} s in the same process); "
-                                 "Torch-Pruning prunes in place.")
-            if tool == "torch-pruning" and kind == "llama1b":
-                notes.append(f"llama1b: Torch-Pruning heads removed per kv group (4 groups of 8 query heads): "
-                             f"{ok[0].get('heads_removed_per_kv_group')}, partial heads: {ok[0].get('partial_heads')}")
+                ps = _med([x.get("plan_step_s") for x in ok])
+                notes.append(f"{kind}: particlize prune (median {_med([x['prune_s'] for x in ok]):.2f} s) includes "
+                             + (f"a deep copy of the model (copy.deepcopy alone: {dc:.1f} s, measured separately "
+                                "in the same process; Torch-Pruning prunes in place) and " if dc is not None else
+                                "a deep copy of the model (Torch-Pruning prunes in place) and ")
+                             + f"surgery.plan_step (alone: {ps:.2f} s, measured separately)")
         # overlap of the removed sets on MiniLM (different criteria)
         if kind == "minilm":
             a = next((x for x in by_tool["particlize"] if "error" not in x), None)

@@ -80,7 +80,8 @@ def apply_step(pm: ParticleMap, keep: Mapping[str, Sequence[int]]) -> None:
     for name, idx in keep.items():
         g = pm[name]
         if g.kind == "block" and len(idx) != g.size:
-            _remove_blocks(model, g.gate, [i for i in range(g.size) if i not in set(idx)])
+            kept = set(idx)
+            _remove_blocks(model, g.gate, [i for i in range(g.size) if i not in kept])
             if g.on_prune is not None:
                 g.on_prune(model, idx)
     if pm.after_prune is not None:
@@ -108,8 +109,12 @@ def _remove_blocks(model: nn.Module, gate: Any, removed: list[int]) -> None:
 
 def plan_step(pm: ParticleMap, remove: Remove) -> dict[str, list[int]]:
     """Turn ``{group: removed indices}`` into the plan step ``{group: kept indices}``."""
-    removed = pm.removed_sets(remove)
-    return {name: [i for i in range(pm[name].size) if i not in set(r)] for name, r in removed.items() if r}
+    step = {}
+    for name, r in pm.removed_sets(remove).items():
+        if r:
+            gone = set(r)
+            step[name] = [i for i in range(pm[name].size) if i not in gone]
+    return step
 
 
 def provenance(model: nn.Module) -> dict[str, Any]:
@@ -124,7 +129,20 @@ def pruned_copy(pm: ParticleMap, remove: Remove) -> nn.Module:
     step = plan_step(pm, remove)
     for name, idx in step.items():
         pm[name].check_keep(idx)
-    small = copy.deepcopy(pm.model)
+    # Tensors about to be cut (or dropped with their block) are shared with the original instead of
+    # copied: surgery replaces them by new tensors and never writes in place, so the original stays intact
+    # and a large model is not copied twice.
+    memo: dict[int, Any] = {}
+    for name, idx in step.items():
+        g = pm[name]
+        if g.kind == "block":
+            for i in set(range(g.size)) - set(idx):
+                for t in g.owned[i]:
+                    memo[id(pm._tensor(t))] = pm._tensor(t)
+        else:
+            for s in (*g.writers, *g.readers):
+                memo[id(pm._tensor(s.name))] = pm._tensor(s.name)
+    small = copy.deepcopy(pm.model, memo)
     apply_step(decompose(small, recipe=pm.recipe, seq_len=pm.seq_len), step)
     prov = provenance(pm.model)
     setattr(small, PROVENANCE, {"recipe": pm.recipe, "plan": [*prov.get("plan", []), step]})

@@ -69,6 +69,9 @@ def as_batches(data: Iterable[Any], device: torch.device | str | None = None) ->
     """Normalise ``(inputs, targets)`` pairs into `Batch` objects (targets are class indices)."""
     out = []
     for item in data:
+        if isinstance(item, Batch):
+            out.append(item.to(device) if device is not None else item)
+            continue
         if not (isinstance(item, (tuple, list)) and len(item) == 2):
             raise ParticlizeError("analysis data must be an iterable of (inputs, targets) pairs")
         inputs, targets = item

@@ -1,0 +1,196 @@
+"""Scorers: the fast exact ablation equals the naive loop; cheap scores are what they claim to be."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import particlize as pz
+from conftest import hf_model, output_of
+from particlize.analysis._common import as_batches
+from particlize.analysis.ablation import ExecutionTrace, ablation_effects
+from particlize.models.recurrent import RNNClassifier
+from particlize.models.vision import ResNet
+
+
+def _data(family: str, seed: int = 0):
+    model, batch = hf_model(family)
+    g = torch.Generator().manual_seed(seed)
+    if family in ("gpt2", "llama-gqa"):
+        ids = torch.randint(0, 97, (4, 7), generator=g)
+        data = [({"input_ids": ids[:2]}, ids[:2]), ({"input_ids": ids[2:]}, ids[2:])]
+    else:
+        n_cls = 3 if family == "bert" else 5
+        other = {k: v.flip(0) for k, v in batch.items()}
+        data = [(batch, torch.randint(0, n_cls, (3,), generator=g)), (other, torch.randint(0, n_cls, (3,), generator=g))]
+    return model, data
+
+
+def _cnn():
+    torch.manual_seed(0)
+    m = ResNet(num_classes=4, in_channels=1, widths=(4, 8), blocks_per_stage=(2, 1)).eval()
+    x = torch.randn(6, 1, 16, 16)
+    return m, [(x[:3], torch.tensor([0, 1, 2])), (x[3:], torch.tensor([3, 1, 0]))]
+
+
+def _rnn():
+    torch.manual_seed(0)
+    m = RNNClassifier(input_size=5, hidden_size=6, num_layers=2, num_classes=3).eval()
+    x = torch.randn(4, 7, 5)
+    return m, [(x, torch.tensor([0, 1, 2, 1]))]
+
+
+CASES = {"bert": lambda: _data("bert"), "vit": lambda: _data("vit"), "gpt2": lambda: _data("gpt2"),
+         "llama-gqa": lambda: _data("llama-gqa"), "resnet": _cnn, "lstm": _rnn}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("metric", ["loss", "kl"])
+def test_fast_ablation_equals_naive_loop(case, metric):
+    model, data = CASES[case]()
+    pm = pz.decompose(model)
+    batches = as_batches(data)
+    names = [g.name for g in pm.groups]
+    fast = ablation_effects(pm, batches, metric=metric, groups=names, max_rows=8)
+    naive = ablation_effects(pm, batches, metric=metric, groups=names, fast=False)
+    for n in names:
+        torch.testing.assert_close(fast[n], naive[n], atol=1e-5, rtol=0)
+    assert any(fast[n].abs().max() > 0 for n in names)
+
+
+@pytest.mark.parametrize("case", ["bert", "resnet"])
+@pytest.mark.parametrize("mode", ["mean", "resample"])
+def test_fast_ablation_equals_naive_loop_with_patches(case, mode):
+    model, data = CASES[case]()
+    pm = pz.decompose(model)
+    batches = as_batches(data)
+    names = [g.name for g in pm.groups]
+    fast = ablation_effects(pm, batches, mode=mode, groups=names, max_rows=5)
+    naive = ablation_effects(pm, batches, mode=mode, groups=names, fast=False)
+    for n in names:
+        torch.testing.assert_close(fast[n], naive[n], atol=1e-5, rtol=0)
+
+
+def test_frontier_starts_at_the_reader():
+    model, data = _data("bert")
+    trace = ExecutionTrace(model, as_batches(data)[0])
+    f = trace.frontier("bert.encoder.layer.1.output.dense")  # layer 1's FFN reader
+    assert "bert.embeddings" in f and "bert.encoder.layer.0" in f
+    assert "bert.encoder.layer.1.attention" in f and "bert.encoder.layer.1.intermediate" in f
+    assert not any(p.startswith("bert.encoder.layer.2") or p == "bert.encoder.layer.1" for p in f)
+
+
+def test_ablation_score_contract():
+    """score = metric with the particle ablated − intact metric, averaged over all examples."""
+    model, data = _data("bert")
+    df = pz.analyze(model, data, method="ablation", metric="loss")
+    assert {"group", "index", "score", "kind", "params", "flops"} <= set(df.columns)
+    pm = pz.decompose(model)
+    name = "bert.encoder.layer.2.intermediate.neurons"
+    with torch.no_grad():
+        intact = torch.cat([F.cross_entropy(output_of(model, x), y, reduction="none") for x, y in data])
+        with pm.ablate({name: [7]}):
+            abl = torch.cat([F.cross_entropy(output_of(model, x), y, reduction="none") for x, y in data])
+    got = df[(df.group == name) & (df["index"] == 7)].score.item()
+    assert got == pytest.approx((abl - intact).mean().item(), abs=1e-6)
+    assert len(df) == sum(g.size for g in pm.groups)
+
+
+def test_taylor_is_minus_gate_gradient_and_fisher_its_square():
+    model, data = _data("bert")
+    pm = pz.decompose(model)
+    name = "bert.encoder.layer.0.attention.heads"
+    per_ex = pz.analyze(pm, data, method="taylor", groups=[name], by="example", table=False)
+    assert len(per_ex) == 6 * 4
+    grads = []
+    for x, y in data:
+        for b in range(3):
+            g = torch.ones(4, requires_grad=True)
+            with pm.gates({name: g}):
+                F.cross_entropy(output_of(model, {k: v[b : b + 1] for k, v in x.items()}), y[b : b + 1]).backward()
+            grads.append(g.grad)
+    grads = torch.stack(grads)
+    torch.testing.assert_close(torch.tensor(per_ex.sort_values(["example", "index"]).score.to_numpy()).view(6, 4).float(),
+                               -grads, atol=1e-5, rtol=1e-4)
+    fisher = pz.analyze(pm, data, method="fisher", groups=[name], table=False)
+    torch.testing.assert_close(torch.tensor(fisher.score.to_numpy()).float(), grads.square().sum(0), atol=1e-8, rtol=1e-4)
+
+
+def test_by_class_averages_each_class():
+    model, data = _data("bert")
+    ex = pz.analyze(model, data, "ablation", groups="head", by="example", table=False)
+    cl = pz.analyze(model, data, "ablation", groups="head", by="class", table=False)
+    targets = torch.cat([y for _, y in data])
+    for c in targets.unique().tolist():
+        idx = (targets == c).nonzero().flatten().tolist()
+        want = ex[ex.example.isin(idx)].groupby(["group", "index"]).score.mean()
+        got = cl[cl["class"] == c].set_index(["group", "index"]).score
+        torch.testing.assert_close(torch.tensor(got.sort_index().to_numpy()), torch.tensor(want.sort_index().to_numpy()))
+
+
+def test_magnitude_activation_influence():
+    model, data = _data("bert")
+    pm = pz.decompose(model)
+    mag = pz.analyze(pm, None, "magnitude")
+    nb = mag[mag.kind != "block"]
+    torch.testing.assert_close(torch.tensor(nb.score.to_numpy()), torch.tensor((nb.writer_norm * nb.reader_norm).to_numpy()).double())
+    act = pz.analyze(pm, data, "activation", groups="bert.encoder.layer.1.intermediate.neurons", table=False)
+    acts = pm.record(["bert.encoder.layer.1.intermediate.neurons"], [x for x, _ in data])["bert.encoder.layer.1.intermediate.neurons"][0]
+    a = acts.reshape(-1, 48).double()
+    w = model.bert.encoder.layer[1].output.dense.weight.double()
+    want = a.var(0, unbiased=False) * w.square().sum(0)
+    torch.testing.assert_close(torch.tensor(act.score.to_numpy()), want, rtol=1e-6, atol=1e-9)
+    inf = pz.analyze(pm, data, "influence", groups="block", table=False)
+    assert len(inf) == 3 and inf.score.between(0, 2).all() and inf.score.gt(0).all()
+
+
+def test_validate_and_top_particles():
+    model, data = _data("bert")
+    pm = pz.decompose(model)
+    exact = pz.analyze(pm, data, "ablation", groups=["head", "neuron"], table=False)
+    v = pz.validate_scores(pm, data, "taylor", k=5, groups=["head", "neuron"], exact=exact)
+    assert set(v.summary.kind) == {"head", "neuron", "all"}
+    assert v.summary.spearman.between(-1, 1).all() and v.summary.top_k_overlap.between(0, 1).all()
+    # with a shortlist covering everything, screening returns exactly the exact top-k
+    top = pz.top_particles(pm, data, k=10, shortlist=10_000, groups=["head", "neuron"])
+    want = exact.nlargest(10, "score")
+    assert list(zip(top.group, top["index"])) == list(zip(want.group, want["index"]))
+    torch.testing.assert_close(torch.tensor(top.score.to_numpy()), torch.tensor(want.score.to_numpy()), atol=1e-6, rtol=0)
+
+
+def test_recurrent_groups_score_per_example_by_fallback():
+    model, data = _rnn()
+    df = pz.analyze(model, data, "taylor", by="example", table=False)
+    assert len(df) == 4 * 12
+    df2 = pz.analyze(model, data, "ablation", table=False)
+    assert df2.score.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"method": "bogus"}, "unknown method"),
+        ({"metric": "f1"}, "unknown metric"),
+        ({"mode": "noise"}, "unknown mode"),
+        ({"method": "taylor", "metric": "accuracy"}, "differentiable"),
+        ({"method": "taylor", "metric": "kl"}, "zero gradient"),
+        ({"method": "ablation", "groups": "nope.heads"}, "no particle group"),
+        ({"method": "influence", "groups": "head"}, "scores blocks"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    model, data = _data("bert")
+    with pytest.raises(pz.ParticlizeError, match=match):
+        pz.analyze(model, data, **kwargs)
+
+
+def test_bad_data():
+    model, data = _data("bert")
+    with pytest.raises(pz.ParticlizeError, match="empty"):
+        pz.analyze(model, [], "ablation")
+    with pytest.raises(pz.ParticlizeError, match=r"\(inputs, targets\) pairs"):
+        pz.analyze(model, [data[0][0]], "ablation")
+    lm, lm_data = _data("gpt2")
+    with pytest.raises(pz.ParticlizeError, match="one class index per example"):
+        pz.analyze(lm, lm_data, "ablation", groups="head", by="class")
