@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import pandas as pd
+import torch
 import pytest
 
 from particlize.cli import main
@@ -83,3 +84,66 @@ def test_inspect_minilm(tmp_path, capsys):
     main(["inspect", "minilm", "--csv", str(csv)])
     df = pd.read_csv(csv)
     assert (df.kind == "head").sum() == 72 and (df.kind == "neuron").sum() == 9216 and (df.kind == "block").sum() == 6
+
+
+# ---- train and analyze on a tiny text task ---------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_text(tmp_path):
+    """A tiny BERT encoder folder with its tokenizer, and a learnable sentiment CSV."""
+    import transformers as T
+
+    from test_train import NEUTRAL, tiny_config
+    from test_tasks import tiny_tokenizer, write_csv
+
+    tok = tiny_tokenizer(tmp_path / "tok")
+    enc = tmp_path / "encoder"
+    torch.manual_seed(0)
+    T.BertModel(T.BertConfig(**tiny_config(len(tok)))).save_pretrained(enc)
+    tok.save_pretrained(enc)
+    rows = [(f"{NEUTRAL[i % len(NEUTRAL)]} {'good' if i % 2 else 'awful'}", "pos" if i % 2 else "neg") for i in range(80)]
+    return enc, write_csv(tmp_path / "s.csv", rows)
+
+
+def test_train_then_analyze_by_class(tiny_text, tmp_path, capsys):
+    enc, csv = tiny_text
+    out = tmp_path / "clf"
+    main(["train", str(enc), "--task", "text-csv", "--data", str(csv), "--out", str(out), "--epochs", "1",
+          "--batch-size", "16", "--lr", "1e-3"])
+    assert "test accuracy" in capsys.readouterr().out
+    scores = tmp_path / "scores.csv"
+    main(["analyze", str(out), "--task", "text-csv", "--data", str(csv), "--method", "ablation", "--by", "class",
+          "--groups", "head", "--out", str(scores)])
+    df = pd.read_csv(scores)
+    assert set(df.class_name) == {"neg", "pos"} and len(df) == 2 * 2 * 4
+    assert {"group", "index", "score", "params", "flops"} <= set(df.columns)
+    with pytest.raises(SystemExit) as e:  # never overwritten without --force
+        main(["analyze", str(out), "--task", "text-csv", "--data", str(csv), "--out", str(scores)])
+    assert e.value.code == 1
+    with pytest.raises(SystemExit) as e:  # the trained folder is never overwritten either
+        main(["train", str(enc), "--task", "text-csv", "--data", str(csv), "--out", str(out)])
+    assert e.value.code == 1 and "force" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--task", "text-csv"], "needs --data"),
+        (["--task", "nope"], "unknown task"),
+        (["--task", "text-csv", "--data", "{csv}", "--method", "bogus"], "unknown method"),
+        (["--task", "text-csv", "--data", "{csv}", "--device", "cuda"], "no CUDA GPU"),
+    ],
+)
+def test_analyze_errors(tiny_text, tmp_path, capsys, args, message):
+    enc, csv = tiny_text
+    if message == "no CUDA GPU":
+        import torch as _t
+
+        if _t.cuda.is_available():
+            pytest.skip("a GPU is present")
+    args = [a.replace("{csv}", str(csv)) for a in args]
+    with pytest.raises(SystemExit) as e:
+        main(["analyze", str(enc), *args, "--out", str(tmp_path / "scores.csv")])
+    assert e.value.code == 1 and message in capsys.readouterr().err
+    assert not (tmp_path / "scores.csv").exists()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
 
 from .errors import ParticlizeError
@@ -84,6 +88,136 @@ def inspect(
         df.to_csv(tmp, index=False)
         tmp.replace(csv)
         console.print(f"particle table ({len(df):,} rows) written to [bold]{csv}[/bold]")
+
+
+@contextlib.contextmanager
+def _progress_bar(description: str) -> Iterator[Callable[[int, int, str], None]]:
+    """A Rich progress bar driven by the library's ``progress(done, total, what)`` callbacks."""
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int, what: str = "") -> None:
+            bar.update(task, completed=done, total=total, description=f"{description} {what}".strip())
+
+        yield update
+
+
+def _task(name: str, data: Optional[Path], text_column: str, label_column: str) -> Any:
+    from .tasks import get_task
+
+    if name == "text-csv":
+        if data is None:
+            raise ParticlizeError("--task text-csv needs --data FILE.csv (with --text-column/--label-column)")
+        return get_task(name, path=data, text_column=text_column, label_column=label_column)
+    return get_task(name)
+
+
+@app.command()
+def analyze(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    task: str = typer.Option(..., "--task", help="vader-sentiment, text-csv (with --data), fashion-mnist"),
+    method: str = typer.Option("taylor", "--method", help="magnitude, activation, taylor, fisher, ablation, influence"),
+    metric: str = typer.Option("loss", "--metric", help="loss, accuracy, logit_diff, kl"),
+    mode: str = typer.Option("zero", "--mode", help="how a particle is ablated: zero, mean, resample"),
+    by: Optional[str] = typer.Option(None, "--by", help="per 'example' or per 'class' rows"),
+    groups: Optional[list[str]] = typer.Option(None, "--groups", help="group names or kinds (repeatable)"),
+    split: str = typer.Option("val", "--split", help="train, val or test"),
+    limit: Optional[int] = typer.Option(512, "--limit", help="number of examples (0: the whole split)"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    max_length: int = typer.Option(64, "--max-length", min=1, help="token cap for text tasks"),
+    data: Optional[Path] = typer.Option(None, "--data", help="CSV file for --task text-csv"),
+    text_column: str = typer.Option("text", "--text-column"),
+    label_column: str = typer.Option("label", "--label-column"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    out: Path = typer.Option(..., "--out", help="scores CSV to write"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing --out file"),
+    trust_code: bool = typer.Option(False, "--trust-code", help="allow a saved model's own factory code to run"),
+) -> None:
+    """Score what every particle does to the task's output (one row per particle, or per example/class)."""
+    import torch
+
+    from .adapters import decompose
+    from .analysis import analyze as run_analysis
+    from .analysis import importance
+    from .sources import load_model, load_tokenizer
+
+    if out.exists() and not force:
+        raise ParticlizeError(f"{out} exists; pass --force to overwrite it")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ParticlizeError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    _quiet_transformers()
+    t = _task(task, data, text_column, label_column)
+    m = load_model(model, trust_code=trust_code).to(device)
+    tok = load_tokenizer(model) if t.kind == "text" else None
+    if t.kind == "text" and tok is None:
+        raise ParticlizeError(f"{model} has no tokenizer files; text tasks need a model saved with its tokenizer")
+    batches = t.batches(split, tokenizer=tok, batch_size=batch_size, max_length=max_length, limit=limit or None)
+    batches = [(_to(x, device), y.to(device)) for x, y in batches]
+    pm = decompose(m)
+    with _progress_bar(f"{method}") as progress:
+        df = run_analysis(pm, batches, method, metric, mode, by=by, groups=groups, progress=progress)
+    if "class" in df.columns:
+        df.insert(df.columns.get_loc("class") + 1, "class_name", df["class"].map(dict(enumerate(t.classes))))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    df.to_csv(tmp, index=False)
+    tmp.replace(out)
+    n = sum(len(y) for _, y in batches)
+    top = df.assign(importance=importance(df, metric)).nlargest(10, "importance")
+    table = Table(title=f"top particles by {method} ({metric}, {mode}) on {n} {split} examples")
+    extra_cols = [c for c in ("class_name", "example") if c in df.columns]
+    for col in ("group", "index", *extra_cols, "score"):
+        table.add_column(col.replace("class_name", "class"), justify="left" if col == "group" else "right")
+    for _, row in top.iterrows():
+        table.add_row(row.group, str(row["index"]), *(str(row[c]) for c in extra_cols), f"{row.score:+.4g}")
+    console.print(table)
+    console.print(f"{len(df):,} rows written to [bold]{out}[/bold]")
+
+
+@app.command()
+def train(
+    model: str = typer.Argument(..., help="'minilm' or a Hugging Face encoder folder (text); 'simple-cnn' or 'resnet' (images)"),
+    task: str = typer.Option(..., "--task", help="vader-sentiment, text-csv (with --data), fashion-mnist"),
+    out: Path = typer.Option(..., "--out", help="folder to save the trained classifier to (a valid MODEL afterwards)"),
+    epochs: int = typer.Option(2, "--epochs", min=1),
+    lr: Optional[float] = typer.Option(None, "--lr", help="default 5e-5 (text) / 1e-3 (images)"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    max_length: int = typer.Option(64, "--max-length", min=1),
+    seed: int = typer.Option(0, "--seed"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="use only the first N train/val examples"),
+    data: Optional[Path] = typer.Option(None, "--data", help="CSV file for --task text-csv"),
+    text_column: str = typer.Option("text", "--text-column"),
+    label_column: str = typer.Option("label", "--label-column"),
+    force: bool = typer.Option(False, "--force", help="replace an existing --out folder"),
+) -> None:
+    """Fine-tune a classifier on a task and save it (tokenizer included) with particlize's format."""
+    import json
+
+    from .train import fine_tune
+
+    _quiet_transformers()
+    kwargs = {"path": data, "text_column": text_column, "label_column": label_column} if task == "text-csv" else None
+    if task == "text-csv" and data is None:
+        raise ParticlizeError("--task text-csv needs --data FILE.csv (with --text-column/--label-column)")
+    with _progress_bar("training") as bar:
+        def progress(step: int, total: int, info: dict) -> None:
+            what = f"epoch {info.get('epoch')} loss {info.get('loss', float('nan')):.3f}"
+            if "val_accuracy" in info:
+                what += f" val acc {info['val_accuracy']:.3f}"
+            bar(step, total, what)
+
+        folder = fine_tune(task, out, model=model, epochs=epochs, lr=lr, batch_size=batch_size,
+                           max_length=max_length, seed=seed, limit=limit, progress=progress, force=force,
+                           task_kwargs=kwargs)
+    test = json.loads((folder / "particlize.json").read_text())["extra"]["metrics"]["test"]
+    console.print(f"test accuracy {test['accuracy']:.4f} (loss {test['loss']:.4f}, {test['n']} examples); "
+                  f"saved to [bold]{folder}[/bold]")
+
+
+def _to(x: Any, device: str) -> Any:
+    return {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
 
 
 def main(argv: list[str] | None = None) -> None:

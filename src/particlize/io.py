@@ -45,6 +45,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _respect_umask(folder: Path) -> None:
+    """mkdtemp and safetensors create private files; give them the permissions a plain mkdir/open would."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in [folder, *folder.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def write_folder_atomically(out: Path, fill: Any, *, force: bool = False) -> Path:
     """Create folder ``out`` by calling ``fill(tmp_dir)`` on a temporary sibling and renaming it.
 
@@ -60,6 +68,7 @@ def write_folder_atomically(out: Path, fill: Any, *, force: bool = False) -> Pat
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         fill(tmp)
+        _respect_umask(tmp)
         for f in tmp.rglob("*"):
             if f.is_file():
                 with open(f, "rb") as fh:

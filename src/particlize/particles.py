@@ -117,16 +117,16 @@ def apply_gate(a: Tensor, dim: int, n: int, g: Tensor, p: Tensor | None) -> Tens
     if size % n:
         raise GateError(f"activation of width {size} at the gate does not split into {n} particles")
     a2 = a.unflatten(dim, (n, size // n))
-    gg = _broadcast(g.to(a.dtype), a.ndim, dim, a.shape[0])
+    gg = _broadcast(g.to(device=a.device, dtype=a.dtype), a.ndim, dim, a.shape[0])
     if p is None:
         out = a2 * gg
     else:
         if p.ndim == 1:
             pshape = [1] * (a.ndim + 1)
             pshape[dim], pshape[dim + 1] = n, size // n
-            p2 = p.to(a.dtype).reshape(pshape)
+            p2 = p.to(device=a.device, dtype=a.dtype).reshape(pshape)
         else:
-            p2 = p.to(a.dtype).unflatten(dim, (n, size // n))
+            p2 = p.to(device=a.device, dtype=a.dtype).unflatten(dim, (n, size // n))
         out = p2 + gg * (a2 - p2)
     return out.flatten(dim, dim + 1)
 
@@ -225,7 +225,7 @@ class _ColumnMask(nn.Module):
     def forward(self, w: Tensor) -> Tensor:
         self.fired()
         mask = torch.ones(w.shape[self.dim], dtype=w.dtype, device=w.device)
-        mask = mask.index_put((self.index.to(w.device),), self.gate.to(w.dtype)[self.owner.to(w.device)])
+        mask = mask.index_put((self.index.to(w.device),), self.gate.to(device=w.device, dtype=w.dtype)[self.owner.to(w.device)])
         shape = [1] * w.ndim
         shape[self.dim] = -1
         return w * mask.reshape(shape)

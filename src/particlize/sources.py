@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -79,3 +80,14 @@ def load_model(spec: str, *, trust_code: bool = False) -> nn.Module:
     raise ParticlizeError(
         f"MODEL {spec!r} not found: use 'minilm', a particlize or Hugging Face model folder, or path/to/file.py:factory"
     )
+
+
+def load_tokenizer(spec: str) -> Any:
+    """The Hugging Face tokenizer that goes with a MODEL argument, or None if it has none."""
+    path = minilm_path() if spec == "minilm" else Path(spec)
+    if not path.is_dir() or not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        return None
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return AutoTokenizer.from_pretrained(str(path))
