@@ -216,6 +216,77 @@ def train(
                   f"saved to [bold]{folder}[/bold]")
 
 
+@app.command()
+def compress(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    task: str = typer.Option(..., "--task", help="vader-sentiment, text-csv (with --data), fashion-mnist"),
+    target_flops: Optional[float] = typer.Option(None, "--target-flops", help="fraction of the dense FLOPs to keep, e.g. 0.5"),
+    target_params: Optional[float] = typer.Option(None, "--target-params", help="fraction of prunable parameters to keep"),
+    target_latency_ms: Optional[float] = typer.Option(None, "--target-latency-ms", help="measured latency to reach (CPU, batch 32 × 64)"),
+    granularity: str = typer.Option("heads,neurons", "--granularity", help="comma list of heads, neurons, channels, units, blocks, or all"),
+    scorer: str = typer.Option("taylor", "--scorer", help="taylor, ablation, magnitude, activation, fisher"),
+    min_quality: float = typer.Option(0.99, "--min-quality", help="floor: fraction of the dense validation accuracy"),
+    max_fraction: float = typer.Option(1 / 3, "--max-fraction", help="most of the remaining FLOPs removed per round"),
+    recover_epochs: int = typer.Option(1, "--recover-epochs", min=0),
+    round_to: Optional[int] = typer.Option(None, "--round-to", min=1, help="keep widths multiples of this"),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    max_length: int = typer.Option(64, "--max-length", min=1),
+    limit: Optional[int] = typer.Option(None, "--limit", help="use only the first N train/val examples"),
+    seed: int = typer.Option(0, "--seed"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: dynamic int8 Linear layers after the loop"),
+    data: Optional[Path] = typer.Option(None, "--data", help="CSV file for --task text-csv"),
+    text_column: str = typer.Option("text", "--text-column"),
+    label_column: str = typer.Option("label", "--label-column"),
+    out: Path = typer.Option(..., "--out", help="run folder: checkpoints, history.json, and the final model"),
+    resume: bool = typer.Option(False, "--resume", help="continue a killed run in --out"),
+    force: bool = typer.Option(False, "--force", help="replace an existing --out"),
+    trust_code: bool = typer.Option(False, "--trust-code", help="allow a saved model's own factory code to run"),
+) -> None:
+    """Prune → recover (distillation) → evaluate → repeat until the target or the quality floor."""
+    from .loop import CompressConfig
+    from .loop import compress as run_compress
+    from .sources import load_model, load_tokenizer
+
+    _quiet_transformers()
+    if target_flops is None and target_params is None and target_latency_ms is None:
+        target_flops = 0.5
+    cfg = CompressConfig(
+        target_flops=target_flops, target_params=target_params, target_latency_ms=target_latency_ms,
+        granularity=tuple(g.strip() for g in granularity.split(",") if g.strip()), scorer=scorer,
+        min_quality=min_quality, max_fraction=max_fraction, recover_epochs=recover_epochs, round_to=round_to, lr=lr,
+        batch_size=batch_size, max_length=max_length, limit=limit, seed=seed, quantize=quantize,
+    )
+    cfg.check()
+    t = _task(task, data, text_column, label_column)
+    m = load_model(model, trust_code=trust_code)
+    tok = load_tokenizer(model) if t.kind == "text" else None
+    table = Table(title=f"compressing {model} on {t.name}")
+    for col in ("round", "FLOPs", "params", "latency ms", "val acc", "removed"):
+        table.add_column(col, justify="right")
+    with _progress_bar("compress") as bar:
+        def progress(event: str, info: dict) -> None:
+            if event == "recover":
+                bar(info["step"], info["total"], f"round {info['round']}: recovering, loss {info.get('loss', 0):.3f}")
+            elif event in ("round", "rejected"):
+                removed = sum(info["removed"].values())
+                table.add_row(str(info["round"]) + (" (rejected)" if event == "rejected" else ""),
+                              f"{info['flops_ratio']:.1%}", f"{info['params']:,}", f"{info['latency_ms']:.1f}",
+                              f"{info['val_accuracy']:.4f}", f"{removed:,}")
+            elif event == "pruned":
+                bar(0, None, f"round {info['round']}: pruned {sum(info['removed'].values()):,} particles")
+
+        result = run_compress(m, t, tokenizer=tok, config=cfg, out=out, resume=resume, force=force, progress=progress)
+    console.print(table)
+    test = result.extra.get("compress", {}).get("test", {})
+    console.print(f"{result.reason}. Test accuracy {test.get('accuracy', float('nan')):.4f}. "
+                  f"Model and history.json in [bold]{out}[/bold]")
+    if "int8" in result.extra.get("compress", {}):
+        q = result.extra["compress"]["int8"]
+        console.print(f"int8 dynamic: test accuracy {q['test']['accuracy']:.4f}, latency {q['latency_ms']:.1f} ms "
+                      f"(fp32 {q['fp32_latency_ms']:.1f} ms)")
+
+
 def _to(x: Any, device: str) -> Any:
     return {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
 

@@ -48,6 +48,10 @@ def train_classifier(
     weight_decay: float = 0.01,
     warmup: float = 0.1,
     max_grad_norm: float = 1.0,
+    teacher: nn.Module | None = None,
+    kd_alpha: float = 0.5,
+    temperature: float = 2.0,
+    patience: int | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``task``'s train split, validate each epoch, keep the best-val-accuracy weights.
 
@@ -59,7 +63,10 @@ def train_classifier(
         {"epochs": [{"epoch", "train_loss", "val_accuracy", "val_loss", "seconds"}, ...],
          "best_epoch", "best_val_accuracy", "steps", "lr", "seed", "seconds"}
 
-    The model is left in eval mode with the best epoch's weights.
+    With a ``teacher`` (recovery after pruning) the loss is ``(1 - kd_alpha) * cross-entropy +
+    kd_alpha * T² * KL(teacher ‖ student)`` at temperature ``T`` (Hinton et al.). ``patience`` stops after
+    that many epochs without a better validation accuracy. A non-finite loss raises `ParticlizeError`
+    at once (the caller rolls back). The model is left in eval mode with the best epoch's weights.
     """
     if epochs < 1:
         raise ParticlizeError(f"epochs must be at least 1, got {epochs}")
@@ -94,7 +101,16 @@ def train_classifier(
         for inputs, y in task.batches("train", tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
                                       limit=limit, shuffle=True, seed=seed * 1000 + epoch):
             inputs, y = to_device(inputs, device), y.to(device)
-            loss = F.cross_entropy(logits_of(model, inputs).float(), y)
+            logits = logits_of(model, inputs).float()
+            loss = F.cross_entropy(logits, y)
+            if teacher is not None:
+                with torch.no_grad():
+                    t_logits = logits_of(teacher, inputs).float()
+                kd = F.kl_div(F.log_softmax(logits / temperature, -1), F.log_softmax(t_logits / temperature, -1),
+                              log_target=True, reduction="batchmean") * temperature**2
+                loss = (1 - kd_alpha) * loss + kd_alpha * kd
+            if not torch.isfinite(loss):
+                raise ParticlizeError(f"non-finite training loss ({loss.item()}) at epoch {epoch}, step {step + 1}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if max_grad_norm:
@@ -117,7 +133,9 @@ def train_classifier(
         if progress is not None:
             progress(step, total, {"epoch": epoch, "loss": record["train_loss"], "val_accuracy": val["accuracy"],
                                    "val_loss": val["loss"]})
-    if best_state is not None and history["best_epoch"] != epochs:
+        if patience is not None and epoch - history["best_epoch"] >= patience:
+            break
+    if best_state is not None and history["best_epoch"] != len(history["epochs"]):
         model.load_state_dict(best_state)
     history["seconds"] = time.perf_counter() - t0
     model.eval()

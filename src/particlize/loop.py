@@ -1,0 +1,516 @@
+"""The closed loop: score → remove → recover (distillation) → evaluate → repeat, resumable.
+
+Each round scores the particles on calibration data, removes at most ``max_fraction`` of the remaining
+FLOPs (globally, by importance per FLOP, with minimum widths per layer and optional ``round_to``),
+cuts them out physically, recovers the student by distillation from the original model, evaluates it on
+held-out data and writes an atomic checkpoint. It stops at the target or when the next round would break
+the quality floor, and returns the best model that met it. A killed run resumes from its last checkpoint
+to the same result: every round reseeds from ``(seed, round)`` and checkpoints hold exact fp32 weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import decompose
+from .analysis import analyze
+from .errors import ParticlizeError
+from .io import load, save, write_folder_atomically
+from .particles import ParticleMap
+from .tasks import Task
+from .tasks.base import logits_of
+
+GRANULARITIES = {"heads": "head", "neurons": "neuron", "channels": "channel", "units": "unit", "blocks": "block"}
+HISTORY = "history.json"
+Progress = Callable[[str, dict[str, Any]], None]  # (event, info)
+
+
+@dataclass
+class CompressConfig:
+    """Everything that decides a compression run (saved with it; a resumed run must match)."""
+
+    target_flops: float | None = 0.5
+    target_params: float | None = None
+    target_latency_ms: float | None = None
+    granularity: tuple[str, ...] = ("heads", "neurons")
+    scorer: str = "taylor"
+    min_quality: float = 0.99
+    max_fraction: float = 1 / 3
+    min_width: float = 0.1
+    round_to: int | None = None
+    recover_epochs: int = 1
+    lr: float | None = None
+    kd_alpha: float = 0.5
+    temperature: float = 2.0
+    calib_examples: int = 256
+    batch_size: int = 32
+    max_length: int = 64
+    limit: int | None = None
+    seed: int = 0
+    max_rounds: int = 20
+    latency_batch: int = 32
+    latency_seq: int = 64
+    quantize: str | None = None
+
+    def check(self) -> None:
+        targets = [t for t in (self.target_flops, self.target_params) if t is not None]
+        if not targets and self.target_latency_ms is None:
+            raise ParticlizeError("give a target: target_flops, target_params (fractions) or target_latency_ms")
+        for name in ("target_flops", "target_params"):
+            v = getattr(self, name)
+            if v is not None and not 0.0 < v < 1.0:
+                raise ParticlizeError(f"{name} is the fraction of the dense model to keep: it must be in (0, 1), got {v}")
+        if self.target_latency_ms is not None and self.target_latency_ms <= 0:
+            raise ParticlizeError(f"target_latency_ms must be positive, got {self.target_latency_ms}")
+        bad = [g for g in self.granularity if g not in GRANULARITIES and g != "all"]
+        if bad:
+            raise ParticlizeError(f"unknown granularity {bad}; use {', '.join(GRANULARITIES)} or all")
+        if self.recover_epochs < 0:
+            raise ParticlizeError(f"recover_epochs must be 0 or more, got {self.recover_epochs}")
+        if not 0.0 < self.max_fraction <= 1.0:
+            raise ParticlizeError(f"max_fraction must be in (0, 1], got {self.max_fraction}")
+        if not 0.0 < self.min_quality <= 1.5:
+            raise ParticlizeError(f"min_quality is relative to the dense model's accuracy (e.g. 0.99), got {self.min_quality}")
+        if self.quantize not in (None, "int8"):
+            raise ParticlizeError(f"quantize must be None or 'int8', got {self.quantize!r}")
+
+    @property
+    def kinds(self) -> set[str]:
+        if "all" in self.granularity:
+            return set(GRANULARITIES.values())
+        return {GRANULARITIES[g] for g in self.granularity}
+
+
+@dataclass
+class CompressResult:
+    """The best model that met the floor, the round history and why the loop stopped."""
+
+    model: nn.Module
+    history: list[dict[str, Any]]
+    reason: str
+    out: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- measurement ------------------------------------------------------------------------------------
+
+
+def latency_inputs(task: Task, tokenizer: Any, batch: int, seq: int) -> Any:
+    """A fixed-shape batch for latency: text padded to ``seq`` tokens (real sentences), images as is."""
+    if task.kind == "image":
+        items, _ = task.split("val")
+        return items[:batch]
+    items, _ = task.split("val")
+    texts = [items[i % len(items)] for i in range(batch)]
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": torch.ones_like(enc["attention_mask"])}
+
+
+@torch.inference_mode()
+def measure_latency(model: nn.Module, inputs: Any, *, warmup: int = 2, reps: int = 5) -> float:
+    """Median wall time of a forward on ``inputs`` in milliseconds."""
+    was = model.training
+    model.eval()
+    for _ in range(warmup):
+        logits_of(model, inputs)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        logits_of(model, inputs)
+        times.append((time.perf_counter() - t) * 1e3)
+    model.train(was)
+    return statistics.median(times)
+
+
+def _quality(task: Task, model: nn.Module, tokenizer: Any, cfg: CompressConfig, split: str = "val") -> dict[str, float]:
+    return task.evaluate(model, split, tokenizer=tokenizer, batch_size=max(64, cfg.batch_size), limit=cfg.limit,
+                         max_length=cfg.max_length)
+
+
+# ---- allocation -------------------------------------------------------------------------------------
+
+
+def _importance(pm: ParticleMap, batches: list, cfg: CompressConfig, kinds: set[str]) -> dict[str, torch.Tensor]:
+    groups = [g.name for g in pm.groups if g.kind in kinds]
+    if cfg.scorer in ("taylor", "ablation"):
+        df = analyze(pm, batches, cfg.scorer, "loss", by="example", groups=groups, table=False)
+        per = df.assign(score=df.score.abs()).groupby(["group", "index"]).score.mean()
+    else:
+        df = analyze(pm, batches if cfg.scorer != "magnitude" else None, cfg.scorer, groups=groups, table=False)
+        per = df.set_index(["group", "index"]).score.abs()
+    return {name: torch.tensor(per.loc[name].sort_index().to_numpy()) for name in groups}
+
+
+def _keep_floor(size: int, cfg: CompressConfig, balanced: int) -> int:
+    k = max(1, math.ceil(cfg.min_width * size))
+    if cfg.round_to:
+        k = min(size, math.ceil(k / cfg.round_to) * cfg.round_to)
+    return math.ceil(k / balanced) * balanced
+
+
+def _legal_keep(n_keep: int, size: int, cfg: CompressConfig, balanced: int) -> int:
+    """Round a kept count up to what the hardware rounding and grouped-query balance allow."""
+    if n_keep >= size:
+        return size
+    step = balanced
+    if cfg.round_to:
+        step = math.lcm(step, cfg.round_to)
+    return min(size, math.ceil(n_keep / step) * step)
+
+
+def allocate(
+    pm: ParticleMap,
+    importance: dict[str, torch.Tensor],
+    flops_to_remove: float,
+    cfg: CompressConfig,
+    seq_len: int,
+) -> dict[str, list[int]]:
+    """Choose particles to remove, globally by importance per FLOP, until ``flops_to_remove`` is saved.
+
+    Per group at most ``size - floor`` particles go (``min_width`` of the group, rounded for
+    ``round_to`` and grouped-query balance); kept counts are rounded up to legal widths afterwards.
+    A removed block takes everything inside it along.
+    """
+    table = pm.table(seq_len=seq_len).set_index(["group", "index"])
+    cand = []
+    for name, imp in importance.items():
+        g = pm[name]
+        cost = torch.tensor(table.loc[name].sort_index().flops.to_numpy(), dtype=torch.float64)
+        for i in range(g.size):
+            cand.append((float(imp[i]) / max(float(cost[i]), 1e-12), name, i, float(cost[i])))
+    cand.sort()
+    counts: dict[str, int] = {}
+    chosen: dict[str, list[int]] = {}
+    saved = 0.0
+    for _, name, i, cost in cand:
+        if saved >= flops_to_remove:
+            break
+        g = pm[name]
+        floor = 0 if g.kind == "block" else _keep_floor(g.size, cfg, g.balanced)
+        if g.kind == "block":
+            floor = 1  # never remove every block
+        if g.size - counts.get(name, 0) - 1 < floor:
+            continue
+        counts[name] = counts.get(name, 0) + 1
+        chosen.setdefault(name, []).append(i)
+        saved += cost
+    remove: dict[str, list[int]] = {}
+    for name, idx in chosen.items():
+        g = pm[name]
+        keep_n = _legal_keep(g.size - len(idx), g.size, cfg, g.balanced if g.kind != "block" else 1)
+        n_remove = g.size - keep_n
+        if n_remove <= 0:
+            continue
+        imp = importance[name]
+        if g.balanced > 1 and g.kind != "block":  # the same number from every key/value group
+            chunk, per = g.size // g.balanced, n_remove // g.balanced
+            sel = []
+            for c in range(g.balanced):
+                order = torch.argsort(imp[c * chunk : (c + 1) * chunk])[:per]
+                sel += [c * chunk + int(j) for j in order]
+        else:
+            sel = [int(j) for j in torch.argsort(imp)[:n_remove]]
+        remove[name] = sorted(sel)
+    for bname in [n for n in remove if pm[n].kind == "block"]:
+        gate = pm[bname].gate
+        dead = [gate.modules[i] + "." for i in remove[bname]]
+        for name in list(remove):
+            if name != bname and any(pm[name].scope.startswith(d) for d in dead):
+                del remove[name]
+    return remove
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def _round_dir(out: Path, r: int) -> Path:
+    return out / "rounds" / f"round-{r:03d}"
+
+
+# ---- the loop ---------------------------------------------------------------------------------------
+
+
+def compress(
+    model: nn.Module,
+    task: Task,
+    *,
+    tokenizer: Any = None,
+    config: CompressConfig | None = None,
+    out: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    force: bool = False,
+    progress: Progress | None = None,
+    **overrides: Any,
+) -> CompressResult:
+    """Compress ``model`` on ``task`` until the target is met or the quality floor would break.
+
+    ``config`` (or keyword overrides of `CompressConfig` fields: ``target_flops=0.5``, ``granularity=
+    ("heads", "neurons", "blocks")``, ``min_quality=0.99``, ``recover_epochs=1``, ``round_to=8``, …) sets
+    the run. With ``out`` every round is checkpointed there and the final model is saved as a valid
+    MODEL folder (``pz.load(out)``, tokenizer included) with ``history.json``; ``resume=True``
+    continues a killed run. Quality is validation accuracy relative to the dense model's.
+    """
+    cfg = config or CompressConfig()
+    for k, v in overrides.items():
+        if not hasattr(cfg, k):
+            raise ParticlizeError(f"unknown compress option {k!r}")
+        setattr(cfg, k, tuple(v) if k == "granularity" else v)
+    cfg.check()
+    emit = progress or (lambda event, info: None)
+    out_path = Path(out) if out is not None else None
+    teacher = model.eval()
+    kinds = cfg.kinds
+    pm0 = decompose(teacher, seq_len=cfg.max_length)
+    if not any(g.kind in kinds for g in pm0.groups):
+        raise ParticlizeError(
+            f"nothing to prune at granularity {', '.join(cfg.granularity)}: the model has "
+            f"{', '.join(sorted({g.kind for g in pm0.groups})) or 'no'} particle groups"
+        )
+    dense_cost = pm0.cost()
+    lat_inputs = latency_inputs(task, tokenizer, cfg.latency_batch, cfg.latency_seq)
+
+    history: list[dict[str, Any]] = []
+    start_round = 1
+    current = teacher
+    if out_path is not None:
+        state_file = out_path / HISTORY
+        if resume and state_file.is_file():
+            saved = json.loads(state_file.read_text())
+            if saved.get("config") != _jsonable(asdict(cfg)):
+                raise ParticlizeError(f"{out_path} was started with other settings; resume with the same options or use --force")
+            history = saved["history"]
+            last = history[-1]["round"]
+            if last > 0:
+                current = load(_round_dir(out_path, last), trust_code=True)
+            start_round = last + 1
+            if saved.get("done"):
+                return _finish(out_path, history, saved["reason"], cfg, task, tokenizer, emit, teacher)
+        elif out_path.exists() and any(out_path.iterdir()) and not (force or resume):
+            raise ParticlizeError(f"{out_path} already exists and is not empty; pass --resume to continue it or --force to replace it")
+        elif force and out_path.exists():
+            import shutil
+
+            shutil.rmtree(out_path)
+        if not state_file.is_file():
+            out_path.mkdir(parents=True, exist_ok=True)
+
+    if not history:
+        q = _quality(task, teacher, tokenizer, cfg)
+        history.append(_entry(0, teacher, pm0, dense_cost, q, measure_latency(teacher, lat_inputs), {}, 0.0))
+        emit("round", history[-1])
+        _save_state(out_path, cfg, history, done=False)
+    dense_q = history[0]["val_accuracy"]
+    floor = cfg.min_quality * dense_q
+    _check_latency_target(cfg, teacher, pm0, lat_inputs, kinds)
+
+    reason = f"stopped after {cfg.max_rounds} rounds"
+    for r in range(start_round, cfg.max_rounds + 1):
+        if _met(cfg, history[-1], history[0]):
+            reason = "target met"
+            break
+        torch.manual_seed(cfg.seed * 1000 + r)
+        t0 = time.perf_counter()
+        pm = decompose(current, seq_len=cfg.max_length)
+        calib = task.batches("train", tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                             limit=cfg.calib_examples, shuffle=True, seed=cfg.seed * 1000 + r)
+        importance = _importance(pm, calib, cfg, kinds)
+        cur_flops = pm.cost().flops
+        goal = _flops_goal(cfg, history, dense_cost.flops, cur_flops)
+        remove = allocate(pm, importance, min(goal, cfg.max_fraction * cur_flops), cfg, cfg.max_length)
+        if not remove:
+            reason = "nothing more can be removed within the minimum widths"
+            break
+        student = pm.prune(remove)
+        emit("pruned", {"round": r, "removed": {k: len(v) for k, v in remove.items()}})
+        try:
+            rec = _recover(student, teacher, task, tokenizer, cfg, r, emit)
+        except ParticlizeError as e:
+            reason = f"recovery failed in round {r} ({e}); kept the model of round {r - 1}"
+            break
+        q = _quality(task, student, tokenizer, cfg)
+        spm = decompose(student, seq_len=cfg.max_length)
+        entry = _entry(r, student, spm, dense_cost, q, measure_latency(student, lat_inputs),
+                       {k: len(v) for k, v in remove.items()}, time.perf_counter() - t0, rec)
+        if q["accuracy"] < floor:
+            emit("rejected", entry)
+            reason = (f"round {r} fell below the quality floor (val accuracy {q['accuracy']:.4f} < {floor:.4f}); "
+                      f"kept the model of round {r - 1}")
+            break
+        history.append(entry)
+        emit("round", entry)
+        if out_path is not None:
+            write_folder_atomically(_round_dir(out_path, r), lambda d, m=student: _save_into(m, d), force=True)
+        _save_state(out_path, cfg, history, done=False)
+        current = student
+    if _met(cfg, history[-1], history[0]):
+        reason = "target met"
+    if out_path is None:
+        return CompressResult(current, history, reason)
+    _save_state(out_path, cfg, history, done=True, reason=reason)
+    return _finish(out_path, history, reason, cfg, task, tokenizer, emit, teacher)
+
+
+def _save_into(model: nn.Module, d: Path) -> None:
+    from safetensors.torch import save_model
+
+    from .surgery import provenance
+
+    prov = provenance(model)
+    save_model(model, str(d / "model.safetensors"))
+    (d / "particlize.json").write_text(json.dumps({"format": 1, "recipe": prov.get("recipe"), "plan": prov.get("plan", []),
+                                                   "torch": torch.__version__, "extra": {}}, indent=1))
+
+
+def _finish(out: Path, history: list, reason: str, cfg: CompressConfig, task: Task, tokenizer: Any,
+            emit: Progress, teacher: nn.Module) -> CompressResult:
+    last = history[-1]["round"]
+    best = teacher if last == 0 else load(_round_dir(out, last), trust_code=True)
+    test = _quality(task, best, tokenizer, cfg, split="test")
+    extra: dict[str, Any] = {"compress": {"reason": reason, "rounds": last, "test": test, "config": _jsonable(asdict(cfg))}}
+    if cfg.quantize == "int8":
+        extra["compress"]["int8"] = _int8_report(best, task, tokenizer, cfg)
+    def fill(tmp: Path) -> None:
+        save(best, tmp / "m", tokenizer=tokenizer, extra=extra)
+        for f in (tmp / "m").iterdir():
+            f.rename(tmp / f.name)
+        (tmp / "m").rmdir()
+
+    # the model files sit beside history.json and rounds/: replace just them, atomically per file
+    staging = out / ".final"
+    if staging.exists():
+        import shutil
+
+        shutil.rmtree(staging)
+    write_folder_atomically(staging, fill, force=True)
+    for f in staging.iterdir():
+        f.replace(out / f.name)
+    staging.rmdir()
+    _save_state(out, cfg, history, done=True, reason=reason, test=test)
+    emit("done", {"reason": reason, "test": test})
+    return CompressResult(best, history, reason, out, extra)
+
+
+def _save_state(out: Path | None, cfg: CompressConfig, history: list, *, done: bool, reason: str = "",
+                test: dict | None = None) -> None:
+    if out is None:
+        return
+    data = {"config": _jsonable(asdict(cfg)), "history": history, "done": done, "reason": reason}
+    if test is not None:
+        data["test"] = test
+    _write_json(out / HISTORY, data)
+
+
+def _jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(x, default=list))
+
+
+def _entry(r: int, model: nn.Module, pm: ParticleMap, dense, q: dict, latency: float, removed: dict,
+           seconds: float, recovery: dict | None = None) -> dict[str, Any]:
+    c = pm.cost()
+    counts: dict[str, int] = {}
+    for g in pm.groups:
+        counts[g.kind] = counts.get(g.kind, 0) + g.size
+    return {
+        "round": r, "params": sum(p.numel() for p in model.parameters()), "prunable_params": c.params,
+        "flops": c.flops, "flops_ratio": c.flops / dense.flops, "params_ratio": c.params / dense.params,
+        "latency_ms": latency, "val_accuracy": q["accuracy"], "val_loss": q["loss"], "particles": counts,
+        "removed": removed, "seconds": seconds, "recovery": recovery or {},
+    }
+
+
+def _met(cfg: CompressConfig, last: dict, dense: dict) -> bool:
+    ok = True
+    if cfg.target_flops is not None:
+        ok &= last["flops_ratio"] <= cfg.target_flops + 1e-9
+    if cfg.target_params is not None:
+        ok &= last["params_ratio"] <= cfg.target_params + 1e-9
+    if cfg.target_latency_ms is not None:
+        ok &= last["latency_ms"] <= cfg.target_latency_ms
+    return bool(ok)
+
+
+def _flops_goal(cfg: CompressConfig, history: list, dense_flops: float, cur_flops: float) -> float:
+    goals = []
+    if cfg.target_flops is not None:
+        goals.append(cur_flops - cfg.target_flops * dense_flops)
+    if cfg.target_params is not None:  # params and FLOPs shrink together for the particles we remove
+        last = history[-1]
+        goals.append(cur_flops * (1 - cfg.target_params / max(last["params_ratio"], 1e-12)))
+    if cfg.target_latency_ms is not None:
+        last = history[-1]
+        goals.append(cur_flops * (1 - cfg.target_latency_ms / max(last["latency_ms"], 1e-12)))
+    return max(max(goals), 0.0) if goals else 0.0
+
+
+def _check_latency_target(cfg: CompressConfig, model: nn.Module, pm: ParticleMap, inputs: Any, kinds: set[str]) -> None:
+    """Refuse a latency target below what the smallest model the settings allow could reach."""
+    if cfg.target_latency_ms is None:
+        return
+    remove = {}
+    for g in pm.groups:
+        if g.kind in kinds:
+            floor = 1 if g.kind == "block" else _keep_floor(g.size, cfg, g.balanced)
+            remove[g.name] = list(range(floor, g.size)) if g.balanced == 1 or g.kind == "block" else \
+                [i for i in range(g.size) if i % (g.size // g.balanced) >= floor // g.balanced]
+    smallest = pm.prune({k: v for k, v in remove.items() if v})
+    best = measure_latency(smallest, inputs)
+    if cfg.target_latency_ms < best:
+        raise ParticlizeError(
+            f"target latency {cfg.target_latency_ms:.2f} ms is below {best:.2f} ms, the latency of the smallest model "
+            "these settings allow (every group at its minimum width); raise the target or lower --min-width"
+        )
+
+
+def _recover(student: nn.Module, teacher: nn.Module, task: Task, tokenizer: Any, cfg: CompressConfig, r: int,
+             emit: Progress) -> dict[str, Any]:
+    from .train import train_classifier
+
+    if cfg.recover_epochs == 0:
+        return {"epochs": 0}
+
+    def prog(step: int, total: int, info: dict) -> None:
+        emit("recover", {"round": r, "step": step, "total": total, **info})
+
+    hist = train_classifier(student, task, tokenizer=tokenizer, epochs=cfg.recover_epochs, lr=cfg.lr,
+                            batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed * 1000 + r,
+                            limit=cfg.limit, teacher=teacher, kd_alpha=cfg.kd_alpha, temperature=cfg.temperature,
+                            patience=1, progress=prog)
+    return {"epochs": len(hist["epochs"]), "best_epoch": hist["best_epoch"], "seconds": hist["seconds"]}
+
+
+def _int8_report(model: nn.Module, task: Task, tokenizer: Any, cfg: CompressConfig) -> dict[str, Any]:
+    """Dynamic int8 quantisation of Linear layers (CPU): accuracy and latency beside fp32."""
+    import copy
+
+    try:
+        from torch.ao.quantization import quantize_dynamic
+    except ImportError:  # pragma: no cover
+        raise ParticlizeError("this torch build has no dynamic quantisation") from None
+    q = quantize_dynamic(copy.deepcopy(model).cpu(), {nn.Linear}, dtype=torch.qint8)
+    inputs = latency_inputs(task, tokenizer, cfg.latency_batch, cfg.latency_seq)
+    fp32_ms, int8_ms = measure_latency(model.cpu(), inputs), measure_latency(q, inputs)
+    acc = _quality(task, q, tokenizer, cfg, split="test")
+    return {"test": acc, "latency_ms": int8_ms, "fp32_latency_ms": fp32_ms}
+
+
+__all__ = ["CompressConfig", "CompressResult", "allocate", "compress", "measure_latency"]

@@ -1,0 +1,142 @@
+"""The closed loop: targets, floors, checkpoints, resume after SIGKILL, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import particlize as pz
+from loop_fixture import OPTIONS, make
+from particlize.loop import CompressConfig, allocate, compress
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    work = tmp_path_factory.mktemp("loop")
+    return (work, *make(work))
+
+
+def _stable(history):
+    """History without wall-clock numbers (latency and seconds differ between runs)."""
+    drop = {"latency_ms", "seconds", "recovery"}
+    return [{k: v for k, v in e.items() if k not in drop} for e in history]
+
+
+def test_compress_meets_flops_target_and_saves_a_model(setup, tmp_path):
+    work, model, task, tok = setup
+    res = compress(model, task, tokenizer=tok, out=tmp_path / "run", **OPTIONS)
+    assert res.reason == "target met"
+    h = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert h["done"] and h["history"][-1]["flops_ratio"] <= 0.35
+    ratios = [e["flops_ratio"] for e in h["history"]]
+    assert all(b < a for a, b in zip(ratios, ratios[1:]))  # every round removed something
+    for a, b in zip(ratios, ratios[1:]):  # and at most max_fraction of what remained (one particle of slack)
+        assert b >= a * (1 - OPTIONS["max_fraction"]) - 0.08
+    again = pz.load(tmp_path / "run")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(tmp_path / "run"))
+    assert sum(p.numel() for p in again.parameters()) == h["history"][-1]["params"]
+    acc = task.evaluate(again, "test", tokenizer=tok)["accuracy"]
+    assert acc == pytest.approx(h["test"]["accuracy"])
+    assert sum(p.numel() for p in again.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_out_is_never_overwritten_without_force(setup, tmp_path):
+    work, model, task, tok = setup
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(pz.ParticlizeError, match="--resume.*--force"):
+        compress(model, task, tokenizer=tok, out=out, **OPTIONS)
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_resume_after_sigkill_gives_the_same_result(setup, tmp_path):
+    work, *_ = setup
+    script = [sys.executable, str(HERE / "loop_fixture.py"), str(work)]
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    ref = tmp_path / "ref"
+    subprocess.run([*script, str(ref)], check=True, env=env, capture_output=True)
+    out = tmp_path / "killed"
+    for delay in (2.5, 4.0, 3.0):  # kill at different points, resume each time
+        p = subprocess.Popen([*script, str(out), "--resume"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        for d in (out / "rounds").glob("*") if (out / "rounds").exists() else []:  # no partial checkpoint visible
+            if not d.name.startswith("."):
+                assert (d / "model.safetensors").is_file() and (d / "particlize.json").is_file()
+    subprocess.run([*script, str(out), "--resume"], check=True, env=env, capture_output=True)
+    a, b = (json.loads((d / "history.json").read_text()) for d in (ref, out))
+    assert _stable(a["history"]) == _stable(b["history"]) and a["test"] == b["test"]
+    pa, pb = (json.loads((d / "particlize.json").read_text())["plan"] for d in (ref, out))
+    assert pa == pb
+
+
+def test_quality_floor_keeps_the_last_good_round(setup, tmp_path):
+    work, model, task, tok = setup
+    opts = {**OPTIONS, "min_quality": 1.5 / 1.5, "target_flops": 0.05, "max_fraction": 0.9}
+    res = compress(model, task, tokenizer=tok, out=tmp_path / "run", **opts)
+    assert "quality floor" in res.reason or res.reason == "target met"
+    h = json.loads((tmp_path / "run" / "history.json").read_text())["history"]
+    assert all(e["val_accuracy"] >= h[0]["val_accuracy"] * 1.0 - 1e-12 for e in h)
+
+
+def test_nan_loss_rolls_back(setup, tmp_path):
+    work, model, task, tok = setup
+    res = compress(model, task, tokenizer=tok, out=tmp_path / "run", **{**OPTIONS, "lr": 1e30})
+    assert "recovery failed in round 1" in res.reason and "non-finite" in res.reason
+    h = json.loads((tmp_path / "run" / "history.json").read_text())["history"]
+    assert [e["round"] for e in h] == [0]
+    dense = task.evaluate(model, "test", tokenizer=tok)["accuracy"]
+    assert task.evaluate(pz.load(tmp_path / "run"), "test", tokenizer=tok)["accuracy"] == dense
+
+
+@pytest.mark.parametrize(
+    "opts, match",
+    [
+        ({"target_flops": 0.0}, "must be in \\(0, 1\\)"),
+        ({"target_flops": 1.2}, "must be in \\(0, 1\\)"),
+        ({"target_flops": None, "target_latency_ms": 1e-6}, "below .* the smallest model"),
+        ({"granularity": ("channels",)}, "nothing to prune"),
+        ({"granularity": ("wires",)}, "unknown granularity"),
+        ({"quantize": "int4"}, "quantize"),
+        ({"bogus_option": 1}, "unknown compress option"),
+    ],
+)
+def test_impossible_or_bad_settings(setup, tmp_path, opts, match):
+    work, model, task, tok = setup
+    with pytest.raises(pz.ParticlizeError, match=match):
+        compress(model, task, tokenizer=tok, out=tmp_path / "run", **{**OPTIONS, **opts})
+
+
+def test_allocation_respects_widths_rounding_and_gqa():
+    from conftest import hf_model
+
+    model, _ = hf_model("llama-gqa")  # 8 query heads over 2 kv heads, 40 neurons per layer
+    pm = pz.decompose(model)
+    imp = {g.name: torch.rand(g.size, generator=torch.Generator().manual_seed(i)) for i, g in enumerate(pm.groups)
+           if g.kind in ("head", "neuron")}
+    cfg = CompressConfig(round_to=8, min_width=0.25)
+    remove = allocate(pm, imp, 0.6 * pm.cost().flops, cfg, 16)
+    assert remove
+    for name, idx in remove.items():
+        g = pm[name]
+        kept = g.size - len(idx)
+        assert kept >= max(1, 0.25 * g.size)
+        if g.kind == "neuron":
+            assert kept % 8 == 0
+        else:
+            g.check_keep([i for i in range(g.size) if i not in idx])  # balanced across kv heads
+    pm.prune(remove)  # physically valid
