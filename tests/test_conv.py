@@ -79,15 +79,6 @@ def _dense_flops(name: str) -> int:
     return _DENSE[name]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convs: one intra-op thread is faster than several (and steadier on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _channels(pm: pz.ParticleMap) -> dict[str, int]:
     return {g.name: g.size for g in pm.select("channel")}
 

@@ -21,15 +21,6 @@ H, LAYERS, IN = 12, 3, 5
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one intra-op thread is much faster than several, above all on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _classifier(cell: str, seed: int = 0) -> RNNClassifier:
     torch.manual_seed(seed)
     return RNNClassifier(input_size=IN, hidden_size=H, num_layers=LAYERS, num_classes=4, cell=cell).eval()

@@ -30,15 +30,6 @@ def tiny_config(vocab_size: int, **kw) -> dict:
                         intermediate_size=64, max_position_embeddings=64, **kw).to_dict()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread (and do not fight other processes for cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def sentiment_csv(tmp_path: Path) -> Path:
     """300 sentences; the label is which of good/great vs bad/awful appears among neutral words."""
