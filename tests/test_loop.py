@@ -140,3 +140,19 @@ def test_allocation_respects_widths_rounding_and_gqa():
         else:
             g.check_keep([i for i in range(g.size) if i not in idx])  # balanced across kv heads
     pm.prune(remove)  # physically valid
+
+
+def test_sweep_writes_table_and_plot(setup, tmp_path):
+    from particlize.sweep import sweep
+
+    work, model, task, tok = setup
+    opts = {k: v for k, v in OPTIONS.items() if k not in ("target_flops", "min_quality")}
+    df = sweep(model, task, tokenizer=tok, granularities=("heads", "neurons", "channels"), flops=(0.8, 0.6),
+               out=tmp_path / "sw", min_quality=0.0, **opts)
+    assert (tmp_path / "sw" / "sweep.csv").is_file() and (tmp_path / "sw" / "pareto.png").stat().st_size > 1000
+    ok = df.dropna(subset=["flops_ratio"])
+    assert set(ok.granularity) == {"heads", "neurons"} and len(ok) == 4
+    assert "nothing to prune" in df[df.granularity == "channels"].error.iloc[0]
+    assert ok[ok.granularity == "heads"].reached.all() and (ok.flops_ratio < 1).all()
+    with pytest.raises(pz.ParticlizeError, match="--force"):
+        sweep(model, task, tokenizer=tok, flops=(0.5,), out=tmp_path / "sw")

@@ -270,6 +270,9 @@ def compress(
                 bar(info["step"], info["total"], f"round {info['round']}: recovering, loss {info.get('loss', 0):.3f}")
             elif event in ("round", "rejected"):
                 removed = sum(info["removed"].values())
+                console.print(f"round {info['round']}{' (rejected: below the floor)' if event == 'rejected' else ''}: "
+                              f"FLOPs {info['flops_ratio']:.1%}, val accuracy {info['val_accuracy']:.4f}, "
+                              f"latency {info['latency_ms']:.1f} ms, {removed:,} particles removed")
                 table.add_row(str(info["round"]) + (" (rejected)" if event == "rejected" else ""),
                               f"{info['flops_ratio']:.1%}", f"{info['params']:,}", f"{info['latency_ms']:.1f}",
                               f"{info['val_accuracy']:.4f}", f"{removed:,}")
@@ -285,6 +288,56 @@ def compress(
         q = result.extra["compress"]["int8"]
         console.print(f"int8 dynamic: test accuracy {q['test']['accuracy']:.4f}, latency {q['latency_ms']:.1f} ms "
                       f"(fp32 {q['fp32_latency_ms']:.1f} ms)")
+
+
+@app.command()
+def sweep(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    task: str = typer.Option(..., "--task", help="vader-sentiment, text-csv (with --data), fashion-mnist"),
+    granularity: list[str] = typer.Option(["heads", "neurons", "blocks", "all"], "--granularity",
+                                          help="repeat: heads, neurons, channels, units, blocks, all"),
+    flops: list[str] = typer.Option(["0.9,0.7,0.5,0.3"], "--flops", help="FLOPs targets (repeat or comma list)"),
+    recover_epochs: int = typer.Option(1, "--recover-epochs", min=0),
+    scorer: str = typer.Option("taylor", "--scorer"),
+    min_quality: float = typer.Option(0.0, "--min-quality", help="floor (default 0: reach every target)"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    max_length: int = typer.Option(64, "--max-length", min=1),
+    limit: Optional[int] = typer.Option(None, "--limit"),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    seed: int = typer.Option(0, "--seed"),
+    data: Optional[Path] = typer.Option(None, "--data", help="CSV file for --task text-csv"),
+    text_column: str = typer.Option("text", "--text-column"),
+    label_column: str = typer.Option("label", "--label-column"),
+    out: Path = typer.Option(..., "--out", help="folder for sweep.csv and pareto.png"),
+    force: bool = typer.Option(False, "--force"),
+    trust_code: bool = typer.Option(False, "--trust-code"),
+) -> None:
+    """Quality vs FLOPs (and latency) per particle granularity: one table and a Pareto plot."""
+    from .sources import load_model, load_tokenizer
+    from .sweep import sweep as run_sweep
+
+    try:
+        targets = [float(v) for item in flops for v in item.split(",") if v.strip()]
+    except ValueError:
+        raise ParticlizeError(f"--flops takes numbers in (0, 1), e.g. --flops 0.9,0.5; got {flops}") from None
+    _quiet_transformers()
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ParticlizeError(f"{out} already exists and is not empty; pass --force to replace it")
+    t = _task(task, data, text_column, label_column)
+    m = load_model(model, trust_code=trust_code)
+    tok = load_tokenizer(model) if t.kind == "text" else None
+    with _progress_bar("sweep") as bar:
+        def progress(event: str, info: dict) -> None:
+            if event == "run":
+                console.print(f"{info['granularity']} → {info['target']:.0%} of FLOPs")
+            elif event == "recover":
+                bar(info["step"], info["total"], f"{info['granularity']} {info['target']:.0%} round {info['round']}")
+
+        df = run_sweep(m, t, tokenizer=tok, granularities=granularity, flops=targets, out=out, force=force,
+                       progress=progress, recover_epochs=recover_epochs, scorer=scorer, min_quality=min_quality,
+                       batch_size=batch_size, max_length=max_length, limit=limit, lr=lr, seed=seed)
+    console.print(df.to_string(index=False))
+    console.print(f"table and Pareto plot in [bold]{out}[/bold]")
 
 
 def _to(x: Any, device: str) -> Any:

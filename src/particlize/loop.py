@@ -80,8 +80,10 @@ class CompressConfig:
             raise ParticlizeError(f"recover_epochs must be 0 or more, got {self.recover_epochs}")
         if not 0.0 < self.max_fraction <= 1.0:
             raise ParticlizeError(f"max_fraction must be in (0, 1], got {self.max_fraction}")
-        if not 0.0 < self.min_quality <= 1.5:
-            raise ParticlizeError(f"min_quality is relative to the dense model's accuracy (e.g. 0.99), got {self.min_quality}")
+        if not 0.0 <= self.min_quality <= 1.5:
+            raise ParticlizeError(
+                f"min_quality is relative to the dense model's accuracy (e.g. 0.99; 0 for no floor), got {self.min_quality}"
+            )
         if self.quantize not in (None, "int8"):
             raise ParticlizeError(f"quantize must be None or 'int8', got {self.quantize!r}")
 
