@@ -77,11 +77,15 @@ def inspect(
                       _pct(row.params / n_params), _pct(row.flops / total.flops if total.flops else 0.0))
     console.print(table)
     kinds = df.groupby("kind")["index"].size().to_dict()
+    at = f" at seq_len {seq_len}" if "token" in pm.flops_unit else ""
     console.print(
-        f"{n_params:,} parameters; {total.flops:,.0f} FLOPs {pm.flops_unit} at seq_len {seq_len}; particles: "
+        f"{n_params:,} parameters; {total.flops:,.0f} FLOPs {pm.flops_unit}{at}; particles: "
         + ", ".join(f"{v:,} {k}s" for k, v in kinds.items())
-        + ". Shares are of all parameters and of the FLOPs particlize counts (a block's share includes its heads and neurons)."
+        + ". Shares are of all parameters and of the FLOPs particlize counts (a block's share includes the particles inside it)."
     )
+    if pm.unplaced:
+        shown = ", ".join(pm.unplaced[:6]) + (f", … {len(pm.unplaced) - 6} more" if len(pm.unplaced) > 6 else "")
+        console.print(f"left alone (coupled to others, e.g. across a residual add): {shown}")
     if csv is not None:
         csv.parent.mkdir(parents=True, exist_ok=True)
         tmp = csv.with_name(f".{csv.name}.tmp")

@@ -186,9 +186,23 @@ def build(recipe: Mapping[str, Any], *, trust_code: bool = False) -> nn.Module:
     raise CheckpointError(f"unknown recipe kind {kind!r}; this folder was written by another tool or version")
 
 
+def shipped() -> dict[str, Path]:
+    """Models that ship inside the package, by name (``pz.load("sora-tiny")``)."""
+    root = Path(__file__).parent / "models" / "weights"
+    return {d.name: d for d in sorted(root.iterdir()) if (d / META).is_file()} if root.is_dir() else {}
+
+
+def resolve(path: str | os.PathLike[str]) -> Path:
+    """A model folder: the path itself, or the folder of a shipped model of that name."""
+    p = Path(path)
+    if not p.exists() and str(path) in shipped():
+        return shipped()[str(path)]
+    return p
+
+
 def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The parsed ``particlize.json`` of a saved folder (with clear errors for anything else)."""
-    p = Path(path)
+    p = resolve(path)
     if p.is_file():
         raise CheckpointError(
             f"{p} is a file; particlize loads folders written by pz.save (pickle files are never unpickled)"
@@ -205,14 +219,15 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def load(path: str | os.PathLike[str], *, trust_code: bool = False, device: str | torch.device = "cpu") -> nn.Module:
-    """Load a folder written by `save`: rebuild the architecture, replay the plan, load the weights.
+    """Load a folder written by `save` (or a shipped model by name, e.g. ``"sora-tiny"``): rebuild the
+    architecture, replay the plan, load the weights.
 
     ``trust_code`` allows recipes whose factory lives outside particlize and transformers (it imports
     and runs that code). Weights are read only through safetensors.
     """
     from .adapters import decompose
 
-    p = Path(path)
+    p = resolve(path)
     meta = read_meta(p)
     try:
         state = load_file(str(p / WEIGHTS), device=str(device))

@@ -404,6 +404,7 @@ class ParticleMap:
         recipe: Mapping[str, Any] | None = None,
         adapter: str = "",
         after_prune: Callable[[nn.Module], None] | None = None,
+        unplaced: Sequence[str] = (),
     ):
         self.model = model
         self.groups: list[ParticleGroup] = list(groups)
@@ -416,6 +417,7 @@ class ParticleMap:
         self.recipe = dict(recipe) if recipe is not None else None
         self.adapter = adapter
         self.after_prune = after_prune
+        self.unplaced = list(unplaced)  # modules the adapter saw but left alone (e.g. residual-coupled convs)
 
     # ---- lookup -------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> ParticleGroup:

