@@ -45,6 +45,7 @@ class CompressConfig:
     target_latency_ms: float | None = None
     granularity: tuple[str, ...] = ("heads", "neurons")
     scorer: str = "taylor"
+    allocation: str = "global"
     min_quality: float = 0.99
     max_fraction: float = 1 / 3
     min_width: float = 0.1
@@ -84,6 +85,10 @@ class CompressConfig:
             raise ParticlizeError(
                 f"min_quality is relative to the dense model's accuracy (e.g. 0.99; 0 for no floor), got {self.min_quality}"
             )
+        if self.scorer not in SCORERS:
+            raise ParticlizeError(f"unknown scorer {self.scorer!r}; use one of {', '.join(SCORERS)}")
+        if self.allocation not in ("global", "uniform"):
+            raise ParticlizeError(f"allocation must be 'global' or 'uniform', got {self.allocation!r}")
         if self.quantize not in (None, "int8"):
             raise ParticlizeError(f"quantize must be None or 'int8', got {self.quantize!r}")
 
@@ -143,13 +148,21 @@ def _quality(task: Task, model: nn.Module, tokenizer: Any, cfg: CompressConfig, 
 # ---- allocation -------------------------------------------------------------------------------------
 
 
+SCORERS = ("taylor", "taylor-example", "fisher", "ablation", "magnitude", "activation")
+
+
 def _importance(pm: ParticleMap, batches: list, cfg: CompressConfig, kinds: set[str]) -> dict[str, torch.Tensor]:
+    """Non-negative importance per particle. ``taylor``: |mean first-order effect| over the calibration
+    examples (Molchanov et al.'s aggregated Taylor criterion); ``taylor-example``: mean of the per-example
+    |effect|; ``ablation``: |exact mean effect|; the others as `particlize.analyze` computes them."""
     groups = [g.name for g in pm.groups if g.kind in kinds]
-    if cfg.scorer in ("taylor", "ablation"):
-        df = analyze(pm, batches, cfg.scorer, "loss", by="example", groups=groups, table=False)
+    method = {"taylor-example": "taylor"}.get(cfg.scorer, cfg.scorer)
+    if cfg.scorer == "taylor-example":
+        df = analyze(pm, batches, method, "loss", by="example", groups=groups, table=False)
         per = df.assign(score=df.score.abs()).groupby(["group", "index"]).score.mean()
     else:
-        df = analyze(pm, batches if cfg.scorer != "magnitude" else None, cfg.scorer, groups=groups, table=False)
+        data = None if method == "magnitude" else batches
+        df = analyze(pm, data, method, "loss", groups=groups, table=False)
         per = df.set_index(["group", "index"]).score.abs()
     return {name: torch.tensor(per.loc[name].sort_index().to_numpy()) for name in groups}
 
@@ -178,39 +191,44 @@ def allocate(
     cfg: CompressConfig,
     seq_len: int,
 ) -> dict[str, list[int]]:
-    """Choose particles to remove, globally by importance per FLOP, until ``flops_to_remove`` is saved.
+    """Choose particles to remove until ``flops_to_remove`` is saved: ``global`` allocation takes the
+    lowest importance per FLOP anywhere; ``uniform`` removes the same fraction of every layer's group,
+    each time the least important particles of the group.
 
     Per group at most ``size - floor`` particles go (``min_width`` of the group, rounded for
     ``round_to`` and grouped-query balance); kept counts are rounded up to legal widths afterwards.
     A removed block takes everything inside it along.
     """
     table = pm.table(seq_len=seq_len).set_index(["group", "index"])
-    cand = []
-    for name, imp in importance.items():
-        g = pm[name]
-        cost = torch.tensor(table.loc[name].sort_index().flops.to_numpy(), dtype=torch.float64)
-        for i in range(g.size):
-            cand.append((float(imp[i]) / max(float(cost[i]), 1e-12), name, i, float(cost[i])))
-    cand.sort()
+    costs = {name: table.loc[name].sort_index().flops.to_numpy() for name in importance}
+
+    def floor_of(g) -> int:
+        return 1 if g.kind == "block" else _keep_floor(g.size, cfg, g.balanced)
+
     counts: dict[str, int] = {}
-    chosen: dict[str, list[int]] = {}
-    saved = 0.0
-    for _, name, i, cost in cand:
-        if saved >= flops_to_remove:
-            break
-        g = pm[name]
-        floor = 0 if g.kind == "block" else _keep_floor(g.size, cfg, g.balanced)
-        if g.kind == "block":
-            floor = 1  # never remove every block
-        if g.size - counts.get(name, 0) - 1 < floor:
-            continue
-        counts[name] = counts.get(name, 0) + 1
-        chosen.setdefault(name, []).append(i)
-        saved += cost
+    if cfg.allocation == "uniform":  # the same fraction of every (non-block) group, like per-layer pruning
+        layered = [n for n in importance if pm[n].kind != "block"]
+        total = sum(float(costs[n].sum()) for n in layered)
+        frac = min(1.0, flops_to_remove / total) if total else 0.0
+        for n in layered:
+            g = pm[n]
+            counts[n] = min(g.size - floor_of(g), round(frac * g.size))
+    else:  # global: cheapest importance per FLOP first, anywhere in the model
+        cand = sorted((float(importance[n][i]) / max(float(costs[n][i]), 1e-12), n, i)
+                      for n in importance for i in range(pm[n].size))
+        saved = 0.0
+        for _, name, i in cand:
+            if saved >= flops_to_remove:
+                break
+            g = pm[name]
+            if g.size - counts.get(name, 0) - 1 < floor_of(g):
+                continue
+            counts[name] = counts.get(name, 0) + 1
+            saved += float(costs[name][i])
     remove: dict[str, list[int]] = {}
-    for name, idx in chosen.items():
+    for name, count in counts.items():
         g = pm[name]
-        keep_n = _legal_keep(g.size - len(idx), g.size, cfg, g.balanced if g.kind != "block" else 1)
+        keep_n = _legal_keep(g.size - count, g.size, cfg, g.balanced if g.kind != "block" else 1)
         n_remove = g.size - keep_n
         if n_remove <= 0:
             continue

@@ -60,7 +60,7 @@ def _load_builtin() -> None:
     if _LOADED:
         return
     _LOADED = True
-    from . import conv, recurrent, transformers_hf  # noqa: F401  (registers on import)
+    from . import conv, dit, recurrent, transformers_hf  # noqa: F401  (registers on import)
 
 
 SUPPORTED = (

@@ -1,0 +1,181 @@
+"""particlize compress vs Torch-Pruning on the MiniLM sentiment classifier (VADER movie sentences).
+
+For each FLOPs budget (fraction of the encoder's FLOPs kept, embeddings excluded) and seed, one run each of:
+
+- ``pz-loop``      particlize's default: iterative rounds (≤1/3 of the remaining FLOPs each), Taylor scores,
+                   global allocation by importance per FLOP, distillation recovery of ``--epochs`` per round;
+- ``pz-oneshot``   particlize with the same total recovery budget as Torch-Pruning: one round, ``--epochs``;
+- ``tp-<imp>-ft``  Torch-Pruning 1.6.1 (GroupTaylor or GroupMagnitude importance, heads + FFN neurons pruned
+                   uniformly per layer) then plain fine-tuning, as its users do;
+- ``tp-<imp>-kd``  the same pruning then particlize's distillation recovery (separates scorer/allocation
+                   from recovery).
+
+Printed per run and summarised (mean ± std over seeds): params, encoder FLOPs kept, test accuracy before and
+after recovery, CPU latency (batch 32 × 64 tokens, median of interleaved repetitions) and speedup vs dense.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/compress_minilm.py --model out/minilm-vader \
+        --budgets 0.5 0.25 0.125 --seeds 0 1 2 --epochs 1
+
+The full grid is many hours on a 2-core CPU; ``--limit N`` trains on the first N sentences (say so when
+quoting), ``--variants`` picks a subset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine_line, matmul_probe, setup_threads  # noqa: E402
+
+import particlize as pz  # noqa: E402
+from particlize.loop import CompressConfig, compress, latency_inputs, measure_latency  # noqa: E402
+from particlize.tasks import get_task  # noqa: E402
+from particlize.tasks.base import logits_of  # noqa: E402
+from particlize.train import train_classifier  # noqa: E402
+
+VARIANTS = ("pz-loop", "pz-oneshot", "tp-taylor-ft", "tp-magnitude-ft", "tp-taylor-kd", "tp-magnitude-kd")
+
+
+def encoder_flops(model) -> float:
+    """Encoder FLOPs per token at 64 tokens, as particlize counts them (transformer layers only)."""
+    return pz.decompose(model, seq_len=64).cost().flops
+
+
+def tp_prune(model, task, tok, fraction: float, importance: str, calib: int, seed: int):
+    """Torch-Pruning 1.6.1 on the classifier's encoder: ``fraction`` of heads and FFN neurons per layer."""
+    import torch_pruning as tp
+
+    enc = model.encoder
+    num_heads, ignored = {}, [model.classifier]
+    for layer in enc.encoder.layer:
+        sa = layer.attention.self
+        for m in (sa.query, sa.key, sa.value):
+            num_heads[m] = sa.num_attention_heads
+        ignored += [layer.attention.output.dense, layer.output.dense]
+    example = {k: v[:2, :8] for k, v in task.batches("train", tokenizer=tok, batch_size=2, limit=2)[0][0].items()}
+    imp = tp.importance.GroupTaylorImportance() if importance == "taylor" else tp.importance.GroupMagnitudeImportance(p=2)
+    pruner = tp.pruner.BasePruner(
+        model, example, importance=imp, pruning_ratio=fraction, ignored_layers=ignored, global_pruning=False,
+        num_heads=num_heads, prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=fraction,
+        output_transform=lambda o: o.sum(),
+    )
+    if importance == "taylor":
+        model.zero_grad()
+        for inputs, y in task.batches("train", tokenizer=tok, batch_size=32, limit=calib, shuffle=True, seed=seed):
+            torch.nn.functional.cross_entropy(logits_of(model, inputs), y).backward()
+    pruner.step()
+    for layer in enc.encoder.layer:  # what Torch-Pruning leaves to its users
+        sa = layer.attention.self
+        sa.num_attention_heads = sa.query.out_features // sa.attention_head_size
+        sa.all_head_size = sa.query.out_features
+    model.zero_grad(set_to_none=True)
+    heads = [layer.attention.self.num_attention_heads for layer in enc.encoder.layer]
+    if all(h == 12 for h in heads) and fraction > 0:
+        raise RuntimeError("Torch-Pruning silently kept every head (attention channel ratio 0?)")
+    return model.eval(), heads
+
+
+def run(variant: str, dense, task, tok, budget: float, seed: int, args) -> dict:
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    opts = dict(batch_size=32, max_length=64, limit=args.limit, seed=seed, lr=args.lr)
+    if variant.startswith("pz"):
+        cfg = CompressConfig(target_flops=budget, recover_epochs=args.epochs, min_quality=0.0, calib_examples=args.calib,
+                             max_fraction=1.0 if variant == "pz-oneshot" else 1 / 3, **opts)
+        before_cfg = CompressConfig(**{**cfg.__dict__, "recover_epochs": 0})
+        before = compress(copy.deepcopy(dense), task, tokenizer=tok, config=before_cfg).model
+        res = compress(dense, task, tokenizer=tok, config=cfg)
+        model, rounds = res.model, res.history[-1]["round"]
+        extra = {"rounds": rounds, "epochs": sum(e.get("recovery", {}).get("epochs", 0) for e in res.history)}
+    else:
+        _, imp, rec = variant.split("-")
+        model, heads = tp_prune(copy.deepcopy(dense), task, tok, 1 - budget, imp, args.calib, seed)
+        before = copy.deepcopy(model)
+        train_classifier(model, task, tokenizer=tok, epochs=args.epochs, teacher=dense if rec == "kd" else None,
+                         **{k: v for k, v in opts.items() if k != "seed"}, seed=seed)
+        extra = {"heads_per_layer": heads, "epochs": args.epochs}
+    acc_before = task.evaluate(before, "test", tokenizer=tok)["accuracy"]
+    acc = task.evaluate(model, "test", tokenizer=tok)["accuracy"]
+    return {"variant": variant, "budget": budget, "seed": seed, "params": sum(p.numel() for p in model.parameters()),
+            "flops": encoder_flops(model), "acc_before": acc_before, "acc": acc, "seconds": time.perf_counter() - t0,
+            "model": model, **extra}
+
+
+def latency_table(models: dict, inputs, rounds: int) -> dict[str, float]:
+    """Median ms per model, measured interleaved (dense, a, b, dense, a, b, …)."""
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(rounds):
+        for name, m in models.items():
+            times[name].append(measure_latency(m, inputs, warmup=1, reps=3))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="out/minilm-vader")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25, 0.125])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--limit", type=int, default=None, help="train on the first N sentences only")
+    ap.add_argument("--calib", type=int, default=256)
+    ap.add_argument("--latency-rounds", type=int, default=5)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    setup_threads()
+    if not (Path(args.model) / "particlize.json").is_file():
+        print(f"no classifier at {args.model}: run `particlize train minilm --task vader-sentiment --out {args.model}`")
+        return 2
+    print(machine_line(), f"matmul probe {matmul_probe():.0f} GFLOP/s", sep="\n")
+    from transformers import AutoTokenizer
+
+    dense = pz.load(args.model).eval()
+    tok = AutoTokenizer.from_pretrained(args.model)
+    task = get_task("vader-sentiment")
+    dense_acc = task.evaluate(dense, "test", tokenizer=tok)["accuracy"]
+    dense_flops = encoder_flops(dense)
+    print(f"dense: test accuracy {dense_acc:.4f}, {sum(p.numel() for p in dense.parameters()):,} params")
+    rows, models = [], {"dense": dense}
+    for budget in args.budgets:
+        for seed in args.seeds:
+            for v in args.variants:
+                r = run(v, dense, task, tok, budget, seed, args)
+                models[f"{v}@{budget}/{seed}"] = r.pop("model")
+                r["flops_kept"] = r["flops"] / dense_flops
+                rows.append(r)
+                print(json.dumps({k: (round(x, 4) if isinstance(x, float) else x) for k, x in r.items()}), flush=True)
+    lat = latency_table(models, latency_inputs(task, tok, 32, 64), args.latency_rounds)
+    for r in rows:
+        r["latency_ms"] = lat[f"{r['variant']}@{r['budget']}/{r['seed']}"]
+        r["speedup"] = lat["dense"] / r["latency_ms"]
+    print(f"\nmatmul probe after: {matmul_probe():.0f} GFLOP/s; dense latency {lat['dense']:.1f} ms")
+    print(f"\n{'budget':>6} {'variant':<17} {'FLOPs kept':>10} {'params':>11} {'acc before':>16} {'acc after':>16} "
+          f"{'speedup':>8} {'epochs':>6}")
+    for budget in args.budgets:
+        for v in args.variants:
+            part = [r for r in rows if r["budget"] == budget and r["variant"] == v]
+
+            def ms(key):
+                xs = [r[key] for r in part]
+                return f"{statistics.mean(xs):.4f}±{statistics.stdev(xs) if len(xs) > 1 else 0:.4f}"
+
+            print(f"{budget:>6} {v:<17} {statistics.mean(r['flops_kept'] for r in part):>10.3f} "
+                  f"{statistics.mean(r['params'] for r in part):>11,.0f} {ms('acc_before'):>16} {ms('acc'):>16} "
+                  f"{statistics.mean(r['speedup'] for r in part):>7.2f}× {part[0]['epochs']:>6}")
+    print(f"dense test accuracy {dense_acc:.4f}; seeds {args.seeds}; limit {args.limit}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

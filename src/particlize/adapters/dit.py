@@ -1,0 +1,95 @@
+"""Diffusion transformers over spacetime patches (`particlize.models.sora.SpacetimeDiT` and look-alikes).
+
+A model matches when it has a ``blocks`` ModuleList whose blocks hold ``attn_s`` and ``attn_t`` (attention
+with separate ``q``/``k``/``v``/``proj`` Linears and a ``head_dim``), an ``mlp`` of ``fc1``/``fc2`` and an
+``adaLN`` modulation. Per block it yields spatial-attention heads, temporal-attention heads and MLP
+neurons, plus one group of blocks.
+
+Coupling: adaLN-Zero modulates the residual stream (width ``dim``), never a head or a neuron, so heads
+and neurons only own their q/k/v (fc1) rows and proj (fc2) columns. A block owns all its parameters,
+its adaLN Linear included: the gate makes the block the identity (``out = in + g * (out - in)``),
+exactly what deleting it from ``blocks`` does. FLOPs are per token of the DiT blocks (the adaLN
+Linears run once per video, not per token, and count 0); attention scores add ``4 * head_dim`` per
+token per context position (tokens of a frame for spatial heads, frames for temporal heads).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..particles import InputGate, ParticleGroup, ResidualGate, Slice
+from . import AdapterResult, register
+
+FLOPS_UNIT = "per token (DiT blocks)"
+
+
+def _is_attention(m: Any) -> bool:
+    return all(isinstance(getattr(m, k, None), nn.Linear) for k in ("q", "k", "v", "proj")) and hasattr(m, "head_dim")
+
+
+def _is_block(m: nn.Module) -> bool:
+    mlp = getattr(m, "mlp", None)
+    return (
+        _is_attention(getattr(m, "attn_s", None)) and _is_attention(getattr(m, "attn_t", None))
+        and isinstance(getattr(mlp, "fc1", None), nn.Linear) and isinstance(getattr(mlp, "fc2", None), nn.Linear)
+        and hasattr(m, "adaLN")
+    )
+
+
+def _heads_pruned(path: str) -> Any:
+    def fix(model: nn.Module, keep: list[int]) -> None:
+        model.get_submodule(path).heads = len(keep)
+
+    return fix
+
+
+class DiTAdapter:
+    """Spatial / temporal attention heads, MLP neurons and blocks of a spacetime diffusion transformer."""
+
+    name = "dit"
+
+    def matches(self, model: nn.Module) -> bool:
+        blocks = getattr(model, "blocks", None)
+        return isinstance(blocks, nn.ModuleList) and len(blocks) > 0 and all(_is_block(b) for b in blocks)
+
+    def build(self, model: nn.Module, *, seq_len: int, example_inputs: Any = None) -> AdapterResult:
+        groups: list[ParticleGroup] = []
+        flops: dict[str, float] = {}
+        paths = tuple(f"blocks.{i}" for i in range(len(model.blocks)))
+        for i, (bp, block) in enumerate(zip(paths, model.blocks)):
+            for an in ("attn_s", "attn_t"):
+                attn = getattr(block, an)
+                ap, d = f"{bp}.{an}", attn.head_dim
+                writers = []
+                for k in ("q", "k", "v"):
+                    writers += [Slice(f"{ap}.{k}.weight", 0, d), Slice(f"{ap}.{k}.bias", 0, d)]
+                groups.append(ParticleGroup(
+                    f"{ap}.heads", "head", attn.q.out_features // d, i, InputGate(f"{ap}.proj"), tuple(writers),
+                    (Slice(f"{ap}.proj.weight", 1, d),), flops_ctx=4.0 * d, scope=f"{bp}.",
+                    on_prune=_heads_pruned(ap),
+                ))
+            mp = f"{bp}.mlp"
+            groups.append(ParticleGroup(
+                f"{mp}.neurons", "neuron", block.mlp.fc1.out_features, i, InputGate(f"{mp}.fc2"),
+                (Slice(f"{mp}.fc1.weight", 0), Slice(f"{mp}.fc1.bias", 0)), (Slice(f"{mp}.fc2.weight", 1),),
+                scope=f"{bp}.",
+            ))
+            for n, m in block.named_modules():
+                if isinstance(m, nn.Linear):
+                    flops[f"{bp}.{n}.weight"] = 0.0 if n.startswith("adaLN") else 2.0
+        owned = tuple(tuple(f"{p}.{n}" for n, _ in b.named_parameters()) for p, b in zip(paths, model.blocks))
+        groups.append(ParticleGroup(
+            "blocks.blocks", "block", len(paths), None, ResidualGate(paths), owned=owned, on_prune=_blocks_pruned,
+        ))
+        return AdapterResult(groups, flops, FLOPS_UNIT, recipe=getattr(model, "particlize_recipe", None))
+
+
+def _blocks_pruned(model: nn.Module, keep: list[int]) -> None:
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "depth"):
+        cfg.depth = len(keep)  # informational; the recipe rebuilds the base and replays the plan
+
+
+register(DiTAdapter())

@@ -1,0 +1,281 @@
+"""A small Sora-style diffusion transformer over spacetime patches of video (one file, nanoGPT-style).
+
+    model = SpacetimeDiT(SoraConfig(**PRESETS["tiny"]))       # or pz.load("sora-tiny") for the shipped one
+    eps = model(x_t, t, y)                                     # [B, C, T, H, W] noise prediction
+    videos = model.sample([3, 7], steps=50, seed=0)            # [2, 1, T, 32, 32] in [0, 1]
+
+A video ``[B, C, T, H, W]`` is cut into spacetime patches (``pt x ph x pw``) by a strided Conv3d, giving
+tokens ``[B, T', S, D]`` (``S = H' * W'`` spatial positions per frame). Each `DiTBlock` runs spatial
+attention (the tokens of one frame), temporal attention (one position across frames) and an MLP, each
+modulated by adaLN-Zero from ``c = t_embed(t) + y_embed(y)``: the class label id ``num_classes`` is the
+null label used for classifier-free guidance. Diffusion: a 1,000-step linear beta schedule, epsilon
+prediction, and a deterministic DDIM sampler with guidance. Videos live in ``[-1, 1]`` inside the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._util import _recipe
+
+__all__ = ["PRESETS", "SoraConfig", "SpacetimeDiT", "DiTBlock", "Attention", "Diffusion", "sora"]
+
+
+@dataclass
+class SoraConfig:
+    in_channels: int = 1
+    frames: int = 8
+    size: int = 32
+    patch: tuple[int, int, int] = (1, 4, 4)  # (pt, ph, pw)
+    dim: int = 96
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    num_classes: int = 10
+    class_dropout: float = 0.1  # label dropout during training (classifier-free guidance)
+
+    def __post_init__(self) -> None:
+        self.patch = tuple(int(p) for p in self.patch)  # JSON gives lists
+        pt, ph, pw = self.patch
+        if self.frames % pt or self.size % ph or self.size % pw:
+            raise ValueError(f"patch {self.patch} does not tile {self.frames} frames of {self.size}x{self.size}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+
+
+PRESETS: dict[str, dict] = {
+    "tiny": dict(frames=8, size=32, patch=(2, 4, 4), dim=64, depth=4, heads=4, mlp_ratio=4.0),  # CPU, ~25 min
+    "small": dict(frames=16, size=32, patch=(1, 4, 4), dim=256, depth=8, heads=8, mlp_ratio=4.0),  # GPU
+}
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    # x [B, T, S, D]; shift, scale [B, D]
+    return x * (1 + scale[:, None, None, :]) + shift[:, None, None, :]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over dim -2 of ``x [B, N, L, D]`` (N independent sequences of L tokens).
+
+    q, k, v and proj are separate Linears and the head count is read from ``q.out_features`` at run
+    time, so removing heads (q/k/v rows, proj columns) needs no other change. The batch stays first up
+    to ``proj``, whose input ``[B, N, L, heads * head_dim]`` is where head gates act.
+    """
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, L, _ = x.shape
+        h, hd = self.q.out_features // self.head_dim, self.head_dim
+
+        def split(t: Tensor) -> Tensor:  # [B, N, L, h*hd] -> [B*N, h, L, hd]
+            return t.reshape(B * N, L, h, hd).transpose(1, 2)
+
+        y = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        y = y.transpose(1, 2).reshape(B, N, L, h * hd)  # heads side by side, batch first again
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """Spatial attention, temporal attention and MLP, each adaLN-Zero modulated by the condition ``c``."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn_s = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn_t = Attention(dim, heads)
+        self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        # 9 modulation vectors: (shift, scale, gate) for each of the three sub-layers
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 9 * dim))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        # x [B, T, S, D]; c [B, D]
+        mods = self.adaLN(c).chunk(9, dim=-1)
+        sh1, sc1, g1, sh2, sc2, g2, sh3, sc3, g3 = mods
+        x = x + g1[:, None, None, :] * self.attn_s(modulate(self.norm1(x), sh1, sc1))  # within a frame
+        xt = modulate(self.norm2(x), sh2, sc2).transpose(1, 2)  # [B, S, T, D]: across frames
+        x = x + g2[:, None, None, :] * self.attn_t(xt).transpose(1, 2)
+        x = x + g3[:, None, None, :] * self.mlp(modulate(self.norm3(x), sh3, sc3))
+        return x
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal embedding of the diffusion step, then an MLP."""
+
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: Tensor) -> Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = t.float()[:, None] * freqs[None]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, out: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, out)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class Diffusion:
+    """The 1,000-step linear beta schedule (DDPM) shared by training and the DDIM sampler."""
+
+    def __init__(self, steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+        self.steps = steps
+        betas = torch.linspace(beta_start, beta_end, steps, dtype=torch.float64)
+        self.alpha_bar = torch.cumprod(1 - betas, 0).float()  # [steps]
+
+    def add_noise(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        a = self.alpha_bar.to(x0.device)[t].view(-1, *[1] * (x0.ndim - 1))
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+class SpacetimeDiT(nn.Module):
+    """Diffusion transformer predicting the noise in a video ``[B, C, T, H, W]`` at step ``t`` for label ``y``."""
+
+    def __init__(self, config: SoraConfig | None = None, **kwargs):
+        super().__init__()
+        config = config if config is not None else SoraConfig(**kwargs)
+        self.config = config
+        self.particlize_recipe = _recipe(SpacetimeDiT, **asdict(config))
+        D, (pt, ph, pw) = config.dim, config.patch
+        self.grid = (config.frames // pt, config.size // ph, config.size // pw)  # (T', H', W')
+        T_, H_, W_ = self.grid
+        self.patch_embed = nn.Conv3d(config.in_channels, D, kernel_size=config.patch, stride=config.patch)
+        self.pos_spatial = nn.Parameter(torch.randn(1, 1, H_ * W_, D) * 0.02)
+        self.pos_temporal = nn.Parameter(torch.randn(1, T_, 1, D) * 0.02)
+        self.t_embed = TimestepEmbedder(D)
+        self.y_embed = nn.Embedding(config.num_classes + 1, D)  # last id = null label
+        self.blocks = nn.ModuleList(DiTBlock(D, config.heads, config.mlp_ratio) for _ in range(config.depth))
+        self.final = FinalLayer(D, pt * ph * pw * config.in_channels)
+        self.diffusion = Diffusion()
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.patch_embed.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.normal_(self.y_embed.weight, std=0.02)
+        for m in self.t_embed.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity, the output as zero
+        for blk in self.blocks:
+            nn.init.zeros_(blk.adaLN[-1].weight)
+            nn.init.zeros_(blk.adaLN[-1].bias)
+        for m in (self.final.adaLN[-1], self.final.linear):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @property
+    def null_label(self) -> int:
+        return self.config.num_classes
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        # x [B, C, T, H, W]; t [B] (0..999); y [B] (num_classes = null label)
+        B = x.shape[0]
+        T_, H_, W_ = self.grid
+        h = self.patch_embed(x)  # [B, D, T', H', W']
+        h = h.flatten(3).permute(0, 2, 3, 1)  # [B, T', S, D]
+        h = h + self.pos_spatial + self.pos_temporal
+        c = self.t_embed(t) + self.y_embed(y)  # [B, D]
+        for block in self.blocks:
+            h = block(h, c)
+        h = self.final(h, c)  # [B, T', S, pt*ph*pw*C]
+        pt, ph, pw = self.config.patch
+        C = self.config.in_channels
+        h = h.reshape(B, T_, H_, W_, pt, ph, pw, C)
+        h = h.permute(0, 7, 1, 4, 2, 5, 3, 6)  # [B, C, T', pt, H', ph, W', pw]
+        return h.reshape(B, C, T_ * pt, H_ * ph, W_ * pw)
+
+    def loss(self, x0: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Epsilon-prediction MSE at uniformly drawn steps (``x0`` in [-1, 1])."""
+        t = torch.randint(0, self.diffusion.steps, (x0.shape[0],), generator=generator).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        return F.mse_loss(self(self.diffusion.add_noise(x0, t, noise), t, y), noise)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        labels: Sequence[int] | Tensor,
+        steps: int = 50,
+        seed: int = 0,
+        guidance: float = 3.0,
+    ) -> Tensor:
+        """Deterministic DDIM (eta = 0) with classifier-free guidance: videos ``[B, C, T, H, W]`` in [0, 1].
+
+        ``labels`` are class ids (``num_classes`` = unconditional); ``guidance`` 1.0 turns guidance off.
+        The starting noise is drawn on the CPU from ``seed``, so results do not depend on the device.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            device = next(self.parameters()).device
+            y = torch.as_tensor(labels, dtype=torch.long).reshape(-1).to(device)
+            B, cfg = y.shape[0], self.config
+            gen = torch.Generator().manual_seed(seed)
+            x = torch.randn((B, cfg.in_channels, cfg.frames, cfg.size, cfg.size), generator=gen).to(device)
+            ab = self.diffusion.alpha_bar.to(device)
+            ts = torch.linspace(self.diffusion.steps - 1, 0, steps).round().long().tolist()
+            null = torch.full_like(y, self.null_label)
+            for i, t in enumerate(ts):
+                tt = torch.full((B,), t, device=device, dtype=torch.long)
+                if guidance == 1.0:
+                    eps = self(x, tt, y)
+                else:
+                    e = self(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null]))
+                    eps_c, eps_u = e.chunk(2)
+                    eps = eps_u + guidance * (eps_c - eps_u)
+                a = ab[t]
+                x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
+                eps = (x - a.sqrt() * x0) / (1 - a).sqrt()  # consistent with the clipped x0
+                a_prev = ab[ts[i + 1]] if i + 1 < len(ts) else torch.ones((), device=device)
+                x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+            return ((x + 1) / 2).clamp(0, 1)
+        finally:
+            self.train(was_training)
+
+
+def sora(preset: str = "tiny", **overrides) -> SpacetimeDiT:
+    """A randomly initialised `SpacetimeDiT` from a preset (``"tiny"`` for CPU, ``"small"`` for GPU)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return SpacetimeDiT(SoraConfig(**{**PRESETS[preset], **overrides}))
