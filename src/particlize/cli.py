@@ -228,7 +228,8 @@ def compress(
     target_params: Optional[float] = typer.Option(None, "--target-params", help="fraction of prunable parameters to keep"),
     target_latency_ms: Optional[float] = typer.Option(None, "--target-latency-ms", help="measured latency to reach (CPU, batch 32 × 64)"),
     granularity: str = typer.Option("heads,neurons", "--granularity", help="comma list of heads, neurons, channels, units, blocks, or all"),
-    scorer: str = typer.Option("taylor", "--scorer", help="taylor, ablation, magnitude, activation, fisher"),
+    scorer: str = typer.Option("fisher", "--scorer", help="fisher, taylor, taylor-example, ablation, magnitude, activation"),
+    allocation: str = typer.Option("global", "--allocation", help="global (by importance per FLOP) or uniform per layer"),
     min_quality: float = typer.Option(0.99, "--min-quality", help="floor: fraction of the dense validation accuracy"),
     max_fraction: float = typer.Option(1 / 3, "--max-fraction", help="most of the remaining FLOPs removed per round"),
     recover_epochs: int = typer.Option(1, "--recover-epochs", min=0),
@@ -257,7 +258,7 @@ def compress(
         target_flops = 0.5
     cfg = CompressConfig(
         target_flops=target_flops, target_params=target_params, target_latency_ms=target_latency_ms,
-        granularity=tuple(g.strip() for g in granularity.split(",") if g.strip()), scorer=scorer,
+        granularity=tuple(g.strip() for g in granularity.split(",") if g.strip()), scorer=scorer, allocation=allocation,
         min_quality=min_quality, max_fraction=max_fraction, recover_epochs=recover_epochs, round_to=round_to, lr=lr,
         batch_size=batch_size, max_length=max_length, limit=limit, seed=seed, quantize=quantize,
     )
@@ -302,7 +303,7 @@ def sweep(
                                           help="repeat: heads, neurons, channels, units, blocks, all"),
     flops: list[str] = typer.Option(["0.9,0.7,0.5,0.3"], "--flops", help="FLOPs targets (repeat or comma list)"),
     recover_epochs: int = typer.Option(1, "--recover-epochs", min=0),
-    scorer: str = typer.Option("taylor", "--scorer"),
+    scorer: str = typer.Option("fisher", "--scorer"),
     min_quality: float = typer.Option(0.0, "--min-quality", help="floor (default 0: reach every target)"),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     max_length: int = typer.Option(64, "--max-length", min=1),

@@ -44,7 +44,7 @@ class CompressConfig:
     target_params: float | None = None
     target_latency_ms: float | None = None
     granularity: tuple[str, ...] = ("heads", "neurons")
-    scorer: str = "taylor"
+    scorer: str = "fisher"  # chosen by measurement: benchmarks/scorer_oneshot.py, RESULTS.md
     allocation: str = "global"
     min_quality: float = 0.99
     max_fraction: float = 1 / 3

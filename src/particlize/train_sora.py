@@ -37,12 +37,12 @@ def _machine() -> str:
     return f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads, torch {torch.__version__}".strip()
 
 
-def _save_checkpoint(path: Path, model, ema, opt, step: int, losses: list[float]) -> None:
+def _save_checkpoint(path: Path, model, ema, opt, step: int, losses: list[float], seconds: float) -> None:
     def fill(tmp: Path) -> None:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
         save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
         torch.save(opt.state_dict(), tmp / "optimizer.pt")  # our own file, only reloaded by us
-        (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses}))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses, "seconds": seconds}))
 
     write_folder_atomically(path, fill, force=True)
 
@@ -85,10 +85,10 @@ def train_sora(
     stream = task.stream(batch_size, seed=seed, two_digit_fraction=two_digit_fraction)
     gen = torch.Generator().manual_seed(seed + 1)
     ckpt = out / "checkpoint"
-    start, losses = 0, []
+    start, losses, before = 0, [], 0.0  # before: seconds trained by earlier (resumed) runs
     if (ckpt / "state.json").is_file():  # resume
         state = json.loads((ckpt / "state.json").read_text())
-        start, losses = state["step"], state["losses"]
+        start, losses, before = state["step"], state["losses"], state.get("seconds", 0.0)
         model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
         ema_model.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
         opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
@@ -138,14 +138,14 @@ def train_sora(
             if bar is not None:
                 bar.update(bar_task, completed=step + 1, loss=sum(losses[-50:]) / len(losses[-50:]))
             if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-                _save_checkpoint(ckpt, model, ema_model, opt, step + 1, losses)
+                _save_checkpoint(ckpt, model, ema_model, opt, step + 1, losses, before + time.time() - t0)
             if max_seconds is not None and time.time() - t0 > max_seconds:
                 stopped_early = step + 1 < steps
                 break
     finally:
         if bar is not None:
             bar.stop()
-    seconds = time.time() - t0
+    seconds = before + time.time() - t0
     videos, labels = task.split("test")
     held_out = eps_mse(ema_model, videos * 2 - 1, labels)
     done = len(losses)
@@ -156,6 +156,7 @@ def train_sora(
                  "ema": ema, "seed": seed, "two_digit_fraction": two_digit_fraction, "overrides": overrides},
         "steps_done": done,
         "stopped_early": stopped_early,
+        "resumed_from_step": start,
         "seconds": round(seconds, 1),
         "machine": _machine(),
         "final_loss": round(sum(losses[-100:]) / max(len(losses[-100:]), 1), 5),
