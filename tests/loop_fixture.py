@@ -6,14 +6,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
 from test_tasks import tiny_tokenizer, write_csv  # noqa: E402
-from test_train import NEUTRAL, tiny_config  # noqa: E402
+from test_train import sentiment_rows, tiny_config  # noqa: E402
 
 import particlize as pz  # noqa: E402
 from particlize.models.text import TextClassifier  # noqa: E402
@@ -30,15 +29,7 @@ def make(work: Path):
     tok = tiny_tokenizer(work / "tok")
     csv = work / "s.csv"
     if not csv.exists():
-        rng = np.random.default_rng(0)
-        rows = []
-        for i in range(240):
-            y = i % 2
-            cue = rng.choice(["bad", "awful"] if y == 0 else ["good", "great"])
-            words = [*rng.choice(NEUTRAL, rng.integers(2, 8)), cue]
-            rng.shuffle(words)
-            rows.append((" ".join(words), "neg" if y == 0 else "pos"))
-        write_csv(csv, rows)
+        write_csv(csv, sentiment_rows(240))
     task = get_task("text-csv", path=csv)
     if not (work / "dense" / "particlize.json").exists():
         torch.manual_seed(0)

@@ -30,18 +30,22 @@ def tiny_config(vocab_size: int, **kw) -> dict:
                         intermediate_size=64, max_position_embeddings=64, **kw).to_dict()
 
 
-@pytest.fixture
-def sentiment_csv(tmp_path: Path) -> Path:
-    """300 sentences; the label is which of good/great vs bad/awful appears among neutral words."""
-    rng = np.random.default_rng(0)
+def sentiment_rows(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """``n`` sentences; the label is which of good/great vs bad/awful appears among neutral words."""
+    rng = np.random.default_rng(seed)
     rows = []
-    for i in range(300):
+    for i in range(n):
         y = i % 2
         cue = rng.choice(["bad", "awful"] if y == 0 else ["good", "great"])
         words = [*rng.choice(NEUTRAL, rng.integers(2, 8)), cue]
         rng.shuffle(words)
         rows.append((" ".join(words), "neg" if y == 0 else "pos"))
-    return write_csv(tmp_path / "sent.csv", rows)
+    return rows
+
+
+@pytest.fixture
+def sentiment_csv(tmp_path: Path) -> Path:
+    return write_csv(tmp_path / "sent.csv", sentiment_rows(300))
 
 
 @pytest.fixture
