@@ -345,6 +345,26 @@ def sweep(
     console.print(f"table and Pareto plot in [bold]{out}[/bold]")
 
 
+@app.command("train-sora")
+def train_sora_cmd(
+    preset: str = typer.Option("tiny", "--preset", help="tiny (CPU) or small (GPU)"),
+    steps: int = typer.Option(2000, "--steps", min=1),
+    out: Path = typer.Option(..., "--out", help="folder to save the EMA weights to (a valid MODEL afterwards)"),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    lr: float = typer.Option(6e-4, "--lr"),
+    seed: int = typer.Option(0, "--seed"),
+    max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="stop early and save after this long"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    force: bool = typer.Option(False, "--force", help="replace an existing --out"),
+) -> None:
+    """Train the Sora-style spacetime diffusion transformer on moving digits."""
+    from .train_sora import train_sora
+
+    folder = train_sora(preset, steps, out, batch_size=batch_size, lr=lr, seed=seed, max_seconds=max_seconds,
+                        device=device, progress=True, force=force)
+    console.print(f"saved to [bold]{folder}[/bold]; sample with pz.load({str(folder)!r}).sample(labels)")
+
+
 def _to(x: Any, device: str) -> Any:
     return {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
 

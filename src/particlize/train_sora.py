@@ -186,8 +186,15 @@ def _main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    t0 = time.time()
+
+    def log(step: int, steps: int, loss: float) -> None:  # plain lines when not on a terminal (nohup, CI)
+        if step % 25 == 0 or step == steps:
+            print(f"step {step}/{steps} loss {loss:.4f} {time.time() - t0:.0f}s", flush=True)
+
+    progress = True if sys.stdout.isatty() else log
     out = train_sora(a.preset, a.steps, a.out, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                     max_seconds=a.max_seconds, device=a.device, progress=True, force=a.force)
+                     max_seconds=a.max_seconds, device=a.device, progress=progress, force=a.force)
     print(json.dumps(json.loads((out / "particlize.json").read_text())["extra"], indent=1)[:2000])
 
 

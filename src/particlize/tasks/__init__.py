@@ -4,6 +4,7 @@
     task = get_task("vader-sentiment")                       # real movie-review sentences (cached download)
     task = get_task("text-csv", path="my.csv", text_column="text", label_column="label")
     task = get_task("fashion-mnist")                         # apt-get install -y dataset-fashion-mnist
+    task = get_task("moving-digits")                         # seeded videos of bouncing sklearn digits
     texts, labels = task.split("train")
     for inputs, targets in task.batches("train", tokenizer=tok, batch_size=32): ...
     task.evaluate(model, "test", tokenizer=tok)              # {"accuracy", "loss", "n"}
@@ -21,6 +22,7 @@ from typing import Any
 from ..errors import ParticlizeError
 from .base import SPLITS, DataError, Task, cache_dir, stratified_split
 from .fashion_mnist import load_fashion_mnist
+from .moving_digits import moving_digits
 from .text_csv import load_text_csv
 from .vader import load_vader
 
@@ -28,6 +30,7 @@ TASKS: dict[str, Callable[..., Task]] = {
     "vader-sentiment": load_vader,
     "text-csv": load_text_csv,
     "fashion-mnist": load_fashion_mnist,
+    "moving-digits": moving_digits,
 }
 
 

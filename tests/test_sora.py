@@ -1,0 +1,242 @@
+"""The spacetime DiT (`particlize.models.sora`), its adapter, the moving-digits task and its metrics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import particlize as pz
+from particlize.models.sora import PRESETS, SoraConfig, SpacetimeDiT
+from strategies import removal_sets
+
+SETTINGS = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+CFG = dict(frames=4, size=16, patch=(1, 4, 4), dim=32, depth=2, heads=4, mlp_ratio=2.0)
+
+
+def _model(seed: int = 0, **kw) -> SpacetimeDiT:
+    torch.manual_seed(seed)
+    m = SpacetimeDiT(SoraConfig(**{**CFG, **kw}))
+    with torch.no_grad():  # adaLN-Zero starts as the identity; give every weight a value so all paths matter
+        for p in m.parameters():
+            p.normal_(0, 0.1)
+    return m.eval()
+
+
+def _batch(b: int = 3, seed: int = 1, **kw) -> dict[str, torch.Tensor]:
+    cfg = SoraConfig(**{**CFG, **kw})
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "x": torch.randn((b, 1, cfg.frames, cfg.size, cfg.size), generator=g),
+        "t": torch.randint(0, 1000, (b,), generator=g),
+        "y": torch.tensor([0, 7, cfg.num_classes, 3, 5][:b]),
+    }
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("patch", [(1, 4, 4), (2, 4, 4)])
+def test_shapes_and_recipe(patch):
+    m = _model(patch=patch)
+    b = _batch()
+    assert m(**b).shape == b["x"].shape
+    blk = m.blocks[0]
+    h = torch.randn(2, 4 // patch[0], 16, 32)
+    assert blk(h, torch.randn(2, 32)).shape == h.shape
+    again = pz.io.build(m.particlize_recipe)
+    assert isinstance(again, SpacetimeDiT) and again.config == m.config
+    assert set(PRESETS) == {"tiny", "small"}
+
+
+def test_fresh_model_predicts_zero_noise():
+    """adaLN-Zero: a freshly initialised model is the identity in every block and outputs zero."""
+    torch.manual_seed(0)
+    m = SpacetimeDiT(SoraConfig(**CFG))
+    assert m(**_batch()).abs().max() == 0
+
+
+def test_sample_range_shape_and_determinism():
+    m = _model()
+    v = m.sample([1, 2, 3], steps=4, seed=0)
+    assert v.shape == (3, 1, 4, 16, 16)
+    assert v.min() >= 0 and v.max() <= 1
+    torch.testing.assert_close(m.sample([1, 2, 3], steps=4, seed=0), v, atol=0, rtol=0)
+    assert not torch.equal(m.sample([1, 2, 3], steps=4, seed=1), v)
+    assert not torch.equal(m.sample([1, 2, 3], steps=4, seed=0, guidance=1.0), v)
+
+
+def test_loss_trains():
+    torch.manual_seed(0)
+    m = SpacetimeDiT(SoraConfig(**CFG))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    x0 = torch.rand(4, 1, 4, 16, 16) * 2 - 1
+    y = torch.tensor([0, 1, 2, 3])
+    g = torch.Generator().manual_seed(0)
+    first = m.loss(x0, y, generator=g).item()
+    for _ in range(30):
+        loss = m.loss(x0, y, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first
+
+
+def test_groups_found():
+    pm = pz.decompose(_model())
+    assert pm.adapter == "dit"
+    assert [g.name for g in pm.groups] == [
+        "blocks.0.attn_s.heads", "blocks.0.attn_t.heads", "blocks.0.mlp.neurons",
+        "blocks.1.attn_s.heads", "blocks.1.attn_t.heads", "blocks.1.mlp.neurons", "blocks.blocks",
+    ]
+    assert pm["blocks.1.attn_t.heads"].size == 4 and pm["blocks.0.mlp.neurons"].size == 64
+    assert pm.flops_unit == "per token (DiT blocks)"
+
+
+@SETTINGS
+@given(data=st.data())
+def test_masked_equals_pruned(data, tmp_path_factory):
+    model, batch = _model(), _batch()
+    pm = pz.decompose(model)
+    remove = data.draw(removal_sets(pm))
+    with torch.no_grad():
+        dense = model(**batch)
+        with pm.ablate(remove):
+            masked = model(**batch)
+        small = pm.prune(remove)
+        pruned = small(**batch)
+        torch.testing.assert_close(pruned, masked, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(**batch), dense, atol=0, rtol=0)  # original untouched, no hooks left
+        assert _params(small) == pm.cost(remove).params
+        out = tmp_path_factory.mktemp("saved")
+        pz.save(small, out, force=True)
+        again = pz.load(out)
+        torch.testing.assert_close(again(**batch), pruned, atol=1e-6, rtol=0)
+        assert again.sample([4], steps=2).shape == (1, 1, 4, 16, 16)
+
+
+def test_pruned_heads_update_counts_and_keep_sample():
+    pm = pz.decompose(_model())
+    small = pm.prune({"blocks.0.attn_s.heads": [1, 3], "blocks.1.attn_t.heads": [0], "blocks.blocks": [0]})
+    assert len(small.blocks) == 1
+    assert small.blocks[0].attn_t.heads == 3 and small.blocks[0].attn_t.q.out_features == 24
+    v = small.sample([0, 9], steps=3, seed=0)
+    assert v.shape == (2, 1, 4, 16, 16) and 0 <= v.min() and v.max() <= 1
+
+
+def test_flops_cost():
+    pm = pz.decompose(_model())
+    full = pm.cost(seq_len=0)
+    dim, hidden, depth = 32, 64, 2
+    assert full.flops == depth * 2.0 * (8 * dim * dim + 2 * dim * hidden)  # adaLN runs per video, not per token
+    less = pm.cost({"blocks.0.mlp.neurons": [0, 1]}, seq_len=0)
+    assert full.flops - less.flops == 2 * 2.0 * 2 * dim
+
+
+def test_per_example_gates_equal_one_run_per_example():
+    model, batch = _model(), _batch()
+    pm = pz.decompose(model)
+    hs, ht, nn_, bl = (pm["blocks.0.attn_s.heads"], pm["blocks.1.attn_t.heads"], pm["blocks.1.mlp.neurons"],
+                       pm["blocks.blocks"])
+    masks = {g.name: torch.zeros(3, g.size) for g in (hs, ht, nn_, bl)}
+    masks[hs.name][0, 0] = masks[hs.name][2, [1, 2]] = 1
+    masks[ht.name][1, 3] = 1
+    masks[nn_.name][1, 5] = masks[nn_.name][2, 0] = 1
+    masks[bl.name][2, 0] = 1
+    with torch.no_grad(), pm.ablate(masks):
+        batched = model(**batch)
+    for b in range(3):
+        one = {k: v[b:b + 1] for k, v in batch.items()}
+        rem = {k: m[b].nonzero().flatten().tolist() for k, m in masks.items()}
+        with torch.no_grad(), pm.ablate(rem):
+            torch.testing.assert_close(batched[b:b + 1], model(**one), atol=1e-5, rtol=1e-5)
+
+
+def test_gate_gradients_exist_for_every_particle():
+    model, batch = _model(), _batch()
+    pm = pz.decompose(model)
+    gates = {g.name: torch.ones(g.size, requires_grad=True) for g in pm.groups}
+    with pm.gates(gates):
+        model(**batch).pow(2).sum().backward()
+    for name, g in gates.items():
+        assert g.grad is not None and g.grad.abs().sum() > 0, name
+
+
+# ---- data and metrics ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def task():
+    from particlize.tasks.moving_digits import moving_digits
+
+    return moving_digits(seed=0, n_train=12, n_eval=6, frames=4, size=16, digit_size=8, two_digit_fraction=0.5)
+
+
+def test_data_is_deterministic_and_labelled(task):
+    from particlize.tasks.moving_digits import moving_digits
+
+    v, y = task.split("train")
+    assert v.shape == (12, 1, 4, 16, 16) and v.dtype == torch.float32 and 0 <= v.min() and v.max() <= 1
+    assert task.kind == "video" and task.num_classes == 10
+    assert set(y.tolist()) <= set(range(11)) and (y == 10).any() and (y < 10).any()
+    again = moving_digits(seed=0, n_train=12, n_eval=6, frames=4, size=16, digit_size=8, two_digit_fraction=0.5)
+    for s in ("train", "val", "test"):
+        torch.testing.assert_close(again.split(s)[0], task.split(s)[0], atol=0, rtol=0)
+        assert torch.equal(again.split(s)[1], task.split(s)[1])
+    other = moving_digits(seed=1, n_train=12, n_eval=6, frames=4, size=16, digit_size=8)
+    assert not torch.equal(other.split("train")[0], v)
+    # digits move: consecutive frames differ, and every frame holds the digit's ink
+    assert (v[:, :, 1:] - v[:, :, :-1]).abs().sum() > 0
+    assert (v.sum(dim=(1, 3, 4)) > 0).all()
+    x0, yb = next(task.stream(5, seed=0))
+    assert x0.shape == (5, 1, 4, 16, 16) and x0.min() >= -1 and x0.max() <= 1 and yb.shape == (5,)
+
+
+def test_metrics_are_deterministic(task):
+    from particlize.models.vision import SimpleCNN
+    from particlize.tasks.moving_digits import eps_mse, sample_accuracy, temporal_consistency
+
+    model = _model()
+    v, y = task.split("test")
+    e1 = eps_mse(model, v * 2 - 1, y)
+    assert e1 == eps_mse(model, v * 2 - 1, y) and e1 > 0
+    assert e1 != eps_mse(model, v * 2 - 1, y, seed=1)
+    torch.manual_seed(0)
+    clf = SimpleCNN(num_classes=10, in_channels=1, widths=(8,)).eval()
+    a = sample_accuracy(model, clf, n_per_class=1, steps=2, seed=0)
+    assert 0 <= a <= 1 and a == sample_accuracy(model, clf, n_per_class=1, steps=2, seed=0)
+    tc = temporal_consistency(v)
+    assert tc > 0 and tc == temporal_consistency(v.clone())
+    assert temporal_consistency(v[:, :, :1].expand_as(v)) == 0
+
+
+def test_train_sora_saves_a_loadable_ema_model(tmp_path):
+    from particlize.train_sora import train_sora
+
+    seen = []
+    out = train_sora("tiny", steps=3, out=tmp_path / "run", batch_size=2, checkpoint_every=2, seed=0,
+                     progress=lambda s, n, loss: seen.append((s, n)), frames=4, size=16, dim=16, depth=1, heads=2)
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    meta = pz.io.read_meta(out)
+    assert meta["extra"]["steps_done"] == 3 and meta["extra"]["final_loss"] > 0
+    m = pz.load(out)
+    assert isinstance(m, SpacetimeDiT) and m.config.dim == 16
+    with pytest.raises(pz.ParticlizeError):
+        train_sora("tiny", steps=3, out=out, batch_size=2, frames=4, size=16, dim=16, depth=1, heads=2)
+
+
+def test_shipped_models_load():
+    from particlize.io import shipped
+
+    if "sora-tiny" not in shipped():
+        pytest.skip("sora-tiny is not shipped in this checkout")
+    m = pz.load("sora-tiny")
+    assert isinstance(m, SpacetimeDiT) and hasattr(m, "sample")
+    assert sum(p.numel() * p.element_size() for p in m.parameters()) <= 10 * 2**20
+    assert pz.io.read_meta("sora-tiny")["extra"]["steps_done"] > 0
+    clf = pz.load("frame-classifier")
+    assert clf(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
+    pm = pz.decompose(m)
+    assert len(pm.select("head")) == 2 * m.config.depth and len(pm.select("block")) == 1
