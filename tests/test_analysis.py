@@ -102,6 +102,7 @@ def test_taylor_is_minus_gate_gradient_and_fisher_its_square():
     pm = pz.decompose(model)
     name = "bert.encoder.layer.0.attention.heads"
     per_ex = pz.analyze(pm, data, method="taylor", groups=[name], by="example", table=False)
+    assert all(p.grad is None for p in model.parameters())  # only gate gradients were taken
     assert len(per_ex) == 6 * 4
     grads = []
     for x, y in data:

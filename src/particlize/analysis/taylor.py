@@ -48,9 +48,10 @@ def gate_gradients(
             gates = {n: torch.ones(B, pm[n].size, requires_grad=True) for n in per_row}
             with pm.gates(gates, {n: patch[n] for n in per_row} if patch else None):
                 logits = call(model, batch.inputs)
-                per_example_metric(metric, logits, batch.targets).sum().backward()
-            for n, g in gates.items():
-                out[n].append(g.grad.detach().double())
+                loss = per_example_metric(metric, logits, batch.targets).sum()
+            # gradients for the gates only: no parameter .grad is computed or left behind
+            for n, g in zip(gates, torch.autograd.grad(loss, list(gates.values()))):
+                out[n].append(g.detach().double())
         done += 1
         if progress:
             progress(done, total, "gate gradients")
@@ -58,9 +59,9 @@ def gate_gradients(
             one = Batch(_row(batch.inputs, b, B), batch.targets[b : b + 1])
             gates = {n: torch.ones(pm[n].size, requires_grad=True) for n in shared}
             with pm.gates(gates):
-                per_example_metric(metric, call(model, one.inputs), one.targets).sum().backward()
-            for n, g in gates.items():
-                out[n].append(g.grad.detach().double()[None])
+                loss = per_example_metric(metric, call(model, one.inputs), one.targets).sum()
+            for n, g in zip(gates, torch.autograd.grad(loss, list(gates.values()))):
+                out[n].append(g.detach().double()[None])
             done += 1
             if progress:
                 progress(done, total, "gate gradients (recurrent)")
