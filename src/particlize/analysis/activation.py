@@ -47,7 +47,7 @@ def activation(pm: ParticleMap, batches: Sequence[Batch], *, groups: Sequence[st
         if isinstance(g.gate, ResidualGate):
             out[name] = torch.stack([(m[1] / m[0]).mean() for m in moments[name]])
             continue
-        cnt, sabs, s1, s2 = moments[name][0]
+        cnt, _, s1, s2 = moments[name][0]
         var = (s2 / cnt - (s1 / cnt).square()).clamp_min(0)  # [features]
         col = torch.zeros_like(var)
         for s in g.readers:
