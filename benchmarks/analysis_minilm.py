@@ -323,10 +323,15 @@ def main() -> int:
         t_tay = time.perf_counter() - t
         tay["rank"] = tay["score"].rank(ascending=False, method="first").astype(int)
         trank = {(g, i): r for g, i, r in zip(tay.group, tay["index"], tay["rank"])}
-        need = max(trank[k] for k in exact_keys)
-        log(f"  taylor screen alone: {t_tay:.2f} s; the exact top-{args.topk} sit at taylor ranks up to {need} "
-            f"(shortlist needed: {need} of {n_sub}); kinds in the exact top-{args.topk}: "
-            f"{exact_top.kind.value_counts().to_dict()}")
+        # top_particles ablates every head exactly (exhaustive kinds) and screens the neurons: the
+        # shortlist it needs is the worst taylor rank, among neurons, of the exact top-k neurons
+        neu = tay[tay.group.isin(neurons)].copy()
+        neu["nrank"] = neu["score"].rank(ascending=False, method="first").astype(int)
+        nrank = {(g, i): r for g, i, r in zip(neu.group, neu["index"], neu["nrank"])}
+        need = max([nrank[k] for k in exact_keys if k in nrank], default=0)
+        log(f"  taylor screen alone: {t_tay:.2f} s; the exact top-{args.topk} sit at taylor ranks up to "
+            f"{max(trank[k] for k in exact_keys)} of all {n_sub}; its neurons at neuron-taylor ranks up to {need} "
+            f"(the neuron shortlist needed); kinds in the exact top-{args.topk}: {exact_top.kind.value_counts().to_dict()}")
         rows = []
         shortlists = [None] + ([need] if need > 4 * args.topk else [])
         for sl in shortlists:
@@ -338,7 +343,7 @@ def main() -> int:
             same_order = keys == exact_keys
             overlap = len(set(keys) & set(exact_keys))
             sdiff = max(abs(s - float(full_df.set_index(["group", "index"]).loc[k, "score"])) for k, s in zip(keys, top.score))
-            rows.append([sl or f"{4 * args.topk} (default 4k)", f"{t_top:.1f}", f"{t_full / t_top:.1f}×",
+            rows.append([f"{sl or f'{4 * args.topk} (default 4k)'} neurons + all {sum(pm[g].size for g in heads)} heads", f"{t_top:.1f}", f"{t_full / t_top:.1f}×",
                          f"{overlap}/{args.topk}", same_set, same_order, f"{sdiff:.1e}"])
             log(f"  top_particles(shortlist={sl}): {t_top:.1f} s, overlap {overlap}/{args.topk}, same order {same_order}")
             if sl is None:

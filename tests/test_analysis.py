@@ -5,11 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import particlize as pz
 from conftest import hf_model, output_of
 from particlize.analysis._common import as_batches
-from particlize.analysis.ablation import ExecutionTrace, ablation_effects
+from particlize.analysis.ablation import ExecutionTrace, _linear_reader, _reader_rows, ablation_effects
+from particlize.particles import apply_gate
 from particlize.models.recurrent import RNNClassifier
 from particlize.models.vision import ResNet
 
@@ -79,6 +82,39 @@ def test_frontier_starts_at_the_reader():
     assert "bert.embeddings" in f and "bert.encoder.layer.0" in f
     assert "bert.encoder.layer.1.attention" in f and "bert.encoder.layer.1.intermediate" in f
     assert not any(p.startswith("bert.encoder.layer.2") or p == "bert.encoder.layer.1" for p in f)
+
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 3), S=st.integers(1, 4), n=st.integers(1, 6), w=st.integers(1, 4), O=st.integers(1, 5),
+       mode=st.sampled_from(["zero", "mean", "resample"]), data=st.data())
+def test_reader_update_equals_rerunning_the_gated_linear(B, S, n, w, O, mode, data):
+    """Rank-``width`` update of a Linear reader == gating its input and running it again, row by row."""
+    g = torch.Generator().manual_seed(B * 100 + S * 10 + n)
+    lin = torch.nn.Linear(n * w, O)
+    x = torch.randn(B, S, n * w, generator=g)
+    chunk = data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n, unique=True))
+    patch = {"zero": None, "mean": torch.randn(n * w, generator=g), "resample": torch.randn(B, S, n * w, generator=g)}[mode]
+    with torch.no_grad():
+        got = _reader_rows(lin, (x, lin(x)), n, chunk, patch)
+        want = []
+        for b in range(B):
+            for i in chunk:
+                gate = torch.ones(n)
+                gate[i] = 0.0
+                p = patch if patch is None or patch.ndim == 1 else patch[b : b + 1]
+                want.append(lin(apply_gate(x[b : b + 1], -1, n, gate, p))[0])
+    torch.testing.assert_close(got, torch.stack(want), atol=1e-5, rtol=1e-5)
+
+
+def test_linear_readers_take_the_update_path():
+    """BERT's head and FFN readers are plain Linears (updated, not rerun); GPT-2's Conv1D is not."""
+    for family, expect in (("bert", True), ("gpt2", False)):
+        model, data = _data(family)
+        pm = pz.decompose(model)
+        trace = ExecutionTrace(model, as_batches(data)[0])
+        found = {g.kind: _linear_reader(pm, g.name, g.gate.module, trace) is not None
+                 for g in pm.groups if g.kind in ("head", "neuron")}
+        assert found and all(v is expect for v in found.values()), (family, found)
 
 
 def test_ablation_score_contract():

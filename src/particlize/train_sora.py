@@ -56,6 +56,7 @@ def train_sora(
     lr: float = 6e-4,
     warmup: int = 100,
     ema: float = 0.999,
+    min_snr_gamma: float | None = 5.0,
     seed: int = 0,
     two_digit_fraction: float = 0.0,
     checkpoint_every: int = 250,
@@ -69,6 +70,7 @@ def train_sora(
 
     ``progress`` is a callback ``(step, steps, loss)``, ``True`` for a Rich progress bar, or None
     (quiet). ``max_seconds`` stops early (the run is saved as it is and says so in its metadata).
+    ``min_snr_gamma`` weights each step's loss by ``min(snr, gamma) / snr`` (Min-SNR; None: plain MSE).
     ``overrides`` change preset fields (``dim=64``, ``frames=16`` ...).
     """
     if preset not in PRESETS:
@@ -123,7 +125,7 @@ def train_sora(
             for g in opt.param_groups:
                 g["lr"] = lr * frac * (0.1 + 0.9 * cos)
             pred = model(model.diffusion.add_noise(x0, t, noise), t, y)
-            loss = torch.nn.functional.mse_loss(pred, noise)
+            loss = model.weighted_mse(pred, noise, t, min_snr_gamma)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -153,7 +155,7 @@ def train_sora(
         "trained_by": "particlize.train_sora.train_sora",
         "command": " ".join(sys.argv) if sys.argv and sys.argv[0] else "",
         "call": {"preset": preset, "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
-                 "ema": ema, "seed": seed, "two_digit_fraction": two_digit_fraction, "overrides": overrides},
+                 "ema": ema, "min_snr_gamma": min_snr_gamma, "seed": seed, "two_digit_fraction": two_digit_fraction, "overrides": overrides},
         "steps_done": done,
         "stopped_early": stopped_early,
         "resumed_from_step": start,
@@ -179,6 +181,7 @@ def _main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=6e-4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--min-snr-gamma", type=float, default=5.0, help="0 turns the weighting off")
     ap.add_argument("--max-seconds", type=float, default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
@@ -194,7 +197,7 @@ def _main(argv: list[str] | None = None) -> None:
 
     progress = True if sys.stdout.isatty() else log
     out = train_sora(a.preset, a.steps, a.out, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                     max_seconds=a.max_seconds, device=a.device, progress=progress, force=a.force)
+                     min_snr_gamma=a.min_snr_gamma or None, max_seconds=a.max_seconds, device=a.device, progress=progress, force=a.force)
     print(json.dumps(json.loads((out / "particlize.json").read_text())["extra"], indent=1)[:2000])
 
 

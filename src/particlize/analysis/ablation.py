@@ -8,9 +8,13 @@ approximation:
    before the reader — the attention core for heads, the attention and up-projection for neurons).
    Ablation forwards then replace those modules by their recorded outputs: only the gated module and
    what follows it run.
-2. **Many particles per forward.** Each example is repeated once per particle of a chunk and each row
+2. **Update the reader, do not rerun it.** When the gated module is a plain ``nn.Linear`` reading the
+   particles on its input features, removing particle ``i`` changes its output by
+   ``(patch - x)[..., cols_i] @ W[:, cols_i].T`` — a rank-``width`` correction of the recorded clean
+   output (1/n of the reader's matmul). The reader is replaced by ``clean + correction`` per row.
+3. **Many particles per forward.** Each example is repeated once per particle of a chunk and each row
    gets its own gate mask (``[rows, n]``), so one forward ablates a whole chunk of particles.
-3. **Batched over examples, chunked to fit memory** (``max_rows``).
+4. **Batched over examples, chunked to fit memory** (``max_rows``).
 
 Only modules called exactly once per forward are replaced, so shared or re-entrant modules are always
 recomputed. Groups that cannot be gated per example (fused recurrent layers) fall back to one batched
@@ -121,6 +125,54 @@ def _recording(model: nn.Module, paths: Sequence[str], store: dict[str, Any]) ->
             h.remove()
 
 
+@contextlib.contextmanager
+def _recording_io(model: nn.Module, paths: Sequence[str], store: dict[str, tuple[Tensor, Tensor]]) -> Iterator[None]:
+    handles = []
+    try:
+        for p in paths:
+            def hook(mod, args, out, p=p):
+                store[p] = (args[0].detach(), out.detach())
+
+            handles.append(model.get_submodule(p).register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _linear_reader(pm: ParticleMap, name: str, target: str | None, trace: "ExecutionTrace | None") -> nn.Linear | None:
+    """The group's reader when the rank-``width`` update applies: an input gate on the last dimension
+    of a plain ``nn.Linear`` (no parametrization, no hooks of its own) called once per forward."""
+    g = pm[name]
+    if trace is None or target is None or not isinstance(g.gate, InputGate) or trace.calls.get(target) != 1:
+        return None
+    mod = pm.model.get_submodule(target)
+    if type(mod) is not nn.Linear or hasattr(mod, "parametrizations") or mod.in_features % g.size:
+        return None
+    if mod._forward_hooks or mod._forward_pre_hooks or "forward" in vars(mod):
+        return None
+    return mod if g.gate.dim in (-1,) else None
+
+
+def _reader_rows(
+    reader: nn.Linear, io: tuple[Tensor, Tensor], n: int, chunk: Sequence[int], patch: Tensor | None
+) -> Tensor:
+    """The reader's output for rows ``b * kc + j`` (example ``b``, particle ``chunk[j]`` patched)."""
+    x, y = io  # [B, *, F], [B, *, O]
+    w = x.shape[-1] // n
+    idx = torch.as_tensor(chunk, device=x.device)
+    xs = x.unflatten(-1, (n, w)).index_select(-2, idx)  # [B, *, kc, w]
+    if patch is None:
+        d = -xs
+    elif patch.ndim == 1:  # per-feature patch (the mean)
+        d = patch.to(x).view(n, w).index_select(0, idx) - xs
+    else:  # activations of other examples (resample), shaped like x
+        d = patch.to(x).unflatten(-1, (n, w)).index_select(-2, idx) - xs
+    wc = reader.weight.unflatten(1, (n, w)).index_select(1, idx)  # [O, kc, w]
+    rows = y.unsqueeze(-2) + torch.einsum("...kw,okw->...ko", d, wc)  # [B, *, kc, O]
+    return rows.movedim(-2, 1).flatten(0, 1)
+
+
 def _jobs(pm: ParticleMap, groups: Sequence[str], only: Mapping[str, Sequence[int]] | None = None) -> list[Job]:
     jobs: list[Job] = []
     for name in groups:
@@ -174,13 +226,15 @@ def ablation_effects(
     trace = ExecutionTrace(model, batches[0]) if fast else None
     frontiers = {t: trace.frontier(t) for _, t, _ in jobs if t is not None} if trace else {}
     needed = sorted({p for f in frontiers.values() for p in f})
+    readers = {t: r for name, t, _ in jobs if (r := _linear_reader(pm, name, t, trace)) is not None}
     gen = torch.Generator().manual_seed(seed)
     steps = sum(_n_chunks(job, b.size, max_rows, fast, pm) for b in batches for job in jobs)
     done, start = 0, 0
     for batch in batches:
         B = batch.size
         cache: dict[str, Any] = {}
-        with torch.no_grad(), _recording(model, needed, cache):
+        reader_io: dict[str, tuple[Tensor, Tensor]] = {}
+        with torch.no_grad(), _recording(model, needed, cache), _recording_io(model, list(readers), reader_io):
             clean = call(model, batch.inputs)
         base = per_example_metric(metric, clean, batch.targets, clean)
         patch_all = mean_patch
@@ -198,12 +252,19 @@ def ablation_effects(
                 chunk = particles[c0 : c0 + k]
                 kc = len(chunk)
                 if per_row:
-                    gates = torch.ones(B * kc, group.size, device=clean.device)
-                    gates[torch.arange(B * kc), torch.tensor(chunk).repeat(B)] = 0.0
                     inputs = _expand(batch.inputs, B, kc)
-                    patch = _rows_patch(patch_all, name, B, kc, mode)
                     stub = {p: _expand(cache[p], B, kc) for p in frontiers.get(target, [])} if fast else {}
-                    with torch.no_grad(), _replaced(model, stub), pm.gates({name: gates}, patch):
+                    if target in readers:  # the reader's output is updated, not recomputed: no gate
+                        p = patch_all[name][0] if patch_all and name in patch_all else None
+                        stub[target] = _reader_rows(readers[target], reader_io[target], group.size, chunk, p)
+                        values: dict[str, Tensor] = {}
+                        patch = None
+                    else:
+                        gates = torch.ones(B * kc, group.size, device=clean.device)
+                        gates[torch.arange(B * kc), torch.tensor(chunk).repeat(B)] = 0.0
+                        values = {name: gates}
+                        patch = _rows_patch(patch_all, name, B, kc, mode)
+                    with torch.no_grad(), _replaced(model, stub), pm.gates(values, patch):
                         logits = call(model, inputs)
                     m = per_example_metric(metric, logits, batch.targets.repeat_interleave(kc, 0),
                                            clean.repeat_interleave(kc, 0))

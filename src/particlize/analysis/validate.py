@@ -78,21 +78,30 @@ def top_particles(
     *,
     screen: str = "taylor",
     shortlist: int | None = None,
+    exhaustive: Sequence[str] = ("head", "block"),
     metric: str = "loss",
     mode: str = "zero",
     groups: Sequence[str] | str | None = None,
     max_rows: int = 1024,
     progress: Progress | None = None,
 ) -> pd.DataFrame:
-    """The ``k`` particles whose exact ablation matters most: screen all with ``screen``, ablate the
-    top ``shortlist`` (default ``4k``) exactly, rank by the exact effect. Columns: ``group, index,
-    kind, score`` (exact), ``screen_score``, ``rank``."""
+    """The ``k`` particles whose exact ablation matters most: screen all with ``screen``, ablate
+    exactly the top ``shortlist`` (default ``4k``) of them plus every particle of the ``exhaustive``
+    kinds, and rank by the exact effect. Columns: ``group, index, kind, score`` (exact),
+    ``screen_score``, ``rank``.
+
+    The ``exhaustive`` kinds (heads and blocks by default) are few and cheap to ablate exactly, and
+    they are where first-order screens are least reliable (large, saturating effects), so they are
+    never left to the screen; the many neurons or channels are."""
     pm = _map(model_or_pm)
     batches = as_batches(data)
     names = select_groups(pm, groups)
     cheap = analyze(pm, batches, screen, metric, mode, groups=names, table=False, progress=progress)
-    n_short = min(len(cheap), shortlist or 4 * k)
-    short = cheap.loc[importance(cheap, metric).nlargest(n_short).index]
+    kinds = cheap.group.map({g.name: g.kind for g in pm.groups})
+    always = kinds.isin(list(exhaustive))
+    rest = cheap[~always]
+    n_short = min(len(rest), shortlist or 4 * k)
+    short = pd.concat([cheap[always], rest.loc[importance(rest, metric).nlargest(n_short).index]])
     only = {n: part["index"].tolist() for n, part in short.groupby("group")}
     eff = ablation_effects(pm, batches, metric=metric, mode=mode, groups=list(only), max_rows=max_rows,
                            only=only, progress=progress)
