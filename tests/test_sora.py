@@ -240,3 +240,64 @@ def test_shipped_models_load():
     assert clf(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
     pm = pz.decompose(m)
     assert len(pm.select("head")) == 2 * m.config.depth and len(pm.select("block")) == 1
+
+
+# ---- schedules, regression scoring and the compress loop on a video diffusion model ----------------
+
+
+def test_noise_schedules_and_min_snr_weights():
+    from particlize.models.sora import Diffusion
+
+    t = torch.arange(1000)
+    for name in ("linear", "cosine"):
+        ab = Diffusion(schedule=name).alpha_bar
+        assert ab.shape == (1000,) and (ab[1:] < ab[:-1]).all() and 0 < ab[-1] and ab[0] < 1
+        d = Diffusion(schedule=name)
+        w = d.loss_weight(t, 5.0)
+        snr = d.snr(t)
+        torch.testing.assert_close(w[snr <= 5], torch.ones(int((snr <= 5).sum())))
+        assert (w[snr > 5] < 1).all() and torch.equal(d.loss_weight(t, None), torch.ones(1000))
+    # the cosine schedule keeps more signal in the middle of the chain than the linear one
+    assert Diffusion(schedule="cosine").alpha_bar[500] > Diffusion(schedule="linear").alpha_bar[500]
+    with pytest.raises(ValueError, match="unknown noise schedule"):
+        SoraConfig(**CFG, schedule="quadratic")
+
+
+def test_fast_ablation_of_a_denoiser_equals_the_naive_loop(task):
+    """Regression targets (the noise): ``metric="loss"`` is the ε-MSE, scored exactly by both engines."""
+    from particlize.analysis._common import as_batches, per_example_metric
+    from particlize.analysis.ablation import ablation_effects
+
+    model = _model()
+    batches = as_batches(task.calibration(model, batch_size=4, limit=8, seed=0))
+    assert batches[0].targets.is_floating_point() and batches[0].targets.shape == (4, 1, 4, 16, 16)
+    pm = pz.decompose(model)
+    names = [g.name for g in pm.groups]
+    fast = ablation_effects(pm, batches, groups=names, max_rows=12)
+    naive = ablation_effects(pm, batches, groups=names, fast=False)
+    for n in names:
+        torch.testing.assert_close(fast[n], naive[n], atol=1e-5, rtol=0)
+    with torch.no_grad():
+        out = model(**batches[0].inputs)
+    mse = per_example_metric("loss", out, batches[0].targets)
+    torch.testing.assert_close(mse, (out - batches[0].targets).pow(2).flatten(1).mean(1))
+    with pytest.raises(pz.ParticlizeError, match="float targets shaped like the model output"):
+        per_example_metric("mse", out, torch.zeros(4, dtype=torch.long))
+
+
+def test_compress_a_video_diffusion_model(task, tmp_path):
+    from particlize.loop import compress
+
+    model = _model()
+    res = compress(model, task, target_flops=0.7, min_quality=0.0, recover_epochs=1, batch_size=4,
+                   calib_examples=8, granularity=("heads", "neurons"), out=tmp_path / "c")
+    h = res.history
+    assert h[-1]["flops_ratio"] <= 0.7 + 1e-9 and res.reason == "target met"
+    assert all(e["quality"] == pytest.approx(1 / e["val"]["eps_mse"]) for e in h)
+    assert h[-1]["recovery"]["steps"] == 3  # one pass over the 12 training videos in batches of 4
+    test = res.extra["compress"]["test"]
+    assert {"eps_mse", "sample_accuracy", "temporal_consistency"} <= set(test)
+    again = pz.load(tmp_path / "c")
+    assert isinstance(again, SpacetimeDiT)
+    videos = again.sample([1, 2], steps=2, seed=0)
+    assert videos.shape == (2, 1, 4, 16, 16) and 0 <= videos.min() and videos.max() <= 1

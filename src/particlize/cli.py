@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 from rich.table import Table
@@ -267,7 +268,7 @@ def compress(
     m = load_model(model, trust_code=trust_code)
     tok = load_tokenizer(model) if t.kind == "text" else None
     table = Table(title=f"compressing {model} on {t.name}")
-    for col in ("round", "FLOPs", "params", "latency ms", "val acc", "removed"):
+    for col in ("round", "FLOPs", "params", "latency ms", f"val {t.quality_name}", "removed"):
         table.add_column(col, justify="right")
     with _progress_bar("compress") as bar:
         def progress(event: str, info: dict) -> None:
@@ -276,19 +277,19 @@ def compress(
             elif event in ("round", "rejected"):
                 removed = sum(info["removed"].values())
                 console.print(f"round {info['round']}{' (rejected: below the floor)' if event == 'rejected' else ''}: "
-                              f"FLOPs {info['flops_ratio']:.1%}, val accuracy {info['val_accuracy']:.4f}, "
+                              f"FLOPs {info['flops_ratio']:.1%}, val {t.quality_name} {info['quality']:.4f}, "
                               f"latency {info['latency_ms']:.1f} ms, {removed:,} particles removed")
                 table.add_row(str(info["round"]) + (" (rejected)" if event == "rejected" else ""),
                               f"{info['flops_ratio']:.1%}", f"{info['params']:,}", f"{info['latency_ms']:.1f}",
-                              f"{info['val_accuracy']:.4f}", f"{removed:,}")
+                              f"{info['quality']:.4f}", f"{removed:,}")
             elif event == "pruned":
                 bar(0, None, f"round {info['round']}: pruned {sum(info['removed'].values()):,} particles")
 
         result = run_compress(m, t, tokenizer=tok, config=cfg, out=out, resume=resume, force=force, progress=progress)
     console.print(table)
     test = result.extra.get("compress", {}).get("test", {})
-    console.print(f"{result.reason}. Test accuracy {test.get('accuracy', float('nan')):.4f}. "
-                  f"Model and history.json in [bold]{out}[/bold]")
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in test.items() if k != "n" and isinstance(v, float))
+    console.print(f"{result.reason}. Test: {shown}. Model and history.json in [bold]{out}[/bold]")
     if "int8" in result.extra.get("compress", {}):
         q = result.extra["compress"]["int8"]
         console.print(f"int8 dynamic: test accuracy {q['test']['accuracy']:.4f}, latency {q['latency_ms']:.1f} ms "
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except ParticlizeError as e:
-        Console(stderr=True).print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except typer.Abort:
         sys.exit(130)

@@ -29,7 +29,7 @@ from .errors import ParticlizeError
 from .io import load, save, write_folder_atomically
 from .particles import ParticleMap
 from .tasks import Task
-from .tasks.base import logits_of
+from .analysis._common import call
 
 GRANULARITIES = {"heads": "head", "neurons": "neuron", "channels": "channel", "units": "unit", "blocks": "block"}
 HISTORY = "history.json"
@@ -83,7 +83,7 @@ class CompressConfig:
             raise ParticlizeError(f"max_fraction must be in (0, 1], got {self.max_fraction}")
         if not 0.0 <= self.min_quality <= 1.5:
             raise ParticlizeError(
-                f"min_quality is relative to the dense model's accuracy (e.g. 0.99; 0 for no floor), got {self.min_quality}"
+                f"min_quality is relative to the dense model's quality, e.g. its accuracy (0.99; 0 for no floor), got {self.min_quality}"
             )
         if self.scorer not in SCORERS:
             raise ParticlizeError(f"unknown scorer {self.scorer!r}; use one of {', '.join(SCORERS)}")
@@ -114,14 +114,8 @@ class CompressResult:
 
 
 def latency_inputs(task: Task, tokenizer: Any, batch: int, seq: int) -> Any:
-    """A fixed-shape batch for latency: text padded to ``seq`` tokens (real sentences), images as is."""
-    if task.kind == "image":
-        items, _ = task.split("val")
-        return items[:batch]
-    items, _ = task.split("val")
-    texts = [items[i % len(items)] for i in range(batch)]
-    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
-    return {"input_ids": enc["input_ids"], "attention_mask": torch.ones_like(enc["attention_mask"])}
+    """A fixed-shape batch to time a forward on (`Task.latency_inputs`)."""
+    return task.latency_inputs(tokenizer, batch, seq)
 
 
 @torch.inference_mode()
@@ -130,19 +124,19 @@ def measure_latency(model: nn.Module, inputs: Any, *, warmup: int = 2, reps: int
     was = model.training
     model.eval()
     for _ in range(warmup):
-        logits_of(model, inputs)
+        call(model, inputs)
     times = []
     for _ in range(reps):
         t = time.perf_counter()
-        logits_of(model, inputs)
+        call(model, inputs)
         times.append((time.perf_counter() - t) * 1e3)
     model.train(was)
     return statistics.median(times)
 
 
 def _quality(task: Task, model: nn.Module, tokenizer: Any, cfg: CompressConfig, split: str = "val") -> dict[str, float]:
-    return task.evaluate(model, split, tokenizer=tokenizer, batch_size=max(64, cfg.batch_size), limit=cfg.limit,
-                         max_length=cfg.max_length)
+    return task.quality(model, split, tokenizer=tokenizer, batch_size=max(64, cfg.batch_size), limit=cfg.limit,
+                        max_length=cfg.max_length)
 
 
 # ---- allocation -------------------------------------------------------------------------------------
@@ -288,7 +282,8 @@ def compress(
     ("heads", "neurons", "blocks")``, ``min_quality=0.99``, ``recover_epochs=1``, ``round_to=8``, …) sets
     the run. With ``out`` every round is checkpointed there and the final model is saved as a valid
     MODEL folder (``pz.load(out)``, tokenizer included) with ``history.json``; ``resume=True``
-    continues a killed run. Quality is validation accuracy relative to the dense model's.
+    continues a killed run. Quality is the task's `Task.quality` on validation data (accuracy for
+    classifiers, 1 / ε-MSE for video diffusion models) relative to the dense model's.
     """
     cfg = config or CompressConfig()
     for k, v in overrides.items():
@@ -339,7 +334,7 @@ def compress(
         history.append(_entry(0, teacher, pm0, dense_cost, q, measure_latency(teacher, lat_inputs), {}, 0.0))
         emit("round", history[-1])
         _save_state(out_path, cfg, history, done=False)
-    dense_q = history[0]["val_accuracy"]
+    dense_q = history[0]["quality"]
     floor = cfg.min_quality * dense_q
     _check_latency_target(cfg, teacher, pm0, lat_inputs, kinds)
 
@@ -351,8 +346,8 @@ def compress(
         torch.manual_seed(cfg.seed * 1000 + r)
         t0 = time.perf_counter()
         pm = decompose(current, seq_len=cfg.max_length)
-        calib = task.batches("train", tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                             limit=cfg.calib_examples, shuffle=True, seed=cfg.seed * 1000 + r)
+        calib = task.calibration(current, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                                 limit=cfg.calib_examples, seed=cfg.seed * 1000 + r)
         importance = _importance(pm, calib, cfg, kinds)
         cur_flops = pm.cost().flops
         goal = _flops_goal(cfg, history, dense_cost.flops, cur_flops)
@@ -371,10 +366,10 @@ def compress(
         spm = decompose(student, seq_len=cfg.max_length)
         entry = _entry(r, student, spm, dense_cost, q, measure_latency(student, lat_inputs),
                        {k: len(v) for k, v in remove.items()}, time.perf_counter() - t0, rec)
-        if q["accuracy"] < floor:
+        if q["quality"] < floor:
             emit("rejected", entry)
-            reason = (f"round {r} fell below the quality floor (val accuracy {q['accuracy']:.4f} < {floor:.4f}); "
-                      f"kept the model of round {r - 1}")
+            reason = (f"round {r} fell below the quality floor (val {task.quality_name} {q['quality']:.4f} < "
+                      f"{floor:.4f}); kept the model of round {r - 1}")
             break
         history.append(entry)
         emit("round", entry)
@@ -453,8 +448,9 @@ def _entry(r: int, model: nn.Module, pm: ParticleMap, dense, q: dict, latency: f
     return {
         "round": r, "params": sum(p.numel() for p in model.parameters()), "prunable_params": c.params,
         "flops": c.flops, "flops_ratio": c.flops / dense.flops, "params_ratio": c.params / dense.params,
-        "latency_ms": latency, "val_accuracy": q["accuracy"], "val_loss": q["loss"], "particles": counts,
-        "removed": removed, "seconds": seconds, "recovery": recovery or {},
+        "latency_ms": latency, "quality": q["quality"], "val": {k: v for k, v in q.items() if k != "quality"},
+        "particles": counts, "removed": removed, "seconds": seconds, "recovery": recovery or {},
+        **({"val_accuracy": q["accuracy"]} if "accuracy" in q else {}),
     }
 
 
@@ -503,19 +499,15 @@ def _check_latency_target(cfg: CompressConfig, model: nn.Module, pm: ParticleMap
 
 def _recover(student: nn.Module, teacher: nn.Module, task: Task, tokenizer: Any, cfg: CompressConfig, r: int,
              emit: Progress) -> dict[str, Any]:
-    from .train import train_classifier
-
     if cfg.recover_epochs == 0:
         return {"epochs": 0}
 
     def prog(step: int, total: int, info: dict) -> None:
         emit("recover", {"round": r, "step": step, "total": total, **info})
 
-    hist = train_classifier(student, task, tokenizer=tokenizer, epochs=cfg.recover_epochs, lr=cfg.lr,
-                            batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed * 1000 + r,
-                            limit=cfg.limit, teacher=teacher, kd_alpha=cfg.kd_alpha, temperature=cfg.temperature,
-                            patience=1, progress=prog)
-    return {"epochs": len(hist["epochs"]), "best_epoch": hist["best_epoch"], "seconds": hist["seconds"]}
+    return task.recover(student, teacher, tokenizer, epochs=cfg.recover_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+                        max_length=cfg.max_length, seed=cfg.seed * 1000 + r, limit=cfg.limit, kd_alpha=cfg.kd_alpha,
+                        temperature=cfg.temperature, progress=prog)
 
 
 def _int8_report(model: nn.Module, task: Task, tokenizer: Any, cfg: CompressConfig) -> dict[str, Any]:

@@ -56,12 +56,13 @@ def sweep(
                 rows.append({"granularity": g, "target_flops": f, "error": str(e)})
                 continue
             last, first = res.history[-1], res.history[0]
-            test = task.evaluate(res.model, "test", tokenizer=tokenizer, max_length=cfg.max_length)
+            test = task.quality(res.model, "test", tokenizer=tokenizer, max_length=cfg.max_length)
             rows.append({
                 "granularity": g, "target_flops": f, "flops_ratio": last["flops_ratio"], "params": last["params"],
                 "latency_ms": last["latency_ms"], "dense_latency_ms": first["latency_ms"],
-                "val_accuracy": last["val_accuracy"], "test_accuracy": test["accuracy"], "rounds": last["round"],
-                "reached": last["flops_ratio"] <= f + 1e-9, "reason": res.reason,
+                "val_quality": last["quality"], "test_quality": test["quality"],
+                **({"val_accuracy": last["val_accuracy"], "test_accuracy": test["accuracy"]} if "accuracy" in test else {}),
+                "rounds": last["round"], "reached": last["flops_ratio"] <= f + 1e-9, "reason": res.reason,
             })
     df = pd.DataFrame(rows)
 
@@ -75,22 +76,25 @@ def sweep(
 
 
 def pareto_plot(df: pd.DataFrame, path: Path) -> None:
-    """Test accuracy against FLOPs kept and against measured latency, one line per granularity."""
+    """Test accuracy (or the task's quality) against FLOPs kept and against measured latency, one line
+    per granularity."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    col, label, scale = ("test_accuracy", "test accuracy (%)", 100) if "test_accuracy" in df else \
+        ("test_quality", "test quality", 1)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for g, part in df.groupby("granularity", sort=False):
         part = part.sort_values("flops_ratio")
-        axes[0].plot(part.flops_ratio * 100, part.test_accuracy * 100, "o-", label=g)
-        axes[1].plot(part.latency_ms, part.test_accuracy * 100, "o-", label=g)
+        axes[0].plot(part.flops_ratio * 100, part[col] * scale, "o-", label=g)
+        axes[1].plot(part.latency_ms, part[col] * scale, "o-", label=g)
     axes[0].set_xlabel("FLOPs kept (% of dense)")
     axes[1].set_xlabel("measured latency (ms)")
     if "dense_latency_ms" in df and len(df):
         axes[1].axvline(df.dense_latency_ms.median(), color="grey", ls=":", label="dense")
-    axes[0].set_ylabel("test accuracy (%)")
+    axes[0].set_ylabel(label)
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[1].legend(title="particles removed")

@@ -14,7 +14,7 @@ from torch import Tensor
 from ..errors import ParticlizeError
 from ..particles import ParticleMap
 
-METRICS = ("loss", "accuracy", "logit_diff", "kl")
+METRICS = ("loss", "accuracy", "logit_diff", "kl", "mse")
 Progress = Callable[[int, int, str], None]  # (done, total, description)
 
 
@@ -66,7 +66,9 @@ def map_tensors(x: Any, fn: Callable[[Tensor], Tensor]) -> Any:
 
 
 def as_batches(data: Iterable[Any], device: torch.device | str | None = None) -> list[Batch]:
-    """Normalise ``(inputs, targets)`` pairs into `Batch` objects (targets are class indices)."""
+    """Normalise ``(inputs, targets)`` pairs into `Batch` objects. Targets are class indices
+    (``[batch]``, or ``[batch, tokens]``), or float tensors shaped like the output (regression, e.g. the
+    noise a diffusion model predicts: ``metric="loss"`` is then the mean squared error)."""
     out = []
     for item in data:
         if isinstance(item, Batch):
@@ -76,11 +78,15 @@ def as_batches(data: Iterable[Any], device: torch.device | str | None = None) ->
             raise ParticlizeError("analysis data must be an iterable of (inputs, targets) pairs")
         inputs, targets = item
         targets = torch.as_tensor(targets)
-        if targets.ndim not in (1, 2):
+        if targets.is_floating_point() and targets.ndim >= 2:
+            b = Batch(inputs, targets)
+        elif targets.ndim not in (1, 2):
             raise ParticlizeError(
-                f"targets must be class indices of shape [batch] (or [batch, tokens] for token outputs); got {tuple(targets.shape)}"
+                "targets must be class indices of shape [batch] (or [batch, tokens] for token outputs), or "
+                f"float regression targets shaped like the output; got {targets.dtype} {tuple(targets.shape)}"
             )
-        b = Batch(inputs, targets.long())
+        else:
+            b = Batch(inputs, targets.long())
         out.append(b.to(device) if device is not None else b)
     if not out:
         raise ParticlizeError("no batches to analyse: the data is empty")
@@ -88,12 +94,21 @@ def as_batches(data: Iterable[Any], device: torch.device | str | None = None) ->
 
 
 def per_example_metric(metric: str, logits: Tensor, targets: Tensor, ref: Tensor | None = None) -> Tensor:
-    """The metric of each example: ``loss`` (cross-entropy), ``accuracy`` (0/1), ``logit_diff``
-    (target logit minus the largest other logit), ``kl`` (KL(original ‖ this), needs ``ref``).
+    """The metric of each example: ``loss`` (cross-entropy; mean squared error for float targets
+    shaped like the output), ``accuracy`` (0/1), ``logit_diff`` (target logit minus the largest other
+    logit), ``kl`` (KL(original ‖ this), needs ``ref``), ``mse`` (mean squared error to float targets).
 
     Token outputs (``logits [B, T, V]`` with ``targets [B, T]``, e.g. a language model) are scored per
     token and averaged over each example's tokens whose target is not -100."""
     logits = logits.float()
+    regression = targets.is_floating_point() and targets.shape == logits.shape
+    if metric == "mse" or (metric == "loss" and regression):  # e.g. a diffusion model's noise prediction
+        if not regression:
+            raise ParticlizeError(
+                f"metric='mse' needs float targets shaped like the model output {tuple(logits.shape)}, "
+                f"got {targets.dtype} {tuple(targets.shape)}"
+            )
+        return (logits - targets.float()).pow(2).flatten(1).mean(1)
     if logits.ndim == 3:
         B, T, V = logits.shape
         tg = targets if targets.ndim == 2 else targets[:, None].expand(B, T)

@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import ParticlizeError
 
 SPLITS = ("train", "val", "test")
-KINDS = ("text", "image")
+KINDS = ("text", "image", "video")
 
 Inputs = dict[str, torch.Tensor] | torch.Tensor
 Batch = tuple[Inputs, torch.Tensor]
@@ -248,6 +248,54 @@ class Task:
         if n == 0:
             return {"accuracy": float("nan"), "loss": float("nan"), "n": 0}
         return {"accuracy": correct / n, "loss": loss_sum / n, "n": n}
+
+    # ---- what `particlize.compress` asks of a task (override for other kinds of model) -----------
+    #: what compress keeps above its floor (``quality`` below; higher is better)
+    quality_name: str = "accuracy"
+
+    def quality(
+        self, model: nn.Module, split: str = "val", tokenizer: Any = None, *, batch_size: int = 64,
+        limit: int | None = None, max_length: int | None = 64,
+    ) -> dict[str, float | int]:
+        """`evaluate` plus ``"quality"``: the one number compress keeps above ``min_quality`` times
+        the original model's (here the accuracy)."""
+        r = self.evaluate(model, split, tokenizer, batch_size, limit, max_length=max_length)
+        return {**r, "quality": r["accuracy"]}
+
+    def calibration(
+        self, model: nn.Module, tokenizer: Any = None, *, batch_size: int = 32, max_length: int | None = 64,
+        limit: int | None = 256, seed: int = 0,
+    ) -> list[Batch]:
+        """``(inputs, targets)`` batches from the training split to score particles on (``metric="loss"``)."""
+        return self.batches("train", tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+                            limit=limit, shuffle=True, seed=seed)
+
+    def recover(
+        self, student: nn.Module, teacher: nn.Module, tokenizer: Any = None, *, epochs: int = 1,
+        lr: float | None = None, batch_size: int = 32, max_length: int | None = 64, seed: int = 0,
+        limit: int | None = None, kd_alpha: float = 0.5, temperature: float = 2.0,
+        progress: Callable[[int, int, dict], None] | None = None,
+    ) -> dict[str, Any]:
+        """Fine-tune a pruned ``student`` in place by distillation from ``teacher`` (KL on the outputs
+        plus the task loss), with early stopping on validation accuracy; a summary of the run."""
+        from ..train import train_classifier
+
+        hist = train_classifier(student, self, tokenizer=tokenizer, epochs=epochs, lr=lr, batch_size=batch_size,
+                                max_length=max_length, seed=seed, limit=limit, teacher=teacher, kd_alpha=kd_alpha,
+                                temperature=temperature, patience=1, progress=progress)
+        return {"epochs": len(hist["epochs"]), "best_epoch": hist["best_epoch"], "seconds": hist["seconds"]}
+
+    def latency_inputs(self, tokenizer: Any = None, batch: int = 32, seq: int = 64) -> Inputs:
+        """A fixed-shape batch to time a forward on: text padded to ``seq`` tokens (real sentences),
+        images as they are."""
+        items, _ = self.split("val")
+        if self.kind == "image":
+            return items[:batch]
+        texts = [items[i % len(items)] for i in range(batch)]
+        if tokenizer is None:
+            raise ParticlizeError(f"task {self.name!r} is text: pass a tokenizer")
+        enc = tokenizer(texts, padding="max_length", truncation=True, max_length=seq, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": torch.ones_like(enc["attention_mask"])}
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{k}={v}" for k, v in self.sizes().items())

@@ -107,9 +107,8 @@ class MovingDigitsTask(Task):
             rng = np.random.default_rng([seed, k])
             v, y = render(*self.digits[s], n, rng, frames=frames, size=size, two_digit_fraction=two_digit_fraction)
             splits[s] = (torch.from_numpy(v), torch.from_numpy(y))
-        super().__init__("moving-digits", "image", splits, CLASSES,
+        super().__init__("moving-digits", "video", splits, CLASSES,
                          info={"source": "sklearn.datasets.load_digits", "frames": frames, "size": size})
-        self.kind = "video"  # base.Task only knows text and image; batching is overridden below
 
     def split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(videos float [N, 1, T, H, W] in [0, 1], labels LongTensor[N])``; label 10 = two digits."""
@@ -121,6 +120,59 @@ class MovingDigitsTask(Task):
         v, y = self.split(split)
         n = len(y) if limit is None else min(limit, len(y))
         return [(v[i:i + batch_size], y[i:i + batch_size]) for i in range(0, n, batch_size)]
+
+    # ---- what `particlize.compress` asks of a task: a video diffusion model's version -----------
+    quality_name = "1/eps_mse"
+
+    def quality(self, model: nn.Module, split: str = "val", tokenizer: Any = None, *, batch_size: int = 64,
+                limit: int | None = None, **_: Any) -> dict[str, float | int]:
+        """Held-out ε-MSE and ``quality = 1 / eps_mse`` (compress's ``min_quality=0.91`` allows an ε-MSE
+        10% above the original's). On ``"test"`` also the class-conditional sample accuracy (shipped
+        frame classifier, 4 videos per digit, 50 DDIM steps) and the temporal consistency of samples."""
+        v, y = self.split(split)
+        if limit is not None:
+            v, y = v[:limit], y[:limit]
+        m = eps_mse(model, v * 2 - 1, y, batch_size=batch_size)
+        out: dict[str, float | int] = {"eps_mse": m, "quality": 1.0 / max(m, 1e-12), "n": len(y)}
+        if split == "test" and hasattr(model, "sample"):
+            labels = torch.arange(10).repeat_interleave(4)
+            videos = model.sample(labels, steps=50, seed=0).cpu()
+            out["sample_accuracy"] = (classify_videos(load_frame_classifier(), videos) == labels).float().mean().item()
+            out["temporal_consistency"] = temporal_consistency(videos)
+            out["temporal_consistency_real"] = temporal_consistency(v[y < 10])
+        return out
+
+    def calibration(self, model: nn.Module, tokenizer: Any = None, *, batch_size: int = 32,
+                    limit: int | None = 256, seed: int = 0, **_: Any) -> list:
+        """Noised training videos at seeded random steps: ``({"x", "t", "y"}, noise)`` batches, so that
+        ``metric="loss"`` is the denoiser's ε-MSE (``model`` gives the noise schedule)."""
+        v, y = self.split("train")
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(y), generator=gen)[: (len(y) if limit is None else limit)]
+        x0, y = v[idx] * 2 - 1, y[idx]
+        t = torch.randint(0, model.diffusion.steps, (len(y),), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        xt = model.diffusion.add_noise(x0, t, noise)
+        return [({"x": xt[i:i + batch_size], "t": t[i:i + batch_size], "y": y[i:i + batch_size]}, noise[i:i + batch_size])
+                for i in range(0, len(y), batch_size)]
+
+    def recover(self, student: nn.Module, teacher: nn.Module, tokenizer: Any = None, *, epochs: int = 1,
+                lr: float | None = None, batch_size: int = 32, seed: int = 0, kd_alpha: float = 0.5,
+                progress: Any = None, **_: Any) -> dict[str, Any]:
+        """Distil the pruned denoiser from the original: ``epochs`` passes' worth of fresh training
+        videos (`particlize.train_sora.distill_dit`)."""
+        from ..train_sora import distill_dit
+
+        steps = max(1, epochs * -(-self.sizes()["train"] // batch_size))
+        return distill_dit(student, teacher, self, steps=steps, lr=lr or 3e-4, batch_size=batch_size, seed=seed,
+                           alpha=kd_alpha, progress=progress)
+
+    def latency_inputs(self, tokenizer: Any = None, batch: int = 32, seq: int = 64) -> dict[str, torch.Tensor]:
+        """One classifier-free-guided sampling step for ``batch`` videos (``2 * batch`` rows)."""
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn((2 * batch, 1, self.frames, self.size, self.size), generator=gen)
+        y = torch.cat([torch.arange(batch) % 10, torch.full((batch,), 10)])
+        return {"x": x, "t": torch.full((2 * batch,), 500), "y": y}
 
     def stream(self, batch_size: int, seed: int = 0, two_digit_fraction: float | None = None):
         """Endless fresh training batches ``(videos in [-1, 1] float [B, 1, T, H, W], labels [B])``."""
