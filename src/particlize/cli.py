@@ -354,6 +354,8 @@ def train_sora_cmd(
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     lr: float = typer.Option(6e-4, "--lr"),
     seed: int = typer.Option(0, "--seed"),
+    min_snr_gamma: float = typer.Option(5.0, "--min-snr-gamma", min=0.0,
+                                        help="Min-SNR loss weighting (0 turns it off)"),
     max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="stop early and save after this long"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     force: bool = typer.Option(False, "--force", help="replace an existing --out"),
@@ -362,7 +364,7 @@ def train_sora_cmd(
     from .train_sora import train_sora
 
     folder = train_sora(preset, steps, out, batch_size=batch_size, lr=lr, seed=seed, max_seconds=max_seconds,
-                        device=device, progress=True, force=force)
+                        min_snr_gamma=min_snr_gamma or None, device=device, progress=True, force=force)
     console.print(f"saved to [bold]{folder}[/bold]; sample with pz.load({str(folder)!r}).sample(labels)")
 
 

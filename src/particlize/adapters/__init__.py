@@ -61,11 +61,13 @@ def _load_builtin() -> None:
         return
     _LOADED = True
     from . import conv, dit, recurrent, transformers_hf  # noqa: F401  (registers on import)
+    from . import diffusers_video  # noqa: F401  (last: tried first, before conv claims its patch-embedding Conv2d)
 
 
 SUPPORTED = (
     "Hugging Face BERT-family encoders (incl. MiniLM), GPT-2, Llama/Qwen2/Mistral (GQA), ViT; "
-    "CNNs of Conv2d+BatchNorm+activations (residual blocks too); multi-layer nn.LSTM/nn.GRU with a Linear on top"
+    "CNNs of Conv2d+BatchNorm+activations (residual blocks too); multi-layer nn.LSTM/nn.GRU with a Linear on top; "
+    "spacetime DiTs (particlize.models.sora) and diffusers' CogVideoX / Latte video transformers"
 )
 
 

@@ -1,0 +1,122 @@
+"""Compress the Sora-style reference (`sora-tiny`) by width and by depth at equal FLOPs (issue 6).
+
+    .venv/bin/python benchmarks/compress_sora.py [--model sora-tiny] [--target-flops 0.5]
+        [--recover-epochs 4] [--per-class 4] [--steps 50] [--out bench-out/sora]
+
+Three models, the same sampler (DDIM, ``--steps`` steps, guidance 3) and the same seeds:
+- dense: the input model;
+- width: `particlize.compress` removing spatial/temporal attention heads and MLP neurons;
+- depth: `particlize.compress` removing whole blocks (TinyFusion-style depth pruning);
+both at ``--target-flops`` of the DiT blocks' FLOPs, with the same distillation budget per round
+(``--recover-epochs`` passes over the task's 2,000 training videos) and no quality floor, so both reach
+the same cost and their quality can be compared. Measured: held-out ε-MSE (fixed steps and noise),
+class-conditional sample accuracy (shipped frame classifier, ``--per-class`` videos per digit),
+temporal consistency (mean frame-to-frame change; real videos for reference), and the wall time of
+``model.sample`` for 20 videos (median of 3 interleaved rounds, paired ratios). Sample grids (PNG) and
+animations (GIF) of every model go to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import _common as C
+import torch
+
+import particlize as pz
+from particlize.loop import compress
+from particlize.report import video_gif, video_grid
+from particlize.tasks.moving_digits import classify_videos, eps_mse, load_frame_classifier, moving_digits, temporal_consistency
+
+
+def log(*a: object) -> None:
+    print(*a, flush=True)
+
+
+def quality(model: torch.nn.Module, task, clf, per_class: int, steps: int) -> dict[str, float]:
+    v, y = task.split("test")
+    labels = torch.arange(10).repeat_interleave(per_class)
+    videos = model.sample(labels, steps=steps, seed=0)
+    return {
+        "eps_mse": eps_mse(model, v * 2 - 1, y),
+        "sample_accuracy": (classify_videos(clf, videos) == labels).float().mean().item(),
+        "temporal_consistency": temporal_consistency(videos),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="sora-tiny")
+    ap.add_argument("--target-flops", type=float, default=0.5)
+    ap.add_argument("--recover-epochs", type=int, default=4)
+    ap.add_argument("--per-class", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default="bench-out/sora")
+    args = ap.parse_args()
+    C.setup_threads()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log("machine:", C.machine_line())
+    log("command:", " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]))
+    dense = pz.load(args.model).eval()
+    cfg = dense.config
+    task = moving_digits(seed=0, frames=cfg.frames, size=cfg.size)
+    clf = load_frame_classifier()
+    models = {"dense": dense}
+    runs = {}
+    for name, gran in (("width", ("heads", "neurons")), ("depth", ("blocks",))):
+        t = time.perf_counter()
+        res = compress(dense, task, target_flops=args.target_flops, granularity=gran, min_quality=0.0,
+                       recover_epochs=args.recover_epochs, batch_size=32, out=out / name, force=True)
+        runs[name] = {"seconds": time.perf_counter() - t, "reason": res.reason, "history": res.history}
+        models[name] = res.model.eval()
+        h = res.history[-1]
+        log(f"{name}: {res.reason} in {runs[name]['seconds']:.0f} s; FLOPs {h['flops_ratio']:.1%}, params {h['params']:,}, "
+            f"particles {h['particles']}")
+    real_v, real_y = task.split("test")
+    labels = torch.arange(10)
+    for name, m in models.items():
+        videos = m.sample(labels, steps=args.steps, seed=0)
+        video_grid(videos, out / f"{name}.png", row_labels=[f"digit {i}" for i in range(10)],
+                   title=f"{args.model} {name}: DDIM {args.steps} steps, guidance 3, seed 0", force=True)
+        video_gif(videos, out / f"{name}.gif", ncols=5, force=True)
+    video_grid(real_v[:10], out / "real.png", row_labels=[f"label {int(i)}" for i in real_y[:10]],
+               title="real test videos", force=True)
+
+    q = {name: quality(m, task, clf, args.per_class, args.steps) for name, m in models.items()}
+    # sampling wall time: 20 videos, interleaved rounds
+    lab = torch.arange(20) % 10
+    times: dict[str, list[float]] = {n: [] for n in models}
+    with torch.inference_mode():
+        for m in models.values():
+            m.sample(lab[:2], steps=2, seed=0)  # warm-up
+        for _ in range(args.rounds):
+            for n, m in models.items():
+                t = time.perf_counter()
+                m.sample(lab, steps=args.steps, seed=0)
+                times[n].append(time.perf_counter() - t)
+    pms = {n: pz.decompose(m) for n, m in models.items()}
+    dense_flops = pms["dense"].cost().flops
+    rows = []
+    for n in models:
+        speed = [times["dense"][i] / times[n][i] for i in range(args.rounds)]
+        rows.append([n, f"{sum(p.numel() for p in models[n].parameters()):,}", f"{pms[n].cost().flops / dense_flops:.1%}",
+                     f"{q[n]['eps_mse']:.5f} ({q[n]['eps_mse'] / q['dense']['eps_mse'] - 1:+.1%})",
+                     f"{q[n]['sample_accuracy']:.3f} ({(q[n]['sample_accuracy'] - q['dense']['sample_accuracy']) * 100:+.1f} pt)",
+                     f"{q[n]['temporal_consistency']:.4f}",
+                     f"{statistics.median(times[n]):.2f}", f"{statistics.median(speed):.2f}× ({min(speed):.2f}–{max(speed):.2f})"])
+    table = C.print_table(["model", "params", "block FLOPs", "held-out ε-MSE (vs dense)", "sample accuracy (vs dense)",
+                           "temporal consistency", f"sample 20 videos, s", "speedup (paired)"], rows)
+    log(f"real test videos: temporal consistency {temporal_consistency(real_v):.4f}; frame classifier on real test "
+        f"videos: {(classify_videos(clf, real_v[real_y < 10]) == real_y[real_y < 10]).float().mean().item():.3f}")
+    (out / "results.json").write_text(json.dumps({"quality": q, "times": times, "runs": runs, "table": table}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
