@@ -37,6 +37,18 @@ def _machine() -> str:
     return f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads, torch {torch.__version__}".strip()
 
 
+def _draw(model: Any, stream: Any, gen: torch.Generator, batch_size: int, device: Any) -> tuple:
+    """The next training batch: clean videos, labels (dropped to the null label at the configured rate,
+    and for two-digit videos), steps and noise, on ``device``."""
+    cfg = model.config
+    x0, y = next(stream)
+    t = torch.randint(0, model.diffusion.steps, (batch_size,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    drop = torch.rand(batch_size, generator=gen) < cfg.class_dropout
+    y = torch.where(drop | (y >= cfg.num_classes), model.null_label, y)
+    return x0.to(device), y.to(device), t.to(device), noise.to(device)
+
+
 def _save_checkpoint(path: Path, model, ema, opt, step: int, losses: list[float], seconds: float) -> None:
     def fill(tmp: Path) -> None:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
@@ -113,13 +125,8 @@ def train_sora(
     model.train()
     try:
         for step in range(start, steps):
-            x0, y = next(stream)
-            # the noise draws below must match the replay order above
-            t = torch.randint(0, model.diffusion.steps, (batch_size,), generator=gen)
-            noise = torch.randn(x0.shape, generator=gen)
-            drop = torch.rand(batch_size, generator=gen) < cfg.class_dropout
-            y = torch.where(drop | (y >= cfg.num_classes), model.null_label, y)
-            x0, y, t, noise = x0.to(device), y.to(device), t.to(device), noise.to(device)
+            # the noise draws in _draw must match the replay order above
+            x0, y, t, noise = _draw(model, stream, gen, batch_size, device)
             frac = min(1.0, (step + 1) / max(warmup, 1))
             cos = 0.5 * (1 + math.cos(math.pi * step / max(steps, 1)))
             for g in opt.param_groups:
@@ -191,7 +198,6 @@ def distill_dit(
     """
     device = next(student.parameters()).device
     teacher = teacher.eval()
-    cfg = student.config
     stream = task.stream(batch_size, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
@@ -200,12 +206,7 @@ def distill_dit(
     student.train()
     try:
         for step in range(steps):
-            x0, y = next(stream)
-            t = torch.randint(0, student.diffusion.steps, (batch_size,), generator=gen)
-            noise = torch.randn(x0.shape, generator=gen)
-            drop = torch.rand(batch_size, generator=gen) < cfg.class_dropout
-            y = torch.where(drop | (y >= cfg.num_classes), student.null_label, y)
-            x0, y, t, noise = x0.to(device), y.to(device), t.to(device), noise.to(device)
+            x0, y, t, noise = _draw(student, stream, gen, batch_size, device)
             xt = student.diffusion.add_noise(x0, t, noise)
             with torch.no_grad():
                 target = teacher(xt, t, y)
