@@ -225,6 +225,16 @@ def test_train_sora_saves_a_loadable_ema_model(tmp_path):
     assert isinstance(m, SpacetimeDiT) and m.config.dim == 16
     with pytest.raises(pz.ParticlizeError):
         train_sora("tiny", steps=3, out=out, batch_size=2, frames=4, size=16, dim=16, depth=1, heads=2)
+    # a second run can continue from the first one's weights, and only from a model of the same shape
+    seen2 = []
+    train_sora("tiny", steps=1, out=tmp_path / "more", batch_size=2, init=out, lr=0.0, ema=1.0,
+               progress=lambda s, n, loss: seen2.append(s), frames=4, size=16, dim=16, depth=1, heads=2)
+    more = pz.load(tmp_path / "more")
+    assert seen2 == [1] and pz.io.read_meta(tmp_path / "more")["extra"]["call"]["init"] == str(out)
+    for (k, a), b in zip(m.state_dict().items(), more.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)  # lr 0 and a frozen EMA: the weights it started from
+    with pytest.raises(pz.ParticlizeError, match="cannot start this run"):
+        train_sora("tiny", steps=1, out=tmp_path / "bad", init=out, frames=4, size=16, dim=32, depth=1, heads=2)
 
 
 def test_shipped_models_load():

@@ -359,12 +359,13 @@ def train_sora_cmd(
     max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="stop early and save after this long"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     force: bool = typer.Option(False, "--force", help="replace an existing --out"),
+    init: Optional[Path] = typer.Option(None, "--init", help="continue from this trained model folder (same preset)"),
 ) -> None:
     """Train the Sora-style spacetime diffusion transformer on moving digits."""
     from .train_sora import train_sora
 
     folder = train_sora(preset, steps, out, batch_size=batch_size, lr=lr, seed=seed, max_seconds=max_seconds,
-                        min_snr_gamma=min_snr_gamma or None, device=device, progress=True, force=force)
+                        min_snr_gamma=min_snr_gamma or None, device=device, progress=True, force=force, init=init)
     console.print(f"saved to [bold]{folder}[/bold]; sample with pz.load({str(folder)!r}).sample(labels)")
 
 

@@ -76,12 +76,15 @@ def train_sora(
     device: str = "cpu",
     progress: Progress | bool | None = None,
     force: bool = False,
+    init: str | Path | None = None,
     **overrides: Any,
 ) -> Path:
     """Train a `SpacetimeDiT` preset on moving digits and save its EMA weights to ``out`` (returned).
 
     ``progress`` is a callback ``(step, steps, loss)``, ``True`` for a Rich progress bar, or None
     (quiet). ``max_seconds`` stops early (the run is saved as it is and says so in its metadata).
+    ``init`` continues from a trained model folder of the same configuration (its weights start both
+    the model and its EMA; the schedule, optimizer and data stream start afresh).
     ``min_snr_gamma`` weights each step's loss by ``min(snr, gamma) / snr`` (Min-SNR; None: plain MSE).
     ``overrides`` change preset fields (``dim=64``, ``frames=16`` ...).
     """
@@ -92,6 +95,13 @@ def train_sora(
         raise ParticlizeError(f"{out} already holds a trained model; pass force=True (CLI: --force) to replace it")
     torch.manual_seed(seed)
     model = sora(preset, **overrides).to(device)
+    if init is not None:
+        from .io import load
+
+        start_from = load(init)
+        if not isinstance(start_from, type(model)) or start_from.config != model.config:
+            raise ParticlizeError(f"{init} is not a {preset!r} SpacetimeDiT with these settings; it cannot start this run")
+        model.load_state_dict(start_from.state_dict())
     cfg = model.config
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
@@ -162,7 +172,8 @@ def train_sora(
         "trained_by": "particlize.train_sora.train_sora",
         "command": " ".join(sys.argv) if sys.argv and sys.argv[0] else "",
         "call": {"preset": preset, "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
-                 "ema": ema, "min_snr_gamma": min_snr_gamma, "seed": seed, "two_digit_fraction": two_digit_fraction, "overrides": overrides},
+                 "ema": ema, "min_snr_gamma": min_snr_gamma, "seed": seed, "init": str(init) if init else None,
+                 "two_digit_fraction": two_digit_fraction, "overrides": overrides},
         "steps_done": done,
         "stopped_early": stopped_early,
         "resumed_from_step": start,
@@ -247,6 +258,7 @@ def _main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--init", default=None, help="continue from this trained model folder")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -258,7 +270,8 @@ def _main(argv: list[str] | None = None) -> None:
 
     progress = True if sys.stdout.isatty() else log
     out = train_sora(a.preset, a.steps, a.out, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                     min_snr_gamma=a.min_snr_gamma or None, max_seconds=a.max_seconds, device=a.device, progress=progress, force=a.force)
+                     min_snr_gamma=a.min_snr_gamma or None, init=a.init,
+                     max_seconds=a.max_seconds, device=a.device, progress=progress, force=a.force)
     print(json.dumps(json.loads((out / "particlize.json").read_text())["extra"], indent=1)[:2000])
 
 
