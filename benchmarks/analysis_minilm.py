@@ -146,6 +146,7 @@ def main() -> int:
     ap.add_argument("--topk-examples", type=int, default=128)
     ap.add_argument("--taylor-rounds", type=int, default=3)
     ap.add_argument("--skip", default="", help="comma list of sections to skip: heads,sweep,neurons,topk,taylor")
+    ap.add_argument("--threads", type=int, default=C.THREADS, help="torch threads (both sides)")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
 
@@ -154,7 +155,7 @@ def main() -> int:
     from particlize.tasks import get_task
     from transformers import AutoTokenizer
 
-    C.setup_threads()
+    torch.set_num_threads(args.threads)
     T0 = time.perf_counter()
     log("analysis_minilm:", C.machine_line())
     log("command:", " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]))

@@ -231,7 +231,7 @@ def compress(
     granularity: str = typer.Option("heads,neurons", "--granularity", help="comma list of heads, neurons, channels, units, blocks, or all"),
     scorer: str = typer.Option("fisher", "--scorer", help="fisher, taylor, taylor-example, ablation, magnitude, activation"),
     allocation: str = typer.Option("global", "--allocation", help="global (by importance per FLOP) or uniform per layer"),
-    min_quality: float = typer.Option(0.99, "--min-quality", help="floor: fraction of the dense validation accuracy"),
+    min_quality: float = typer.Option(0.99, "--min-quality", help="floor: fraction of the dense model's validation quality (accuracy; 1/eps-MSE for video diffusion)"),
     max_fraction: float = typer.Option(1 / 3, "--max-fraction", help="most of the remaining FLOPs removed per round"),
     recover_epochs: int = typer.Option(1, "--recover-epochs", min=0),
     round_to: Optional[int] = typer.Option(None, "--round-to", min=1, help="keep widths multiples of this"),
