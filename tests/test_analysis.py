@@ -194,6 +194,16 @@ def test_validate_and_top_particles():
     want = exact.nlargest(10, "score")
     assert list(zip(top.group, top["index"])) == list(zip(want.group, want["index"]))
     torch.testing.assert_close(torch.tensor(top.score.to_numpy()), torch.tensor(want.score.to_numpy()), atol=1e-6, rtol=0)
+    # heads are always ablated exactly; only the neurons are left to the screen (shortlist 1 here)
+    kinds = exact.group.map({g.name: g.kind for g in pm.groups})
+    n_heads = int((kinds == "head").sum())
+    few = pz.top_particles(pm, data, k=n_heads + 5, shortlist=1, groups=["head", "neuron"])
+    assert (few.kind == "head").sum() == n_heads and (few.kind == "neuron").sum() == 1
+    got = few.set_index(["group", "index"]).score
+    ref = exact.set_index(["group", "index"]).score
+    torch.testing.assert_close(torch.tensor(got.to_numpy()), torch.tensor(ref.loc[got.index].to_numpy()), atol=1e-6, rtol=0)
+    none = pz.top_particles(pm, data, k=3, shortlist=2, exhaustive=(), groups=["head", "neuron"])
+    assert len(none) == 2  # nothing exhaustive: the shortlist is all that is ablated
 
 
 def test_recurrent_groups_score_per_example_by_fallback():
