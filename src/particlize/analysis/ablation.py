@@ -144,14 +144,16 @@ def _linear_reader(pm: ParticleMap, name: str, target: str | None, trace: "Execu
     """The group's reader when the rank-``width`` update applies: an input gate on the last dimension
     of a plain ``nn.Linear`` (no parametrization, no hooks of its own) called once per forward."""
     g = pm[name]
-    if trace is None or target is None or not isinstance(g.gate, InputGate) or trace.calls.get(target) != 1:
+    if trace is None or target is None or not isinstance(g.gate, InputGate) or g.gate.dim != -1:
+        return None
+    if trace.calls.get(target) != 1:
         return None
     mod = pm.model.get_submodule(target)
     if type(mod) is not nn.Linear or hasattr(mod, "parametrizations") or mod.in_features % g.size:
         return None
     if mod._forward_hooks or mod._forward_pre_hooks or "forward" in vars(mod):
         return None
-    return mod if g.gate.dim in (-1,) else None
+    return mod
 
 
 def _reader_rows(
