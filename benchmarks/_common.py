@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT / "src"))
 
-THREADS = 2
+THREADS = int(os.environ.get("PZ_BENCH_THREADS", "2"))  # torch threads for every benchmark
 FRACTION = 0.5  # share of heads and of FFN neurons removed in every layer
 
 
