@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/compress_sora.py [--model sora-tiny] [--target-flops 0.5]
         [--recover-epochs 4] [--per-class 4] [--steps 50] [--out bench-out/sora]
 
-Three models, the same sampler (DDIM, ``--steps`` steps, guidance 3) and the same seeds:
+Three models, the same sampler (DDIM, ``--steps`` steps, the default guidance 5) and the same seeds:
 - dense: the input model;
 - width: `particlize.compress` removing spatial/temporal attention heads and MLP neurons;
 - depth: `particlize.compress` removing whole blocks (TinyFusion-style depth pruning);
@@ -84,7 +84,7 @@ def main() -> None:
     for name, m in models.items():
         videos = m.sample(labels, steps=args.steps, seed=0)
         video_grid(videos, out / f"{name}.png", row_labels=[f"digit {i}" for i in range(10)],
-                   title=f"{args.model} {name}: DDIM {args.steps} steps, guidance 3, seed 0", force=True)
+                   title=f"{args.model} {name}: DDIM {args.steps} steps, guidance 5, seed 0", force=True)
         video_gif(videos, out / f"{name}.gif", ncols=5, force=True)
     video_grid(real_v[:10], out / "real.png", row_labels=[f"label {int(i)}" for i in real_y[:10]],
                title="real test videos", force=True)

@@ -8,8 +8,9 @@ A video ``[B, C, T, H, W]`` is cut into spacetime patches (``pt x ph x pw``) by 
 tokens ``[B, T', S, D]`` (``S = H' * W'`` spatial positions per frame). Each `DiTBlock` runs spatial
 attention (the tokens of one frame), temporal attention (one position across frames) and an MLP, each
 modulated by adaLN-Zero from ``c = t_embed(t) + y_embed(y)``: the class label id ``num_classes`` is the
-null label used for classifier-free guidance. Diffusion: a 1,000-step linear beta schedule, epsilon
-prediction, and a deterministic DDIM sampler with guidance. Videos live in ``[-1, 1]`` inside the model.
+null label used for classifier-free guidance. Diffusion: a 1,000-step noise schedule (cosine for the
+presets, linear DDPM betas available), epsilon prediction (Min-SNR weighted in training), and a
+deterministic DDIM sampler with guidance. Videos live in ``[-1, 1]`` inside the model.
 """
 
 from __future__ import annotations
@@ -276,11 +277,12 @@ class SpacetimeDiT(nn.Module):
         labels: Sequence[int] | Tensor,
         steps: int = 50,
         seed: int = 0,
-        guidance: float = 3.0,
+        guidance: float = 5.0,
     ) -> Tensor:
         """Deterministic DDIM (eta = 0) with classifier-free guidance: videos ``[B, C, T, H, W]`` in [0, 1].
 
-        ``labels`` are class ids (``num_classes`` = unconditional); ``guidance`` 1.0 turns guidance off.
+        ``labels`` are class ids (``num_classes`` = unconditional); ``guidance`` 1.0 turns guidance off
+        (5.0, the default, is where the shipped ``sora-tiny`` draws its digits best: benchmarks/RESULTS.md).
         The starting noise is drawn on the CPU from ``seed``, so results do not depend on the device.
         """
         was_training = self.training

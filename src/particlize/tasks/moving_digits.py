@@ -265,7 +265,7 @@ def sample_accuracy(
     n_per_class: int = 4,
     steps: int = 50,
     seed: int = 0,
-    guidance: float = 3.0,
+    guidance: float = 5.0,
 ) -> float:
     """Fraction of sampled videos (``n_per_class`` per digit) that the frame classifier reads as the
     requested digit."""
