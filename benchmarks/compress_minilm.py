@@ -89,7 +89,7 @@ def run(variant: str, dense, task, tok, budget: float, seed: int, args) -> dict:
     opts = dict(batch_size=32, max_length=64, limit=args.limit, seed=seed, lr=args.lr)
     if variant.startswith("pz"):
         cfg = CompressConfig(target_flops=budget, recover_epochs=args.epochs, min_quality=0.0, calib_examples=args.calib,
-                             max_fraction=1.0 if variant == "pz-oneshot" else 1 / 3, **opts)
+                             max_fraction=1.0 if variant == "pz-oneshot" else 1 / 3, round_to=args.round_to, **opts)
         before_cfg = CompressConfig(**{**cfg.__dict__, "recover_epochs": 0})
         before = compress(copy.deepcopy(dense), task, tokenizer=tok, config=before_cfg).model
         res = compress(dense, task, tokenizer=tok, config=cfg)
@@ -128,6 +128,7 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--limit", type=int, default=None, help="train on the first N sentences only")
     ap.add_argument("--calib", type=int, default=256)
+    ap.add_argument("--round-to", type=int, default=None, help="particlize: keep widths multiples of this")
     ap.add_argument("--latency-rounds", type=int, default=5)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
