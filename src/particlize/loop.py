@@ -190,10 +190,26 @@ def allocate(
     each time the least important particles of the group.
 
     Per group at most ``size - floor`` particles go (``min_width`` of the group, rounded for
-    ``round_to`` and grouped-query balance); kept counts are rounded up to legal widths afterwards.
+    ``round_to`` and grouped-query balance); kept counts are rounded up to legal widths afterwards,
+    and when that rounding leaves the plan short of ``flops_to_remove`` (by `ParticleMap.cost`), the
+    shortfall is asked for again, so one round still reaches its goal when the widths allow it.
     A removed block takes everything inside it along.
     """
     table = pm.table(seq_len=seq_len).set_index(["group", "index"])
+    before = pm.cost(seq_len=seq_len).flops
+    goal, remove = flops_to_remove, {}
+    for _ in range(8):
+        remove = _allocate_once(pm, importance, goal, cfg, table)
+        short = flops_to_remove - (before - pm.cost(remove, seq_len=seq_len).flops)
+        if short <= 1e-9 * before:
+            break
+        goal += short
+    return remove
+
+
+def _allocate_once(
+    pm: ParticleMap, importance: dict[str, torch.Tensor], flops_to_remove: float, cfg: CompressConfig, table: Any
+) -> dict[str, list[int]]:
     costs = {name: table.loc[name].sort_index().flops.to_numpy() for name in importance}
 
     def floor_of(g) -> int:
