@@ -24,7 +24,7 @@ forward per particle.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -110,28 +110,24 @@ def _replaced(model: nn.Module, outputs: Mapping[str, Any]) -> Iterator[None]:
             del mod.forward
 
 
+def _output(args: tuple, out: Any) -> Any:
+    return map_tensors(out, lambda t: t.detach())
+
+
+def _input_and_output(args: tuple, out: Tensor) -> tuple[Tensor, Tensor]:
+    return args[0].detach(), out.detach()
+
+
 @contextlib.contextmanager
-def _recording(model: nn.Module, paths: Sequence[str], store: dict[str, Any]) -> Iterator[None]:
+def _recording(
+    model: nn.Module, paths: Sequence[str], store: dict[str, Any], keep: Callable[[tuple, Any], Any] = _output
+) -> Iterator[None]:
+    """Store ``keep(args, output)`` of each module in ``paths`` (its output by default) during forwards."""
     handles = []
     try:
         for p in paths:
             def hook(mod, args, out, p=p):
-                store[p] = map_tensors(out, lambda t: t.detach())
-
-            handles.append(model.get_submodule(p).register_forward_hook(hook))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextlib.contextmanager
-def _recording_io(model: nn.Module, paths: Sequence[str], store: dict[str, tuple[Tensor, Tensor]]) -> Iterator[None]:
-    handles = []
-    try:
-        for p in paths:
-            def hook(mod, args, out, p=p):
-                store[p] = (args[0].detach(), out.detach())
+                store[p] = keep(args, out)
 
             handles.append(model.get_submodule(p).register_forward_hook(hook))
         yield
@@ -236,7 +232,8 @@ def ablation_effects(
         B = batch.size
         cache: dict[str, Any] = {}
         reader_io: dict[str, tuple[Tensor, Tensor]] = {}
-        with torch.no_grad(), _recording(model, needed, cache), _recording_io(model, list(readers), reader_io):
+        with torch.no_grad(), _recording(model, needed, cache), \
+                _recording(model, list(readers), reader_io, keep=_input_and_output):
             clean = call(model, batch.inputs)
         base = per_example_metric(metric, clean, batch.targets, clean)
         patch_all = mean_patch
