@@ -31,7 +31,8 @@ import torch
 import particlize as pz
 from particlize.loop import compress
 from particlize.report import video_gif, video_grid
-from particlize.tasks.moving_digits import classify_videos, eps_mse, load_frame_classifier, moving_digits, temporal_consistency
+from particlize.tasks.moving_digits import (classify_videos, eps_mse, load_frame_classifier, moving_digits,
+                                           sample_metrics, temporal_consistency)
 
 
 def log(*a: object) -> None:
@@ -40,13 +41,7 @@ def log(*a: object) -> None:
 
 def quality(model: torch.nn.Module, task, clf, per_class: int, steps: int) -> dict[str, float]:
     v, y = task.split("test")
-    labels = torch.arange(10).repeat_interleave(per_class)
-    videos = model.sample(labels, steps=steps, seed=0)
-    return {
-        "eps_mse": eps_mse(model, v * 2 - 1, y),
-        "sample_accuracy": (classify_videos(clf, videos) == labels).float().mean().item(),
-        "temporal_consistency": temporal_consistency(videos),
-    }
+    return {"eps_mse": eps_mse(model, v * 2 - 1, y), **sample_metrics(model, clf, per_class, steps)}
 
 
 def main() -> None:

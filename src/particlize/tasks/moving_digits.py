@@ -135,10 +135,7 @@ class MovingDigitsTask(Task):
         m = eps_mse(model, v * 2 - 1, y, batch_size=batch_size)
         out: dict[str, float | int] = {"eps_mse": m, "quality": 1.0 / max(m, 1e-12), "n": len(y)}
         if split == "test" and hasattr(model, "sample"):
-            labels = torch.arange(10).repeat_interleave(4)
-            videos = model.sample(labels, steps=50, seed=0).cpu()
-            out["sample_accuracy"] = (classify_videos(load_frame_classifier(), videos) == labels).float().mean().item()
-            out["temporal_consistency"] = temporal_consistency(videos)
+            out.update(sample_metrics(model, load_frame_classifier()))
             out["temporal_consistency_real"] = temporal_consistency(v[y < 10])
         return out
 
@@ -259,6 +256,22 @@ def classify_videos(classifier: nn.Module, videos: torch.Tensor) -> torch.Tensor
 
 
 @torch.no_grad()
+def sample_metrics(
+    model: nn.Module,
+    classifier: nn.Module,
+    n_per_class: int = 4,
+    steps: int = 50,
+    seed: int = 0,
+    guidance: float = 5.0,
+) -> dict[str, float]:
+    """Sample ``n_per_class`` videos per digit once and score them: ``sample_accuracy`` (how often the
+    frame classifier reads the requested digit) and ``temporal_consistency`` (see below)."""
+    labels = torch.arange(10).repeat_interleave(n_per_class)
+    videos = model.sample(labels, steps=steps, seed=seed, guidance=guidance).cpu()
+    return {"sample_accuracy": (classify_videos(classifier, videos) == labels).float().mean().item(),
+            "temporal_consistency": temporal_consistency(videos)}
+
+
 def sample_accuracy(
     model: nn.Module,
     classifier: nn.Module,
@@ -269,9 +282,7 @@ def sample_accuracy(
 ) -> float:
     """Fraction of sampled videos (``n_per_class`` per digit) that the frame classifier reads as the
     requested digit."""
-    labels = torch.arange(10).repeat_interleave(n_per_class)
-    videos = model.sample(labels, steps=steps, seed=seed, guidance=guidance)
-    return (classify_videos(classifier, videos.cpu()) == labels).float().mean().item()
+    return sample_metrics(model, classifier, n_per_class, steps, seed, guidance)["sample_accuracy"]
 
 
 def temporal_consistency(videos: torch.Tensor) -> float:
@@ -322,6 +333,6 @@ def load_frame_classifier() -> nn.Module:
 
 
 __all__ = [
-    "MovingDigitsTask", "moving_digits", "render", "digit_images", "eps_mse", "sample_accuracy",
+    "MovingDigitsTask", "moving_digits", "render", "digit_images", "eps_mse", "sample_accuracy", "sample_metrics",
     "classify_videos", "temporal_consistency", "train_frame_classifier", "load_frame_classifier",
 ]
