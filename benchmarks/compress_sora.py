@@ -53,6 +53,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="bench-out/sora")
+    ap.add_argument("--variants", nargs="+", default=["width", "depth"], choices=["width", "depth"])
+    ap.add_argument("--plain-distill", action="store_true",
+                    help="recover by plain noise-prediction distillation (no guidance term, no sampler trajectories)")
     args = ap.parse_args()
     C.setup_threads()
     out = Path(args.out)
@@ -62,10 +65,14 @@ def main() -> None:
     dense = pz.load(args.model).eval()
     cfg = dense.config
     task = moving_digits(seed=0, frames=cfg.frames, size=cfg.size)
+    if args.plain_distill:
+        task.distill_options = {"guidance": None, "trajectory_fraction": 0.0}
     clf = load_frame_classifier()
     models = {"dense": dense}
     runs = {}
     for name, gran in (("width", ("heads", "neurons")), ("depth", ("blocks",))):
+        if name not in args.variants:
+            continue
         t = time.perf_counter()
         res = compress(dense, task, target_flops=args.target_flops, granularity=gran, min_quality=0.0,
                        recover_epochs=args.recover_epochs, batch_size=32, out=out / name, force=True)

@@ -311,3 +311,56 @@ def test_compress_a_video_diffusion_model(task, tmp_path):
     assert isinstance(again, SpacetimeDiT)
     videos = again.sample([1, 2], steps=2, seed=0)
     assert videos.shape == (2, 1, 4, 16, 16) and 0 <= videos.min() and videos.max() <= 1
+
+
+def test_sampler_trajectory_records_the_states_it_visits():
+    model = _model()
+    states: list = []
+    videos = model.sample([1, 2], steps=4, seed=3, trajectory=states)
+    torch.testing.assert_close(model.sample([1, 2], steps=4, seed=3), videos, atol=0, rtol=0)
+    assert [t for _, t in states] == [999, 666, 333, 0]
+    start = torch.randn((2, 1, 4, 16, 16), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(states[0][0], start, atol=0, rtol=0)
+    assert all(x.shape == start.shape for x, _ in states) and not torch.equal(states[1][0], start)
+
+
+def test_distilling_a_copy_of_the_teacher_changes_nothing(task):
+    """Teacher terms only (alpha 1): a student equal to its teacher has zero loss and zero gradients, on
+    fresh rows, sampler-trajectory rows and their unconditional twins alike."""
+    import copy
+
+    from particlize.train_sora import distill_dit
+
+    teacher = _model()
+    student = copy.deepcopy(teacher)
+    res = distill_dit(student, teacher, task, steps=2, batch_size=4, alpha=1.0, trajectory_videos=3, sampler_steps=3)
+    assert res["final_loss"] == 0.0
+    for a, b in zip(student.parameters(), teacher.parameters()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="trajectory_fraction"):
+        distill_dit(student, teacher, task, steps=1, trajectory_fraction=1.0)
+
+
+def test_guidance_aware_distillation_runs_labelled_rows_twice(task):
+    """Every labelled row goes through both models again with the null label; trajectory rows carry the
+    pool's class labels; plain distillation (no guidance, no trajectories) does neither."""
+    import copy
+
+    from particlize.train_sora import distill_dit
+
+    teacher = _model()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student.final.linear.bias.add_(0.1)  # a student that differs, so every term has gradients
+    seen: list[torch.Tensor] = []
+    teacher.register_forward_hook(lambda m, args, out: seen.append(args[2].clone()))
+    distill_dit(student, teacher, task, steps=2, batch_size=6, trajectory_videos=4, sampler_steps=2)
+    calls = seen[-2:]  # the trajectory pool's sampling calls come first
+    null = teacher.null_label
+    for y in calls:
+        first, twins = y[:6], y[6:]
+        assert (twins == null).all() and len(twins) == int((first != null).sum())
+        assert (first[3:] < null).all()  # the 3 trajectory rows: labels 0..3 of the pool
+    seen.clear()
+    distill_dit(student, teacher, task, steps=2, batch_size=6, guidance=None, trajectory_fraction=0.0)
+    assert [len(y) for y in seen] == [6, 6]

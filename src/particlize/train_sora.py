@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import ParticlizeError
 from .io import save, write_folder_atomically
-from .models.sora import PRESETS, sora
+from .models.sora import GUIDANCE, PRESETS, sora
 from .tasks.moving_digits import eps_mse, moving_digits
 
 Progress = Callable[[int, int, float], None]
@@ -198,32 +198,71 @@ def distill_dit(
     seed: int = 0,
     alpha: float = 0.5,
     min_snr_gamma: float | None = 5.0,
+    guidance: float | None = GUIDANCE,
+    trajectory_fraction: float = 0.5,
+    trajectory_videos: int = 64,
+    sampler_steps: int = 50,
     progress: Callable[[int, int, dict], None] | None = None,
 ) -> dict[str, Any]:
     """Recover a pruned `SpacetimeDiT` in place by distillation from the original ``teacher``.
 
-    On fresh moving-digit batches (``task.stream``) at random steps, the loss is ``alpha`` times the MSE
-    to the teacher's noise prediction plus ``1 - alpha`` times the MSE to the true noise, Min-SNR
-    weighted as in training; labels are dropped as in training so guidance keeps working. Raises
-    `ParticlizeError` if the loss stops being finite (the compress loop then keeps the last good round).
+    Each step's batch mixes fresh moving-digit videos noised at random steps (``task.stream``; labels
+    dropped as in training) with, for ``trajectory_fraction`` of its rows, noisy videos the teacher's
+    own guided DDIM sampler visits (``trajectory_videos`` videos of every class, ``sampler_steps``
+    steps, drawn once): the states the compressed model will meet when it samples. The loss is
+    ``alpha`` times the Min-SNR-weighted MSE to the teacher's noise prediction plus ``1 - alpha`` times
+    the MSE to the true noise (fresh rows only).
+
+    With ``guidance`` (default: the sampler's), every labelled row is also run unconditionally and the
+    teacher term covers the conditional and unconditional predictions and, divided by ``guidance``, the
+    guided one ``eps_u + guidance * (eps_c - eps_u)``. Sampling depends on the conditional -
+    unconditional difference, which plain noise-prediction distillation leaves loose, and guidance
+    multiplies its error. ``guidance=None`` and ``trajectory_fraction=0`` give plain distillation.
+    Raises `ParticlizeError` if the loss stops being finite (the compress loop then keeps the last good
+    round).
     """
+    if not 0.0 <= trajectory_fraction < 1.0:
+        raise ValueError(f"trajectory_fraction must be in [0, 1), got {trajectory_fraction}")
     device = next(student.parameters()).device
     teacher = teacher.eval()
-    stream = task.stream(batch_size, seed=seed)
+    n_traj = round(batch_size * trajectory_fraction)
+    n_fresh = batch_size - n_traj
+    stream = task.stream(n_fresh, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
+    t0 = time.time()
+    if n_traj:
+        states: list[tuple[torch.Tensor, int]] = []
+        pool_labels = torch.arange(trajectory_videos) % teacher.config.num_classes
+        teacher.sample(pool_labels, steps=sampler_steps, seed=seed + 7, guidance=guidance or 1.0, trajectory=states)
+        pool_x = torch.stack([x for x, _ in states])  # [sampler_steps, videos, C, T, H, W], on device
+        pool_t = torch.tensor([t for _, t in states], device=device)
+        pool_y = pool_labels.to(device)
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     losses: list[float] = []
-    t0 = time.time()
     student.train()
     try:
         for step in range(steps):
-            x0, y, t, noise = _draw(student, stream, gen, batch_size, device)
+            x0, y, t, noise = _draw(student, stream, gen, n_fresh, device)
             xt = student.diffusion.add_noise(x0, t, noise)
+            if n_traj:
+                si = torch.randint(0, pool_x.shape[0], (n_traj,), generator=gen).to(device)
+                vi = torch.randint(0, pool_x.shape[1], (n_traj,), generator=gen).to(device)
+                xt, t, y = torch.cat([xt, pool_x[si, vi]]), torch.cat([t, pool_t[si]]), torch.cat([y, pool_y[vi]])
+            labelled = (y != student.null_label).nonzero().squeeze(1) if guidance else y[:0]
+            n = len(y)
+            x_in = torch.cat([xt, xt[labelled]])
+            t_in = torch.cat([t, t[labelled]])
+            y_in = torch.cat([y, torch.full_like(labelled, student.null_label)])
             with torch.no_grad():
-                target = teacher(xt, t, y)
-            pred = student(xt, t, y)
-            loss = alpha * student.weighted_mse(pred, target, t, min_snr_gamma) + \
-                (1 - alpha) * student.weighted_mse(pred, noise, t, min_snr_gamma)
+                target = teacher(x_in, t_in, y_in)
+            pred = student(x_in, t_in, y_in)
+            kd = student.weighted_mse(pred, target, t_in, min_snr_gamma)
+            if len(labelled):
+                def guided(e: torch.Tensor) -> torch.Tensor:
+                    return e[n:] + guidance * (e[labelled] - e[n:])
+
+                kd = kd + student.weighted_mse(guided(pred), guided(target), t[labelled], min_snr_gamma) / guidance
+            loss = alpha * kd + (1 - alpha) * student.weighted_mse(pred[:n_fresh], noise, t[:n_fresh], min_snr_gamma)
             if not torch.isfinite(loss):
                 raise ParticlizeError(f"the distillation loss became {loss.item()} at step {step}; lower the learning rate")
             for g in opt.param_groups:

@@ -195,6 +195,9 @@ class Diffusion:
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
+GUIDANCE = 5.0  # the sampler's default classifier-free guidance scale
+
+
 class SpacetimeDiT(nn.Module):
     """Diffusion transformer predicting the noise in a video ``[B, C, T, H, W]`` at step ``t`` for label ``y``."""
 
@@ -277,13 +280,16 @@ class SpacetimeDiT(nn.Module):
         labels: Sequence[int] | Tensor,
         steps: int = 50,
         seed: int = 0,
-        guidance: float = 5.0,
+        guidance: float = GUIDANCE,
+        trajectory: list[tuple[Tensor, int]] | None = None,
     ) -> Tensor:
         """Deterministic DDIM (eta = 0) with classifier-free guidance: videos ``[B, C, T, H, W]`` in [0, 1].
 
         ``labels`` are class ids (``num_classes`` = unconditional); ``guidance`` 1.0 turns guidance off
         (5.0, the default, is where the shipped ``sora-tiny`` draws its digits best: benchmarks/RESULTS.md).
         The starting noise is drawn on the CPU from ``seed``, so results do not depend on the device.
+        A ``trajectory`` list receives ``(x_t, t)`` for every step: the noisy videos the sampler visits
+        (what guidance-aware distillation trains on, `particlize.train_sora.distill_dit`).
         """
         was_training = self.training
         self.eval()
@@ -298,6 +304,8 @@ class SpacetimeDiT(nn.Module):
             null = torch.full_like(y, self.null_label)
             for i, t in enumerate(ts):
                 tt = torch.full((B,), t, device=device, dtype=torch.long)
+                if trajectory is not None:
+                    trajectory.append((x.clone(), t))
                 if guidance == 1.0:
                     eps = self(x, tt, y)
                 else:

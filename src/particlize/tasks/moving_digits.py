@@ -85,6 +85,8 @@ class MovingDigitsTask(Task):
     ``split(name)`` gives ``(videos float [N, 1, T, H, W] in [0, 1], labels LongTensor[N])``;
     `stream` draws an endless seeded sequence of fresh training batches in ``[-1, 1]`` (what diffusion
     training wants); `frames` gives labelled single frames for the frame classifier.
+    ``distill_options`` are passed on to `particlize.train_sora.distill_dit` by `recover` (e.g.
+    ``{"guidance": None, "trajectory_fraction": 0.0}`` for plain noise-prediction distillation).
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class MovingDigitsTask(Task):
             raise ValueError(f"moving digits needs >= 2 frames of at least {digit_size}px, got {frames} x {size}")
         self.seed, self.frames, self.size, self.digit_size = seed, frames, size, digit_size
         self.two_digit_fraction = two_digit_fraction
+        self.distill_options: dict[str, Any] = {}
         self.digits = digit_images(seed, digit_size)
         splits = {}
         for k, (s, n) in enumerate(zip(SPLITS, (n_train, n_eval, n_eval))):
@@ -156,13 +159,14 @@ class MovingDigitsTask(Task):
     def recover(self, student: nn.Module, teacher: nn.Module, tokenizer: Any = None, *, epochs: int = 1,
                 lr: float | None = None, batch_size: int = 32, seed: int = 0, kd_alpha: float = 0.5,
                 progress: Any = None, **_: Any) -> dict[str, Any]:
-        """Distil the pruned denoiser from the original: ``epochs`` passes' worth of fresh training
-        videos (`particlize.train_sora.distill_dit`)."""
+        """Distil the pruned denoiser from the original: ``epochs`` passes' worth of training videos,
+        guidance-aware and partly on the original's sampling trajectories (`particlize.train_sora.distill_dit`,
+        with ``distill_options``)."""
         from ..train_sora import distill_dit
 
         steps = max(1, epochs * -(-self.sizes()["train"] // batch_size))
         return distill_dit(student, teacher, self, steps=steps, lr=lr or 3e-4, batch_size=batch_size, seed=seed,
-                           alpha=kd_alpha, progress=progress)
+                           alpha=kd_alpha, progress=progress, **self.distill_options)
 
     def latency_inputs(self, tokenizer: Any = None, batch: int = 32, seq: int = 64) -> dict[str, torch.Tensor]:
         """One classifier-free-guided sampling step for ``batch`` videos (``2 * batch`` rows)."""
