@@ -5,6 +5,8 @@ For each FLOPs budget (fraction of the encoder's FLOPs kept, embeddings excluded
 - ``pz-loop``      particlize's default: iterative rounds (≤1/3 of the remaining FLOPs each), Taylor scores,
                    global allocation by importance per FLOP, distillation recovery of ``--epochs`` per round;
 - ``pz-oneshot``   particlize with the same total recovery budget as Torch-Pruning: one round, ``--epochs``;
+- ``pz-oneshot-latency``  the same, particles priced by their measured latency on this machine (``cost="latency"``)
+                   instead of their FLOPs;
 - ``tp-<imp>-ft``  Torch-Pruning 1.6.1 (GroupTaylor or GroupMagnitude importance, heads + FFN neurons pruned
                    uniformly per layer) then plain fine-tuning, as its users do;
 - ``tp-<imp>-kd``  the same pruning then particlize's distillation recovery (separates scorer/allocation
@@ -41,7 +43,7 @@ from particlize.tasks import get_task  # noqa: E402
 from particlize.tasks.base import logits_of  # noqa: E402
 from particlize.train import train_classifier  # noqa: E402
 
-VARIANTS = ("pz-loop", "pz-oneshot", "tp-taylor-ft", "tp-magnitude-ft", "tp-taylor-kd", "tp-magnitude-kd")
+VARIANTS = ("pz-loop", "pz-oneshot", "pz-oneshot-latency", "tp-taylor-ft", "tp-magnitude-ft", "tp-taylor-kd", "tp-magnitude-kd")
 
 
 def encoder_flops(model) -> float:
@@ -89,7 +91,8 @@ def run(variant: str, dense, task, tok, budget: float, seed: int, args) -> dict:
     opts = dict(batch_size=32, max_length=64, limit=args.limit, seed=seed, lr=args.lr)
     if variant.startswith("pz"):
         cfg = CompressConfig(target_flops=budget, recover_epochs=args.epochs, min_quality=0.0, calib_examples=args.calib,
-                             max_fraction=1.0 if variant == "pz-oneshot" else 1 / 3, round_to=args.round_to, **opts)
+                             max_fraction=1.0 if "oneshot" in variant else 1 / 3, round_to=args.round_to,
+                             cost="latency" if variant.endswith("-latency") else "flops", **opts)
         before_cfg = CompressConfig(**{**cfg.__dict__, "recover_epochs": 0})
         before = compress(copy.deepcopy(dense), task, tokenizer=tok, config=before_cfg).model
         res = compress(dense, task, tokenizer=tok, config=cfg)

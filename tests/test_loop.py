@@ -112,6 +112,7 @@ def test_nan_loss_rolls_back(setup, tmp_path):
         ({"granularity": ("channels",)}, "nothing to prune"),
         ({"granularity": ("wires",)}, "unknown granularity"),
         ({"quantize": "int4"}, "quantize"),
+        ({"cost": "watts"}, "cost must be 'flops' or 'latency'"),
         ({"bogus_option": 1}, "unknown compress option"),
     ],
 )
@@ -145,6 +146,31 @@ def test_allocation_respects_widths_rounding_and_gqa():
     for share in (0.02, 0.04, 0.07):  # up to 7.7% can go at these widths; rounding alone removed 0-5%
         plan = allocate(pm, imp, share * total, cfg, 16)
         assert total - pm.cost(plan, seq_len=16).flops >= share * total * (1 - 1e-9), share
+
+
+def test_latency_prices_decide_what_global_allocation_takes_first(setup, tmp_path):
+    """Priced by measured time, the kind that saves more milliseconds per particle goes first; a kind
+    without a price goes last. ``cost="latency"`` measures the prices once, at round 0, and keeps them."""
+    from particlize.loop import latency_prices
+
+    work, model, task, tok = setup
+    pm = pz.decompose(model)
+    imp = {g.name: torch.ones(g.size) for g in pm.groups if g.kind in ("head", "neuron")}
+    cfg = CompressConfig(min_width=0.25)
+    small = 0.02 * pm.cost(seq_len=16).flops
+
+    def kinds_taken(prices):
+        return {pm[n].kind for n in allocate(pm, imp, small, cfg, 16, prices)}
+
+    assert kinds_taken({"head": 1.0, "neuron": 1e-3}) == {"head"}
+    assert kinds_taken({"head": 1e-3, "neuron": 1.0}) == {"neuron"}
+    assert kinds_taken({"neuron": 1.0}) == {"neuron"}
+    inputs = {k: v[:2] for k, v in task.latency_inputs(tok, 2, 8).items()}
+    prices = latency_prices(model, pm, inputs, cfg, {"head", "neuron"}, rounds=1)
+    assert set(prices) == {"head", "neuron"} and all(v > 0 for v in prices.values())
+    res = compress(model, task, tokenizer=tok, out=tmp_path / "run", **{**OPTIONS, "cost": "latency"})
+    assert set(res.history[0]["latency_prices"]) == {"head", "neuron"} and res.reason == "target met"
+    assert all("latency_prices" not in e for e in res.history[1:])
 
 
 def test_sweep_writes_table_and_plot(setup, tmp_path):

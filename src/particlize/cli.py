@@ -231,6 +231,7 @@ def compress(
     granularity: str = typer.Option("heads,neurons", "--granularity", help="comma list of heads, neurons, channels, units, blocks, or all"),
     scorer: str = typer.Option("fisher", "--scorer", help="fisher, taylor, taylor-example, ablation, magnitude, activation"),
     allocation: str = typer.Option("global", "--allocation", help="global (by importance per FLOP) or uniform per layer"),
+    cost: str = typer.Option("flops", "--cost", help="price of a particle in global allocation: flops, or latency (measured per kind on this machine)"),
     min_quality: float = typer.Option(0.99, "--min-quality", help="floor: fraction of the dense model's validation quality (accuracy; 1/eps-MSE for video diffusion)"),
     max_fraction: float = typer.Option(1 / 3, "--max-fraction", help="most of the remaining FLOPs removed per round"),
     recover_epochs: int = typer.Option(1, "--recover-epochs", min=0),
@@ -260,7 +261,7 @@ def compress(
     cfg = CompressConfig(
         target_flops=target_flops, target_params=target_params, target_latency_ms=target_latency_ms,
         granularity=tuple(g.strip() for g in granularity.split(",") if g.strip()), scorer=scorer, allocation=allocation,
-        min_quality=min_quality, max_fraction=max_fraction, recover_epochs=recover_epochs, round_to=round_to, lr=lr,
+        cost=cost, min_quality=min_quality, max_fraction=max_fraction, recover_epochs=recover_epochs, round_to=round_to, lr=lr,
         batch_size=batch_size, max_length=max_length, limit=limit, seed=seed, quantize=quantize,
     )
     cfg.check()

@@ -46,6 +46,7 @@ class CompressConfig:
     granularity: tuple[str, ...] = ("heads", "neurons")
     scorer: str = "fisher"  # chosen by measurement: benchmarks/scorer_oneshot.py, RESULTS.md
     allocation: str = "global"
+    cost: str = "flops"  # what global allocation prices particles by: "flops" or measured "latency"
     min_quality: float = 0.99
     max_fraction: float = 1 / 3
     min_width: float = 0.1
@@ -89,6 +90,8 @@ class CompressConfig:
             raise ParticlizeError(f"unknown scorer {self.scorer!r}; use one of {', '.join(SCORERS)}")
         if self.allocation not in ("global", "uniform"):
             raise ParticlizeError(f"allocation must be 'global' or 'uniform', got {self.allocation!r}")
+        if self.cost not in ("flops", "latency"):
+            raise ParticlizeError(f"cost must be 'flops' or 'latency', got {self.cost!r}")
         if self.quantize not in (None, "int8"):
             raise ParticlizeError(f"quantize must be None or 'int8', got {self.quantize!r}")
 
@@ -184,10 +187,12 @@ def allocate(
     flops_to_remove: float,
     cfg: CompressConfig,
     seq_len: int,
+    prices: dict[str, float] | None = None,
 ) -> dict[str, list[int]]:
     """Choose particles to remove until ``flops_to_remove`` is saved: ``global`` allocation takes the
-    lowest importance per FLOP anywhere; ``uniform`` removes the same fraction of every layer's group,
-    each time the least important particles of the group.
+    lowest importance per unit of price anywhere (price = the particle's FLOPs, or with ``prices`` the
+    measured milliseconds one particle of its kind saves, `latency_prices`); ``uniform`` removes the
+    same fraction of every layer's group, each time the least important particles of the group.
 
     Per group at most ``size - floor`` particles go (``min_width`` of the group, rounded for
     ``round_to`` and grouped-query balance); kept counts are rounded up to legal widths afterwards,
@@ -199,7 +204,7 @@ def allocate(
     before = pm.cost(seq_len=seq_len).flops
     goal, remove = flops_to_remove, {}
     for _ in range(8):
-        remove = _allocate_once(pm, importance, goal, cfg, table)
+        remove = _allocate_once(pm, importance, goal, cfg, table, prices)
         short = flops_to_remove - (before - pm.cost(remove, seq_len=seq_len).flops)
         if short <= 1e-9 * before:
             break
@@ -208,9 +213,13 @@ def allocate(
 
 
 def _allocate_once(
-    pm: ParticleMap, importance: dict[str, torch.Tensor], flops_to_remove: float, cfg: CompressConfig, table: Any
+    pm: ParticleMap, importance: dict[str, torch.Tensor], flops_to_remove: float, cfg: CompressConfig, table: Any,
+    prices: dict[str, float] | None = None,
 ) -> dict[str, list[int]]:
     costs = {name: table.loc[name].sort_index().flops.to_numpy() for name in importance}
+
+    def price(name: str, i: int) -> float:
+        return float(costs[name][i]) if prices is None else prices.get(pm[name].kind, 0.0)  # unpriced: last
 
     def floor_of(g) -> int:
         return 1 if g.kind == "block" else _keep_floor(g.size, cfg, g.balanced)
@@ -224,7 +233,7 @@ def _allocate_once(
             g = pm[n]
             counts[n] = min(g.size - floor_of(g), round(frac * g.size))
     else:  # global: cheapest importance per FLOP first, anywhere in the model
-        cand = sorted((float(importance[n][i]) / max(float(costs[n][i]), 1e-12), n, i)
+        cand = sorted((float(importance[n][i]) / max(price(n, i), 1e-12), n, i)
                       for n in importance for i in range(pm[n].size))
         saved = 0.0
         for _, name, i in cand:
@@ -348,6 +357,8 @@ def compress(
     if not history:
         q = _quality(task, teacher, tokenizer, cfg)
         history.append(_entry(0, teacher, pm0, dense_cost, q, measure_latency(teacher, lat_inputs), {}, 0.0))
+        if cfg.cost == "latency":  # measured once and kept, so a resumed run allocates the same way
+            history[0]["latency_prices"] = latency_prices(teacher, pm0, lat_inputs, cfg, kinds)
         emit("round", history[-1])
         _save_state(out_path, cfg, history, done=False)
     dense_q = history[0]["quality"]
@@ -367,7 +378,8 @@ def compress(
         importance = _importance(pm, calib, cfg, kinds)
         cur_flops = pm.cost().flops
         goal = _flops_goal(cfg, history, dense_cost.flops, cur_flops)
-        remove = allocate(pm, importance, min(goal, cfg.max_fraction * cur_flops), cfg, cfg.max_length)
+        remove = allocate(pm, importance, min(goal, cfg.max_fraction * cur_flops), cfg, cfg.max_length,
+                          history[0].get("latency_prices"))
         if not remove:
             reason = "nothing more can be removed within the minimum widths"
             break
@@ -494,17 +506,45 @@ def _flops_goal(cfg: CompressConfig, history: list, dense_flops: float, cur_flop
     return max(max(goals), 0.0) if goals else 0.0
 
 
+def _shrink_plan(pm: ParticleMap, cfg: CompressConfig, kinds: set[str], fraction: float = 1.0) -> dict[str, list[int]]:
+    """Remove ``fraction`` of what may go (down to the minimum widths) from every group of ``kinds``,
+    the same number from every key/value group of a balanced one."""
+    remove = {}
+    for g in pm.groups:
+        if g.kind not in kinds:
+            continue
+        floor = 1 if g.kind == "block" else _keep_floor(g.size, cfg, g.balanced)
+        if g.balanced == 1 or g.kind == "block":
+            n = round(fraction * (g.size - floor))
+            remove[g.name] = list(range(g.size - n, g.size))
+        else:
+            chunk = g.size // g.balanced
+            n = round(fraction * (chunk - floor // g.balanced))
+            remove[g.name] = [i for i in range(g.size) if i % chunk >= chunk - n]
+    return {k: v for k, v in remove.items() if v}
+
+
+def latency_prices(model: nn.Module, pm: ParticleMap, inputs: Any, cfg: CompressConfig, kinds: set[str],
+                   rounds: int = 3) -> dict[str, float]:
+    """Measured milliseconds saved per removed particle, by kind: the model with half of what may go
+    removed from every group of that kind against the intact model, timed in ``rounds`` interleaved
+    pairs (median). What `allocate` prices particles by when ``cost="latency"``: on a real device a
+    head or a block can save more time per FLOP than a neuron (fixed per-op costs, small matmuls)."""
+    plans = {k: _shrink_plan(pm, cfg, {k}, 0.5) for k in sorted(kinds)}
+    smaller = {k: (pm.prune(p), sum(len(v) for v in p.values())) for k, p in plans.items() if p}
+    saved: dict[str, list[float]] = {k: [] for k in smaller}
+    for _ in range(rounds):
+        for k, (m, _n) in smaller.items():
+            full = measure_latency(model, inputs, warmup=1, reps=3)
+            saved[k].append(full - measure_latency(m, inputs, warmup=1, reps=3))
+    return {k: max(statistics.median(saved[k]), 1e-9) / smaller[k][1] for k in smaller}
+
+
 def _check_latency_target(cfg: CompressConfig, model: nn.Module, pm: ParticleMap, inputs: Any, kinds: set[str]) -> None:
     """Refuse a latency target below what the smallest model the settings allow could reach."""
     if cfg.target_latency_ms is None:
         return
-    remove = {}
-    for g in pm.groups:
-        if g.kind in kinds:
-            floor = 1 if g.kind == "block" else _keep_floor(g.size, cfg, g.balanced)
-            remove[g.name] = list(range(floor, g.size)) if g.balanced == 1 or g.kind == "block" else \
-                [i for i in range(g.size) if i % (g.size // g.balanced) >= floor // g.balanced]
-    smallest = pm.prune({k: v for k, v in remove.items() if v})
+    smallest = pm.prune(_shrink_plan(pm, cfg, kinds))
     best = measure_latency(smallest, inputs)
     if cfg.target_latency_ms < best:
         raise ParticlizeError(
@@ -541,4 +581,4 @@ def _int8_report(model: nn.Module, task: Task, tokenizer: Any, cfg: CompressConf
     return {"test": acc, "latency_ms": int8_ms, "fp32_latency_ms": fp32_ms}
 
 
-__all__ = ["CompressConfig", "CompressResult", "allocate", "compress", "measure_latency"]
+__all__ = ["CompressConfig", "CompressResult", "allocate", "compress", "latency_prices", "measure_latency"]
