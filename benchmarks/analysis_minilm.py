@@ -147,6 +147,7 @@ def main() -> int:
     ap.add_argument("--taylor-rounds", type=int, default=3)
     ap.add_argument("--skip", default="", help="comma list of sections to skip: heads,sweep,neurons,topk,taylor")
     ap.add_argument("--threads", type=int, default=C.THREADS, help="torch threads (both sides)")
+    ap.add_argument("--sweep-csv", default=None, help="write section 3's full exact sweep (with taylor scores) here")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
 
@@ -323,6 +324,9 @@ def main() -> int:
         tay = pz.analyze(pm, tb, "taylor", "loss", "zero", groups=sub, table=False)
         t_tay = time.perf_counter() - t
         tay["rank"] = tay["score"].rank(ascending=False, method="first").astype(int)
+        if args.sweep_csv:
+            full_df.merge(tay[["group", "index", "score"]].rename(columns={"score": "taylor"}), on=["group", "index"]) \
+                .assign(seconds_full_sweep=t_full).to_csv(args.sweep_csv, index=False)
         trank = {(g, i): r for g, i, r in zip(tay.group, tay["index"], tay["rank"])}
         # top_particles ablates every head exactly (exhaustive kinds) and screens the neurons: the
         # shortlist it needs is the worst taylor rank, among neurons, of the exact top-k neurons
