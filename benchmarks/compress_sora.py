@@ -12,7 +12,8 @@ both at ``--target-flops`` of the DiT blocks' FLOPs, with the same distillation 
 the same cost and their quality can be compared. Measured: held-out ε-MSE (fixed steps and noise),
 class-conditional sample accuracy (shipped frame classifier, ``--per-class`` videos per digit),
 temporal consistency (mean frame-to-frame change; real videos for reference), and the wall time of
-``model.sample`` for 20 videos (median of 3 interleaved rounds, paired ratios). Sample grids (PNG) and
+``model.sample`` for ``--sample-batch`` videos at once (20 by default; median of 3 interleaved rounds,
+paired ratios). Sample grids (PNG) and
 animations (GIF) of every model go to ``--out``.
 """
 
@@ -53,6 +54,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="bench-out/sora")
+    ap.add_argument("--sample-batch", type=int, default=20, help="videos per timed model.sample call")
+    ap.add_argument("--target-flops-width", type=float, default=None,
+                    help="FLOPs target of the width variant (default: --target-flops)")
     ap.add_argument("--variants", nargs="+", default=["width", "depth"], choices=["width", "depth"])
     ap.add_argument("--plain-distill", action="store_true",
                     help="recover by plain noise-prediction distillation (no guidance term, no sampler trajectories)")
@@ -74,7 +78,8 @@ def main() -> None:
         if name not in args.variants:
             continue
         t = time.perf_counter()
-        res = compress(dense, task, target_flops=args.target_flops, granularity=gran, min_quality=0.0,
+        flops = args.target_flops_width if name == "width" and args.target_flops_width else args.target_flops
+        res = compress(dense, task, target_flops=flops, granularity=gran, min_quality=0.0,
                        recover_epochs=args.recover_epochs, batch_size=32, out=out / name, force=True)
         runs[name] = {"seconds": time.perf_counter() - t, "reason": res.reason, "history": res.history}
         models[name] = res.model.eval()
@@ -92,8 +97,8 @@ def main() -> None:
                title="real test videos", force=True)
 
     q = {name: quality(m, task, clf, args.per_class, args.steps) for name, m in models.items()}
-    # sampling wall time: 20 videos, interleaved rounds
-    lab = torch.arange(20) % 10
+    # sampling wall time: --sample-batch videos, interleaved rounds
+    lab = torch.arange(args.sample_batch) % 10
     times: dict[str, list[float]] = {n: [] for n in models}
     with torch.inference_mode():
         for m in models.values():
@@ -114,7 +119,7 @@ def main() -> None:
                      f"{q[n]['temporal_consistency']:.4f}",
                      f"{statistics.median(times[n]):.2f}", f"{statistics.median(speed):.2f}× ({min(speed):.2f}–{max(speed):.2f})"])
     table = C.print_table(["model", "params", "block FLOPs", "held-out ε-MSE (vs dense)", "sample accuracy (vs dense)",
-                           "temporal consistency", f"sample 20 videos, s", "speedup (paired)"], rows)
+                           "temporal consistency", f"sample {args.sample_batch} videos, s", "speedup (paired)"], rows)
     log(f"real test videos: temporal consistency {temporal_consistency(real_v):.4f}; frame classifier on real test "
         f"videos: {(classify_videos(clf, real_v[real_y < 10]) == real_y[real_y < 10]).float().mean().item():.3f}")
     (out / "results.json").write_text(json.dumps({"quality": q, "times": times, "runs": runs, "table": table}, indent=1, default=str))
