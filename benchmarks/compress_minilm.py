@@ -7,6 +7,8 @@ For each FLOPs budget (fraction of the encoder's FLOPs kept, embeddings excluded
 - ``pz-oneshot``   particlize with the same total recovery budget as Torch-Pruning: one round, ``--epochs``;
 - ``pz-oneshot-latency``  the same, particles priced by their measured latency on this machine (``cost="latency"``)
                    instead of their FLOPs;
+- ``pz-oneshot-blocks[-latency]``  one round with whole blocks competing beside heads and neurons (priced by
+                   FLOPs, or by measured latency);
 - ``tp-<imp>-ft``  Torch-Pruning 1.6.1 (GroupTaylor or GroupMagnitude importance, heads + FFN neurons pruned
                    uniformly per layer) then plain fine-tuning, as its users do;
 - ``tp-<imp>-kd``  the same pruning then particlize's distillation recovery (separates scorer/allocation
@@ -43,7 +45,7 @@ from particlize.tasks import get_task  # noqa: E402
 from particlize.tasks.base import logits_of  # noqa: E402
 from particlize.train import train_classifier  # noqa: E402
 
-VARIANTS = ("pz-loop", "pz-oneshot", "pz-oneshot-latency", "tp-taylor-ft", "tp-magnitude-ft", "tp-taylor-kd", "tp-magnitude-kd")
+VARIANTS = ("pz-loop", "pz-oneshot", "pz-oneshot-latency", "pz-oneshot-blocks", "pz-oneshot-blocks-latency", "tp-taylor-ft", "tp-magnitude-ft", "tp-taylor-kd", "tp-magnitude-kd")
 
 
 def encoder_flops(model) -> float:
@@ -92,7 +94,9 @@ def run(variant: str, dense, task, tok, budget: float, seed: int, args) -> dict:
     if variant.startswith("pz"):
         cfg = CompressConfig(target_flops=budget, recover_epochs=args.epochs, min_quality=0.0, calib_examples=args.calib,
                              max_fraction=1.0 if "oneshot" in variant else 1 / 3, round_to=args.round_to,
-                             cost="latency" if variant.endswith("-latency") else "flops", **opts)
+                             cost="latency" if variant.endswith("-latency") else "flops",
+                             granularity=("heads", "neurons", "blocks") if "blocks" in variant else ("heads", "neurons"),
+                             **opts)
         before_cfg = CompressConfig(**{**cfg.__dict__, "recover_epochs": 0})
         before = compress(copy.deepcopy(dense), task, tokenizer=tok, config=before_cfg).model
         res = compress(dense, task, tokenizer=tok, config=cfg)

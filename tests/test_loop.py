@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 import particlize as pz
@@ -146,6 +148,34 @@ def test_allocation_respects_widths_rounding_and_gqa():
     for share in (0.02, 0.04, 0.07):  # up to 7.7% can go at these widths; rounding alone removed 0-5%
         plan = allocate(pm, imp, share * total, cfg, 16)
         assert total - pm.cost(plan, seq_len=16).flops >= share * total * (1 - 1e-9), share
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), share=st.floats(0.05, 0.6), block_bias=st.floats(0.01, 100.0))
+def test_global_allocation_with_blocks_saves_what_it_was_asked(seed, share, block_bias):
+    """Blocks and the particles inside them compete in one ranking; a block removed after some of its
+    heads or neurons were chosen saves only the rest, so the plan meets its FLOPs goal and overshoots
+    it by less than one particle (the last one taken), whatever the scores."""
+    from conftest import hf_model
+
+    model, _ = hf_model("bert")
+    pm = pz.decompose(model)
+    gen = torch.Generator().manual_seed(seed)
+    imp = {g.name: torch.rand(g.size, generator=gen) * (block_bias if g.kind == "block" else 1.0)
+           for g in pm.groups if g.kind in ("head", "neuron", "block")}
+    cfg = CompressConfig(granularity=("heads", "neurons", "blocks"), min_width=0.25)
+    total = pm.cost(seq_len=16).flops
+    table = pm.table(seq_len=16)
+    biggest = float(table.flops.max())
+    remove = allocate(pm, imp, share * total, cfg, 16)
+    saved = total - pm.cost(remove, seq_len=16).flops
+    assert saved >= share * total * (1 - 1e-9)  # reachable: two of the three blocks alone are 2/3
+    assert saved <= share * total + biggest + 1e-6 * total
+    blocks = [n for n in remove if pm[n].kind == "block"]
+    for b in blocks:  # nothing is listed inside a removed block
+        dead = [pm[b].gate.modules[i] + "." for i in remove[b]]
+        assert not any(pm[n].scope.startswith(d) for n in remove for d in dead if n != b)
+    pm.prune(remove)  # physically valid
 
 
 def test_latency_prices_decide_what_global_allocation_takes_first(setup, tmp_path):

@@ -235,15 +235,23 @@ def _allocate_once(
     else:  # global: cheapest importance per FLOP first, anywhere in the model
         cand = sorted((float(importance[n][i]) / max(price(n, i), 1e-12), n, i)
                       for n in importance for i in range(pm[n].size))
+        owner = _block_owners(pm, importance)
+        counted: dict[str, float] = {}  # FLOPs already counted as saved, per group
+        dead: set[tuple[str, int]] = set()
         saved = 0.0
         for _, name, i in cand:
             if saved >= flops_to_remove:
                 break
             g = pm[name]
-            if g.size - counts.get(name, 0) - 1 < floor_of(g):
+            if owner.get(name) in dead or g.size - counts.get(name, 0) - 1 < floor_of(g):
                 continue
+            gain = float(costs[name][i])
+            if g.kind == "block":  # it takes what is inside along: count only what is not counted yet
+                gain -= sum(v for n, v in counted.items() if owner.get(n) == (name, i))
+                dead.add((name, i))
             counts[name] = counts.get(name, 0) + 1
-            saved += float(costs[name][i])
+            counted[name] = counted.get(name, 0.0) + gain
+            saved += gain
     remove: dict[str, list[int]] = {}
     for name, count in counts.items():
         g = pm[name]
@@ -261,13 +269,24 @@ def _allocate_once(
         else:
             sel = [int(j) for j in torch.argsort(imp)[:n_remove]]
         remove[name] = sorted(sel)
-    for bname in [n for n in remove if pm[n].kind == "block"]:
-        gate = pm[bname].gate
-        dead = [gate.modules[i] + "." for i in remove[bname]]
-        for name in list(remove):
-            if name != bname and any(pm[name].scope.startswith(d) for d in dead):
-                del remove[name]
+    owner = _block_owners(pm, remove)
+    for name in [n for n in remove if n in owner and owner[n][1] in remove.get(owner[n][0], [])]:
+        del remove[name]  # inside a removed block: goes with it
     return remove
+
+
+def _block_owners(pm: ParticleMap, groups: Any) -> dict[str, tuple[str, int]]:
+    """``{group: (block group, block index)}`` for the groups that sit inside a block of ``groups``."""
+    owners: dict[str, tuple[str, int]] = {}
+    for bname in groups:
+        b = pm[bname]
+        if b.kind != "block":
+            continue
+        for i, path in enumerate(b.gate.modules):
+            for g in pm.groups:
+                if g.kind != "block" and (g.scope.startswith(path + ".") or g.name.startswith(path + ".")):
+                    owners[g.name] = (bname, i)
+    return owners
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------
