@@ -9,6 +9,7 @@ For each FLOPs budget (fraction of the encoder's FLOPs kept, embeddings excluded
                    instead of their FLOPs;
 - ``pz-oneshot-blocks[-latency]``  one round with whole blocks competing beside heads and neurons (priced by
                    FLOPs, or by measured latency);
+- ``pz-oneshot[-blocks]-hd``  the same with layer-wise distillation in recovery (``hidden_weight=--hidden-weight``);
 - ``tp-<imp>-ft``  Torch-Pruning 1.6.1 (GroupTaylor or GroupMagnitude importance, heads + FFN neurons pruned
                    uniformly per layer) then plain fine-tuning, as its users do;
 - ``tp-<imp>-kd``  the same pruning then particlize's distillation recovery (separates scorer/allocation
@@ -45,7 +46,8 @@ from particlize.tasks import get_task  # noqa: E402
 from particlize.tasks.base import logits_of  # noqa: E402
 from particlize.train import train_classifier  # noqa: E402
 
-VARIANTS = ("pz-loop", "pz-oneshot", "pz-oneshot-latency", "pz-oneshot-blocks", "pz-oneshot-blocks-latency", "tp-taylor-ft", "tp-magnitude-ft", "tp-taylor-kd", "tp-magnitude-kd")
+VARIANTS = ("pz-loop", "pz-oneshot", "pz-oneshot-latency", "pz-oneshot-blocks", "pz-oneshot-blocks-latency",
+            "pz-oneshot-hd", "pz-oneshot-blocks-hd", "tp-taylor-ft", "tp-magnitude-ft", "tp-taylor-kd", "tp-magnitude-kd")
 
 
 def encoder_flops(model) -> float:
@@ -96,7 +98,7 @@ def run(variant: str, dense, task, tok, budget: float, seed: int, args) -> dict:
                              max_fraction=1.0 if "oneshot" in variant else 1 / 3, round_to=args.round_to,
                              cost="latency" if variant.endswith("-latency") else "flops",
                              granularity=("heads", "neurons", "blocks") if "blocks" in variant else ("heads", "neurons"),
-                             **opts)
+                             hidden_weight=args.hidden_weight if variant.endswith("-hd") else 0.0, **opts)
         before_cfg = CompressConfig(**{**cfg.__dict__, "recover_epochs": 0})
         before = compress(copy.deepcopy(dense), task, tokenizer=tok, config=before_cfg).model
         res = compress(dense, task, tokenizer=tok, config=cfg)
@@ -136,6 +138,7 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=None, help="train on the first N sentences only")
     ap.add_argument("--calib", type=int, default=256)
     ap.add_argument("--round-to", type=int, default=None, help="particlize: keep widths multiples of this")
+    ap.add_argument("--hidden-weight", type=float, default=1.0, help="layer-wise distillation weight of the -hd variants")
     ap.add_argument("--latency-rounds", type=int, default=5)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()

@@ -55,6 +55,7 @@ class CompressConfig:
     lr: float | None = None
     kd_alpha: float = 0.5
     temperature: float = 2.0
+    hidden_weight: float = 0.0  # layer-wise distillation: weight of the blocks' output MSE to the teacher's
     calib_examples: int = 256
     batch_size: int = 32
     max_length: int = 64
@@ -582,7 +583,7 @@ def _recover(student: nn.Module, teacher: nn.Module, task: Task, tokenizer: Any,
 
     return task.recover(student, teacher, tokenizer, epochs=cfg.recover_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                         max_length=cfg.max_length, seed=cfg.seed * 1000 + r, limit=cfg.limit, kd_alpha=cfg.kd_alpha,
-                        temperature=cfg.temperature, progress=prog)
+                        temperature=cfg.temperature, hidden_weight=cfg.hidden_weight, progress=prog)
 
 
 def _int8_report(model: nn.Module, task: Task, tokenizer: Any, cfg: CompressConfig) -> dict[str, Any]:

@@ -122,6 +122,31 @@ def provenance(model: nn.Module) -> dict[str, Any]:
     return getattr(model, PROVENANCE, {}) or {}
 
 
+def block_correspondence(teacher: nn.Module, student: nn.Module) -> list[tuple[str, str]]:
+    """``[(teacher block path, student block path), ...]``: where each block of a pruned ``student``
+    came from in ``teacher``, read from the plans (the student's plan must extend the teacher's).
+    Blocks keep their width of the residual stream, so their outputs can be compared one to one (the
+    layer-wise distillation of recovery); empty when the student does not descend from the teacher."""
+    from .adapters import decompose
+
+    t_plan, s_plan = provenance(teacher).get("plan", []), provenance(student).get("plan", [])
+    if s_plan[: len(t_plan)] != t_plan:
+        return []
+    t_pm, s_pm = decompose(teacher), decompose(student)
+    pairs = []
+    for sg in s_pm.select("block"):
+        if sg.name not in t_pm:
+            continue
+        tg = t_pm[sg.name]
+        origin = list(range(tg.size))
+        for step in s_plan[len(t_plan):]:
+            if sg.name in step:
+                origin = [origin[i] for i in step[sg.name]]
+        if len(origin) == sg.size and isinstance(sg.gate, ResidualGate) and isinstance(tg.gate, ResidualGate):
+            pairs += [(tg.gate.modules[o], sg.gate.modules[j]) for j, o in enumerate(origin)]
+    return pairs
+
+
 def pruned_copy(pm: ParticleMap, remove: Remove) -> nn.Module:
     """A deep copy of ``pm.model`` without the particles in ``remove``; records the plan step."""
     from .adapters import decompose

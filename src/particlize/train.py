@@ -7,10 +7,11 @@ the end. It prints nothing; pass ``progress`` to watch it (the CLI drives a Rich
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ParticlizeError
+from .surgery import block_correspondence
 from .tasks import Task, get_task
 from .tasks.base import logits_of, model_device, to_device
 
@@ -51,6 +53,7 @@ def train_classifier(
     teacher: nn.Module | None = None,
     kd_alpha: float = 0.5,
     temperature: float = 2.0,
+    hidden_weight: float = 0.0,
     patience: int | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``task``'s train split, validate each epoch, keep the best-val-accuracy weights.
@@ -64,7 +67,10 @@ def train_classifier(
          "best_epoch", "best_val_accuracy", "steps", "lr", "seed", "seconds"}
 
     With a ``teacher`` (recovery after pruning) the loss is ``(1 - kd_alpha) * cross-entropy +
-    kd_alpha * T² * KL(teacher ‖ student)`` at temperature ``T`` (Hinton et al.). ``patience`` stops after
+    kd_alpha * T² * KL(teacher ‖ student)`` at temperature ``T`` (Hinton et al.), plus ``hidden_weight`` times
+    the mean squared difference between every block's output and that of the teacher's block it came
+    from (layer-wise distillation as in CoFi / TinyBERT; padding excluded; blocks matched through the
+    pruning plans by `particlize.surgery.block_correspondence`). ``patience`` stops after
     that many epochs without a better validation accuracy. A non-finite loss raises `ParticlizeError`
     at once (the caller rolls back). The model is left in eval mode with the best epoch's weights.
     """
@@ -94,52 +100,100 @@ def train_classifier(
                                "lr": lr, "seed": seed, "batch_size": batch_size, "max_length": max_length}
     best_state: dict[str, torch.Tensor] | None = None
     step, t0 = 0, time.perf_counter()
-    for epoch in range(1, epochs + 1):
-        te = time.perf_counter()
-        model.train()
-        loss_sum, n_seen = 0.0, 0
-        for inputs, y in task.batches("train", tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
-                                      limit=limit, shuffle=True, seed=seed * 1000 + epoch):
-            inputs, y = to_device(inputs, device), y.to(device)
-            logits = logits_of(model, inputs).float()
-            loss = F.cross_entropy(logits, y)
-            if teacher is not None:
-                with torch.no_grad():
-                    t_logits = logits_of(teacher, inputs).float()
-                kd = F.kl_div(F.log_softmax(logits / temperature, -1), F.log_softmax(t_logits / temperature, -1),
-                              log_target=True, reduction="batchmean") * temperature**2
-                loss = (1 - kd_alpha) * loss + kd_alpha * kd
-            if not torch.isfinite(loss):
-                raise ParticlizeError(f"non-finite training loss ({loss.item()}) at epoch {epoch}, step {step + 1}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-            opt.step()
-            sched.step()
-            step += 1
-            loss_sum += loss.item() * len(y)
-            n_seen += len(y)
+    layers = contextlib.nullcontext(None) if teacher is None or not hidden_weight else _layer_distillation(teacher, model)
+    with layers as hidden_loss:
+        for epoch in range(1, epochs + 1):
+            te = time.perf_counter()
+            model.train()
+            loss_sum, n_seen = 0.0, 0
+            for inputs, y in task.batches("train", tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+                                          limit=limit, shuffle=True, seed=seed * 1000 + epoch):
+                inputs, y = to_device(inputs, device), y.to(device)
+                logits = logits_of(model, inputs).float()
+                loss = F.cross_entropy(logits, y)
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_logits = logits_of(teacher, inputs).float()
+                    kd = F.kl_div(F.log_softmax(logits / temperature, -1), F.log_softmax(t_logits / temperature, -1),
+                                  log_target=True, reduction="batchmean") * temperature**2
+                    loss = (1 - kd_alpha) * loss + kd_alpha * kd
+                    if hidden_loss is not None:
+                        loss = loss + hidden_weight * hidden_loss(inputs)
+                if not torch.isfinite(loss):
+                    raise ParticlizeError(f"non-finite training loss ({loss.item()}) at epoch {epoch}, step {step + 1}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+                opt.step()
+                sched.step()
+                step += 1
+                loss_sum += loss.item() * len(y)
+                n_seen += len(y)
+                if progress is not None:
+                    progress(step, total, {"epoch": epoch, "loss": loss.item(), "lr": sched.get_last_lr()[0]})
+            val = task.evaluate(model, "val", tokenizer=tokenizer, batch_size=max(64, batch_size), limit=limit,
+                                max_length=max_length)
+            record = {"epoch": epoch, "train_loss": loss_sum / max(1, n_seen), "val_accuracy": val["accuracy"],
+                      "val_loss": val["loss"], "seconds": time.perf_counter() - te}
+            history["epochs"].append(record)
+            if val["accuracy"] > history["best_val_accuracy"]:
+                history["best_epoch"], history["best_val_accuracy"] = epoch, val["accuracy"]
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             if progress is not None:
-                progress(step, total, {"epoch": epoch, "loss": loss.item(), "lr": sched.get_last_lr()[0]})
-        val = task.evaluate(model, "val", tokenizer=tokenizer, batch_size=max(64, batch_size), limit=limit,
-                            max_length=max_length)
-        record = {"epoch": epoch, "train_loss": loss_sum / max(1, n_seen), "val_accuracy": val["accuracy"],
-                  "val_loss": val["loss"], "seconds": time.perf_counter() - te}
-        history["epochs"].append(record)
-        if val["accuracy"] > history["best_val_accuracy"]:
-            history["best_epoch"], history["best_val_accuracy"] = epoch, val["accuracy"]
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        if progress is not None:
-            progress(step, total, {"epoch": epoch, "loss": record["train_loss"], "val_accuracy": val["accuracy"],
-                                   "val_loss": val["loss"]})
-        if patience is not None and epoch - history["best_epoch"] >= patience:
-            break
+                progress(step, total, {"epoch": epoch, "loss": record["train_loss"], "val_accuracy": val["accuracy"],
+                                       "val_loss": val["loss"]})
+            if patience is not None and epoch - history["best_epoch"] >= patience:
+                break
     if best_state is not None and history["best_epoch"] != len(history["epochs"]):
         model.load_state_dict(best_state)
     history["seconds"] = time.perf_counter() - t0
     model.eval()
     return history
+
+
+@contextlib.contextmanager
+def _layer_distillation(teacher: nn.Module, student: nn.Module) -> Iterator[Callable[[Any], torch.Tensor] | None]:
+    """While active, a function of the batch inputs giving the mean squared difference between each
+    student block's output and its teacher block's, after a forward of both (None: no blocks match)."""
+    pairs = block_correspondence(teacher, student)
+    if not pairs:
+        yield None
+        return
+    s_out: dict[str, torch.Tensor] = {}
+    t_out: dict[str, torch.Tensor] = {}
+    handles = [*_keep_outputs(student, [sp for _, sp in pairs], s_out),
+               *_keep_outputs(teacher, [tp for tp, _ in pairs], t_out)]
+
+    def loss(inputs: Any) -> torch.Tensor:
+        mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+        return sum(_masked_mse(s_out[sp], t_out[tp], mask) for tp, sp in pairs) / len(pairs)
+
+    try:
+        yield loss
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _keep_outputs(model: nn.Module | None, paths: list[str], store: dict[str, torch.Tensor]) -> list[Any]:
+    """Forward hooks keeping each module's (first) output tensor in ``store``, by path."""
+    handles = []
+    for path in paths:
+        def hook(mod, args, out, path=path):
+            store[path] = out[0] if isinstance(out, (tuple, list)) else out
+
+        handles.append(model.get_submodule(path).register_forward_hook(hook))
+    return handles
+
+
+def _masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared difference over the real (``mask`` = 1) positions of ``[B, T, D]`` states."""
+    d = (a.float() - b.float()).pow(2)
+    if mask is None or mask.shape != d.shape[:2]:
+        return d.mean()
+    m = mask.to(d.dtype).unsqueeze(-1)
+    return (d * m).sum() / (m.sum() * d.shape[-1]).clamp_min(1.0)
 
 
 IMAGE_MODELS = ("simple-cnn", "resnet")
