@@ -115,7 +115,14 @@ def run(variant: str, dense, task, tok, budget: float, seed: int, args) -> dict:
     acc = task.evaluate(model, "test", tokenizer=tok)["accuracy"]
     return {"variant": variant, "budget": budget, "seed": seed, "params": sum(p.numel() for p in model.parameters()),
             "flops": encoder_flops(model), "acc_before": acc_before, "acc": acc, "seconds": time.perf_counter() - t0,
-            "model": model, **extra}
+            "widths": layer_widths(model), "model": model, **extra}
+
+
+def layer_widths(model) -> list[list[int]]:
+    """``[[heads, FFN neurons], ...]`` per remaining layer: all that the latency of the architecture
+    depends on (``latency_allocation.py --widths`` rebuilds and times it in a quiet run)."""
+    pm = pz.decompose(model)
+    return [[h.size, n.size] for h, n in zip(pm.select("head"), pm.select("neuron"))]
 
 
 def latency_table(models: dict, inputs, rounds: int) -> dict[str, float]:
@@ -139,7 +146,7 @@ def main() -> int:
     ap.add_argument("--calib", type=int, default=256)
     ap.add_argument("--round-to", type=int, default=None, help="particlize: keep widths multiples of this")
     ap.add_argument("--hidden-weight", type=float, default=1.0, help="layer-wise distillation weight of the -hd variants")
-    ap.add_argument("--latency-rounds", type=int, default=5)
+    ap.add_argument("--latency-rounds", type=int, default=5, help="0: no timing here (time the widths later)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     setup_threads()
@@ -164,7 +171,10 @@ def main() -> int:
                 r["flops_kept"] = r["flops"] / dense_flops
                 rows.append(r)
                 print(json.dumps({k: (round(x, 4) if isinstance(x, float) else x) for k, x in r.items()}), flush=True)
-    lat = latency_table(models, latency_inputs(task, tok, 32, 64), args.latency_rounds)
+    if args.latency_rounds:
+        lat = latency_table(models, latency_inputs(task, tok, 32, 64), args.latency_rounds)
+    else:  # timed later, from the widths, in a quiet run
+        lat = {k: float("nan") for k in models}
     for r in rows:
         r["latency_ms"] = lat[f"{r['variant']}@{r['budget']}/{r['seed']}"]
         r["speedup"] = lat["dense"] / r["latency_ms"]

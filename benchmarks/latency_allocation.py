@@ -9,6 +9,10 @@ excluded). Then all models are timed interleaved (batch 32 x 64 tokens, fp32, ``
 printed too, to see what each allocation costs in quality.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/latency_allocation.py --budgets 0.5 0.25 0.125
+
+``--widths FILE.json ...`` instead times the architectures that ``compress_minilm.py --json`` recorded (heads and
+FFN neurons per layer; latency depends on nothing else), rebuilt from the dense model, in one quiet
+interleaved run: the accuracy grid can then run in parallel processes without disturbing the timing.
 """
 
 from __future__ import annotations
@@ -47,6 +51,40 @@ def widths(model) -> list[tuple[int, int]]:
     return list(zip(heads, neurons))
 
 
+def by_widths(dense, widths: list[list[int]]):
+    """The dense classifier cut to ``[[heads, neurons], ...]`` per layer (the first particles kept)."""
+    pm = pz.decompose(dense, seq_len=64)
+    heads, neurons = pm.select("head"), pm.select("neuron")
+    if len(widths) != len(heads):
+        raise SystemExit(f"widths for {len(widths)} layers, the model has {len(heads)} (blocks removed?)")
+    remove = {}
+    for (h, n), hg, ng in zip(widths, heads, neurons):
+        remove[hg.name] = list(range(h, hg.size))
+        remove[ng.name] = list(range(n, ng.size))
+    return pm.prune(remove).eval()
+
+
+def time_widths(dense, x, files: list[Path], rounds: int) -> None:
+    rows = [r for f in files for r in json.loads(f.read_text())]
+    models = {"dense": dense}
+    for r in rows:
+        models[f"{r['variant']}@{r['budget']}/{r['seed']}"] = by_widths(dense, r["widths"])
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(rounds):
+        for k, m in models.items():
+            times[k].append(measure_latency(m, x, warmup=1, reps=3))
+    dense_ms = statistics.median(times["dense"])
+    print(f"dense {dense_ms:.1f} ms (median of {rounds} interleaved rounds); matmul probe after {matmul_probe():.0f} GFLOP/s")
+    print(f"{'budget':>6} {'variant':<18} {'FLOPs kept':>10} {'speedup (mean over seeds, paired median)':>42} {'efficiency':>10}")
+    for (budget, variant) in dict.fromkeys((r["budget"], r["variant"]) for r in rows):
+        part = [r for r in rows if r["budget"] == budget and r["variant"] == variant]
+        sp = [statistics.median(d / t for d, t in zip(times["dense"], times[f"{variant}@{budget}/{r['seed']}"]))
+              for r in part]
+        kept = statistics.mean(r["flops_kept"] for r in part)
+        print(f"{budget:>6} {variant:<18} {kept:>10.3f} {statistics.mean(sp):>14.2f}× (per seed "
+              f"{', '.join(f'{v:.2f}' for v in sp)}) {statistics.mean(sp) * kept:>10.2f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="out/minilm-vader")
@@ -54,6 +92,7 @@ def main() -> int:
     ap.add_argument("--strategies", nargs="+", default=[*STRATEGIES, "tp-taylor"], choices=[*STRATEGIES, "tp-taylor"])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--widths", type=Path, nargs="+", default=None, help="time the architectures in these compress_minilm JSON files")
     args = ap.parse_args()
     setup_threads()
     from transformers import AutoTokenizer
@@ -63,6 +102,9 @@ def main() -> int:
     tok = AutoTokenizer.from_pretrained(args.model)
     task = get_task("vader-sentiment")
     x = latency_inputs(task, tok, 32, 64)
+    if args.widths:
+        time_widths(dense, x, args.widths, args.rounds)
+        return 0
     dense_flops = encoder_flops(dense)
     pm = pz.decompose(dense, seq_len=64)
     calib = task.calibration(dense, tok, batch_size=32, max_length=64, limit=256, seed=0)

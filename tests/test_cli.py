@@ -147,3 +147,31 @@ def test_analyze_errors(tiny_text, tmp_path, capsys, args, message):
         main(["analyze", str(enc), *args, "--out", str(tmp_path / "scores.csv")])
     assert e.value.code == 1 and message in capsys.readouterr().err
     assert not (tmp_path / "scores.csv").exists()
+
+
+def test_compress_command_end_to_end(tiny_text, tmp_path, capsys):
+    """`particlize compress` on a trained folder: meets the FLOPs target with layer-wise distillation,
+    writes a loadable model and history.json, and never replaces a run folder without --force."""
+    import json
+
+    import particlize as pz
+
+    enc, csv = tiny_text
+    clf = tmp_path / "clf"
+    main(["train", str(enc), "--task", "text-csv", "--data", str(csv), "--out", str(clf), "--epochs", "1",
+          "--batch-size", "16", "--lr", "1e-3"])
+    run = tmp_path / "run"
+    args = ["compress", str(clf), "--task", "text-csv", "--data", str(csv), "--target-flops", "0.6", "--max-fraction", "0.5",
+            "--min-quality", "0", "--hidden-weight", "1.0", "--batch-size", "16", "--out", str(run)]
+    main(args)
+    assert "target met" in capsys.readouterr().out
+    h = json.loads((run / "history.json").read_text())
+    assert h["done"] and h["config"]["hidden_weight"] == 1.0 and h["history"][-1]["flops_ratio"] <= 0.6 + 1e-9
+    small = pz.load(run)
+    assert sum(p.numel() for p in small.parameters()) == h["history"][-1]["params"]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 1 and "--force" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main([*args[:-2], "--hidden-weight", "-1", "--out", str(tmp_path / "other")])
+    assert e.value.code == 2 and not (tmp_path / "other").exists()

@@ -115,6 +115,7 @@ def test_nan_loss_rolls_back(setup, tmp_path):
         ({"granularity": ("wires",)}, "unknown granularity"),
         ({"quantize": "int4"}, "quantize"),
         ({"cost": "watts"}, "cost must be 'flops' or 'latency'"),
+        ({"hidden_weight": -1.0}, "hidden_weight must be 0 or more"),
         ({"bogus_option": 1}, "unknown compress option"),
     ],
 )

@@ -235,6 +235,8 @@ def compress(
     min_quality: float = typer.Option(0.99, "--min-quality", help="floor: fraction of the dense model's validation quality (accuracy; 1/eps-MSE for video diffusion)"),
     max_fraction: float = typer.Option(1 / 3, "--max-fraction", help="most of the remaining FLOPs removed per round"),
     recover_epochs: int = typer.Option(1, "--recover-epochs", min=0),
+    hidden_weight: float = typer.Option(0.0, "--hidden-weight", min=0.0,
+                                        help="layer-wise distillation: weight of each block's output MSE to the original's (text classifiers)"),
     round_to: Optional[int] = typer.Option(None, "--round-to", min=1, help="keep widths multiples of this"),
     lr: Optional[float] = typer.Option(None, "--lr"),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
@@ -262,7 +264,7 @@ def compress(
         target_flops=target_flops, target_params=target_params, target_latency_ms=target_latency_ms,
         granularity=tuple(g.strip() for g in granularity.split(",") if g.strip()), scorer=scorer, allocation=allocation,
         cost=cost, min_quality=min_quality, max_fraction=max_fraction, recover_epochs=recover_epochs, round_to=round_to, lr=lr,
-        batch_size=batch_size, max_length=max_length, limit=limit, seed=seed, quantize=quantize,
+        hidden_weight=hidden_weight, batch_size=batch_size, max_length=max_length, limit=limit, seed=seed, quantize=quantize,
     )
     cfg.check()
     t = _task(task, data, text_column, label_column)

@@ -81,6 +81,8 @@ class CompressConfig:
             raise ParticlizeError(f"unknown granularity {bad}; use {', '.join(GRANULARITIES)} or all")
         if self.recover_epochs < 0:
             raise ParticlizeError(f"recover_epochs must be 0 or more, got {self.recover_epochs}")
+        if self.hidden_weight < 0:
+            raise ParticlizeError(f"hidden_weight must be 0 or more, got {self.hidden_weight}")
         if not 0.0 < self.max_fraction <= 1.0:
             raise ParticlizeError(f"max_fraction must be in (0, 1], got {self.max_fraction}")
         if not 0.0 <= self.min_quality <= 1.5:
