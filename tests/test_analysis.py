@@ -154,6 +154,44 @@ def test_taylor_is_minus_gate_gradient_and_fisher_its_square():
     torch.testing.assert_close(torch.tensor(fisher.score.to_numpy()).float(), grads.square().sum(0), atol=1e-8, rtol=1e-4)
 
 
+def test_taylor2_is_the_second_order_expansion_where_logits_are_linear_in_the_gate():
+    """The last conv's channels feed a linear classifier (through average pooling), so there the
+    Gauss–Newton curvature is the true second derivative: ``taylor2`` must equal ``−L'(1) + ½ L''(1)``
+    per example and particle, computed by double backward; the sampled-label estimate of the
+    curvature converges to the exact one."""
+    from particlize.models.vision import SimpleCNN
+
+    torch.manual_seed(0)
+    model = SimpleCNN(num_classes=3, in_channels=1, widths=(4, 6)).eval()
+    pm = pz.decompose(model)
+    name = "features.4.channels"
+    x, y = torch.randn(5, 1, 8, 8), torch.tensor([0, 1, 2, 1, 0])
+    data = [(x, y)]
+    got = pz.analyze(pm, data, "taylor2", groups=[name], by="example", table=False).sort_values(["example", "index"])
+    got = torch.tensor(got.score.to_numpy()).view(5, 6)
+    want = torch.zeros(5, 6, dtype=torch.float64)
+    for b in range(5):
+        for j in range(6):
+            s = torch.ones((), dtype=torch.float64, requires_grad=True)
+            g = torch.ones(1, 6, dtype=torch.float64) + (s - 1) * F.one_hot(torch.tensor([j]), 6).double()
+            with pm.gates({name: g.float()}):
+                loss = F.cross_entropy(model(x[b : b + 1]).double(), y[b : b + 1])
+            (d1,) = torch.autograd.grad(loss, s, create_graph=True)
+            (d2,) = torch.autograd.grad(d1, s)
+            want[b, j] = -d1.detach() + 0.5 * d2
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    taylor = pz.analyze(pm, data, "taylor", groups=[name], by="example", table=False).sort_values(["example", "index"])
+    assert (got >= torch.tensor(taylor.score.to_numpy()).view(5, 6) - 1e-7).all()  # the curvature term is >= 0
+    from particlize.analysis.taylor import taylor2
+
+    sampled = taylor2(pm, as_batches(data), groups=[name], samples=4000, exact_classes=0)[name]
+    torch.testing.assert_close(sampled, got, atol=0.02, rtol=0.1)
+    with pytest.raises(pz.ParticlizeError, match="class targets"):
+        pz.analyze(pm, [(x, torch.randn(5, 3))], "taylor2", groups=[name])
+    with pytest.raises(pz.ParticlizeError, match="cross-entropy"):
+        pz.analyze(pm, data, "taylor2", metric="logit_diff", groups=[name])
+
+
 def test_by_class_averages_each_class():
     model, data = _data("bert")
     ex = pz.analyze(model, data, "ablation", groups="head", by="example", table=False)

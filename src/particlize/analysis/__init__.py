@@ -7,6 +7,7 @@ One entry point, `analyze`, with one signature for every method (one module each
 | `magnitude`  | writer × reader weight norms                                       | no data                 |
 | `activation` | FLAP fluctuation (activation variance × reader column norm²)       | one forward per batch   |
 | `taylor`     | −∂metric/∂gate at gate 1 (attribution patching), per example       | one forward + backward  |
+| `taylor2`    | taylor + ½ Gauss–Newton curvature of the loss along the gate        | + one backward per class|
 | `fisher`     | Σ over examples of (∂metric/∂gate)²                                 | one forward + backward  |
 | `ablation`   | exact: metric with the particle ablated − intact metric            | fast exact engine       |
 | `influence`  | blocks: 1 − cos(block input, block output) (ShortGPT)              | one forward per batch   |
@@ -31,10 +32,10 @@ from .ablation import ablation_effects
 from .activation import activation
 from .influence import influence
 from .magnitude import magnitude
-from .taylor import fisher, taylor
+from .taylor import fisher, taylor, taylor2
 
 METHODS: dict[str, Callable[..., Any]] = {
-    "magnitude": magnitude, "activation": activation, "taylor": taylor, "fisher": fisher,
+    "magnitude": magnitude, "activation": activation, "taylor": taylor, "taylor2": taylor2, "fisher": fisher,
     "ablation": ablation_effects, "influence": influence,
 }
 MODES = ("zero", "mean", "resample")
@@ -85,7 +86,7 @@ def analyze(
     try:
         if method == "ablation":
             scores = ablation_effects(pm, batches, metric=metric, mode=mode, groups=names, max_rows=max_rows, progress=progress)
-        elif method in ("taylor", "fisher"):
+        elif method in ("taylor", "taylor2", "fisher"):
             scores = METHODS[method](pm, batches, metric=metric, mode=mode, groups=names, progress=progress)
         else:
             scores = METHODS[method](pm, batches, groups=names, progress=progress)

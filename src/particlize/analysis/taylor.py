@@ -1,14 +1,21 @@
-"""First-order scores from gate gradients: ``taylor`` (attribution patching) and ``fisher``.
+"""Scores from gate gradients: ``taylor`` (attribution patching), ``taylor2`` and ``fisher``.
 
 With a gate ``g`` on every particle, ``m(g = 0) - m(g = 1) ≈ -dm/dg`` at ``g = 1``: one backward gives
 the estimated ablation effect of every particle at once (for ``mode="mean"``/``"resample"`` the gate
 interpolates towards the patch, so the same gradient estimates those ablations). ``fisher`` sums the
 squared per-example gate gradients (a second-order importance, always ≥ 0).
+
+``taylor2`` adds the second-order term of the same expansion, ``L(0) − L(1) ≈ −L'(1) + ½ L''(1)``, with
+``L''`` taken as the Gauss–Newton curvature of the cross-entropy along each gate, ``Σ_c p_c (d log p_c /
+dg)²`` (equal to the model's Fisher information in the gate; Optimal Brain Damage in gate space). Near a
+trained optimum the first-order terms of many particles average out over examples while the curvature
+does not, so the first-order screen mis-ranks particles whose effect is mostly second order; this one
+costs a backward per class (or per sampled label for large vocabularies) instead of one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -16,6 +23,9 @@ from torch import Tensor
 from ..errors import ParticlizeError
 from ..particles import ParticleMap
 from ._common import Batch, Progress, call, per_example_metric
+
+
+Objectives = Callable[[Tensor, Tensor], list[Tensor]]  # (outputs, targets) -> scalars, each a sum over examples
 
 
 def gate_gradients(
@@ -29,6 +39,22 @@ def gate_gradients(
 ) -> dict[str, Tensor]:
     """``{group: [examples, n]}`` per-example gradients ``dm_b/dg`` at ``g = 1`` (one forward and one
     backward per batch; groups gated through weights get one pass per example)."""
+    return _gate_gradients(pm, batches, lambda out, y: [per_example_metric(metric, out, y).sum()], metric=metric,
+                           mode=mode, groups=groups, progress=progress)[0]
+
+
+def _gate_gradients(
+    pm: ParticleMap,
+    batches: Sequence[Batch],
+    objectives: Objectives,
+    *,
+    metric: str,
+    mode: str,
+    groups: Sequence[str],
+    progress: Progress | None = None,
+) -> list[dict[str, Tensor]]:
+    """Per-example gate gradients of each of ``objectives`` (sums over the batch of per-example terms,
+    so the gradient of row ``b``'s gate is example ``b``'s own): one forward and one backward each."""
     if metric in ("accuracy",):
         raise ParticlizeError("gate gradients need a differentiable metric: use 'loss' or 'logit_diff'")
     if metric == "kl":
@@ -39,19 +65,26 @@ def gate_gradients(
         raise ParticlizeError("method='taylor' supports mode 'zero' and 'mean'; use method='ablation' for 'resample'")
     per_row = [n for n in groups if pm[n].per_example]
     shared = [n for n in groups if not pm[n].per_example]
-    out = {n: [] for n in groups}
+    out: list[dict[str, list[Tensor]]] = []
     total = len(batches) + sum(b.size for b in batches) * bool(shared)
     done = 0
+
+    def backward(gates: dict[str, Tensor], outputs: Tensor, targets: Tensor, unsqueeze: bool) -> None:
+        objs = objectives(outputs, targets)
+        while len(out) < len(objs):
+            out.append({n: [] for n in groups})
+        for k, obj in enumerate(objs):
+            # gradients for the gates only: no parameter .grad is computed or left behind
+            grads = torch.autograd.grad(obj, list(gates.values()), retain_graph=k + 1 < len(objs))
+            for n, g in zip(gates, grads):
+                out[k][n].append(g.detach().double()[None] if unsqueeze else g.detach().double())
+
     for batch in batches:
         B = batch.size
         if per_row:
             gates = {n: torch.ones(B, pm[n].size, requires_grad=True) for n in per_row}
             with pm.gates(gates, {n: patch[n] for n in per_row} if patch else None):
-                logits = call(model, batch.inputs)
-                loss = per_example_metric(metric, logits, batch.targets).sum()
-            # gradients for the gates only: no parameter .grad is computed or left behind
-            for n, g in zip(gates, torch.autograd.grad(loss, list(gates.values()))):
-                out[n].append(g.detach().double())
+                backward(gates, call(model, batch.inputs), batch.targets, False)
         done += 1
         if progress:
             progress(done, total, "gate gradients")
@@ -59,13 +92,11 @@ def gate_gradients(
             one = Batch(_row(batch.inputs, b, B), batch.targets[b : b + 1])
             gates = {n: torch.ones(pm[n].size, requires_grad=True) for n in shared}
             with pm.gates(gates):
-                loss = per_example_metric(metric, call(model, one.inputs), one.targets).sum()
-            for n, g in zip(gates, torch.autograd.grad(loss, list(gates.values()))):
-                out[n].append(g.detach().double()[None])
+                backward(gates, call(model, one.inputs), one.targets, True)
             done += 1
             if progress:
                 progress(done, total, "gate gradients (recurrent)")
-    return {n: torch.cat(v) for n, v in out.items()}
+    return [{n: torch.cat(v) for n, v in o.items()} for o in out]
 
 
 def _row(inputs, b: int, B: int):
@@ -77,6 +108,50 @@ def _row(inputs, b: int, B: int):
 def taylor(pm: ParticleMap, batches: Sequence[Batch], **kw) -> dict[str, Tensor]:
     """Estimated ablation effect ``-dm/dg`` per example and particle."""
     return {n: -g for n, g in gate_gradients(pm, batches, **kw).items()}
+
+
+def _curvature_objectives(samples: int, seed: int, exact_up_to: int = 32) -> Objectives:
+    """Objectives whose squared per-example gate gradients sum to the Gauss–Newton curvature of the
+    cross-entropy: ``√p_c · log p_c`` for every class (exact; up to ``exact_up_to`` classes), else
+    ``samples`` labels drawn from the model's own distribution (an unbiased Monte Carlo estimate,
+    per token for token outputs, scaled by their count)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def objectives(outputs: Tensor, targets: Tensor) -> list[Tensor]:
+        if targets.is_floating_point():
+            raise ParticlizeError("method='taylor2' needs class targets (its curvature is that of the cross-entropy); "
+                                  "use 'taylor' or 'fisher' for regression targets")
+        logp = torch.log_softmax(outputs.float(), -1)
+        if logp.ndim == 2 and logp.shape[-1] <= exact_up_to:
+            w = logp.detach().exp().sqrt()
+            return [(w[:, c] * logp[:, c]).sum() for c in range(logp.shape[-1])]
+        flat = logp.reshape(logp.shape[0], -1, logp.shape[-1])  # [B, T, V]
+        keep = torch.ones(flat.shape[:2])
+        if targets.ndim == 2 and logp.ndim == 3:
+            keep = (targets != -100).float()
+        scale = keep.sum(1).clamp_min(1).rsqrt()  # L = mean over the example's tokens
+        objs = []
+        for _ in range(samples):
+            y = torch.multinomial(flat.detach().exp().reshape(-1, flat.shape[-1]), 1, generator=gen).view(flat.shape[:2])
+            lp = flat.gather(-1, y[..., None]).squeeze(-1)
+            objs.append(((lp * keep).sum(1) * scale / samples**0.5).sum())
+        return objs
+
+    return objectives
+
+
+def taylor2(pm: ParticleMap, batches: Sequence[Batch], *, metric: str = "loss", mode: str = "zero",
+            groups: Sequence[str], progress: Progress | None = None, samples: int = 8, seed: int = 0,
+            exact_classes: int = 32) -> dict[str, Tensor]:
+    """Second-order estimate of the ablation effect per example and particle: ``−dL/dg + ½ GN``, the
+    curvature exact for up to ``exact_classes`` classes, else from ``samples`` sampled labels."""
+    if metric != "loss":
+        raise ParticlizeError(f"method='taylor2' estimates the cross-entropy ('loss'), not {metric!r}")
+    curv = _curvature_objectives(samples, seed, exact_classes)
+    grads = _gate_gradients(pm, batches, lambda out, y: [per_example_metric("loss", out, y).sum(), *curv(out, y)],
+                            metric=metric, mode=mode, groups=groups, progress=progress)
+    first, rest = grads[0], grads[1:]
+    return {n: -first[n] + 0.5 * sum(r[n].square() for r in rest) for n in first}
 
 
 def fisher(pm: ParticleMap, batches: Sequence[Batch], **kw) -> dict[str, Tensor]:
