@@ -291,3 +291,20 @@ def test_layer_distillation_pulls_block_outputs_to_the_teacher(sentiment_csv: Pa
         assert not student._forward_hooks and all(not m._forward_hooks for m in student.modules())
     assert all(not m._forward_hooks for m in teacher.modules())
     assert gaps[3.0] < gaps[0.0]
+
+
+@pytest.mark.parametrize("epochs, steps, passes", [(0.4, 6, 1), (1.5, 23, 2)])
+def test_fractional_epochs_stop_part_way(sentiment_csv: Path, tok, epochs, steps, passes) -> None:
+    """``epochs=0.4`` is 40% of a shuffled pass (rounded up to whole batches), then validation: what an
+    iterative compress round recovers with when one epoch is split over several rounds."""
+    task = get_task("text-csv", path=sentiment_csv)
+    per_epoch = -(-task.sizes()["train"] // 16)
+    assert per_epoch == 15
+    seen = []
+    hist = train_classifier(_model(tok), task, tokenizer=tok, epochs=epochs, lr=1e-3, batch_size=16,
+                            progress=lambda s, t, info: seen.append((s, t, "val_accuracy" in info)))
+    assert hist["steps"] == steps and len(hist["epochs"]) == passes
+    assert [s for s, _, v in seen if not v] == list(range(1, steps + 1)) and {t for _, t, _ in seen} == {steps}
+    assert sum(v for _, _, v in seen) == passes
+    with pytest.raises(ParticlizeError, match="positive"):
+        train_classifier(_model(tok), task, tokenizer=tok, epochs=0)

@@ -51,7 +51,7 @@ class CompressConfig:
     max_fraction: float = 1 / 3
     min_width: float = 0.1
     round_to: int | None = None
-    recover_epochs: int = 1
+    recover_epochs: float = 1  # per round; fractional: part of a pass (iterative rounds within one epoch)
     lr: float | None = None
     kd_alpha: float = 0.5
     temperature: float = 2.0

@@ -40,7 +40,7 @@ def train_classifier(
     task: Task,
     *,
     tokenizer: Any = None,
-    epochs: int = 2,
+    epochs: float = 2,
     lr: float | None = None,
     batch_size: int = 32,
     max_length: int | None = 64,
@@ -58,7 +58,8 @@ def train_classifier(
 ) -> dict[str, Any]:
     """Train ``model`` on ``task``'s train split, validate each epoch, keep the best-val-accuracy weights.
 
-    ``lr`` defaults to 5e-5 for text and 1e-3 for images. ``limit`` caps the train and val splits (their
+    ``epochs`` may be fractional (``0.5``: half a shuffled pass, then validation). ``lr`` defaults to 5e-5
+    for text and 1e-3 for images. ``limit`` caps the train and val splits (their
     first examples) for quick runs. Deterministic for a given ``seed`` (dropout, shuffling) on one device.
     ``progress(step, total, info)`` is called after every optimisation step (``info``: epoch, loss, lr)
     and after each validation (``info`` adds val_accuracy, val_loss). Returns the history::
@@ -74,8 +75,8 @@ def train_classifier(
     that many epochs without a better validation accuracy. A non-finite loss raises `ParticlizeError`
     at once (the caller rolls back). The model is left in eval mode with the best epoch's weights.
     """
-    if epochs < 1:
-        raise ParticlizeError(f"epochs must be at least 1, got {epochs}")
+    if not epochs > 0:
+        raise ParticlizeError(f"epochs must be positive, got {epochs}")
     if task.kind == "text" and tokenizer is None:
         raise ParticlizeError(f"task {task.name!r} is text: pass tokenizer=... to train on it")
     lr = DEFAULT_LR[task.kind] if lr is None else lr
@@ -84,7 +85,7 @@ def train_classifier(
     batches_per_epoch = math.ceil(min(task.sizes()["train"], math.inf if limit is None else limit) / batch_size)
     if batches_per_epoch == 0:
         raise ParticlizeError(f"task {task.name!r} has no training examples (limit={limit})")
-    total = epochs * batches_per_epoch
+    total = max(1, math.ceil(epochs * batches_per_epoch))  # a fractional epoch stops part-way (recovery rounds)
     warmup_steps = int(warmup * total)
 
     decay, no_decay = [], []
@@ -102,12 +103,14 @@ def train_classifier(
     step, t0 = 0, time.perf_counter()
     layers = contextlib.nullcontext(None) if teacher is None or not hidden_weight else _layer_distillation(teacher, model)
     with layers as hidden_loss:
-        for epoch in range(1, epochs + 1):
+        for epoch in range(1, math.ceil(total / batches_per_epoch) + 1):
             te = time.perf_counter()
             model.train()
             loss_sum, n_seen = 0.0, 0
             for inputs, y in task.batches("train", tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
                                           limit=limit, shuffle=True, seed=seed * 1000 + epoch):
+                if step == total:  # the last epoch of a fractional count ends early
+                    break
                 inputs, y = to_device(inputs, device), y.to(device)
                 logits = logits_of(model, inputs).float()
                 loss = F.cross_entropy(logits, y)

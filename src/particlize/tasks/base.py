@@ -271,7 +271,7 @@ class Task:
                             limit=limit, shuffle=True, seed=seed)
 
     def recover(
-        self, student: nn.Module, teacher: nn.Module, tokenizer: Any = None, *, epochs: int = 1,
+        self, student: nn.Module, teacher: nn.Module, tokenizer: Any = None, *, epochs: float = 1,
         lr: float | None = None, batch_size: int = 32, max_length: int | None = 64, seed: int = 0,
         limit: int | None = None, kd_alpha: float = 0.5, temperature: float = 2.0, hidden_weight: float = 0.0,
         progress: Callable[[int, int, dict], None] | None = None,
@@ -284,7 +284,7 @@ class Task:
         hist = train_classifier(student, self, tokenizer=tokenizer, epochs=epochs, lr=lr, batch_size=batch_size,
                                 max_length=max_length, seed=seed, limit=limit, teacher=teacher, kd_alpha=kd_alpha,
                                 temperature=temperature, hidden_weight=hidden_weight, patience=1, progress=progress)
-        return {"epochs": len(hist["epochs"]), "best_epoch": hist["best_epoch"], "seconds": hist["seconds"]}
+        return {"epochs": epochs, "steps": hist["steps"], "best_epoch": hist["best_epoch"], "seconds": hist["seconds"]}
 
     def latency_inputs(self, tokenizer: Any = None, batch: int = 32, seq: int = 64) -> Inputs:
         """A fixed-shape batch to time a forward on: text padded to ``seq`` tokens (real sentences),

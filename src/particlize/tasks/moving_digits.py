@@ -15,6 +15,8 @@ Metrics for video diffusion models (`particlize.models.sora`):
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 from typing import Any
 
@@ -156,7 +158,7 @@ class MovingDigitsTask(Task):
         return [({"x": xt[i:i + batch_size], "t": t[i:i + batch_size], "y": y[i:i + batch_size]}, noise[i:i + batch_size])
                 for i in range(0, len(y), batch_size)]
 
-    def recover(self, student: nn.Module, teacher: nn.Module, tokenizer: Any = None, *, epochs: int = 1,
+    def recover(self, student: nn.Module, teacher: nn.Module, tokenizer: Any = None, *, epochs: float = 1,
                 lr: float | None = None, batch_size: int = 32, seed: int = 0, kd_alpha: float = 0.5,
                 progress: Any = None, **_: Any) -> dict[str, Any]:
         """Distil the pruned denoiser from the original: ``epochs`` passes' worth of training videos,
@@ -164,7 +166,7 @@ class MovingDigitsTask(Task):
         with ``distill_options``)."""
         from ..train_sora import distill_dit
 
-        steps = max(1, epochs * -(-self.sizes()["train"] // batch_size))
+        steps = max(1, math.ceil(epochs * -(-self.sizes()["train"] // batch_size)))
         return distill_dit(student, teacher, self, steps=steps, lr=lr or 3e-4, batch_size=batch_size, seed=seed,
                            alpha=kd_alpha, progress=progress, **self.distill_options)
 
