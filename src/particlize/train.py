@@ -112,16 +112,9 @@ def train_classifier(
                 if step == total:  # the last epoch of a fractional count ends early
                     break
                 inputs, y = to_device(inputs, device), y.to(device)
-                logits = logits_of(model, inputs).float()
-                loss = F.cross_entropy(logits, y)
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_logits = logits_of(teacher, inputs).float()
-                    kd = F.kl_div(F.log_softmax(logits / temperature, -1), F.log_softmax(t_logits / temperature, -1),
-                                  log_target=True, reduction="batchmean") * temperature**2
-                    loss = (1 - kd_alpha) * loss + kd_alpha * kd
-                    if hidden_loss is not None:
-                        loss = loss + hidden_weight * hidden_loss(inputs)
+                loss = _loss(model, inputs, y, teacher, kd_alpha, temperature)
+                if hidden_loss is not None:  # the forwards above filled the block outputs it compares
+                    loss = loss + hidden_weight * hidden_loss(inputs)
                 if not torch.isfinite(loss):
                     raise ParticlizeError(f"non-finite training loss ({loss.item()}) at epoch {epoch}, step {step + 1}")
                 opt.zero_grad(set_to_none=True)
@@ -153,6 +146,20 @@ def train_classifier(
     history["seconds"] = time.perf_counter() - t0
     model.eval()
     return history
+
+
+def _loss(model: nn.Module, inputs: Any, y: torch.Tensor, teacher: nn.Module | None, kd_alpha: float,
+          temperature: float) -> torch.Tensor:
+    """Cross-entropy, or with a teacher ``(1 - α) CE + α T² KL(teacher ‖ student)`` at temperature ``T``."""
+    logits = logits_of(model, inputs).float()
+    loss = F.cross_entropy(logits, y)
+    if teacher is None:
+        return loss
+    with torch.no_grad():
+        t_logits = logits_of(teacher, inputs).float()
+    kd = F.kl_div(F.log_softmax(logits / temperature, -1), F.log_softmax(t_logits / temperature, -1),
+                  log_target=True, reduction="batchmean") * temperature**2
+    return (1 - kd_alpha) * loss + kd_alpha * kd
 
 
 @contextlib.contextmanager
