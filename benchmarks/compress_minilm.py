@@ -104,7 +104,8 @@ def run(variant: str, dense, task, tok, budget: float, seed: int, args) -> dict:
                              cost="latency" if variant.endswith("-latency") else "flops",
                              granularity=("heads", "neurons", "blocks") if "blocks" in variant else ("heads", "neurons"),
                              hidden_weight=args.hidden_weight if variant.endswith("-hd") else 0.0,
-                             allocation="uniform" if variant.endswith("-uniform") else "global", **opts)
+                             allocation="uniform" if variant.endswith("-uniform") else "global",
+                             kd_alpha=args.kd_alpha, temperature=args.temperature, **opts)
         before_cfg = CompressConfig(**{**cfg.__dict__, "recover_epochs": 0})
         before = compress(copy.deepcopy(dense), task, tokenizer=tok, config=before_cfg).model
         res = compress(dense, task, tokenizer=tok, config=cfg)
@@ -115,6 +116,7 @@ def run(variant: str, dense, task, tok, budget: float, seed: int, args) -> dict:
         model, heads = tp_prune(copy.deepcopy(dense), task, tok, 1 - budget, imp, args.calib, seed)
         before = copy.deepcopy(model)
         train_classifier(model, task, tokenizer=tok, epochs=args.epochs, teacher=dense if rec == "kd" else None,
+                         kd_alpha=args.kd_alpha, temperature=args.temperature,
                          **{k: v for k, v in opts.items() if k != "seed"}, seed=seed)
         extra = {"heads_per_layer": heads, "epochs": args.epochs}
     acc_before = task.evaluate(before, "test", tokenizer=tok)["accuracy"]
@@ -152,6 +154,8 @@ def main() -> int:
     ap.add_argument("--calib", type=int, default=256)
     ap.add_argument("--round-to", type=int, default=None, help="particlize: keep widths multiples of this")
     ap.add_argument("--hidden-weight", type=float, default=1.0, help="layer-wise distillation weight of the -hd variants")
+    ap.add_argument("--kd-alpha", type=float, default=0.5, help="distillation weight (particlize and the -kd variants)")
+    ap.add_argument("--temperature", type=float, default=2.0, help="distillation temperature")
     ap.add_argument("--latency-rounds", type=int, default=5, help="0: no timing here (time the widths later)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
