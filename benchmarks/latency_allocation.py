@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine_line, matmul_probe, setup_threads  # noqa: E402
-from compress_minilm import encoder_flops, tp_prune  # noqa: E402
+from compress_minilm import encoder_flops, layer_widths, tp_prune  # noqa: E402
 
 import particlize as pz  # noqa: E402
 from particlize.loop import CompressConfig, _importance, allocate, latency_inputs, latency_prices, measure_latency  # noqa: E402
@@ -42,13 +42,6 @@ STRATEGIES = {
     "pz-global-flops-blocks": (("heads", "neurons", "blocks"), "global", "flops", None),
     "pz-global-latency-blocks": (("heads", "neurons", "blocks"), "global", "latency", None),
 }
-
-
-def widths(model) -> list[tuple[int, int]]:
-    pm = pz.decompose(model)
-    heads = [g.size for g in pm.groups if g.kind == "head"]
-    neurons = [g.size for g in pm.groups if g.kind == "neuron"]
-    return list(zip(heads, neurons))
 
 
 def by_widths(dense, widths: list[list[int]]):
@@ -133,7 +126,7 @@ def main() -> int:
             key = f"{s}@{budget}"
             models[key] = m
             rows.append({"strategy": s, "budget": budget, "flops_kept": encoder_flops(m) / dense_flops, "acc_before": acc,
-                         "widths": widths(m), "blocks": len(widths(m))})
+                         "widths": (w := layer_widths(m)), "blocks": len(w)})
             print(json.dumps(rows[-1]), flush=True)
     times: dict[str, list[float]] = {k: [] for k in models}
     for _ in range(args.rounds):

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .analysis.ablation import _recording
 from .errors import ParticlizeError
 from .surgery import block_correspondence
 from .tasks import Task, get_task
@@ -172,29 +173,19 @@ def _layer_distillation(teacher: nn.Module, student: nn.Module) -> Iterator[Call
         return
     s_out: dict[str, torch.Tensor] = {}
     t_out: dict[str, torch.Tensor] = {}
-    handles = [*_keep_outputs(student, [sp for _, sp in pairs], s_out),
-               *_keep_outputs(teacher, [tp for tp, _ in pairs], t_out)]
 
     def loss(inputs: Any) -> torch.Tensor:
         mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
         return sum(_masked_mse(s_out[sp], t_out[tp], mask) for tp, sp in pairs) / len(pairs)
 
-    try:
+    # the student's outputs keep their graph (the loss trains through them): no detach
+    with _recording(student, [sp for _, sp in pairs], s_out, keep=_first_output), \
+            _recording(teacher, [tp for tp, _ in pairs], t_out, keep=_first_output):
         yield loss
-    finally:
-        for h in handles:
-            h.remove()
 
 
-def _keep_outputs(model: nn.Module | None, paths: list[str], store: dict[str, torch.Tensor]) -> list[Any]:
-    """Forward hooks keeping each module's (first) output tensor in ``store``, by path."""
-    handles = []
-    for path in paths:
-        def hook(mod, args, out, path=path):
-            store[path] = out[0] if isinstance(out, (tuple, list)) else out
-
-        handles.append(model.get_submodule(path).register_forward_hook(hook))
-    return handles
+def _first_output(args: tuple, out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

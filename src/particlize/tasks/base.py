@@ -284,7 +284,9 @@ class Task:
         hist = train_classifier(student, self, tokenizer=tokenizer, epochs=epochs, lr=lr, batch_size=batch_size,
                                 max_length=max_length, seed=seed, limit=limit, teacher=teacher, kd_alpha=kd_alpha,
                                 temperature=temperature, hidden_weight=hidden_weight, patience=1, progress=progress)
-        return {"epochs": epochs, "steps": hist["steps"], "best_epoch": hist["best_epoch"], "seconds": hist["seconds"]}
+        # passes run (early stopping may end sooner), a fraction of one for a fractional budget
+        return {"epochs": min(epochs, len(hist["epochs"])), "steps": hist["steps"], "best_epoch": hist["best_epoch"],
+                "seconds": hist["seconds"]}
 
     def latency_inputs(self, tokenizer: Any = None, batch: int = 32, seq: int = 64) -> Inputs:
         """A fixed-shape batch to time a forward on: text padded to ``seq`` tokens (real sentences),

@@ -16,7 +16,6 @@ Metrics for video diffusion models (`particlize.models.sora`):
 from __future__ import annotations
 
 import math
-
 from collections.abc import Sequence
 from typing import Any
 
