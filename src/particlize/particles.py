@@ -642,8 +642,13 @@ class ParticleMap:
 
         return particle_table(self, seq_len=seq_len, data=data)
 
-    def prune(self, remove: Remove) -> nn.Module:
-        """A new, physically smaller dense model without the particles in ``remove``."""
+    def prune(self, remove: Remove, *, reweight: Iterable[Any] | None = None) -> nn.Module:
+        """A new, physically smaller dense model without the particles in ``remove``.
+
+        ``reweight``: calibration batches (inputs, or ``(inputs, targets)`` pairs). The kept particles'
+        reader weights are then refit by least squares so that each cut linear reader reproduces its
+        intact output on them as closely as it can (see `particlize.surgery.refit_readers`); groups whose
+        reader is not a linear layer on the gated features are cut without a refit."""
         from .surgery import pruned_copy
 
-        return pruned_copy(self, remove)
+        return pruned_copy(self, remove, reweight=reweight)

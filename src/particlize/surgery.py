@@ -4,6 +4,13 @@ Each slice of each group is cut with ``index_select`` on the original indices (s
 same tensor along different dimensions compose), module shape attributes are refreshed, and the
 adapter's ``on_prune`` hook fixes what only it knows (head counts, split sizes, configs). Blocks are
 removed last, from their containers.
+
+Reweighting (``pm.prune(remove, reweight=data)``) then refits what reads the removed particles: where a
+group's reader is a linear layer on the gated features, the kept features' reader weights (and its bias)
+become the least-squares solution that best reproduces the reader's intact output on ``data``, which is
+the same as predicting each removed feature linearly from the kept ones (plus a constant) and folding the
+prediction into the reader. With only the constant this is mean ablation folded into the bias; in general
+it is the layer-wise reconstruction of FLAP / ZipLM-style structured pruning.
 """
 
 from __future__ import annotations
@@ -15,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import PlanError
-from .particles import ParticleMap, ResidualGate, Remove
+from .errors import ParticlizeError, PlanError
+from .particles import InputGate, ParticleGroup, ParticleMap, ResidualGate, Remove, run_batch
 
 PROVENANCE = "_particlize"  # attribute carrying {"recipe": ..., "plan": [step, ...]} on pruned models
 
@@ -147,8 +154,121 @@ def block_correspondence(teacher: nn.Module, student: nn.Module) -> list[tuple[s
     return pairs
 
 
-def pruned_copy(pm: ParticleMap, remove: Remove) -> nn.Module:
-    """A deep copy of ``pm.model`` without the particles in ``remove``; records the plan step."""
+def _linear_reader(pm: ParticleMap, g: ParticleGroup) -> tuple[str, int, str | None] | None:
+    """``(weight name, feature dim, bias name or None)`` when ``g``'s only reader is a 2-D weight of the
+    module its input gate sits on (``nn.Linear``: features on dim 1; GPT-2's ``Conv1D``: dim 0) and the
+    gate splits that module's last input dimension; None otherwise (the group is cut without a refit)."""
+    if g.kind == "block" or not isinstance(g.gate, InputGate) or g.gate.dim != -1 or len(g.readers) != 1:
+        return None
+    r = g.readers[0]
+    mpath, _, tname = r.name.rpartition(".")
+    if mpath != g.gate.module or tname != "weight" or r.repeat != 1:
+        return None
+    mod = pm.model.get_submodule(mpath)
+    w = getattr(mod, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.ndim != 2:
+        return None
+    dim = r.dim % 2
+    if not (isinstance(mod, nn.Linear) and dim == 1) and not (type(mod).__name__ == "Conv1D" and dim == 0):
+        return None
+    if w.shape[dim] != g.size * r.width:
+        return None
+    bias = getattr(mod, "bias", None)
+    return r.name, dim, (f"{mpath}.bias" if isinstance(bias, torch.Tensor) else None)
+
+
+def _inputs_of(batch: Any) -> Any:
+    """The model inputs of a batch: a `Batch`'s ``inputs``, an ``(inputs, targets)`` pair's first item,
+    or the batch itself."""
+    if hasattr(batch, "inputs") and hasattr(batch, "targets"):
+        return batch.inputs
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and not isinstance(batch[0], (int, float)):
+        return batch[0]
+    return batch
+
+
+def _token_weights(inputs: Any, a: torch.Tensor) -> torch.Tensor | None:
+    """``[B, T]`` weights that leave padding out of the statistics: the inputs' ``attention_mask`` when
+    the activation is laid out ``[B, T, features]`` like it; None (every position counts) otherwise."""
+    m = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    if isinstance(m, torch.Tensor) and m.ndim == 2 and a.ndim == 3 and tuple(a.shape[:2]) == tuple(m.shape):
+        return m.to(a.device, torch.float64)
+    return None
+
+
+@torch.no_grad()
+def input_moments(pm: ParticleMap, groups: Sequence[str], data: Any) -> dict[str, torch.Tensor]:
+    """``{group: E[x̃ x̃ᵀ]}`` over ``data``: the second moments of each group's reader input ``x``
+    (all particles' features) extended by a constant 1 (last row/column), padding excluded."""
+    sums: dict[str, list] = {}
+    current: list[Any] = [None]
+
+    def sink(name: str, i: int, a: torch.Tensor) -> None:
+        x = a.detach().double()
+        w = _token_weights(current[0], x)
+        x = x.reshape(-1, x.shape[-1])
+        x = torch.cat([x, torch.ones_like(x[:, :1])], 1)
+        w = torch.ones_like(x[:, :1]) if w is None else w.reshape(-1, 1)
+        acc = sums.setdefault(name, [0.0, 0.0])
+        acc[0] = acc[0] + (x * w).T @ x
+        acc[1] += float(w.sum())
+
+    with pm.capture(groups, sink):
+        for batch in data:
+            current[0] = _inputs_of(batch)
+            run_batch(pm.model, current[0])
+    missing = [n for n in groups if n not in sums]
+    if missing:
+        raise ParticlizeError(f"the reweighting data never reached the readers of {missing[:3]}; "
+                              "pass batches the model runs on (the calibration inputs)")
+    return {n: s / max(cnt, 1.0) for n, (s, cnt) in sums.items()}
+
+
+def _shape(model: nn.Module, name: str) -> tuple[int, ...]:
+    mpath, _, tname = name.rpartition(".")
+    return tuple(getattr(model.get_submodule(mpath) if mpath else model, tname).shape)
+
+
+def refit_readers(pm: ParticleMap, small: nn.Module, step: Mapping[str, Sequence[int]],
+                  moments: Mapping[str, torch.Tensor], damp: float = 0.01) -> list[str]:
+    """Replace the reader weights (and bias) of each cut group of ``small`` (``pm.model`` with
+    ``step`` applied) by the least-squares fit to the intact reader's output: the kept features ``K``
+    predict the removed ones ``S`` as ``x_S ≈ x_K R + c`` with ``R, c`` from ``moments`` (ridge ``damp``
+    × the mean of ``diag E[x_K x_Kᵀ]``), so ``W_K ← W_K + W_S Rᵀ`` and ``b ← b + W_S c``. The constant
+    term is used only where the reader has a bias. Returns the groups refit."""
+    done = []
+    for name, keep in step.items():
+        g = pm[name]
+        spec = _linear_reader(pm, g)
+        if spec is None or name not in moments or len(keep) == g.size:
+            continue
+        wname, dim, bname = spec
+        r = g.readers[0]
+        kept = r.indices(keep)
+        gone = r.indices(sorted(set(range(g.size)) - set(keep)))
+        M = moments[name]
+        F = M.shape[0] - 1
+        const = torch.tensor([F]) if bname is not None else torch.tensor([], dtype=torch.long)
+        K = torch.cat([kept, const])
+        A = M[K][:, K]
+        A = A + damp * A.diagonal().mean().clamp_min(1e-12) * torch.eye(len(K), dtype=A.dtype)
+        R = torch.linalg.solve(A, M[K][:, gone])  # [|K| (+1), |S|]
+        W = pm._tensor(wname).detach()
+        Wf = W.movedim(dim, 0).double()  # [features, outputs]
+        new = (Wf[kept] + R[: len(kept)] @ Wf[gone]).to(W.dtype).movedim(0, dim).contiguous()
+        if _shape(small, wname) != tuple(new.shape) or (bname is not None and _shape(small, bname) != (Wf.shape[1],)):
+            continue  # the reader was also cut along its outputs (by another group): leave it as cut
+        _set_tensor(small, wname, new)
+        if bname is not None:
+            b = pm._tensor(bname).detach()
+            _set_tensor(small, bname, (b.double() + R[-1] @ Wf[gone]).to(b.dtype))
+        done.append(name)
+    return done
+
+
+def pruned_copy(pm: ParticleMap, remove: Remove, reweight: Any = None) -> nn.Module:
+    """A deep copy of ``pm.model`` without the particles in ``remove``; records the plan step. With
+    ``reweight`` (calibration batches), the readers of the cut groups are refit (`refit_readers`)."""
     from .adapters import decompose
 
     step = plan_step(pm, remove)
@@ -167,8 +287,13 @@ def pruned_copy(pm: ParticleMap, remove: Remove) -> nn.Module:
         else:
             for s in (*g.writers, *g.readers):
                 memo[id(pm._tensor(s.name))] = pm._tensor(s.name)
+    moments = None
+    if reweight is not None:
+        moments = input_moments(pm, [n for n in step if _linear_reader(pm, pm[n]) is not None], reweight)
     small = copy.deepcopy(pm.model, memo)
     apply_step(decompose(small, recipe=pm.recipe, seq_len=pm.seq_len), step)
+    if moments:
+        refit_readers(pm, small, step, moments)
     prov = provenance(pm.model)
     setattr(small, PROVENANCE, {"recipe": pm.recipe, "plan": [*prov.get("plan", []), step]})
     return small
