@@ -13,6 +13,8 @@ For each FLOPs budget (fraction of the encoder's FLOPs kept, embeddings excluded
                    left (``1 - budget^(1/3)``) and recovers for ``--epochs / 3``;
 - ``pz-oneshot-uniform``  one round, the same fraction of every layer (as Torch-Pruning cuts), particlize's scores;
 - ``pz-oneshot[-blocks]-hd``  the same with layer-wise distillation in recovery (``hidden_weight=--hidden-weight``);
+- ``...-rw``       any particlize variant with the cut readers refit by least squares on the calibration data
+                   (``reweight=True``) before recovery, e.g. ``pz-oneshot-rw``, ``pz-oneshot-hd-rw``;
 - ``tp-<imp>-ft``  Torch-Pruning 1.6.1 (GroupTaylor or GroupMagnitude importance, heads + FFN neurons pruned
                    uniformly per layer) then plain fine-tuning, as its users do;
 - ``tp-<imp>-kd``  the same pruning then particlize's distillation recovery (separates scorer/allocation
@@ -50,7 +52,8 @@ from particlize.tasks.base import logits_of  # noqa: E402
 from particlize.train import train_classifier  # noqa: E402
 
 VARIANTS = ("pz-loop", "pz-oneshot", "pz-oneshot-latency", "pz-oneshot-blocks", "pz-oneshot-blocks-latency",
-            "pz-oneshot-hd", "pz-oneshot-blocks-hd", "pz-oneshot-uniform", "pz-iter3", "tp-taylor-ft", "tp-magnitude-ft", "tp-taylor-kd", "tp-magnitude-kd")
+            "pz-oneshot-hd", "pz-oneshot-blocks-hd", "pz-oneshot-uniform", "pz-iter3", "pz-oneshot-rw", "pz-oneshot-hd-rw",
+            "pz-iter3-rw", "tp-taylor-ft", "tp-magnitude-ft", "tp-taylor-kd", "tp-magnitude-kd")
 
 
 def encoder_flops(model) -> float:
@@ -97,14 +100,16 @@ def run(variant: str, dense, task, tok, budget: float, seed: int, args) -> dict:
     t0 = time.perf_counter()
     opts = dict(batch_size=32, max_length=64, limit=args.limit, seed=seed, lr=args.lr)
     if variant.startswith("pz"):
-        iters = 3 if variant == "pz-iter3" else 1
+        reweight = variant.endswith("-rw")
+        variant_core = variant.removesuffix("-rw")
+        iters = 3 if variant_core == "pz-iter3" else 1
         fraction = 1.0 if "oneshot" in variant else (1 - budget ** (1 / 3) + 0.01 if iters == 3 else 1 / 3)
         cfg = CompressConfig(target_flops=budget, recover_epochs=args.epochs / iters, min_quality=0.0,
                              calib_examples=args.calib, max_fraction=fraction, round_to=args.round_to,
-                             cost="latency" if variant.endswith("-latency") else "flops",
+                             cost="latency" if variant_core.endswith("-latency") else "flops",
                              granularity=("heads", "neurons", "blocks") if "blocks" in variant else ("heads", "neurons"),
-                             hidden_weight=args.hidden_weight if variant.endswith("-hd") else 0.0,
-                             allocation="uniform" if variant.endswith("-uniform") else "global",
+                             hidden_weight=args.hidden_weight if variant_core.endswith("-hd") else 0.0,
+                             allocation="uniform" if variant_core.endswith("-uniform") else "global", reweight=reweight,
                              kd_alpha=args.kd_alpha, temperature=args.temperature, **opts)
         before_cfg = CompressConfig(**{**cfg.__dict__, "recover_epochs": 0})
         before = compress(copy.deepcopy(dense), task, tokenizer=tok, config=before_cfg).model

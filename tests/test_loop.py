@@ -218,3 +218,19 @@ def test_sweep_writes_table_and_plot(setup, tmp_path):
     assert ok[ok.granularity == "heads"].reached.all() and (ok.flops_ratio < 1).all()
     with pytest.raises(pz.ParticlizeError, match="--force"):
         sweep(model, task, tokenizer=tok, flops=(0.5,), out=tmp_path / "sw")
+
+
+def test_reweight_refits_the_cut_readers_and_keeps_the_plan(setup, tmp_path):
+    """``reweight=True`` cuts the same particles and changes only the kept readers' weights."""
+    work, model, task, tok = setup
+    opts = {**OPTIONS, "target_flops": 0.5, "max_fraction": 1.0, "recover_epochs": 0}
+    plain = compress(model, task, tokenizer=tok, **opts)
+    refit = compress(model, task, tokenizer=tok, **opts, reweight=True)
+    assert refit.history[-1]["removed"] == plain.history[-1]["removed"]
+    a, b = plain.model.state_dict(), refit.model.state_dict()
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    pm = pz.decompose(model)
+    readers = {n for g in plain.history[-1]["removed"] for r in pm[g].readers
+               for n in (r.name, r.name.removesuffix("weight") + "bias")}
+    assert changed and changed <= readers, changed - readers

@@ -237,6 +237,8 @@ def compress(
     recover_epochs: float = typer.Option(1.0, "--recover-epochs", min=0.0, help="recovery passes over the training data per round (fractional: part of a pass)"),
     hidden_weight: float = typer.Option(0.0, "--hidden-weight", min=0.0,
                                         help="layer-wise distillation: weight of each block's output MSE to the original's (text classifiers)"),
+    reweight: bool = typer.Option(False, "--reweight/--no-reweight",
+                                  help="refit the kept particles' reader weights by least squares on the calibration data after each cut"),
     round_to: Optional[int] = typer.Option(None, "--round-to", min=1, help="keep widths multiples of this"),
     lr: Optional[float] = typer.Option(None, "--lr"),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
@@ -264,7 +266,8 @@ def compress(
         target_flops=target_flops, target_params=target_params, target_latency_ms=target_latency_ms,
         granularity=tuple(g.strip() for g in granularity.split(",") if g.strip()), scorer=scorer, allocation=allocation,
         cost=cost, min_quality=min_quality, max_fraction=max_fraction, recover_epochs=recover_epochs, round_to=round_to, lr=lr,
-        hidden_weight=hidden_weight, batch_size=batch_size, max_length=max_length, limit=limit, seed=seed, quantize=quantize,
+        hidden_weight=hidden_weight, reweight=reweight, batch_size=batch_size, max_length=max_length, limit=limit, seed=seed,
+        quantize=quantize,
     )
     cfg.check()
     t = _task(task, data, text_column, label_column)

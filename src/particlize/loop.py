@@ -56,6 +56,7 @@ class CompressConfig:
     kd_alpha: float = 0.5
     temperature: float = 2.0
     hidden_weight: float = 0.0  # layer-wise distillation: weight of the blocks' output MSE to the teacher's
+    reweight: bool = False  # refit the cut readers by least squares on the calibration data before recovery
     calib_examples: int = 256
     batch_size: int = 32
     max_length: int = 64
@@ -405,7 +406,7 @@ def compress(
         if not remove:
             reason = "nothing more can be removed within the minimum widths"
             break
-        student = pm.prune(remove)
+        student = pm.prune(remove, reweight=calib if cfg.reweight else None)
         emit("pruned", {"round": r, "removed": {k: len(v) for k, v in remove.items()}})
         try:
             rec = _recover(student, teacher, task, tokenizer, cfg, r, emit)
