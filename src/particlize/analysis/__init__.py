@@ -8,6 +8,7 @@ One entry point, `analyze`, with one signature for every method (one module each
 | `activation` | FLAP fluctuation (activation variance × reader column norm²)       | one forward per batch   |
 | `taylor`     | −∂metric/∂gate at gate 1 (attribution patching), per example       | one forward + backward  |
 | `taylor2`    | taylor + ½ Gauss–Newton curvature of the loss along the gate        | + one backward per class|
+| `taylor-norm`| taylor with the next LayerNorm/RMSNorm evaluated exactly            | + one forward + backward|
 | `fisher`     | Σ over examples of (∂metric/∂gate)²                                 | one forward + backward  |
 | `ablation`   | exact: metric with the particle ablated − intact metric            | fast exact engine       |
 | `influence`  | blocks: 1 − cos(block input, block output) (ShortGPT)              | one forward per batch   |
@@ -33,9 +34,11 @@ from .activation import activation
 from .influence import influence
 from .magnitude import magnitude
 from .taylor import fisher, taylor, taylor2
+from .taylor_norm import taylor_norm
 
 METHODS: dict[str, Callable[..., Any]] = {
-    "magnitude": magnitude, "activation": activation, "taylor": taylor, "taylor2": taylor2, "fisher": fisher,
+    "magnitude": magnitude, "activation": activation, "taylor": taylor, "taylor2": taylor2, "taylor-norm": taylor_norm,
+    "fisher": fisher,
     "ablation": ablation_effects, "influence": influence,
 }
 MODES = ("zero", "mean", "resample")
@@ -86,7 +89,7 @@ def analyze(
     try:
         if method == "ablation":
             scores = ablation_effects(pm, batches, metric=metric, mode=mode, groups=names, max_rows=max_rows, progress=progress)
-        elif method in ("taylor", "taylor2", "fisher"):
+        elif method in ("taylor", "taylor2", "taylor-norm", "fisher"):
             scores = METHODS[method](pm, batches, metric=metric, mode=mode, groups=names, progress=progress)
         else:
             scores = METHODS[method](pm, batches, groups=names, progress=progress)

@@ -1,0 +1,218 @@
+"""``taylor-norm``: attribution patching with the next normalisation layer evaluated exactly.
+
+First-order gate scores (``taylor``) linearise the whole model after the gate. Their worst misses on a
+real transformer are particles whose removal is a *large* perturbation of the residual stream — an FFN
+neuron with a huge activation on a few tokens, say — where the LayerNorm that follows saturates: the
+linearisation says the change is big, the norm squashes it (or the reverse). AtP* fixes the attention
+softmax for the same reason; this fixes the norm.
+
+For a particle read by a linear layer (an attention head through ``o_proj``, an FFN neuron through
+``fc2``) ablation changes the reader's output by ``δ_j = (p − a_j) W_jᵀ`` per token (``p`` the patch: 0
+or the mean). That change reaches the first normalisation layer ``N`` after the reader unchanged (dropout
+is off, residual adds are identity), so with ``z`` the norm's clean input and ``g`` the metric's gradient
+at its output, the estimate is
+
+    taylor_j + Σ_t [ g · (N(z + δ_j) − N(z)) − (J_N(z)ᵀ g) · δ_j ]
+
+— the first-order term with its linearised path through the norm replaced by the exact one. In a post-LN
+model (BERT) that is exactly "exact through the norm, linear after"; in a pre-LN model (GPT-2, Llama) the
+skip path around the norm stays linear. The path is checked once per group (one ablated forward): a group
+whose reader output reaches the norm through anything but an identity (adaLN gates, scaling) keeps the
+plain first-order score. Cost: one extra forward + backward, and ``N`` evaluated once per particle and token.
+
+`width` is what the adaptive `top_particles` bounds the error of an estimate with: the mean over examples
+of the estimate's magnitude per example (large when per-example effects cancel in the mean).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..particles import InputGate, ParticleMap
+from ._common import Batch, Progress, call, per_example_metric
+from .ablation import ExecutionTrace
+from .taylor import gate_gradients
+
+_CHUNK_ELEMENTS = 1 << 24  # floats of one [B, T, chunk, d] perturbed-norm evaluation
+
+
+def _is_norm(mod: nn.Module) -> bool:
+    name = type(mod).__name__
+    return isinstance(mod, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))) or name.endswith(("LayerNorm", "RMSNorm"))
+
+
+def _reader_weight(pm: ParticleMap, name: str) -> tuple[str, Tensor] | None:
+    """``(reader module path, weight as [features, outputs])`` for a linear reader of gated features."""
+    from ..surgery import _linear_reader
+
+    g = pm[name]
+    spec = _linear_reader(pm, g) if g.per_example else None
+    if spec is None:
+        return None
+    wname, dim, _ = spec
+    return g.gate.module, pm._tensor(wname).detach().movedim(dim, 0)
+
+
+def _next_norm(trace: ExecutionTrace, reader: str, model: nn.Module) -> str | None:
+    """The first normalisation module entered after ``reader`` returns (called once per forward)."""
+    if trace.calls.get(reader) != 1:
+        return None
+    after = [(e, p) for p, e in trace.enter.items() if e > trace.exit[reader] and trace.calls.get(p) == 1
+             and _is_norm(model.get_submodule(p))]
+    return min(after)[1] if after else None
+
+
+def _deltas(a: Tensor, W: Tensor, n: int, chunk: Sequence[int], patch: Tensor | None) -> Tensor:
+    """``[B, T, c, d]``: the change of the reader's output when each particle of ``chunk`` is ablated."""
+    w = a.shape[-1] // n
+    idx = torch.as_tensor(chunk, device=a.device)
+    ap = a.unflatten(-1, (n, w)).index_select(-2, idx)  # [B, T, c, w]
+    base = torch.zeros_like(ap) if patch is None else patch.to(a).view(n, w).index_select(0, idx)
+    return torch.einsum("btcw,cwd->btcd", base - ap, W.to(a).unflatten(0, (n, w)).index_select(0, idx))
+
+
+def _path_is_identity(pm: ParticleMap, name: str, norm: str, batch: Batch, a: Tensor, z: Tensor,
+                      W: Tensor, patch: Tensor | None) -> bool:
+    """Does ablating one particle change the norm's input by exactly the reader's output change?"""
+    n = pm[name].size
+    w = a.shape[-1] // n
+    base = torch.zeros_like(a) if patch is None else patch.to(a).expand_as(a)
+    size = (base - a).unflatten(-1, (n, w)).pow(2).sum(-1).sum((0, 1)) * W.unflatten(0, (n, w)).pow(2).sum((1, 2)).to(a)
+    j = int(size.argmax())  # the largest perturbation: where a non-identity path would show most
+    seen: dict[str, Tensor] = {}
+    h = pm.model.get_submodule(norm).register_forward_pre_hook(lambda m, args: seen.setdefault("z", args[0].detach()))
+    gate = torch.ones(n)
+    gate[j] = 0.0
+    try:
+        with torch.no_grad(), pm.gates({name: gate}, {name: [patch]} if patch is not None else None):
+            call(pm.model, batch.inputs)
+    finally:
+        h.remove()
+    change = seen["z"].double().reshape(z.shape) - z.double()
+    want = _deltas(a, W, n, [j], patch)[:, :, 0].double()
+    return bool((change - want).abs().max() <= 1e-4 * want.abs().max() + 1e-6)
+
+
+def _norm_params(N: nn.Module) -> tuple[bool, float, Tensor | None] | None:
+    """``(centred, eps, weight)`` of a norm whose change under a rank-1 perturbation has a closed form:
+    ``nn.LayerNorm`` (centred) and RMS norms with ``weight`` and ``variance_epsilon`` / ``eps``."""
+    if isinstance(N, nn.LayerNorm):
+        return True, float(N.eps), N.weight
+    eps = getattr(N, "variance_epsilon", getattr(N, "eps", None))
+    if type(N).__name__.endswith("RMSNorm") and isinstance(eps, float) and isinstance(getattr(N, "weight", None), Tensor):
+        return False, eps, N.weight
+    return None
+
+
+@torch.no_grad()
+def _rank1_norm_change(N: nn.Module, z: Tensor, C: Tensor, W: Tensor, g: Tensor, v: Tensor) -> Tensor:
+    """``[M, n]``: ``g · (N(z + C_j w_j) − N(z)) − C_j v · w_j`` for every token ``M`` and particle ``j``
+    whose ablation adds ``C_j`` times the vector ``w_j`` (row ``j`` of ``W``) to the norm's input; three
+    matmuls instead of ``n`` evaluations of the norm."""
+    centred, eps, weight = _norm_params(N)
+    z, C, W, g, v = (t.double() for t in (z, C, W, g, v))
+    gw = g * weight.double() if weight is not None else g
+    d = z.shape[-1]
+    linear = C * (v @ W.T)
+    if centred:
+        z = z - z.mean(-1, keepdim=True)
+        W = W - W.mean(-1, keepdim=True)
+    s2 = z.pow(2).mean(-1, keepdim=True)  # variance (or mean square) of each token
+    zw = z @ W.T / d  # [M, n]
+    s2_new = (s2 + 2 * C * zw + C.pow(2) * W.pow(2).mean(-1)).clamp_min(0)
+    inv, inv_new = (s2 + eps).rsqrt(), (s2_new + eps).rsqrt()
+    exact = (gw * z).sum(-1, keepdim=True) * (inv_new - inv) + C * (gw @ W.T) * inv_new
+    return exact - linear
+
+
+def _closed_form_agrees(N: nn.Module, a: Tensor, z: Tensor, W: Tensor, g: Tensor, v: Tensor, patch: Tensor | None) -> bool:
+    """The closed form against the module itself, on the particle with the largest activation."""
+    if _norm_params(N) is None:
+        return False
+    C = (torch.zeros_like(a) if patch is None else patch.to(a).expand_as(a)) - a
+    j = int(C.abs().amax((0, 1)).argmax())
+    closed = _rank1_norm_change(N, z.flatten(0, 1), C[..., j:j + 1].flatten(0, 1), W[j:j + 1], g.flatten(0, 1), v.flatten(0, 1))
+    with torch.no_grad():
+        d = C[..., j:j + 1] * W[j].to(a)  # [B, T, d]
+        want = ((N(z + d) - N(z)) * g).sum(-1) - (d * v).sum(-1)
+    return bool(torch.allclose(closed.view_as(want), want.double(), rtol=1e-3, atol=1e-6 + 1e-3 * float(want.abs().max())))
+
+
+def taylor_norm(pm: ParticleMap, batches: Sequence[Batch], *, metric: str = "loss", mode: str = "zero",
+                groups: Sequence[str], progress: Progress | None = None) -> dict[str, Tensor]:
+    """Per-example estimates ``[examples, n]`` of each particle's ablation effect (see the module doc)."""
+    est = {n: -g for n, g in gate_gradients(pm, batches, metric=metric, mode=mode, groups=groups, progress=progress).items()}
+    model = pm.model
+    trace = ExecutionTrace(model, batches[0])
+    sites = {}
+    for name in groups:
+        rw = _reader_weight(pm, name)
+        norm = _next_norm(trace, rw[0], model) if rw is not None else None
+        if rw is not None and norm is not None:
+            sites[name] = (rw[0], rw[1], norm)
+    if not sites:
+        return est
+    patches = pm.mean_activations(list(sites), [b.inputs for b in batches]) if mode == "mean" else {}
+    checked: dict[str, bool] = {}
+    closed: dict[str, bool] = {}
+    start = 0
+    for bi, batch in enumerate(batches):
+        store: dict[str, Tensor] = {}
+        handles = []
+        try:
+            for name, (reader, _, norm) in sites.items():
+                handles.append(model.get_submodule(reader).register_forward_pre_hook(
+                    lambda m, args, name=name: store.__setitem__(("a", name), args[0].detach())))
+            for norm in {s[2] for s in sites.values()}:
+                handles.append(model.get_submodule(norm).register_forward_pre_hook(
+                    lambda m, args, norm=norm: store.__setitem__(("z", norm), args[0].detach())))
+                handles.append(model.get_submodule(norm).register_forward_hook(
+                    lambda m, args, out, norm=norm: store.__setitem__(("y", norm), out)))
+            with torch.enable_grad():
+                out = call(model, batch.inputs)
+                norms = list(dict.fromkeys(s[2] for s in sites.values()))
+                grads = torch.autograd.grad(per_example_metric(metric, out, batch.targets).sum(),
+                                            [store[("y", nm)] for nm in norms], allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+        gy = dict(zip(norms, grads))
+        B = batch.size
+        for name, (reader, W, norm) in sites.items():
+            a, z, g = store[("a", name)], store[("z", norm)], gy[norm]
+            if g is None or a.shape[0] != B or z.shape[0] != B or a.shape[:-1] != z.shape[:-1]:
+                continue  # the metric does not depend on the norm, or activations are not laid out per example
+            a, z, g = a.reshape(B, -1, a.shape[-1]), z.reshape(B, -1, z.shape[-1]), g.detach().reshape(B, -1, z.shape[-1])
+            patch = patches[name][0] if name in patches else None
+            if name not in checked:
+                checked[name] = _path_is_identity(pm, name, norm, batch, a, z, W, patch)
+            if not checked[name]:
+                continue
+            N = model.get_submodule(norm)
+            with torch.enable_grad():
+                zz = z.detach().requires_grad_(True)
+                (v,) = torch.autograd.grad(N(zz), zz, g)
+            n = pm[name].size
+            if name not in closed:
+                closed[name] = W.shape[0] == n and _closed_form_agrees(N, a, z, W, g, v, patch)
+            if closed[name]:  # width-1 particles: rank-1 changes, the norm's change in closed form
+                C = (torch.zeros_like(a) if patch is None else patch.to(a).expand_as(a)) - a  # [B, T, n]
+                corr = _rank1_norm_change(N, z.flatten(0, 1), C.flatten(0, 1), W, g.flatten(0, 1), v.flatten(0, 1))
+                est[name][start:start + B] += corr.view(B, -1, n).sum(1).cpu()
+                continue
+            per = max(1, _CHUNK_ELEMENTS // max(1, z.numel()))
+            corr = torch.zeros(B, n, dtype=torch.float64)
+            with torch.no_grad():
+                Nz = N(z)
+                for c0 in range(0, n, per):
+                    chunk = list(range(c0, min(n, c0 + per)))
+                    d = _deltas(a, W, n, chunk, patch)  # [B, T, c, d]
+                    exact = ((N(z.unsqueeze(2) + d) - Nz.unsqueeze(2)) * g.unsqueeze(2)).sum(-1)
+                    linear = (d * v.unsqueeze(2)).sum(-1)
+                    corr[:, c0:c0 + len(chunk)] = (exact - linear).double().sum(1).cpu()
+            est[name][start:start + B] += corr
+        start += B
+    return est
