@@ -14,10 +14,14 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
+from ..errors import ParticlizeError
 from ..particles import ParticleMap
-from . import _map, analyze, importance
+from . import METHODS, _map, analyze, importance
 from ._common import Progress, as_batches, select_groups
 from .ablation import ablation_effects
+
+
+PER_EXAMPLE_SCREENS = ("taylor", "taylor2", "taylor-norm")
 
 
 @dataclass
@@ -71,13 +75,28 @@ def validate_scores(
     return Validation(pd.DataFrame(rows), both)
 
 
+def _screen(pm: ParticleMap, batches: list, screen: str, metric: str, mode: str, names: list[str],
+            progress: Progress | None) -> pd.DataFrame:
+    """``group, index, screen_score, width``: the screen's estimate of each particle's effect and the scale
+    of its error (the mean per-example magnitude of the estimate; its magnitude for scorers without
+    per-example estimates)."""
+    if screen in PER_EXAMPLE_SCREENS:
+        per = METHODS[screen](pm, batches, metric=metric, mode=mode, groups=names, progress=progress)
+        rows = [pd.DataFrame({"group": n, "index": range(v.shape[1]), "screen_score": v.mean(0).numpy(),
+                              "width": v.abs().mean(0).numpy()}) for n, v in per.items() if n in names]
+        return pd.concat(rows, ignore_index=True)
+    df = analyze(pm, batches, screen, metric, mode, groups=names, table=False, progress=progress)
+    return df.assign(screen_score=df["score"], width=df["score"].abs())[["group", "index", "screen_score", "width"]]
+
+
 def top_particles(
     model_or_pm: nn.Module | ParticleMap,
     data: Iterable[Any],
     k: int = 50,
     *,
-    screen: str = "taylor",
+    screen: str = "taylor-norm",
     shortlist: int | None = None,
+    confidence: float = 0.99,
     exhaustive: Sequence[str] = ("head", "block"),
     metric: str = "loss",
     mode: str = "zero",
@@ -85,30 +104,52 @@ def top_particles(
     max_rows: int = 1024,
     progress: Progress | None = None,
 ) -> pd.DataFrame:
-    """The ``k`` particles whose exact ablation matters most: screen all with ``screen``, ablate
-    exactly the top ``shortlist`` (default ``4k``) of them plus every particle of the ``exhaustive``
-    kinds, and rank by the exact effect. Columns: ``group, index, kind, score`` (exact),
-    ``screen_score``, ``rank``.
+    """The ``k`` particles whose exact ablation matters most: screen all with ``screen``, ablate exactly
+    every particle of the ``exhaustive`` kinds and a shortlist of the others, rank by the exact effect.
+    Columns: ``group, index, kind, score`` (exact), ``screen_score``, ``rank``; ``attrs`` say how many
+    particles were ablated exactly (``verified``) of how many (``particles``).
 
-    The ``exhaustive`` kinds (heads and blocks by default) are few and cheap to ablate exactly, and
-    they are where first-order screens are least reliable (large, saturating effects), so they are
-    never left to the screen; the many neurons or channels are."""
+    The shortlist grows until no unverified particle can plausibly enter the top ``k`` (AtP*-style): each
+    estimate gets an error bar ``c × width`` — ``width`` the mean magnitude of its per-example estimates,
+    ``c`` the ``confidence`` quantile of ``|exact − estimate| / width`` over the particles verified so far
+    — and every particle whose optimistic value ``estimate + c × width`` reaches the k-th exact effect is
+    ablated, ``k`` at a time, recalibrating ``c`` after each batch. A fixed ``shortlist`` (an int) ablates
+    just the top ``shortlist`` by the screen instead. The ``exhaustive`` kinds (heads and blocks by
+    default) are few and cheap to ablate exactly, and first-order screens are least reliable there
+    (large, saturating effects), so they are never left to the screen; the many neurons or channels are."""
     pm = _map(model_or_pm)
     batches = as_batches(data)
     names = select_groups(pm, groups)
-    cheap = analyze(pm, batches, screen, metric, mode, groups=names, table=False, progress=progress)
-    kinds = cheap.group.map({g.name: g.kind for g in pm.groups})
-    always = kinds.isin(list(exhaustive))
-    rest = cheap[~always]
-    n_short = min(len(rest), shortlist or 4 * k)
-    short = pd.concat([cheap[always], rest.loc[importance(rest, metric).nlargest(n_short).index]])
-    only = {n: part["index"].tolist() for n, part in short.groupby("group")}
-    eff = ablation_effects(pm, batches, metric=metric, mode=mode, groups=list(only), max_rows=max_rows,
-                           only=only, progress=progress)
-    short = short.assign(screen_score=short["score"])
-    short["score"] = [float(eff[g][:, i].mean()) for g, i in zip(short.group, short["index"])]
-    short["kind"] = short.group.map({g.name: g.kind for g in pm.groups})
-    top = short.loc[importance(short, metric).nlargest(min(k, len(short))).index]
-    top = top[["group", "index", "kind", "score", "screen_score"]].reset_index(drop=True)
+    if not 0.0 < confidence <= 1.0:
+        raise ParticlizeError(f"confidence is a quantile in (0, 1], got {confidence}")
+    kinds = {g.name: g.kind for g in pm.groups}
+    cand = _screen(pm, batches, screen, metric, mode, names, progress)
+    cand["kind"] = cand.group.map(kinds)
+    sign = -1.0 if metric in ("accuracy", "logit_diff") else 1.0  # scores into importance (higher = matters more)
+    cand["est"] = sign * cand.screen_score
+    cand["exact"] = float("nan")
+    always = cand.kind.isin(list(exhaustive))
+    rest = cand.loc[~always].sort_values("est", ascending=False)
+    first = rest.index[: min(len(rest), shortlist if shortlist is not None else 2 * k)]
+    todo = cand.index[always].append(first)
+    while len(todo):
+        part = cand.loc[todo]
+        only = {n: p["index"].tolist() for n, p in part.groupby("group")}
+        eff = ablation_effects(pm, batches, metric=metric, mode=mode, groups=list(only), max_rows=max_rows,
+                               only=only, progress=progress)
+        cand.loc[todo, "exact"] = [sign * float(eff[g][:, i].mean()) for g, i in zip(part.group, part["index"])]
+        if shortlist is not None:
+            break
+        done = cand.exact.notna()
+        tau = cand.exact[done].nlargest(min(k, int(done.sum()))).min() if done.sum() >= k else -float("inf")
+        seen = cand[done & ~always & (cand.width > 0)]
+        c = float(((seen.exact - seen.est).abs() / seen.width).quantile(confidence)) if len(seen) else float("inf")
+        open_ = cand[~done & ~always]
+        bound = open_.est + (c * open_.width if c != float("inf") else float("inf"))
+        todo = bound[bound >= tau].sort_values(ascending=False).index[:k]
+    short = cand[cand.exact.notna()]
+    top = short.loc[short.exact.nlargest(min(k, len(short))).index]
+    top = top.assign(score=sign * top.exact)[["group", "index", "kind", "score", "screen_score"]].reset_index(drop=True)
     top["rank"] = range(1, len(top) + 1)
+    top.attrs.update(verified=int(len(short)), particles=int(len(cand)), screen=screen)
     return top

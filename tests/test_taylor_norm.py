@@ -1,0 +1,101 @@
+"""``taylor-norm`` (first order with the next norm exact) and the adaptive exact top-k built on it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import particlize as pz
+from conftest import hf_model
+from particlize.particles import InputGate, ParticleGroup, ParticleMap, Slice
+
+
+class NormBlock(nn.Module):
+    """x → fc1 → GELU → fc2 (the gated reader) → (× scale) + x → norm → 2 logits: after the norm
+    everything is linear, so with ``logit_diff`` the norm-exact estimate is the exact ablation effect."""
+
+    def __init__(self, norm: nn.Module, d: int = 8, hidden: int = 12, scale: float = 1.0):
+        super().__init__()
+        self.fc1, self.fc2, self.norm, self.head, self.scale = nn.Linear(d, hidden), nn.Linear(hidden, d), norm, nn.Linear(d, 2), scale
+
+    def forward(self, x):
+        return self.head(self.norm(x + self.scale * self.fc2(torch.nn.functional.gelu(self.fc1(x)))))
+
+
+def _toy(norm: nn.Module, width: int, scale: float = 1.0) -> tuple[ParticleMap, list]:
+    torch.manual_seed(0)
+    model = NormBlock(norm, scale=scale).eval()
+    with torch.no_grad():
+        model.fc2.weight.mul_(4.0)  # large removals: the norm's nonlinearity matters
+    n = 12 // width
+    group = ParticleGroup("ffn", "neuron", n, 0, InputGate("fc2"), (Slice("fc1.weight", 0, width), Slice("fc1.bias", 0, width)),
+                          (Slice("fc2.weight", 1, width),))
+    pm = ParticleMap(model, [group], tensor_flops={}, flops_unit="per token")
+    x = torch.randn(2, 5, 6, 8)
+    data = [(x[i], torch.randint(0, 2, (5,))) for i in range(2)]
+    return pm, data
+
+
+def _per_example(pm, data, method, **kw):
+    df = pz.analyze(pm, data, method, by="example", table=False, **kw)
+    return torch.tensor(df.sort_values(["example", "index"]).score.to_numpy())
+
+
+@pytest.mark.parametrize("norm", [nn.LayerNorm(8), nn.RMSNorm(8, eps=1e-6), nn.LayerNorm(8, elementwise_affine=False)],
+                         ids=["layernorm", "rmsnorm", "layernorm-no-affine"])
+@pytest.mark.parametrize("width", [1, 4], ids=["rank1-closed-form", "rank4-explicit"])
+@pytest.mark.parametrize("mode", ["zero", "mean"])
+def test_exact_when_everything_after_the_norm_is_linear(norm, width, mode):
+    if isinstance(norm, nn.RMSNorm) or norm.weight is not None:
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+    pm, data = _toy(norm, width)
+    exact = _per_example(pm, data, "ablation", metric="logit_diff", mode=mode)
+    est = _per_example(pm, data, "taylor-norm", metric="logit_diff", mode=mode)
+    first = _per_example(pm, data, "taylor", metric="logit_diff", mode=mode)
+    torch.testing.assert_close(est, exact, atol=2e-5, rtol=1e-4)
+    assert (first - exact).abs().max() > 1e-3  # the plain first-order estimate is not exact here
+
+
+def test_a_scaled_path_to_the_norm_keeps_the_first_order_score():
+    """The reader's output reaches the norm scaled (as under adaLN gates): no correction is applied."""
+    pm, data = _toy(nn.LayerNorm(8), 1, scale=2.0)
+    est = _per_example(pm, data, "taylor-norm", metric="logit_diff")
+    first = _per_example(pm, data, "taylor", metric="logit_diff")
+    torch.testing.assert_close(est, first, atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama-gqa"])
+def test_real_families_move_estimates_towards_exact(family):
+    """On post-LN (BERT) and pre-LN (GPT-2, Llama/RMSNorm) models the correction is applied and does not
+    make the neuron estimates worse overall than plain first order."""
+    from test_analysis import _data
+
+    model, data = _data(family)
+    pm = pz.decompose(model)
+    neurons = [g.name for g in pm.select("neuron")]
+    exact = pz.analyze(pm, data, "ablation", groups=neurons, table=False).score.to_numpy()
+    est = pz.analyze(pm, data, "taylor-norm", groups=neurons, table=False).score.to_numpy()
+    first = pz.analyze(pm, data, "taylor", groups=neurons, table=False).score.to_numpy()
+    assert not (est == first).all()
+    assert abs(est - exact).sum() <= abs(first - exact).sum() * 1.05
+
+
+def test_adaptive_top_k_equals_the_exact_top_k():
+    from test_analysis import _data
+
+    model, data = _data("bert")
+    pm = pz.decompose(model)
+    exact = pz.analyze(pm, data, "ablation", groups=["head", "neuron"], table=False)
+    for k in (5, 20):
+        top = pz.top_particles(pm, data, k=k, groups=["head", "neuron"])
+        want = exact.nlargest(k, "score")
+        assert set(zip(top.group, top["index"])) == set(zip(want.group, want["index"]))
+        assert top.attrs["particles"] == len(exact) and top.attrs["verified"] <= len(exact)
+    # the error bars shrink with the confidence: fewer particles ablated
+    wide = pz.top_particles(pm, data, k=5, groups=["head", "neuron"], confidence=1.0)
+    narrow = pz.top_particles(pm, data, k=5, groups=["head", "neuron"], confidence=0.5)
+    assert narrow.attrs["verified"] <= wide.attrs["verified"]
+    with pytest.raises(pz.ParticlizeError, match="confidence"):
+        pz.top_particles(pm, data, k=5, confidence=0.0)
