@@ -5,8 +5,10 @@ zero-ablation sweep of every head and FFN neuron (particlize's fast engine; the 
 screen (``taylor``: first order; ``taylor2``: plus the Gauss-Newton curvature; ``fisher``): its time, its
 Spearman correlation with the exact effects per kind, the neuron shortlist it would need to contain the exact
 top-k (the worst screen rank among the exact top-k neurons), and ``pz.top_particles(k, screen=...)`` itself
-(every head ablated exactly, the default 4k-neuron shortlist): time, speedup over the full sweep, overlap
-with the exact top-k, same set, same order.
+(every head ablated exactly; the neurons by the adaptive shortlist, ``--shortlists auto``, or a fixed one,
+e.g. ``--shortlists auto 200``): time, particles ablated exactly, speedup over the full sweep, overlap with the
+exact top-k, same set, same order. Screens: ``taylor-norm`` (the default of ``top_particles``: first order with
+the next LayerNorm exact), ``taylor`` (first order), ``taylor2`` (plus the Gauss-Newton curvature), ``fisher``.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/screening_minilm.py --examples 32 --threads 1 \
         --sweep-csv bench-out/sweep32.csv
@@ -35,7 +37,8 @@ def main() -> int:
     ap.add_argument("--examples", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--k", type=int, default=50)
-    ap.add_argument("--screens", nargs="+", default=["taylor", "taylor2", "fisher"])
+    ap.add_argument("--screens", nargs="+", default=["taylor-norm", "taylor"])
+    ap.add_argument("--shortlists", nargs="+", default=["auto", "200"], help="'auto' (adaptive) and/or fixed neuron counts")
     ap.add_argument("--threads", type=int, default=C.THREADS)
     ap.add_argument("--sweep-csv", type=Path, default=None)
     args = ap.parse_args()
@@ -69,7 +72,7 @@ def main() -> int:
     top = exact.nlargest(args.k, "score")
     top_keys = list(zip(top.group, top["index"]))
     print(f"exact top-{args.k}: {top.kind.value_counts().to_dict()}; k-th effect {top.score.iloc[-1]:+.5f}")
-    rows = [[f"full exact sweep ({len(exact)})", f"{t_full:.1f}", "1.0×", "", "", "", f"{args.k}/{args.k}", "yes", "yes"]]
+    rows = [[f"full exact sweep ({len(exact)})", f"{t_full:.1f}", str(len(exact)), "1.0×", "", "", "", f"{args.k}/{args.k}", "yes", "yes"]]
     for screen in args.screens:
         t = time.perf_counter()
         cheap = pz.analyze(pm, batches, screen, groups=groups, table=False)
@@ -80,21 +83,24 @@ def main() -> int:
         neu["rank"] = neu.cheap.rank(ascending=False, method="first").astype(int)
         nrank = dict(zip(zip(neu.group, neu["index"]), neu["rank"]))
         need = max((nrank[k] for k in top_keys if k in nrank), default=0)
-        t = time.perf_counter()
-        got = pz.top_particles(pm, batches, k=args.k, screen=screen, groups=groups)
-        t_top = time.perf_counter() - t
-        keys = list(zip(got.group, got["index"]))
-        overlap = len(set(keys) & set(top_keys))
-        missed = [f"{g.replace('encoder.encoder.layer.', 'L').split('.')[0]}[{i}] (rank {nrank.get((g, i), '-')})"
-                  for g, i in top_keys if (g, i) not in set(keys)]
-        rows.append([f"top_particles(screen={screen!r})", f"{t_top:.1f}", f"{t_full / t_top:.1f}×", f"{t_screen:.2f}",
-                     f"{rho['head']:.3f} / {rho['neuron']:.3f}", str(need), f"{overlap}/{args.k}",
-                     "yes" if set(keys) == set(top_keys) else "no", "yes" if keys == top_keys else "no"])
-        print(f"{screen}: screen {t_screen:.2f} s, Spearman heads {rho['head']:.3f} neurons {rho['neuron']:.3f}, "
-              f"shortlist needed {need}, top_particles {t_top:.1f} s, overlap {overlap}/{args.k}"
-              + (f", missed {', '.join(missed)}" if missed else ""), flush=True)
+        for sl in args.shortlists:
+            t = time.perf_counter()
+            got = pz.top_particles(pm, batches, k=args.k, screen=screen, groups=groups,
+                                   shortlist=None if sl == "auto" else int(sl))
+            t_top = time.perf_counter() - t
+            keys = list(zip(got.group, got["index"]))
+            overlap = len(set(keys) & set(top_keys))
+            missed = [f"{g.replace('encoder.encoder.layer.', 'L').split('.')[0]}[{i}] (rank {nrank.get((g, i), '-')})"
+                      for g, i in top_keys if (g, i) not in set(keys)]
+            rows.append([f"top_particles(screen={screen!r}, shortlist={sl})", f"{t_top:.1f}", str(got.attrs["verified"]),
+                         f"{t_full / t_top:.1f}×", f"{t_screen:.2f}", f"{rho['head']:.3f} / {rho['neuron']:.3f}", str(need),
+                         f"{overlap}/{args.k}", "yes" if set(keys) == set(top_keys) else "no", "yes" if keys == top_keys else "no"])
+            print(f"{screen}, shortlist {sl}: screen {t_screen:.2f} s, Spearman heads {rho['head']:.3f} neurons "
+                  f"{rho['neuron']:.3f}, shortlist needed {need}, top_particles {t_top:.1f} s ({got.attrs['verified']} "
+                  f"particles ablated exactly), overlap {overlap}/{args.k}" + (f", missed {', '.join(missed)}" if missed else ""),
+                  flush=True)
     print()
-    C.print_table(["", "s", "speedup vs full sweep", "screen s", "Spearman heads / neurons",
+    C.print_table(["", "s", "ablated exactly", "speedup vs full sweep", "screen s", "Spearman heads / neurons",
                          "neuron shortlist needed", f"top-{args.k} overlap", "same set", "same order"], rows)
     print(f"matmul probe after: {C.matmul_probe():.0f} GFLOP/s")
     return 0

@@ -123,7 +123,7 @@ def _task(name: str, data: Optional[Path], text_column: str, label_column: str) 
 def analyze(
     model: str = typer.Argument(..., help=MODEL_HELP),
     task: str = typer.Option(..., "--task", help="vader-sentiment, text-csv (with --data), fashion-mnist"),
-    method: str = typer.Option("taylor", "--method", help="magnitude, activation, taylor, fisher, ablation, influence"),
+    method: str = typer.Option("taylor", "--method", help="magnitude, activation, taylor, taylor2, taylor-norm, fisher, ablation, influence"),
     metric: str = typer.Option("loss", "--metric", help="loss, accuracy, logit_diff, kl"),
     mode: str = typer.Option("zero", "--mode", help="how a particle is ablated: zero, mean, resample"),
     by: Optional[str] = typer.Option(None, "--by", help="per 'example' or per 'class' rows"),
