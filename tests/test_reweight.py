@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import particlize as pz
 from conftest import hf_model, output_of
-from particlize.surgery import _linear_reader, input_moments, plan_step, refit_readers
+from particlize.surgery import linear_reader_weight, input_moments, plan_step, refit_readers
 
 FAMILIES = ["bert", "gpt2", "llama-gqa"]
 
@@ -28,7 +28,7 @@ def _reader_output(model: torch.nn.Module, path: str, batch: dict) -> torch.Tens
 @st.composite
 def one_group_removal(draw, pm: pz.ParticleMap) -> tuple[str, list[int]]:
     """A non-block group with a linear reader and particles to remove from it (never all; GQA-even)."""
-    names = [g.name for g in pm.groups if _linear_reader(pm, g) is not None]
+    names = [g.name for g in pm.groups if linear_reader_weight(pm, g) is not None]
     g = pm[draw(st.sampled_from(names))]
     if g.balanced > 1:
         chunk = g.size // g.balanced
@@ -85,7 +85,7 @@ def test_padding_is_left_out_of_the_statistics():
     """Moments over a padded batch with its attention mask equal those over the same sentences unpadded."""
     model, _ = hf_model("bert")
     pm = pz.decompose(model)
-    groups = [g.name for g in pm.groups if _linear_reader(pm, g) is not None]
+    groups = [g.name for g in pm.groups if linear_reader_weight(pm, g) is not None]
     torch.manual_seed(1)
     a, b = torch.randint(1, 97, (1, 7)), torch.randint(1, 97, (1, 4))
     padded = {"input_ids": torch.cat([a, torch.cat([b, torch.zeros(1, 3, dtype=torch.long)], 1)]),

@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 import particlize as pz
-from conftest import hf_model
 from particlize.particles import InputGate, ParticleGroup, ParticleMap, Slice
 
 

@@ -154,7 +154,7 @@ def block_correspondence(teacher: nn.Module, student: nn.Module) -> list[tuple[s
     return pairs
 
 
-def _linear_reader(pm: ParticleMap, g: ParticleGroup) -> tuple[str, int, str | None] | None:
+def linear_reader_weight(pm: ParticleMap, g: ParticleGroup) -> tuple[str, int, str | None] | None:
     """``(weight name, feature dim, bias name or None)`` when ``g``'s only reader is a 2-D weight of the
     module its input gate sits on (``nn.Linear``: features on dim 1; GPT-2's ``Conv1D``: dim 0) and the
     gate splits that module's last input dimension; None otherwise (the group is cut without a refit)."""
@@ -239,7 +239,7 @@ def refit_readers(pm: ParticleMap, small: nn.Module, step: Mapping[str, Sequence
     done = []
     for name, keep in step.items():
         g = pm[name]
-        spec = _linear_reader(pm, g)
+        spec = linear_reader_weight(pm, g)
         if spec is None or name not in moments or len(keep) == g.size:
             continue
         wname, dim, bname = spec
@@ -289,7 +289,7 @@ def pruned_copy(pm: ParticleMap, remove: Remove, reweight: Any = None) -> nn.Mod
                 memo[id(pm._tensor(s.name))] = pm._tensor(s.name)
     moments = None
     if reweight is not None:
-        moments = input_moments(pm, [n for n in step if _linear_reader(pm, pm[n]) is not None], reweight)
+        moments = input_moments(pm, [n for n in step if linear_reader_weight(pm, pm[n]) is not None], reweight)
     small = copy.deepcopy(pm.model, memo)
     apply_step(decompose(small, recipe=pm.recipe, seq_len=pm.seq_len), step)
     if moments:

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..particles import InputGate, ParticleMap
+from ..particles import ParticleMap
 from ._common import Batch, Progress, call, per_example_metric
 from .ablation import ExecutionTrace
 from .taylor import gate_gradients
@@ -46,10 +46,10 @@ def _is_norm(mod: nn.Module) -> bool:
 
 def _reader_weight(pm: ParticleMap, name: str) -> tuple[str, Tensor] | None:
     """``(reader module path, weight as [features, outputs])`` for a linear reader of gated features."""
-    from ..surgery import _linear_reader
+    from ..surgery import linear_reader_weight
 
     g = pm[name]
-    spec = _linear_reader(pm, g) if g.per_example else None
+    spec = linear_reader_weight(pm, g) if g.per_example else None
     if spec is None:
         return None
     wname, dim, _ = spec
