@@ -153,7 +153,7 @@ def main() -> int:
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25, 0.125])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--epochs", type=float, default=1, help="recovery epochs (fractional: part of a pass)")
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--limit", type=int, default=None, help="train on the first N sentences only")
     ap.add_argument("--calib", type=int, default=256)

@@ -1,7 +1,7 @@
 """Compress the Sora-style reference (`sora-tiny`) by width and by depth at equal FLOPs (issue 6).
 
     .venv/bin/python benchmarks/compress_sora.py [--model sora-tiny] [--target-flops 0.5]
-        [--recover-epochs 4] [--per-class 4] [--steps 50] [--out bench-out/sora]
+        [--recover-epochs 4] [--per-class 4] [--steps 50] [--out bench-out/sora] [--reweight] [--max-fraction 0.34]
 
 Three models, the same sampler (DDIM, ``--steps`` steps, the default guidance 5) and the same seeds:
 - dense: the input model;
@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--target-flops-width", type=float, default=None,
                     help="FLOPs target of the width variant (default: --target-flops)")
     ap.add_argument("--variants", nargs="+", default=["width", "depth"], choices=["width", "depth"])
+    ap.add_argument("--reweight", action="store_true", help="refit the cut readers by least squares before recovery")
+    ap.add_argument("--max-fraction", type=float, default=1 / 3, help="most of the remaining FLOPs removed per round")
     ap.add_argument("--plain-distill", action="store_true",
                     help="recover by plain noise-prediction distillation (no guidance term, no sampler trajectories)")
     args = ap.parse_args()
@@ -79,8 +81,9 @@ def main() -> None:
             continue
         t = time.perf_counter()
         flops = args.target_flops_width if name == "width" and args.target_flops_width else args.target_flops
-        res = compress(dense, task, target_flops=flops, granularity=gran, min_quality=0.0,
-                       recover_epochs=args.recover_epochs, batch_size=32, out=out / name, force=True)
+        res = compress(dense, task, target_flops=flops, granularity=gran, min_quality=0.0, reweight=args.reweight,
+                       max_fraction=args.max_fraction, recover_epochs=args.recover_epochs, batch_size=32,
+                       out=out / name, force=True)
         runs[name] = {"seconds": time.perf_counter() - t, "reason": res.reason, "history": res.history}
         models[name] = res.model.eval()
         h = res.history[-1]
