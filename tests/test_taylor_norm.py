@@ -98,3 +98,16 @@ def test_adaptive_top_k_equals_the_exact_top_k():
     assert narrow.attrs["verified"] <= wide.attrs["verified"]
     with pytest.raises(pz.ParticlizeError, match="confidence"):
         pz.top_particles(pm, data, k=5, confidence=0.0)
+
+
+def test_top_particles_scores_the_model_in_eval_mode_and_restores_its_mode():
+    from test_analysis import _data
+
+    model, data = _data("bert")
+    pm = pz.decompose(model)
+    want = pz.top_particles(pm, data, k=5, groups=["head", "neuron"])
+    model.train()  # dropout on: scores would be random if top_particles did not switch it off
+    got = pz.top_particles(pm, data, k=5, groups=["head", "neuron"])
+    assert model.training
+    assert list(zip(got.group, got["index"])) == list(zip(want.group, want["index"]))
+    torch.testing.assert_close(torch.tensor(got.score.to_numpy()), torch.tensor(want.score.to_numpy()))

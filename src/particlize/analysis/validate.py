@@ -122,6 +122,18 @@ def top_particles(
     names = select_groups(pm, groups)
     if not 0.0 < confidence <= 1.0:
         raise ParticlizeError(f"confidence is a quantile in (0, 1], got {confidence}")
+    was_training = pm.model.training
+    pm.model.eval()
+    try:
+        return _top_particles(pm, batches, k, names, screen, shortlist, confidence, exhaustive, metric, mode, max_rows,
+                              progress)
+    finally:
+        pm.model.train(was_training)
+
+
+def _top_particles(pm: ParticleMap, batches: list, k: int, names: list[str], screen: str, shortlist: int | None,
+                   confidence: float, exhaustive: Sequence[str], metric: str, mode: str, max_rows: int,
+                   progress: Progress | None) -> pd.DataFrame:
     kinds = {g.name: g.kind for g in pm.groups}
     cand = _screen(pm, batches, screen, metric, mode, names, progress)
     cand["kind"] = cand.group.map(kinds)
