@@ -199,7 +199,8 @@ def _token_weights(inputs: Any, a: torch.Tensor) -> torch.Tensor | None:
 @torch.no_grad()
 def input_moments(pm: ParticleMap, groups: Sequence[str], data: Any) -> dict[str, torch.Tensor]:
     """``{group: E[x̃ x̃ᵀ]}`` over ``data``: the second moments of each group's reader input ``x``
-    (all particles' features) extended by a constant 1 (last row/column), padding excluded."""
+    (all particles' features) extended by a constant 1 (last row/column), padding excluded. Memory: one
+    ``(features + 1)²`` float64 matrix per group (an FFN of 11,008 neurons: 0.97 GB)."""
     sums: dict[str, list] = {}
     current: list[Any] = [None]
 
