@@ -89,6 +89,22 @@ def _screen(pm: ParticleMap, batches: list, screen: str, metric: str, mode: str,
     return df.assign(screen_score=df["score"], width=df["score"].abs())[["group", "index", "screen_score", "width"]]
 
 
+MIN_CALIBRATION = 10  # verified particles a group needs before its own error scale is trusted
+
+
+def _error_scale(seen: pd.DataFrame, open_: pd.DataFrame, confidence: float) -> pd.Series:
+    """For each unverified particle, the ``confidence`` quantile of ``|exact − estimate| / width`` over the
+    verified particles of its group (the error of a first-order estimate depends on what follows the
+    particle's layer), or over all verified particles while its group has fewer than `MIN_CALIBRATION`;
+    infinite before anything is verified."""
+    if seen.empty:
+        return pd.Series(float("inf"), index=open_.index)
+    ratio = (seen.exact - seen.est).abs() / seen.width
+    by_group = ratio.groupby(seen.group)
+    own = by_group.quantile(confidence)[by_group.size() >= MIN_CALIBRATION]
+    return open_.group.map(own).fillna(float(ratio.quantile(confidence)))
+
+
 def top_particles(
     model_or_pm: nn.Module | ParticleMap,
     data: Iterable[Any],
@@ -111,9 +127,10 @@ def top_particles(
 
     The shortlist grows until no unverified particle can plausibly enter the top ``k`` (AtP*-style): each
     estimate gets an error bar ``c × width`` — ``width`` the mean magnitude of its per-example estimates,
-    ``c`` the ``confidence`` quantile of ``|exact − estimate| / width`` over the particles verified so far
-    — and every particle whose optimistic value ``estimate + c × width`` reaches the k-th exact effect is
-    ablated, ``k`` at a time, recalibrating ``c`` after each batch. A fixed ``shortlist`` (an int) ablates
+    ``c`` the ``confidence`` quantile of ``|exact − estimate| / width`` over the particles of its group
+    verified so far (over all verified particles until the group has `MIN_CALIBRATION` of them) — and
+    every particle whose optimistic value ``estimate + c × width`` reaches the k-th exact effect is
+    ablated, ``k`` at a time, recalibrating after each batch. A fixed ``shortlist`` (an int) ablates
     just the top ``shortlist`` by the screen instead. The ``exhaustive`` kinds (heads and blocks by
     default) are few and cheap to ablate exactly, and first-order screens are least reliable there
     (large, saturating effects), so they are never left to the screen; the many neurons or channels are."""
@@ -154,10 +171,8 @@ def _top_particles(pm: ParticleMap, batches: list, k: int, names: list[str], scr
             break
         done = cand.exact.notna()
         tau = cand.exact[done].nlargest(min(k, int(done.sum()))).min() if done.sum() >= k else -float("inf")
-        seen = cand[done & ~always & (cand.width > 0)]
-        c = float(((seen.exact - seen.est).abs() / seen.width).quantile(confidence)) if len(seen) else float("inf")
         open_ = cand[~done & ~always]
-        bound = open_.est + (c * open_.width if c != float("inf") else float("inf"))
+        bound = open_.est + _error_scale(cand[done & ~always & (cand.width > 0)], open_, confidence) * open_.width
         todo = bound[bound >= tau].sort_values(ascending=False).index[:k]
     short = cand[cand.exact.notna()]
     top = short.loc[short.exact.nlargest(min(k, len(short))).index]
