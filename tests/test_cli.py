@@ -132,6 +132,9 @@ def test_train_then_analyze_by_class(tiny_text, tmp_path, capsys):
         (["--task", "text-csv"], "needs --data"),
         (["--task", "nope"], "unknown task"),
         (["--task", "text-csv", "--data", "{csv}", "--method", "bogus"], "unknown method"),
+        (["--task", "nope", "--method", "bogus"], "unknown method"),  # checked before the task is even looked up
+        (["--task", "text-csv", "--data", "{csv}", "--mode", "noise"], "unknown mode"),
+        (["--task", "text-csv", "--data", "{csv}", "--metric", "f1"], "unknown metric"),
         (["--task", "text-csv", "--data", "{csv}", "--device", "cuda"], "no CUDA GPU"),
     ],
 )
