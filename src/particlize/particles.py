@@ -371,11 +371,20 @@ class Cost:
 # The map
 
 
+def batch_inputs(batch: Any) -> Any:
+    """The model inputs of a batch: an analysis ``Batch``'s ``inputs``, an ``(inputs, targets)`` pair's
+    first item, or the batch itself."""
+    if hasattr(batch, "inputs") and hasattr(batch, "targets"):
+        return batch.inputs
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and not isinstance(batch[0], (int, float)):
+        return batch[0]
+    return batch
+
+
 def run_batch(model: nn.Module, batch: Any) -> Any:
     """Call ``model`` the way particlize calls it everywhere: a tensor positionally, a dict as keyword
-    arguments, and an ``(inputs, targets)`` pair by its inputs."""
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and not isinstance(batch[0], (int, float)):
-        batch = batch[0]
+    arguments, and an ``(inputs, targets)`` pair or a ``Batch`` by its inputs."""
+    batch = batch_inputs(batch)
     if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, Tensor):

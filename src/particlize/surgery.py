@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .errors import ParticlizeError, PlanError
-from .particles import InputGate, ParticleGroup, ParticleMap, ResidualGate, Remove, run_batch
+from .particles import InputGate, ParticleGroup, ParticleMap, ResidualGate, Remove, batch_inputs, run_batch
 
 PROVENANCE = "_particlize"  # attribute carrying {"recipe": ..., "plan": [step, ...]} on pruned models
 
@@ -177,16 +177,6 @@ def linear_reader_weight(pm: ParticleMap, g: ParticleGroup) -> tuple[str, int, s
     return r.name, dim, (f"{mpath}.bias" if isinstance(bias, torch.Tensor) else None)
 
 
-def _inputs_of(batch: Any) -> Any:
-    """The model inputs of a batch: a `Batch`'s ``inputs``, an ``(inputs, targets)`` pair's first item,
-    or the batch itself."""
-    if hasattr(batch, "inputs") and hasattr(batch, "targets"):
-        return batch.inputs
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and not isinstance(batch[0], (int, float)):
-        return batch[0]
-    return batch
-
-
 def _token_weights(inputs: Any, a: torch.Tensor) -> torch.Tensor | None:
     """``[B, T]`` weights that leave padding out of the statistics: the inputs' ``attention_mask`` when
     the activation is laid out ``[B, T, features]`` like it; None (every position counts) otherwise."""
@@ -216,7 +206,7 @@ def input_moments(pm: ParticleMap, groups: Sequence[str], data: Any) -> dict[str
 
     with pm.capture(groups, sink):
         for batch in data:
-            current[0] = _inputs_of(batch)
+            current[0] = batch_inputs(batch)
             run_batch(pm.model, current[0])
     missing = [n for n in groups if n not in sums]
     if missing:
