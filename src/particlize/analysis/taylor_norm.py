@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..particles import ParticleMap
 from ._common import Batch, Progress, call, per_example_metric
-from .ablation import ExecutionTrace
+from .ablation import ExecutionTrace, _recording
 from .taylor import gate_gradients
 
 _CHUNK_ELEMENTS = 1 << 24  # floats of one [B, T, chunk, d] perturbed-norm evaluation
@@ -65,13 +65,17 @@ def _next_norm(trace: ExecutionTrace, reader: str, model: nn.Module) -> str | No
     return min(after)[1] if after else None
 
 
+def _removal(a: Tensor, patch: Tensor | None) -> Tensor:
+    """How ablation changes the activation entering the reader: the patch (0, or the per-feature mean) − ``a``."""
+    return (torch.zeros_like(a) if patch is None else patch.to(a).expand_as(a)) - a
+
+
 def _deltas(a: Tensor, W: Tensor, n: int, chunk: Sequence[int], patch: Tensor | None) -> Tensor:
     """``[B, T, c, d]``: the change of the reader's output when each particle of ``chunk`` is ablated."""
     w = a.shape[-1] // n
     idx = torch.as_tensor(chunk, device=a.device)
-    ap = a.unflatten(-1, (n, w)).index_select(-2, idx)  # [B, T, c, w]
-    base = torch.zeros_like(ap) if patch is None else patch.to(a).view(n, w).index_select(0, idx)
-    return torch.einsum("btcw,cwd->btcd", base - ap, W.to(a).unflatten(0, (n, w)).index_select(0, idx))
+    da = _removal(a, patch).unflatten(-1, (n, w)).index_select(-2, idx)  # [B, T, c, w]
+    return torch.einsum("btcw,cwd->btcd", da, W.to(a).unflatten(0, (n, w)).index_select(0, idx))
 
 
 def _path_is_identity(pm: ParticleMap, name: str, norm: str, batch: Batch, a: Tensor, z: Tensor,
@@ -79,8 +83,7 @@ def _path_is_identity(pm: ParticleMap, name: str, norm: str, batch: Batch, a: Te
     """Does ablating one particle change the norm's input by exactly the reader's output change?"""
     n = pm[name].size
     w = a.shape[-1] // n
-    base = torch.zeros_like(a) if patch is None else patch.to(a).expand_as(a)
-    size = (base - a).unflatten(-1, (n, w)).pow(2).sum(-1).sum((0, 1)) * W.unflatten(0, (n, w)).pow(2).sum((1, 2)).to(a)
+    size = _removal(a, patch).unflatten(-1, (n, w)).pow(2).sum(-1).sum((0, 1)) * W.unflatten(0, (n, w)).pow(2).sum((1, 2)).to(a)
     j = int(size.argmax())  # the largest perturbation: where a non-identity path would show most
     seen: dict[str, Tensor] = {}
     h = pm.model.get_submodule(norm).register_forward_pre_hook(lambda m, args: seen.setdefault("z", args[0].detach()))
@@ -132,7 +135,7 @@ def _closed_form_agrees(N: nn.Module, a: Tensor, z: Tensor, W: Tensor, g: Tensor
     """The closed form against the module itself, on the particle with the largest activation."""
     if _norm_params(N) is None:
         return False
-    C = (torch.zeros_like(a) if patch is None else patch.to(a).expand_as(a)) - a
+    C = _removal(a, patch)
     j = int(C.abs().amax((0, 1)).argmax())
     closed = _rank1_norm_change(N, z.flatten(0, 1), C[..., j:j + 1].flatten(0, 1), W[j:j + 1], g.flatten(0, 1), v.flatten(0, 1))
     with torch.no_grad():
@@ -159,30 +162,20 @@ def taylor_norm(pm: ParticleMap, batches: Sequence[Batch], *, metric: str = "los
     checked: dict[str, bool] = {}
     closed: dict[str, bool] = {}
     start = 0
-    for bi, batch in enumerate(batches):
-        store: dict[str, Tensor] = {}
-        handles = []
-        try:
-            for name, (reader, _, norm) in sites.items():
-                handles.append(model.get_submodule(reader).register_forward_pre_hook(
-                    lambda m, args, name=name: store.__setitem__(("a", name), args[0].detach())))
-            for norm in {s[2] for s in sites.values()}:
-                handles.append(model.get_submodule(norm).register_forward_pre_hook(
-                    lambda m, args, norm=norm: store.__setitem__(("z", norm), args[0].detach())))
-                handles.append(model.get_submodule(norm).register_forward_hook(
-                    lambda m, args, out, norm=norm: store.__setitem__(("y", norm), out)))
-            with torch.enable_grad():
-                out = call(model, batch.inputs)
-                norms = list(dict.fromkeys(s[2] for s in sites.values()))
-                grads = torch.autograd.grad(per_example_metric(metric, out, batch.targets).sum(),
-                                            [store[("y", nm)] for nm in norms], allow_unused=True)
-        finally:
-            for h in handles:
-                h.remove()
+    readers = list(dict.fromkeys(s[0] for s in sites.values()))
+    norms = list(dict.fromkeys(s[2] for s in sites.values()))
+    for batch in batches:
+        inputs: dict[str, Tensor] = {}
+        norm_io: dict[str, tuple[Tensor, Tensor]] = {}  # the norm's clean input and its output (in the graph)
+        with _recording(model, readers, inputs, keep=lambda args, out: args[0].detach()), \
+                _recording(model, norms, norm_io, keep=lambda args, out: (args[0].detach(), out)), torch.enable_grad():
+            out = call(model, batch.inputs)
+            grads = torch.autograd.grad(per_example_metric(metric, out, batch.targets).sum(),
+                                        [norm_io[nm][1] for nm in norms], allow_unused=True)
         gy = dict(zip(norms, grads))
         B = batch.size
         for name, (reader, W, norm) in sites.items():
-            a, z, g = store[("a", name)], store[("z", norm)], gy[norm]
+            a, z, g = inputs[reader], norm_io[norm][0], gy[norm]
             if g is None or a.shape[0] != B or z.shape[0] != B or a.shape[:-1] != z.shape[:-1]:
                 continue  # the metric does not depend on the norm, or activations are not laid out per example
             a, z, g = a.reshape(B, -1, a.shape[-1]), z.reshape(B, -1, z.shape[-1]), g.detach().reshape(B, -1, z.shape[-1])
@@ -199,7 +192,7 @@ def taylor_norm(pm: ParticleMap, batches: Sequence[Batch], *, metric: str = "los
             if name not in closed:
                 closed[name] = W.shape[0] == n and _closed_form_agrees(N, a, z, W, g, v, patch)
             if closed[name]:  # width-1 particles: rank-1 changes, the norm's change in closed form
-                C = (torch.zeros_like(a) if patch is None else patch.to(a).expand_as(a)) - a  # [B, T, n]
+                C = _removal(a, patch)  # [B, T, n]
                 corr = _rank1_norm_change(N, z.flatten(0, 1), C.flatten(0, 1), W, g.flatten(0, 1), v.flatten(0, 1))
                 est[name][start:start + B] += corr.view(B, -1, n).sum(1).cpu()
                 continue
