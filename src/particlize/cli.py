@@ -144,17 +144,11 @@ def analyze(
     import torch
 
     from .adapters import decompose
-    from .analysis import METHODS, MODES
     from .analysis import analyze as run_analysis
-    from .analysis import importance
-    from .analysis._common import check_metric
+    from .analysis import check_options, importance
     from .sources import load_model, load_tokenizer
 
-    if method not in METHODS:  # before anything is loaded or a progress bar is shown
-        raise ParticlizeError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
-    if mode not in MODES:
-        raise ParticlizeError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
-    check_metric(metric)
+    check_options(method, metric, mode)  # before anything is loaded or a progress bar is shown
     if out.exists() and not force:
         raise ParticlizeError(f"{out} exists; pass --force to overwrite it")
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -52,6 +52,15 @@ def _map(model_or_pm: nn.Module | ParticleMap) -> ParticleMap:
     return decompose(model_or_pm)
 
 
+def check_options(method: str, metric: str, mode: str) -> None:
+    """Raise a `ParticlizeError` naming the choices for an unknown method, metric or mode."""
+    if method not in METHODS:
+        raise ParticlizeError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    if mode not in MODES:
+        raise ParticlizeError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+    check_metric(metric)
+
+
 def analyze(
     model_or_pm: nn.Module | ParticleMap,
     data: Iterable[Any] | None = None,
@@ -76,11 +85,7 @@ def analyze(
     ``groups``: names or a kind (``"head"``) to restrict to. Returns one row per particle (and
     example/class) with ``group, index, method, score`` joined onto ``pm.table()`` when ``table``.
     """
-    if method not in METHODS:
-        raise ParticlizeError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
-    if mode not in MODES:
-        raise ParticlizeError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
-    check_metric(metric)
+    check_options(method, metric, mode)
     pm = _map(model_or_pm)
     names = select_groups(pm, groups)
     batches: list[Batch] = [] if data is None and method == "magnitude" else as_batches(data or [])
