@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import particlize as pz
 from conftest import hf_model, output_of
 from particlize.analysis._common import as_batches
-from particlize.analysis.ablation import ExecutionTrace, _linear_reader, _reader_rows, ablation_effects
+from particlize.analysis.ablation import ExecutionTrace, _linear_reader, _reader_rows, _work_batches, ablation_effects
 from particlize.particles import apply_gate
 from particlize.models.recurrent import RNNClassifier
 from particlize.models.vision import ResNet
@@ -71,6 +71,50 @@ def test_fast_ablation_equals_naive_loop_with_patches(case, mode):
     names = [g.name for g in pm.groups]
     fast = ablation_effects(pm, batches, mode=mode, groups=names, max_rows=5)
     naive = ablation_effects(pm, batches, mode=mode, groups=names, fast=False)
+    for n in names:
+        torch.testing.assert_close(fast[n], naive[n], atol=1e-5, rtol=0)
+
+
+def _padded(family: str, token_targets: bool = False, pad_target: int = -100):
+    """Two right-padded batches of sequences of mixed lengths (1–7 real tokens) for ``family``."""
+    model, _ = hf_model(family)
+    g = torch.Generator().manual_seed(1)
+    data = []
+    for lens in ([7, 3, 3, 5], [2, 6, 6]):
+        B, T = len(lens), max(lens)
+        mask = (torch.arange(T) < torch.tensor(lens)[:, None]).long()
+        ids = torch.randint(1, 97, (B, T), generator=g) * mask
+        if token_targets:
+            targets = ids.masked_fill(mask == 0, pad_target)
+        else:
+            targets = torch.randint(0, 3, (B,), generator=g)
+        data.append(({"input_ids": ids, "attention_mask": mask}, targets))
+    return model, as_batches(data)
+
+
+@pytest.mark.parametrize("family,token_targets", [("bert", False), ("llama-gqa", True)])
+def test_padded_batches_are_split_by_length_and_equal_the_naive_loop(family, token_targets):
+    model, batches = _padded(family, token_targets)
+    work = _work_batches(model, batches, "loss", split=True)
+    assert len(work) == 5  # lengths {7, 3, 5} and {2, 6}
+    assert sorted(torch.cat([pos for _, pos in work]).tolist()) == list(range(7))
+    assert all(int(b.inputs["attention_mask"].sum()) == b.inputs["attention_mask"].numel() for b, _ in work)
+    pm = pz.decompose(model)
+    names = [g.name for g in pm.groups]
+    fast = ablation_effects(pm, batches, groups=names, max_rows=6)
+    naive = ablation_effects(pm, batches, groups=names, fast=False)
+    for n in names:
+        torch.testing.assert_close(fast[n], naive[n], atol=1e-5, rtol=0)
+
+
+def test_batches_stay_whole_when_padding_changes_the_metric():
+    """Token targets on padded positions (not -100) count in the metric: cutting them would change it."""
+    model, batches = _padded("llama-gqa", token_targets=True, pad_target=5)
+    assert len(_work_batches(model, batches, "loss", split=True)) == 2
+    pm = pz.decompose(model)
+    names = [g.name for g in pm.groups if g.kind == "neuron"]
+    fast = ablation_effects(pm, batches, groups=names, max_rows=6)
+    naive = ablation_effects(pm, batches, groups=names, fast=False)
     for n in names:
         torch.testing.assert_close(fast[n], naive[n], atol=1e-5, rtol=0)
 

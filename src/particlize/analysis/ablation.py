@@ -14,7 +14,11 @@ approximation:
    output (1/n of the reader's matmul). The reader is replaced by ``clean + correction`` per row.
 3. **Many particles per forward.** Each example is repeated once per particle of a chunk and each row
    gets its own gate mask (``[rows, n]``), so one forward ablates a whole chunk of particles.
-4. **Batched over examples, chunked to fit memory** (``max_rows``).
+4. **No padding.** A batch of padded sequences (a dict with a right-padded 2-D ``attention_mask``) is
+   split into sub-batches of equal real length with the padding cut off, so no ablation row spends
+   work on padded positions. The split is used only when it leaves each example's clean metric
+   unchanged (checked per batch), so models whose output depends on padding keep whole batches.
+5. **Batched over examples, chunked to fit memory** (``max_rows``).
 
 Only modules called exactly once per forward are replaced, so shared or re-entrant modules are always
 recomputed. Groups that cannot be gated per example (fused recurrent layers) fall back to one batched
@@ -171,6 +175,60 @@ def _reader_rows(
     return rows.movedim(-2, 1).flatten(0, 1)
 
 
+def _by_length(batch: Batch) -> list[tuple[Batch, Tensor]] | None:
+    """``[(sub-batch, positions in batch)]``: the examples of one real length each, padding cut off;
+    None when ``batch`` is not a dict of right-padded sequences (2-D 0/1 ``attention_mask``)."""
+    x = batch.inputs
+    mask = x.get("attention_mask") if isinstance(x, Mapping) else None
+    if not isinstance(mask, Tensor) or mask.ndim != 2 or mask.shape[0] != batch.size:
+        return None
+    B, T = mask.shape
+    lens = mask.ne(0).sum(1)
+    if not torch.equal(mask.ne(0), torch.arange(T, device=mask.device) < lens[:, None]):
+        return None  # left padding or holes: keep the batch as it is
+    if bool((lens == T).all()):
+        return None
+
+    def cut(t: Tensor, rows: Tensor, n: int) -> Tensor:
+        if t.ndim and t.shape[0] == B:
+            t = t.index_select(0, rows)
+            return t[:, :n] if t.ndim >= 2 and t.shape[1] == T else t
+        return t
+
+    subs = []
+    for n in sorted(set(lens.tolist())):
+        rows = torch.nonzero(lens == n).flatten()
+        sub = Batch(map_tensors(x, lambda t: cut(t, rows, n)), cut(batch.targets, rows, n))
+        subs.append((sub, rows.cpu()))
+    return subs
+
+
+def _work_batches(model: nn.Module, batches: Sequence[Batch], metric: str, split: bool) -> list[tuple[Batch, Tensor]]:
+    """The batches the engine runs, with each example's position among all examples: padded batches
+    split by length (`_by_length`) where that leaves every clean per-example metric unchanged."""
+    out: list[tuple[Batch, Tensor]] = []
+    start = 0
+    for batch in batches:
+        whole = torch.arange(start, start + batch.size)
+        subs = _by_length(batch) if split else None
+        if subs is not None:
+            with torch.no_grad():
+                clean = call(model, batch.inputs)
+                base = per_example_metric(metric, clean, batch.targets, clean)
+                same = True
+                for sub, rows in subs:
+                    c = call(model, sub.inputs)
+                    m = per_example_metric(metric, c, sub.targets, c)
+                    same &= bool(torch.allclose(m, base[rows.to(base.device)], rtol=1e-4, atol=1e-5))
+            if same:
+                out += [(sub, whole[rows]) for sub, rows in subs]
+                start += batch.size
+                continue
+        out.append((batch, whole))
+        start += batch.size
+    return out
+
+
 def _jobs(pm: ParticleMap, groups: Sequence[str], only: Mapping[str, Sequence[int]] | None = None) -> list[Job]:
     jobs: list[Job] = []
     for name in groups:
@@ -207,13 +265,15 @@ def ablation_effects(
     seed: int = 0,
     only: Mapping[str, Sequence[int]] | None = None,
     progress: Progress | None = None,
+    split: bool = True,
 ) -> dict[str, Tensor]:
     """``{group: [examples, n]}``: metric with each particle ablated minus the intact metric.
 
     ``only`` restricts the work to some particles per group (the others' entries stay NaN).
     ``fast=False`` is the reference: one (batched) forward of the whole model per particle.
     ``mode="resample"`` patches in the activations of another example of the same batch (a fixed
-    seeded permutation).
+    seeded permutation). ``split=False`` keeps padded batches whole (see `_by_length`); the naive
+    reference and ``mode="resample"`` (which patches from another example of the same batch) never split.
     """
     model = pm.model
     total_n = sum(b.size for b in batches)
@@ -221,14 +281,15 @@ def ablation_effects(
     effects = {name: torch.full((total_n, pm[name].size), fill, dtype=torch.float64) for name in groups}
     jobs = _jobs(pm, groups, only)
     mean_patch = _patches(pm, groups, batches, mode)
-    trace = ExecutionTrace(model, batches[0]) if fast else None
+    work = _work_batches(model, batches, metric, split and fast and mode != "resample")
+    trace = ExecutionTrace(model, work[0][0]) if fast else None
     frontiers = {t: trace.frontier(t) for _, t, _ in jobs if t is not None} if trace else {}
     needed = sorted({p for f in frontiers.values() for p in f})
     readers = {t: r for name, t, _ in jobs if (r := _linear_reader(pm, name, t, trace)) is not None}
     gen = torch.Generator().manual_seed(seed)
-    steps = sum(_n_chunks(job, b.size, max_rows, fast, pm) for b in batches for job in jobs)
-    done, start = 0, 0
-    for batch in batches:
+    steps = sum(_n_chunks(job, b.size, max_rows, fast, pm) for b, _ in work for job in jobs)
+    done = 0
+    for batch, pos in work:
         B = batch.size
         cache: dict[str, Any] = {}
         reader_io: dict[str, tuple[Tensor, Tensor]] = {}
@@ -267,7 +328,7 @@ def ablation_effects(
                         logits = call(model, inputs)
                     m = per_example_metric(metric, logits, batch.targets.repeat_interleave(kc, 0),
                                            clean.repeat_interleave(kc, 0))
-                    effects[name][start : start + B, chunk] = (m.view(B, kc) - base[:, None]).double().cpu()
+                    effects[name][pos[:, None], torch.tensor(chunk)] = (m.view(B, kc) - base[:, None]).double().cpu()
                 else:
                     g = torch.ones(group.size, device=clean.device)
                     g[chunk] = 0.0
@@ -275,11 +336,10 @@ def ablation_effects(
                     with torch.no_grad(), pm.gates({name: g}, patch):
                         logits = call(model, batch.inputs)
                     m = per_example_metric(metric, logits, batch.targets, clean)
-                    effects[name][start : start + B, chunk[0]] = (m - base).double().cpu()
+                    effects[name][pos, chunk[0]] = (m - base).double().cpu()
                 done += 1
                 if progress is not None:
                     progress(done, steps, name)
-        start += B
     return effects
 
 
