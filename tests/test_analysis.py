@@ -119,6 +119,52 @@ def test_batches_stay_whole_when_padding_changes_the_metric():
         torch.testing.assert_close(fast[n], naive[n], atol=1e-5, rtol=0)
 
 
+def _spy_past_norm(monkeypatch) -> list:
+    from particlize.analysis import ablation
+
+    made, real = [], ablation._past_norm
+    monkeypatch.setattr(ablation, "_past_norm", lambda *a: made.append(real(*a)) or made[-1])
+    return made
+
+
+@pytest.mark.parametrize("case", ["bert", "llama-gqa", "vit"])
+def test_layers_after_the_next_norm_take_the_update_path(case, monkeypatch):
+    """Q/K/V after the norm that follows an FFN reader are updated in closed form, not rerun."""
+    made = _spy_past_norm(monkeypatch)
+    model, data = CASES[case]()
+    pm = pz.decompose(model)
+    batches = as_batches(data)
+    names = [g.name for g in pm.groups if g.kind == "neuron"]
+    fast = ablation_effects(pm, batches, groups=names, max_rows=4)
+    past = [p for p in made if p is not None]
+    assert len(past) == len(names) - 1 and all(p.ok for p in past)  # all but the last layer's neurons
+    assert all(len(p.layers) == 3 for p in past)
+    naive = ablation_effects(pm, batches, groups=names, fast=False)
+    for n in names:
+        torch.testing.assert_close(fast[n], naive[n], atol=1e-5, rtol=0)
+
+
+class _Twice(torch.nn.Module):
+    def forward(self, x):
+        return 2 * x
+
+
+def test_a_scaled_path_to_the_norm_is_not_updated(monkeypatch):
+    """A reader whose output reaches the norm scaled (not through an identity) keeps running the layers."""
+    made = _spy_past_norm(monkeypatch)
+    model, data = _data("bert")
+    for layer in model.bert.encoder.layer:
+        layer.output.dropout = _Twice()
+    pm = pz.decompose(model)
+    batches = as_batches(data)
+    names = [g.name for g in pm.groups if g.kind == "neuron"]
+    fast = ablation_effects(pm, batches, groups=names, max_rows=4)
+    assert [p.ok for p in made if p is not None] == [False, False]
+    naive = ablation_effects(pm, batches, groups=names, fast=False)
+    for n in names:
+        torch.testing.assert_close(fast[n], naive[n], atol=1e-5, rtol=0)
+
+
 def test_frontier_starts_at_the_reader():
     model, data = _data("bert")
     trace = ExecutionTrace(model, as_batches(data)[0])

@@ -70,7 +70,7 @@ def analyze(
     *,
     by: str | None = None,
     groups: Sequence[str] | str | None = None,
-    max_rows: int = 1024,
+    max_rows: int | None = None,
     table: bool = True,
     progress: Progress | None = None,
 ) -> pd.DataFrame:

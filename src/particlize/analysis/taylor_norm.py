@@ -33,15 +33,11 @@ from torch import Tensor, nn
 
 from ..particles import ParticleMap
 from ._common import Batch, Progress, call, per_example_metric
+from ._norms import next_norm, norm_params, rank1_scales
 from .ablation import ExecutionTrace, _recording
 from .taylor import gate_gradients
 
 _CHUNK_ELEMENTS = 1 << 24  # floats of one [B, T, chunk, d] perturbed-norm evaluation
-
-
-def _is_norm(mod: nn.Module) -> bool:
-    name = type(mod).__name__
-    return isinstance(mod, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))) or name.endswith(("LayerNorm", "RMSNorm"))
 
 
 def _reader_weight(pm: ParticleMap, name: str) -> tuple[str, Tensor] | None:
@@ -54,15 +50,6 @@ def _reader_weight(pm: ParticleMap, name: str) -> tuple[str, Tensor] | None:
         return None
     wname, dim, _ = spec
     return g.gate.module, pm._tensor(wname).detach().movedim(dim, 0)
-
-
-def _next_norm(trace: ExecutionTrace, reader: str, model: nn.Module) -> str | None:
-    """The first normalisation module entered after ``reader`` returns (called once per forward)."""
-    if trace.calls.get(reader) != 1:
-        return None
-    after = [(e, p) for p, e in trace.enter.items() if e > trace.exit[reader] and trace.calls.get(p) == 1
-             and _is_norm(model.get_submodule(p))]
-    return min(after)[1] if after else None
 
 
 def _removal(a: Tensor, patch: Tensor | None) -> Tensor:
@@ -99,41 +86,27 @@ def _path_is_identity(pm: ParticleMap, name: str, norm: str, batch: Batch, a: Te
     return bool((change - want).abs().max() <= 1e-4 * want.abs().max() + 1e-6)
 
 
-def _norm_params(N: nn.Module) -> tuple[bool, float, Tensor | None] | None:
-    """``(centred, eps, weight)`` of a norm whose change under a rank-1 perturbation has a closed form:
-    ``nn.LayerNorm`` (centred) and RMS norms with ``weight`` and ``variance_epsilon`` / ``eps``."""
-    if isinstance(N, nn.LayerNorm):
-        return True, float(N.eps), N.weight
-    eps = getattr(N, "variance_epsilon", getattr(N, "eps", None))
-    if type(N).__name__.endswith("RMSNorm") and isinstance(eps, float) and isinstance(getattr(N, "weight", None), Tensor):
-        return False, eps, N.weight
-    return None
-
-
 @torch.no_grad()
 def _rank1_norm_change(N: nn.Module, z: Tensor, C: Tensor, W: Tensor, g: Tensor, v: Tensor) -> Tensor:
     """``[M, n]``: ``g · (N(z + C_j w_j) − N(z)) − C_j v · w_j`` for every token ``M`` and particle ``j``
     whose ablation adds ``C_j`` times the vector ``w_j`` (row ``j`` of ``W``) to the norm's input; three
-    matmuls instead of ``n`` evaluations of the norm."""
-    centred, eps, weight = _norm_params(N)
-    z, C, W, g, v = (t.double() for t in (z, C, W, g, v))
-    gw = g * weight.double() if weight is not None else g
-    d = z.shape[-1]
-    linear = C * (v @ W.T)
+    matmuls instead of ``n`` evaluations of the norm (`rank1_scales`)."""
+    centred, eps, weight, _ = norm_params(N)
+    r, c = rank1_scales(centred, eps, z, C, W)
+    z, W = z.double(), W.double()
+    gw = g.double() * weight.double() if weight is not None else g.double()
     if centred:
-        z = z - z.mean(-1, keepdim=True)
-        W = W - W.mean(-1, keepdim=True)
-    s2 = z.pow(2).mean(-1, keepdim=True)  # variance (or mean square) of each token
-    zw = z @ W.T / d  # [M, n]
-    s2_new = (s2 + 2 * C * zw + C.pow(2) * W.pow(2).mean(-1)).clamp_min(0)
-    inv, inv_new = (s2 + eps).rsqrt(), (s2_new + eps).rsqrt()
-    exact = (gw * z).sum(-1, keepdim=True) * (inv_new - inv) + C * (gw @ W.T) * inv_new
-    return exact - linear
+        z, Wc = z - z.mean(-1, keepdim=True), W - W.mean(-1, keepdim=True)
+    else:
+        Wc = W
+    inv = (z.pow(2).mean(-1, keepdim=True) + eps).rsqrt()
+    exact = (gw * z).sum(-1, keepdim=True) * inv * (r - 1) + c * (gw @ Wc.T)
+    return exact - C.double() * (v.double() @ W.T)
 
 
 def _closed_form_agrees(N: nn.Module, a: Tensor, z: Tensor, W: Tensor, g: Tensor, v: Tensor, patch: Tensor | None) -> bool:
     """The closed form against the module itself, on the particle with the largest activation."""
-    if _norm_params(N) is None:
+    if norm_params(N) is None:
         return False
     C = _removal(a, patch)
     j = int(C.abs().amax((0, 1)).argmax())
@@ -153,7 +126,7 @@ def taylor_norm(pm: ParticleMap, batches: Sequence[Batch], *, metric: str = "los
     sites = {}
     for name in groups:
         rw = _reader_weight(pm, name)
-        norm = _next_norm(trace, rw[0], model) if rw is not None else None
+        norm = next_norm(trace, rw[0], model) if rw is not None else None
         if rw is not None and norm is not None:
             sites[name] = (rw[0], rw[1], norm)
     if not sites:

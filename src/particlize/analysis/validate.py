@@ -117,7 +117,7 @@ def top_particles(
     metric: str = "loss",
     mode: str = "zero",
     groups: Sequence[str] | str | None = None,
-    max_rows: int = 1024,
+    max_rows: int | None = None,
     progress: Progress | None = None,
 ) -> pd.DataFrame:
     """The ``k`` particles whose exact ablation matters most: screen all with ``screen``, ablate exactly
@@ -149,7 +149,7 @@ def top_particles(
 
 
 def _top_particles(pm: ParticleMap, batches: list, k: int, names: list[str], screen: str, shortlist: int | None,
-                   confidence: float, exhaustive: Sequence[str], metric: str, mode: str, max_rows: int,
+                   confidence: float, exhaustive: Sequence[str], metric: str, mode: str, max_rows: int | None,
                    progress: Progress | None) -> pd.DataFrame:
     kinds = {g.name: g.kind for g in pm.groups}
     cand = _screen(pm, batches, screen, metric, mode, names, progress)
