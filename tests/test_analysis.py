@@ -127,18 +127,21 @@ def _spy_past_norm(monkeypatch) -> list:
     return made
 
 
-@pytest.mark.parametrize("case", ["bert", "llama-gqa", "vit"])
-def test_layers_after_the_next_norm_take_the_update_path(case, monkeypatch):
-    """Q/K/V after the norm that follows an FFN reader are updated in closed form, not rerun."""
+@pytest.mark.parametrize("case,after_heads", [("bert", 1), ("llama-gqa", 2), ("vit", 1)])
+def test_layers_after_the_next_norm_take_the_update_path(case, after_heads, monkeypatch):
+    """The linear layers after the norm that follows a reader (Q/K/V after an FFN's down projection; the
+    up projection(s) after attention's output) are updated in closed form, not rerun — same numbers."""
     made = _spy_past_norm(monkeypatch)
     model, data = CASES[case]()
     pm = pz.decompose(model)
     batches = as_batches(data)
-    names = [g.name for g in pm.groups if g.kind == "neuron"]
+    names = [g.name for g in pm.groups if g.kind in ("head", "neuron")]
     fast = ablation_effects(pm, batches, groups=names, max_rows=4)
     past = [p for p in made if p is not None]
-    assert len(past) == len(names) - 1 and all(p.ok for p in past)  # all but the last layer's neurons
-    assert all(len(p.layers) == 3 for p in past)
+    assert all(p.ok for p in past)
+    widths = sorted(len(p.layers) for p in past)  # all head groups; neurons of all but the last layer
+    layers = len(names) // 2
+    assert widths == sorted([after_heads] * layers + [3] * (layers - 1))
     naive = ablation_effects(pm, batches, groups=names, fast=False)
     for n in names:
         torch.testing.assert_close(fast[n], naive[n], atol=1e-5, rtol=0)
@@ -159,7 +162,7 @@ def test_a_scaled_path_to_the_norm_is_not_updated(monkeypatch):
     batches = as_batches(data)
     names = [g.name for g in pm.groups if g.kind == "neuron"]
     fast = ablation_effects(pm, batches, groups=names, max_rows=4)
-    assert [p.ok for p in made if p is not None] == [False, False]
+    assert [p.ok for p in made if p is not None] == [False, False]  # (heads: attention's output is unchanged)
     naive = ablation_effects(pm, batches, groups=names, fast=False)
     for n in names:
         torch.testing.assert_close(fast[n], naive[n], atol=1e-5, rtol=0)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from torch import nn
 
@@ -111,3 +113,31 @@ def test_top_particles_scores_the_model_in_eval_mode_and_restores_its_mode():
     assert model.training
     assert list(zip(got.group, got["index"])) == list(zip(want.group, want["index"]))
     torch.testing.assert_close(torch.tensor(got.score.to_numpy()), torch.tensor(want.score.to_numpy()))
+
+
+@settings(max_examples=40, deadline=None)
+@given(kind=st.sampled_from(["layernorm", "rmsnorm", "plain"]), d=st.integers(2, 12), n=st.integers(1, 4),
+       w=st.integers(1, 3), scale=st.floats(0.01, 30.0), seed=st.integers(0, 2**16))
+def test_low_rank_scales_give_the_norm_of_the_changed_input(kind, d, n, w, scale, seed):
+    """N(z + C_j W_j) = r (N(z) − β) + s γ ⊙ (C_j W̄_j) + β, for every token and particle."""
+    from particlize.analysis._norms import low_rank_scales, norm_params
+
+    g = torch.Generator().manual_seed(seed)
+    N = {"layernorm": nn.LayerNorm(d), "rmsnorm": nn.RMSNorm(d, eps=1e-6), "plain": nn.LayerNorm(d, elementwise_affine=False)}[kind].double()
+    if N.weight is not None:
+        with torch.no_grad():
+            N.weight.copy_(torch.randn(d, generator=g, dtype=torch.float64))
+            if getattr(N, "bias", None) is not None:
+                N.bias.copy_(torch.randn(d, generator=g, dtype=torch.float64))
+    z = torch.randn(5, d, generator=g, dtype=torch.float64)
+    C = scale * torch.randn(5, n, w, generator=g, dtype=torch.float64)
+    W = torch.randn(n, w, d, generator=g, dtype=torch.float64)
+    centred, eps, gamma, beta = norm_params(N)
+    r, s = low_rank_scales(centred, eps, z, C, W)
+    Wc = W - W.mean(-1, keepdim=True) if centred else W
+    beta = beta if beta is not None else torch.zeros(d, dtype=torch.float64)
+    gamma = gamma if gamma is not None else torch.ones(d, dtype=torch.float64)
+    with torch.no_grad():
+        want = N(z[:, None] + torch.einsum("tnw,nwd->tnd", C, W))
+        got = r[..., None] * (N(z) - beta)[:, None] + s[..., None] * gamma * torch.einsum("tnw,nwd->tnd", C, Wc) + beta
+    torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)

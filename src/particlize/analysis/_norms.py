@@ -39,16 +39,29 @@ def norm_params(N: nn.Module) -> tuple[bool, float, Tensor | None, Tensor | None
     return None
 
 
-def rank1_scales(centred: bool, eps: float, z: Tensor, C: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
-    """For a norm input ``z [..., d]`` changed to ``z + C_j w_j`` (``C [..., n]``, ``w_j`` row ``j`` of
-    ``W [n, d]``): ``(r, c)``, both ``[..., n]``, with ``N(z + C_j w_j) = r (N(z) − β) + c γ w̄_j + β``
-    (``w̄_j`` centred when the norm is). Computed in float64 from per-token statistics: no norm is run."""
+def low_rank_scales(centred: bool, eps: float, z: Tensor, C: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
+    """For a norm input ``z [..., d]`` changed to ``z + C_j W_j`` (``C [..., n, w]`` per token and
+    particle, ``W [n, w, d]`` the ``w`` directions of particle ``j``): ``(r, s)``, both ``[..., n]``, with
+
+        N(z + C_j W_j) = r (N(z) − β) + s γ ⊙ (C_j W̄_j) + β
+
+    (``W̄`` centred when the norm is): the new inverse scale ``s`` and its ratio ``r`` to the clean one.
+    Float64, from per-token statistics and the ``w × w`` Gram matrix of each particle: no norm is run."""
     z, C, W = z.double(), C.double(), W.double()
     d = z.shape[-1]
     if centred:
         z = z - z.mean(-1, keepdim=True)
         W = W - W.mean(-1, keepdim=True)
     s2 = z.pow(2).mean(-1, keepdim=True)  # variance (or mean square) of each token
-    s2_new = (s2 + 2 * C * (z @ W.T / d) + C.pow(2) * W.pow(2).mean(-1)).clamp_min(0)
+    zW = torch.einsum("...d,nwd->...nw", z, W) / d
+    gram = torch.einsum("nwd,nvd->nwv", W, W) / d
+    quad = torch.einsum("...nw,nwv,...nv->...n", C, gram, C)
+    s2_new = (s2 + 2 * (C * zW).sum(-1) + quad).clamp_min(0)
     inv, inv_new = (s2 + eps).rsqrt(), (s2_new + eps).rsqrt()
-    return inv_new / inv, C * inv_new
+    return inv_new / inv, inv_new
+
+
+def rank1_scales(centred: bool, eps: float, z: Tensor, C: Tensor, W: Tensor) -> tuple[Tensor, Tensor]:
+    """`low_rank_scales` for width-1 particles (``C [..., n]``, ``W [n, d]``): ``(r, C s)``."""
+    r, s = low_rank_scales(centred, eps, z, C.unsqueeze(-1), W.unsqueeze(1))
+    return r, C.double() * s

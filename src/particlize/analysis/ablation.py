@@ -12,13 +12,19 @@ approximation:
    particles on its input features, removing particle ``i`` changes its output by
    ``(patch - x)[..., cols_i] @ W[:, cols_i].T`` — a rank-``width`` correction of the recorded clean
    output (1/n of the reader's matmul). The reader is replaced by ``clean + correction`` per row.
-3. **Many particles per forward.** Each example is repeated once per particle of a chunk and each row
+3. **Nor the layers after the next norm.** That correction reaches the first LayerNorm/RMSNorm after the
+   reader unchanged (checked), and a norm maps a rank-``width`` change of its input to its clean output
+   rescaled per token plus a known direction (`low_rank_scales`); so the plain ``nn.Linear`` layers that
+   read the norm's output (Q/K/V after an FFN, the up projections after attention) get their recorded
+   output updated the same way instead of a matmul. The update is compared with the real layers on the
+   first chunk of each group and used only if they agree.
+4. **Many particles per forward.** Each example is repeated once per particle of a chunk and each row
    gets its own gate mask (``[rows, n]``), so one forward ablates a whole chunk of particles.
-4. **No padding.** A batch of padded sequences (a dict with a right-padded 2-D ``attention_mask``) is
+5. **No padding.** A batch of padded sequences (a dict with a right-padded 2-D ``attention_mask``) is
    split into sub-batches of equal real length with the padding cut off, so no ablation row spends
    work on padded positions. The split is used only when it leaves each example's clean metric
    unchanged (checked per batch), so models whose output depends on padding keep whole batches.
-5. **Batched over examples, chunked to fit memory** (``max_rows``).
+6. **Batched over examples, chunked** (``max_rows``; by default `default_rows` for the device).
 
 Only modules called exactly once per forward are replaced, so shared or re-entrant modules are always
 recomputed. Groups that cannot be gated per example (fused recurrent layers) fall back to one batched
@@ -37,7 +43,7 @@ from torch import Tensor, nn
 
 from ..particles import InputGate, ParticleMap, ResidualGate
 from ._common import Batch, Progress, call, map_tensors, per_example_metric
-from ._norms import is_norm, next_norm, norm_params, rank1_scales
+from ._norms import is_norm, next_norm, norm_params, low_rank_scales
 
 Job = tuple[str, str | None, list[int]]  # group, gated module path (None: cannot start there), particles
 
@@ -192,16 +198,17 @@ def _removal(a: Tensor, patch: Tensor | None) -> Tensor:
 
 @dataclass
 class _PastNorm:
-    """The linear layers right after the first norm past a width-1 group's linear reader. Removing
-    particle ``j`` adds ``C w_j`` to the norm's input (``w_j`` = reader column ``j``), so each such layer's
-    output is ``r (clean − c0) + c u_j + c0`` with per-token scalars ``r, c`` (`rank1_scales`), ``u_j`` row
-    ``j`` of ``U`` and ``c0 = W β + b``: their matmuls are replaced by that update."""
+    """The linear layers right after the first norm past a group's linear reader. Removing particle
+    ``j`` adds ``C_j W_j`` to the norm's input (``W_j`` its ``w`` reader columns, ``C_j`` the change of its
+    ``w`` features at the token), so each such layer's output is ``r (clean − c0) + s U_j C_j + c0`` with
+    per-token scalars ``r, s`` (`low_rank_scales`), ``U_j = W γ W̄_j`` (``out × w``) and ``c0 = W β + b``:
+    the layer's matmul (``out × d`` per token) becomes ``out × w``."""
 
     norm: str
     centred: bool
     eps: float
-    W: Tensor  # [n, d] reader columns
-    layers: dict[str, tuple[Tensor, Tensor]]  # path -> (U [n, out], c0 [out])
+    W: Tensor  # [n, w, d] reader columns per particle
+    layers: dict[str, tuple[Tensor, Tensor]]  # path -> (U [n, w, out], c0 [out])
     ok: bool | None = None  # None until checked against the real layers on the first chunk
 
     def rows(self, z: Tensor, a: Tensor, chunk: Sequence[int], patch: Tensor | None,
@@ -210,32 +217,33 @@ class _PastNorm:
         None unless the activations, the norm's input and the layers' outputs are all ``[B, T, *]``."""
         if a.ndim != 3 or z.shape[:-1] != a.shape[:-1] or any(clean[q].shape[:-1] != a.shape[:-1] for q in self.layers):
             return None
+        n, w = self.W.shape[:2]
         idx = torch.as_tensor(chunk, device=a.device)
-        C = _removal(a.index_select(-1, idx), None if patch is None else patch.to(a).index_select(-1, idx))
-        r, c = rank1_scales(self.centred, self.eps, z, C, self.W.index_select(0, idx))
+        sel = lambda t: t.unflatten(-1, (n, w)).index_select(-2, idx)  # noqa: E731  [B, T, kc, w]
+        C = _removal(sel(a), None if patch is None else sel(patch.to(a).expand_as(a) if patch.ndim == 1 else patch.to(a)))
+        r, s = low_rank_scales(self.centred, self.eps, z, C, self.W.index_select(0, idx))
         out = {}
         for path, (U, c0) in self.layers.items():
             y = clean[path]
-            r_, c_ = r.to(y).movedim(-1, 1).unsqueeze(-1), c.to(y).movedim(-1, 1).unsqueeze(-1)  # [B, kc, T, 1]
-            u = U.index_select(0, idx).to(y)[None, :, None, :]
-            out[path] = ((y - c0).unsqueeze(1) * r_ + c_ * u + c0).flatten(0, 1)
+            r_ = r.to(y).movedim(-1, 1).unsqueeze(-1)  # [B, kc, T, 1]
+            upd = torch.einsum("btkw,kwo->bkto", (C * s.unsqueeze(-1)).to(y), U.index_select(0, idx).to(y))
+            out[path] = ((y - c0).unsqueeze(1) * r_ + upd + c0).flatten(0, 1)
         return out
 
 
 def _past_norm(pm: ParticleMap, name: str, reader: nn.Linear, target: str, trace: ExecutionTrace) -> _PastNorm | None:
-    """The `_PastNorm` of a width-1 group read by ``reader``, if the first norm after it has a closed
-    form and is read by plain ``nn.Linear`` layers called once per forward."""
-    if reader.in_features != pm[name].size:
-        return None
+    """The `_PastNorm` of a group read by ``reader``, if the first norm after it has a closed form and
+    is read by plain ``nn.Linear`` layers called once per forward."""
     model = pm.model
     norm = next_norm(trace, target, model)
     spec = norm_params(model.get_submodule(norm)) if norm is not None else None
     if spec is None:
         return None
     centred, eps, gamma, beta = spec
-    W = reader.weight.detach().T  # [n, d]
-    if gamma is not None and gamma.shape != W.shape[1:]:
-        return None
+    n = pm[name].size
+    W = reader.weight.detach().T.unflatten(0, (n, -1))  # [n, w, d]
+    if (gamma is not None and gamma.shape != W.shape[2:]) or 2 * W.shape[1] > W.shape[2]:
+        return None  # (particles over half the norm's width: the update would cost about the layer)
     Wc = W - W.mean(-1, keepdim=True) if centred else W
     G = Wc * gamma.detach() if gamma is not None else Wc
     layers = {}

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from ..particles import ParticleMap
 from ._common import Batch, Progress, call, per_example_metric
 from ._norms import next_norm, norm_params, rank1_scales
-from .ablation import ExecutionTrace, _recording
+from .ablation import ExecutionTrace, _recording, _removal
 from .taylor import gate_gradients
 
 _CHUNK_ELEMENTS = 1 << 24  # floats of one [B, T, chunk, d] perturbed-norm evaluation
@@ -50,11 +50,6 @@ def _reader_weight(pm: ParticleMap, name: str) -> tuple[str, Tensor] | None:
         return None
     wname, dim, _ = spec
     return g.gate.module, pm._tensor(wname).detach().movedim(dim, 0)
-
-
-def _removal(a: Tensor, patch: Tensor | None) -> Tensor:
-    """How ablation changes the activation entering the reader: the patch (0, or the per-feature mean) − ``a``."""
-    return (torch.zeros_like(a) if patch is None else patch.to(a).expand_as(a)) - a
 
 
 def _deltas(a: Tensor, W: Tensor, n: int, chunk: Sequence[int], patch: Tensor | None) -> Tensor:
