@@ -159,6 +159,22 @@ def test_resample_with_own_activations_is_identity_and_mean_patch_reaches_reader
     torch.testing.assert_close(a[:, 5], mean[5].expand(a.shape[0]), atol=1e-6, rtol=0)
 
 
+def test_mean_activations_leave_padding_out():
+    """The mean patch is the mean over real tokens: padded positions (attention_mask 0) do not count."""
+    model, batch = hf_model("bert")
+    pm = pz.decompose(model)
+    name = "bert.encoder.layer.1.intermediate.neurons"
+    mask = torch.tensor([[1] * 7, [1] * 3 + [0] * 4, [1] * 5 + [0] * 2])
+    padded = {**batch, "attention_mask": mask}
+    seen = []
+    with torch.no_grad(), pm.capture([name], lambda n, i, a: seen.append(a)):
+        output_of(model, padded)
+    want = seen[0][mask.bool()].double().mean(0).float()
+    got = pm.mean_activations([name], [padded])[name][0]
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(got, seen[0].reshape(-1, 48).mean(0), atol=1e-4)
+
+
 def test_two_rounds_compose_and_reload(tmp_path):
     model, batch = hf_model("llama-gqa")
     pm = pz.decompose(model)

@@ -381,6 +381,15 @@ def batch_inputs(batch: Any) -> Any:
     return batch
 
 
+def token_weights(inputs: Any, a: Tensor) -> Tensor | None:
+    """``[B, T]`` weights that leave padding out of activation statistics: the inputs' ``attention_mask``
+    when the activation is laid out ``[B, T, features]`` like it; None (every position counts) otherwise."""
+    m = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    if isinstance(m, Tensor) and m.ndim == 2 and a.ndim == 3 and tuple(a.shape[:2]) == tuple(m.shape):
+        return m.to(a.device, torch.float64)
+    return None
+
+
 def run_batch(model: nn.Module, batch: Any) -> Any:
     """Call ``model`` the way particlize calls it everywhere: a tensor positionally, a dict as keyword
     arguments, and an ``(inputs, targets)`` pair or a ``Batch`` by its inputs."""
@@ -625,23 +634,28 @@ class ParticleMap:
 
     @torch.no_grad()
     def mean_activations(self, groups: Iterable[str], data: Iterable[Any]) -> dict[str, list[Tensor]]:
-        """Per-feature mean activation at each group's gate over ``data`` (the patch for mode='mean')."""
+        """Per-feature mean activation at each group's gate over ``data`` (the patch for mode='mean'),
+        padded positions left out (`token_weights`)."""
         groups = list(groups)
         sums: dict[tuple[str, int], list] = {}
+        current: list[Any] = [None]
 
         def sink(name: str, i: int, a: Tensor) -> None:
-            dim = self[name].gate.gate_dim() % a.ndim
-            flat = a.detach().movedim(dim, -1).reshape(-1, a.shape[dim]).double()
-            acc = sums.setdefault((name, i), [0.0, 0])
-            acc[0] = acc[0] + flat.sum(0)
-            acc[1] += flat.shape[0]
+            x = a.detach().movedim(self[name].gate.gate_dim() % a.ndim, -1).double()
+            w = token_weights(current[0], x)
+            flat = x.reshape(-1, x.shape[-1])
+            w = torch.ones_like(flat[:, :1]) if w is None else w.reshape(-1, 1)
+            acc = sums.setdefault((name, i), [0.0, 0.0])
+            acc[0] = acc[0] + (flat * w).sum(0)
+            acc[1] += float(w.sum())
 
         with self.capture(groups, sink):
             for batch in data:
-                run_batch(self.model, batch)
+                current[0] = batch_inputs(batch)
+                run_batch(self.model, current[0])
         out: dict[str, list[Tensor]] = {}
         for (name, i), (s, cnt) in sorted(sums.items()):
-            out.setdefault(name, []).append((s / max(cnt, 1)).float())
+            out.setdefault(name, []).append((s / max(cnt, 1.0)).float())
         return out
 
     # ---- tables and surgery --------------------------------------------------------------------

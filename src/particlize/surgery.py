@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .errors import ParticlizeError, PlanError
-from .particles import InputGate, ParticleGroup, ParticleMap, ResidualGate, Remove, batch_inputs, run_batch
+from .particles import InputGate, ParticleGroup, ParticleMap, ResidualGate, Remove, batch_inputs, run_batch, token_weights
 
 PROVENANCE = "_particlize"  # attribute carrying {"recipe": ..., "plan": [step, ...]} on pruned models
 
@@ -177,15 +177,6 @@ def linear_reader_weight(pm: ParticleMap, g: ParticleGroup) -> tuple[str, int, s
     return r.name, dim, (f"{mpath}.bias" if isinstance(bias, torch.Tensor) else None)
 
 
-def _token_weights(inputs: Any, a: torch.Tensor) -> torch.Tensor | None:
-    """``[B, T]`` weights that leave padding out of the statistics: the inputs' ``attention_mask`` when
-    the activation is laid out ``[B, T, features]`` like it; None (every position counts) otherwise."""
-    m = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
-    if isinstance(m, torch.Tensor) and m.ndim == 2 and a.ndim == 3 and tuple(a.shape[:2]) == tuple(m.shape):
-        return m.to(a.device, torch.float64)
-    return None
-
-
 @torch.no_grad()
 def input_moments(pm: ParticleMap, groups: Sequence[str], data: Any) -> dict[str, torch.Tensor]:
     """``{group: E[x̃ x̃ᵀ]}`` over ``data``: the second moments of each group's reader input ``x``
@@ -196,7 +187,7 @@ def input_moments(pm: ParticleMap, groups: Sequence[str], data: Any) -> dict[str
 
     def sink(name: str, i: int, a: torch.Tensor) -> None:
         x = a.detach().double()
-        w = _token_weights(current[0], x)
+        w = token_weights(current[0], x)
         x = x.reshape(-1, x.shape[-1])
         x = torch.cat([x, torch.ones_like(x[:, :1])], 1)
         w = torch.ones_like(x[:, :1]) if w is None else w.reshape(-1, 1)
