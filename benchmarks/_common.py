@@ -91,6 +91,19 @@ def load_minilm() -> nn.Module:
     return AutoModel.from_pretrained(str(g.get_model_path())).eval()
 
 
+def classifier_and_particles(path: str) -> tuple[nn.Module, Any, Any, list[str], list[str]]:
+    """``(model, tokenizer, particle map, head groups, neuron groups)`` of a saved particlize classifier
+    (e.g. ``out/minilm-vader``), in eval mode."""
+    import particlize as pz
+    from transformers import AutoTokenizer
+
+    model = pz.load(path).eval()
+    pm = pz.decompose(model)
+    heads = [g.name for g in pm.groups if g.kind == "head"]
+    neurons = [g.name for g in pm.groups if g.kind == "neuron"]
+    return model, AutoTokenizer.from_pretrained(path), pm, heads, neurons
+
+
 def llama_config(small: bool = False) -> Any:
     from transformers import LlamaConfig
 

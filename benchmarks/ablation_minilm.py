@@ -50,19 +50,13 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    import particlize as pz
     from particlize.analysis.ablation import ablation_effects, default_rows
     from particlize.tasks import get_task
-    from transformers import AutoTokenizer
 
     C.setup_threads()
     log("ablation_minilm:", C.machine_line())
     log("command:", " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]))
-    model = pz.load(args.model).eval()
-    tok = AutoTokenizer.from_pretrained(args.model)
-    pm = pz.decompose(model)
-    heads = [g.name for g in pm.groups if g.kind == "head"]
-    neurons = [g.name for g in pm.groups if g.kind == "neuron"]
+    model, tok, pm, heads, neurons = C.classifier_and_particles(args.model)
     texts, labels = get_task("vader-sentiment").split("test")
     texts, labels = texts[:args.examples], labels[:args.examples]
     batches = make_batches(tok, texts, labels, args.batch_size, not args.no_sort)

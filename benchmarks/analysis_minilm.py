@@ -154,17 +154,12 @@ def main() -> int:
     import particlize as pz
     from particlize.analysis.ablation import ablation_effects
     from particlize.tasks import get_task
-    from transformers import AutoTokenizer
 
     torch.set_num_threads(args.threads)
     T0 = time.perf_counter()
     log("analysis_minilm:", C.machine_line())
     log("command:", " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]))
-    model = pz.load(args.model).eval()
-    tok = AutoTokenizer.from_pretrained(args.model)
-    pm = pz.decompose(model)
-    heads = [g.name for g in pm.groups if g.kind == "head"]
-    neurons = [g.name for g in pm.groups if g.kind == "neuron"]
+    model, tok, pm, heads, neurons = C.classifier_and_particles(args.model)
     log(f"model {args.model}: {type(model).__name__}, {C.n_params(model) / 1e6:.2f}M params; "
         f"{len(heads)} head groups x {pm[heads[0]].size} = {sum(pm[g].size for g in heads)} heads, "
         f"{len(neurons)} neuron groups x {pm[neurons[0]].size} = {sum(pm[g].size for g in neurons)} neurons "

@@ -44,6 +44,15 @@ def _rnn():
     return m, [(x, torch.tensor([0, 1, 2, 1]))]
 
 
+def _fast_equals_naive(pm, batches, names, **kw) -> dict:
+    """The fast engine's effects (returned), checked against the naive loop's to 1e-5."""
+    fast = ablation_effects(pm, batches, groups=names, **kw)
+    naive = ablation_effects(pm, batches, groups=names, fast=False, **{k: v for k, v in kw.items() if k != "max_rows"})
+    for n in names:
+        torch.testing.assert_close(fast[n], naive[n], atol=1e-5, rtol=0)
+    return fast
+
+
 CASES = {"bert": lambda: _data("bert"), "vit": lambda: _data("vit"), "gpt2": lambda: _data("gpt2"),
          "llama-gqa": lambda: _data("llama-gqa"), "resnet": _cnn, "lstm": _rnn}
 
@@ -55,10 +64,7 @@ def test_fast_ablation_equals_naive_loop(case, metric):
     pm = pz.decompose(model)
     batches = as_batches(data)
     names = [g.name for g in pm.groups]
-    fast = ablation_effects(pm, batches, metric=metric, groups=names, max_rows=8)
-    naive = ablation_effects(pm, batches, metric=metric, groups=names, fast=False)
-    for n in names:
-        torch.testing.assert_close(fast[n], naive[n], atol=1e-5, rtol=0)
+    fast = _fast_equals_naive(pm, batches, names, metric=metric, max_rows=8)
     assert any(fast[n].abs().max() > 0 for n in names)
 
 
@@ -69,10 +75,7 @@ def test_fast_ablation_equals_naive_loop_with_patches(case, mode):
     pm = pz.decompose(model)
     batches = as_batches(data)
     names = [g.name for g in pm.groups]
-    fast = ablation_effects(pm, batches, mode=mode, groups=names, max_rows=5)
-    naive = ablation_effects(pm, batches, mode=mode, groups=names, fast=False)
-    for n in names:
-        torch.testing.assert_close(fast[n], naive[n], atol=1e-5, rtol=0)
+    _fast_equals_naive(pm, batches, names, mode=mode, max_rows=5)
 
 
 def _padded(family: str, token_targets: bool = False, pad_target: int = -100):
@@ -101,10 +104,7 @@ def test_padded_batches_are_split_by_length_and_equal_the_naive_loop(family, tok
     assert all(int(b.inputs["attention_mask"].sum()) == b.inputs["attention_mask"].numel() for b, _ in work)
     pm = pz.decompose(model)
     names = [g.name for g in pm.groups]
-    fast = ablation_effects(pm, batches, groups=names, max_rows=6)
-    naive = ablation_effects(pm, batches, groups=names, fast=False)
-    for n in names:
-        torch.testing.assert_close(fast[n], naive[n], atol=1e-5, rtol=0)
+    _fast_equals_naive(pm, batches, names, max_rows=6)
 
 
 def test_batches_stay_whole_when_padding_changes_the_metric():
@@ -113,10 +113,7 @@ def test_batches_stay_whole_when_padding_changes_the_metric():
     assert len(_work_batches(model, batches, "loss", split=True)) == 2
     pm = pz.decompose(model)
     names = [g.name for g in pm.groups if g.kind == "neuron"]
-    fast = ablation_effects(pm, batches, groups=names, max_rows=6)
-    naive = ablation_effects(pm, batches, groups=names, fast=False)
-    for n in names:
-        torch.testing.assert_close(fast[n], naive[n], atol=1e-5, rtol=0)
+    _fast_equals_naive(pm, batches, names, max_rows=6)
 
 
 def _spy_past_norm(monkeypatch) -> list:
@@ -136,15 +133,12 @@ def test_layers_after_the_next_norm_take_the_update_path(case, after_heads, monk
     pm = pz.decompose(model)
     batches = as_batches(data)
     names = [g.name for g in pm.groups if g.kind in ("head", "neuron")]
-    fast = ablation_effects(pm, batches, groups=names, max_rows=4)
+    _fast_equals_naive(pm, batches, names, max_rows=4)
     past = [p for p in made if p is not None]
     assert all(p.ok for p in past)
     widths = sorted(len(p.layers) for p in past)  # all head groups; neurons of all but the last layer
     layers = len(names) // 2
     assert widths == sorted([after_heads] * layers + [3] * (layers - 1))
-    naive = ablation_effects(pm, batches, groups=names, fast=False)
-    for n in names:
-        torch.testing.assert_close(fast[n], naive[n], atol=1e-5, rtol=0)
 
 
 class _Twice(torch.nn.Module):
@@ -161,11 +155,8 @@ def test_a_scaled_path_to_the_norm_is_not_updated(monkeypatch):
     pm = pz.decompose(model)
     batches = as_batches(data)
     names = [g.name for g in pm.groups if g.kind == "neuron"]
-    fast = ablation_effects(pm, batches, groups=names, max_rows=4)
+    _fast_equals_naive(pm, batches, names, max_rows=4)
     assert [p.ok for p in made if p is not None] == [False, False]  # (heads: attention's output is unchanged)
-    naive = ablation_effects(pm, batches, groups=names, fast=False)
-    for n in names:
-        torch.testing.assert_close(fast[n], naive[n], atol=1e-5, rtol=0)
 
 
 def test_frontier_starts_at_the_reader():
