@@ -58,6 +58,25 @@ def _model(tok, seed: int = 0, **kw) -> TextClassifier:
     return TextClassifier(tiny_config(len(tok), **kw), num_labels=2)
 
 
+def test_validation_within_an_epoch_stops_early_and_keeps_the_best(sentiment_csv: Path, tok) -> None:
+    """``val_every`` validates part-way through an epoch; with patience 1 training stops at the first
+    validation that is not better, and the best validation's weights are restored."""
+    task = get_task("text-csv", path=sentiment_csv)
+    full = train_classifier(_model(tok), task, tokenizer=tok, epochs=2, lr=3e-3, batch_size=16, seed=0, val_every=0.2)
+    assert [e["epoch"] for e in full["epochs"]] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0])
+    assert full["epochs_run"] == 2.0
+    model = _model(tok)
+    hist = train_classifier(model, task, tokenizer=tok, epochs=2, lr=3e-3, batch_size=16, seed=0, val_every=0.2,
+                            patience=1)
+    accs = [e["val_accuracy"] for e in hist["epochs"]]
+    assert accs == [e["val_accuracy"] for e in full["epochs"]][:len(accs)]  # the same run, cut short
+    stop = next(i for i in range(1, len(accs)) if accs[i] <= max(accs[:i]))
+    assert len(accs) == stop + 1 and hist["epochs_run"] == pytest.approx(hist["epochs"][-1]["epoch"])
+    assert task.evaluate(model, "val", tokenizer=tok)["accuracy"] == pytest.approx(max(accs))
+    with pytest.raises(ParticlizeError, match="val_every"):
+        train_classifier(_model(tok), task, tokenizer=tok, epochs=1, val_every=-0.5)
+
+
 def test_tiny_text_classifier_learns_saves_and_reloads(sentiment_csv: Path, tok, tmp_path: Path) -> None:
     task = get_task("text-csv", path=sentiment_csv)
     model = _model(tok)

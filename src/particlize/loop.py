@@ -56,6 +56,7 @@ class CompressConfig:
     kd_alpha: float = 0.5
     temperature: float = 2.0
     hidden_weight: float = 0.0  # layer-wise distillation: weight of the blocks' output MSE to the teacher's
+    val_every: float | None = None  # validate every this fraction of an epoch in recovery (early stopping part-way)
     reweight: bool = False  # refit the cut readers by least squares on the calibration data before recovery
     calib_examples: int = 256
     batch_size: int = 32
@@ -84,6 +85,8 @@ class CompressConfig:
             raise ParticlizeError(f"recover_epochs must be 0 or more, got {self.recover_epochs}")
         if self.hidden_weight < 0:
             raise ParticlizeError(f"hidden_weight must be 0 or more, got {self.hidden_weight}")
+        if self.val_every is not None and not 0.0 < self.val_every <= 1.0:
+            raise ParticlizeError(f"val_every is a fraction of an epoch in (0, 1], got {self.val_every}")
         if not 0.0 < self.max_fraction <= 1.0:
             raise ParticlizeError(f"max_fraction must be in (0, 1], got {self.max_fraction}")
         if not 0.0 <= self.min_quality <= 1.5:
@@ -586,7 +589,8 @@ def _recover(student: nn.Module, teacher: nn.Module, task: Task, tokenizer: Any,
 
     return task.recover(student, teacher, tokenizer, epochs=cfg.recover_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                         max_length=cfg.max_length, seed=cfg.seed * 1000 + r, limit=cfg.limit, kd_alpha=cfg.kd_alpha,
-                        temperature=cfg.temperature, hidden_weight=cfg.hidden_weight, progress=prog)
+                        temperature=cfg.temperature, hidden_weight=cfg.hidden_weight, val_every=cfg.val_every,
+                        progress=prog)
 
 
 def _int8_report(model: nn.Module, task: Task, tokenizer: Any, cfg: CompressConfig) -> dict[str, Any]:

@@ -56,6 +56,7 @@ def train_classifier(
     temperature: float = 2.0,
     hidden_weight: float = 0.0,
     patience: int | None = None,
+    val_every: float | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``task``'s train split, validate each epoch, keep the best-val-accuracy weights.
 
@@ -73,7 +74,9 @@ def train_classifier(
     the mean squared difference between every block's output and that of the teacher's block it came
     from (layer-wise distillation as in CoFi / TinyBERT; padding excluded; blocks matched through the
     pruning plans by `particlize.surgery.block_correspondence`). ``patience`` stops after
-    that many epochs without a better validation accuracy. A non-finite loss raises `ParticlizeError`
+    that many validations without a better validation accuracy. ``val_every`` (a fraction of an epoch,
+    e.g. 0.1) validates that often as well as at each epoch's end, so early stopping can end a one-epoch
+    recovery part-way; each validation is one entry of ``epochs`` (its ``epoch``: epochs trained so far). A non-finite loss raises `ParticlizeError`
     at once (the caller rolls back). The model is left in eval mode with the best epoch's weights.
     """
     if not epochs > 0:
@@ -103,11 +106,34 @@ def train_classifier(
     best_state: dict[str, torch.Tensor] | None = None
     step, t0 = 0, time.perf_counter()
     layers = contextlib.nullcontext(None) if teacher is None or not hidden_weight else _layer_distillation(teacher, model)
+    if val_every is not None and not val_every > 0:
+        raise ParticlizeError(f"val_every is a positive fraction of an epoch, got {val_every}")
+    every = max(1, round(val_every * batches_per_epoch)) if val_every else None
+
+    def validate(epoch: int, loss_sum: float, n_seen: int, te: float) -> bool:
+        """Validate, keep the best weights; True when early stopping says stop."""
+        nonlocal best_state
+        val = task.evaluate(model, "val", tokenizer=tokenizer, batch_size=max(64, batch_size), limit=limit,
+                            max_length=max_length)
+        done = step / batches_per_epoch if every else epoch
+        record = {"epoch": done, "train_loss": loss_sum / max(1, n_seen), "val_accuracy": val["accuracy"],
+                  "val_loss": val["loss"], "seconds": time.perf_counter() - te}
+        history["epochs"].append(record)
+        if val["accuracy"] > history["best_val_accuracy"]:
+            history["best_epoch"], history["best_val_accuracy"] = len(history["epochs"]), val["accuracy"]
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if progress is not None:
+            progress(step, total, {"epoch": epoch, "loss": record["train_loss"], "val_accuracy": val["accuracy"],
+                                   "val_loss": val["loss"]})
+        model.train()
+        return patience is not None and len(history["epochs"]) - history["best_epoch"] >= patience
+
+    stop = False
     with layers as hidden_loss:
         for epoch in range(1, math.ceil(total / batches_per_epoch) + 1):
             te = time.perf_counter()
             model.train()
-            loss_sum, n_seen = 0.0, 0
+            loss_sum, n_seen, checked = 0.0, 0, -1
             for inputs, y in task.batches("train", tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
                                           limit=limit, shuffle=True, seed=seed * 1000 + epoch):
                 if step == total:  # the last epoch of a fractional count ends early
@@ -129,22 +155,17 @@ def train_classifier(
                 n_seen += len(y)
                 if progress is not None:
                     progress(step, total, {"epoch": epoch, "loss": loss.item(), "lr": sched.get_last_lr()[0]})
-            val = task.evaluate(model, "val", tokenizer=tokenizer, batch_size=max(64, batch_size), limit=limit,
-                                max_length=max_length)
-            record = {"epoch": epoch, "train_loss": loss_sum / max(1, n_seen), "val_accuracy": val["accuracy"],
-                      "val_loss": val["loss"], "seconds": time.perf_counter() - te}
-            history["epochs"].append(record)
-            if val["accuracy"] > history["best_val_accuracy"]:
-                history["best_epoch"], history["best_val_accuracy"] = epoch, val["accuracy"]
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-            if progress is not None:
-                progress(step, total, {"epoch": epoch, "loss": record["train_loss"], "val_accuracy": val["accuracy"],
-                                       "val_loss": val["loss"]})
-            if patience is not None and epoch - history["best_epoch"] >= patience:
+                if every and step % every == 0 and step < total:
+                    checked = step
+                    if validate(epoch, loss_sum, n_seen, te):
+                        stop = True
+                        break
+            if stop or (checked != step and validate(epoch, loss_sum, n_seen, te)):
                 break
     if best_state is not None and history["best_epoch"] != len(history["epochs"]):
         model.load_state_dict(best_state)
     history["seconds"] = time.perf_counter() - t0
+    history["epochs_run"] = step / batches_per_epoch
     model.eval()
     return history
 
