@@ -34,8 +34,8 @@ forward per particle.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from ..particles import InputGate, ParticleMap, ResidualGate
 from ._common import Batch, Progress, call, map_tensors, per_example_metric
-from ._norms import is_norm, next_norm, norm_params, low_rank_scales
+from ._norms import is_norm, low_rank_scales, next_norm, norm_params
 
 Job = tuple[str, str | None, list[int]]  # group, gated module path (None: cannot start there), particles
 
