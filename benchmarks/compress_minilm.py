@@ -110,7 +110,8 @@ def run(variant: str, dense, task, tok, budget: float, seed: int, args) -> dict:
                              granularity=("heads", "neurons", "blocks") if "blocks" in variant else ("heads", "neurons"),
                              hidden_weight=args.hidden_weight if variant_core.endswith("-hd") else 0.0,
                              allocation="uniform" if variant_core.endswith("-uniform") else "global", reweight=reweight,
-                             kd_alpha=args.kd_alpha, temperature=args.temperature, val_every=args.val_every, **opts)
+                             kd_alpha=args.kd_alpha, temperature=args.temperature, val_every=args.val_every,
+                             patience=args.patience, **opts)
         before_cfg = CompressConfig(**{**cfg.__dict__, "recover_epochs": 0})
         before = compress(copy.deepcopy(dense), task, tokenizer=tok, config=before_cfg).model
         res = compress(dense, task, tokenizer=tok, config=cfg)
@@ -160,6 +161,7 @@ def main() -> int:
     ap.add_argument("--round-to", type=int, default=None, help="particlize: keep widths multiples of this")
     ap.add_argument("--val-every", type=float, default=None,
                     help="particlize variants: validate every this fraction of an epoch in recovery (early stopping)")
+    ap.add_argument("--patience", type=int, default=1, help="particlize variants: validations without improvement before recovery stops")
     ap.add_argument("--hidden-weight", type=float, default=1.0, help="layer-wise distillation weight of the -hd variants")
     ap.add_argument("--kd-alpha", type=float, default=0.5, help="distillation weight (particlize and the -kd variants)")
     ap.add_argument("--temperature", type=float, default=2.0, help="distillation temperature")

@@ -117,6 +117,7 @@ def test_nan_loss_rolls_back(setup, tmp_path):
         ({"cost": "watts"}, "cost must be 'flops' or 'latency'"),
         ({"hidden_weight": -1.0}, "hidden_weight must be 0 or more"),
         ({"val_every": 1.5}, "val_every is a fraction of an epoch"),
+        ({"patience": 0}, "patience counts validations"),
         ({"bogus_option": 1}, "unknown compress option"),
     ],
 )

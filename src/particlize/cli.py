@@ -240,6 +240,7 @@ def compress(
                                         help="layer-wise distillation: weight of each block's output MSE to the original's (text classifiers)"),
     val_every: Optional[float] = typer.Option(None, "--val-every", min=0.0, max=1.0,
                                               help="validate every this fraction of an epoch during recovery and stop at the first that is not better (e.g. 0.1)"),
+    patience: int = typer.Option(1, "--patience", min=1, help="recovery stops after this many validations without a better one"),
     reweight: bool = typer.Option(False, "--reweight/--no-reweight",
                                   help="refit the kept particles' reader weights by least squares on the calibration data after each cut"),
     round_to: Optional[int] = typer.Option(None, "--round-to", min=1, help="keep widths multiples of this"),
@@ -269,7 +270,7 @@ def compress(
         target_flops=target_flops, target_params=target_params, target_latency_ms=target_latency_ms,
         granularity=tuple(g.strip() for g in granularity.split(",") if g.strip()), scorer=scorer, allocation=allocation,
         cost=cost, min_quality=min_quality, max_fraction=max_fraction, recover_epochs=recover_epochs, round_to=round_to, lr=lr,
-        hidden_weight=hidden_weight, val_every=val_every, reweight=reweight, batch_size=batch_size, max_length=max_length, limit=limit, seed=seed,
+        hidden_weight=hidden_weight, val_every=val_every, patience=patience, reweight=reweight, batch_size=batch_size, max_length=max_length, limit=limit, seed=seed,
         quantize=quantize,
     )
     cfg.check()

@@ -57,6 +57,7 @@ class CompressConfig:
     temperature: float = 2.0
     hidden_weight: float = 0.0  # layer-wise distillation: weight of the blocks' output MSE to the teacher's
     val_every: float | None = None  # validate every this fraction of an epoch in recovery (early stopping part-way)
+    patience: int = 1  # recovery stops after this many validations without a better validation accuracy
     reweight: bool = False  # refit the cut readers by least squares on the calibration data before recovery
     calib_examples: int = 256
     batch_size: int = 32
@@ -87,6 +88,8 @@ class CompressConfig:
             raise ParticlizeError(f"hidden_weight must be 0 or more, got {self.hidden_weight}")
         if self.val_every is not None and not 0.0 < self.val_every <= 1.0:
             raise ParticlizeError(f"val_every is a fraction of an epoch in (0, 1], got {self.val_every}")
+        if self.patience < 1:
+            raise ParticlizeError(f"patience counts validations: 1 or more, got {self.patience}")
         if not 0.0 < self.max_fraction <= 1.0:
             raise ParticlizeError(f"max_fraction must be in (0, 1], got {self.max_fraction}")
         if not 0.0 <= self.min_quality <= 1.5:
@@ -590,7 +593,7 @@ def _recover(student: nn.Module, teacher: nn.Module, task: Task, tokenizer: Any,
     return task.recover(student, teacher, tokenizer, epochs=cfg.recover_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                         max_length=cfg.max_length, seed=cfg.seed * 1000 + r, limit=cfg.limit, kd_alpha=cfg.kd_alpha,
                         temperature=cfg.temperature, hidden_weight=cfg.hidden_weight, val_every=cfg.val_every,
-                        progress=prog)
+                        patience=cfg.patience, progress=prog)
 
 
 def _int8_report(model: nn.Module, task: Task, tokenizer: Any, cfg: CompressConfig) -> dict[str, Any]:
