@@ -239,7 +239,7 @@ def compress(
     hidden_weight: float = typer.Option(0.0, "--hidden-weight", min=0.0,
                                         help="layer-wise distillation: weight of each block's output MSE to the original's (text classifiers)"),
     val_every: Optional[float] = typer.Option(None, "--val-every", min=0.0, max=1.0,
-                                              help="validate every this fraction of an epoch during recovery and stop at the first that is not better (e.g. 0.1)"),
+                                              help="validate every this fraction of an epoch during recovery (e.g. 0.1), so early stopping (--patience) can act part-way"),
     patience: int = typer.Option(1, "--patience", min=1, help="recovery stops after this many validations without a better one"),
     reweight: bool = typer.Option(False, "--reweight/--no-reweight",
                                   help="refit the kept particles' reader weights by least squares on the calibration data after each cut"),
