@@ -141,3 +141,17 @@ def test_low_rank_scales_give_the_norm_of_the_changed_input(kind, d, n, w, scale
         want = N(z[:, None] + torch.einsum("tnw,nwd->tnd", C, W))
         got = r[..., None] * (N(z) - beta)[:, None] + s[..., None] * gamma * torch.einsum("tnw,nwd->tnd", C, Wc) + beta
     torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
+
+
+def test_optimistic_values_are_infinite_until_something_calibrates_them():
+    """Before any non-exhaustive particle is verified every unverified one must stay in play, a zero-width
+    one included; afterwards the bound is estimate + c × width with a finite c."""
+    import pandas as pd
+
+    from particlize.analysis.validate import _optimistic
+
+    open_ = pd.DataFrame({"group": ["g", "g"], "est": [0.1, 0.2], "width": [0.0, 0.5]})
+    empty = pd.DataFrame({"group": [], "est": [], "width": [], "exact": []})
+    assert _optimistic(empty, open_, 0.99).tolist() == [float("inf"), float("inf")]
+    seen = pd.DataFrame({"group": ["g"], "est": [0.3], "width": [1.0], "exact": [0.5]})  # c = 0.2
+    assert _optimistic(seen, open_, 0.99).tolist() == pytest.approx([0.1, 0.3])

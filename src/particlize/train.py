@@ -76,8 +76,8 @@ def train_classifier(
     pruning plans by `particlize.surgery.block_correspondence`). ``patience`` stops after
     that many validations without a better validation accuracy. ``val_every`` (a fraction of an epoch,
     e.g. 0.1) validates that often as well as at each epoch's end, so early stopping can end a one-epoch
-    recovery part-way; each validation is one entry of ``epochs`` (its ``epoch``: epochs trained so far). A non-finite loss raises `ParticlizeError`
-    at once (the caller rolls back). The model is left in eval mode with the best epoch's weights.
+    recovery part-way; each validation is one entry of ``epochs`` (its ``epoch``: epochs trained so far).
+    A non-finite loss raises `ParticlizeError` at once (the caller rolls back). The model is left in eval mode with the best epoch's weights.
     """
     if not epochs > 0:
         raise ParticlizeError(f"epochs must be positive, got {epochs}")

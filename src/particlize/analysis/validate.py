@@ -105,6 +105,13 @@ def _error_scale(seen: pd.DataFrame, open_: pd.DataFrame, confidence: float) -> 
     return open_.group.map(own).fillna(float(ratio.quantile(confidence)))
 
 
+def _optimistic(seen: pd.DataFrame, open_: pd.DataFrame, confidence: float) -> pd.Series:
+    """Each unverified particle's optimistic value ``estimate + c × width`` (`_error_scale`); infinite
+    while nothing calibrates ``c`` (also for a zero width, where ``inf × 0`` would give NaN)."""
+    scale = _error_scale(seen, open_, confidence)
+    return open_.est + (scale * open_.width).where(scale != float("inf"), float("inf"))
+
+
 def top_particles(
     model_or_pm: nn.Module | ParticleMap,
     data: Iterable[Any],
@@ -172,7 +179,7 @@ def _top_particles(pm: ParticleMap, batches: list, k: int, names: list[str], scr
         done = cand.exact.notna()
         tau = cand.exact[done].nlargest(min(k, int(done.sum()))).min() if done.sum() >= k else -float("inf")
         open_ = cand[~done & ~always]
-        bound = open_.est + _error_scale(cand[done & ~always & (cand.width > 0)], open_, confidence) * open_.width
+        bound = _optimistic(cand[done & ~always & (cand.width > 0)], open_, confidence)
         todo = bound[bound >= tau].sort_values(ascending=False).index[:k]
     short = cand[cand.exact.notna()]
     top = short.loc[short.exact.nlargest(min(k, len(short))).index]
