@@ -155,3 +155,57 @@ def test_optimistic_values_are_infinite_until_something_calibrates_them():
     assert _optimistic(empty, open_, 0.99).tolist() == [float("inf"), float("inf")]
     seen = pd.DataFrame({"group": ["g"], "est": [0.3], "width": [1.0], "exact": [0.5]})  # c = 0.2
     assert _optimistic(seen, open_, 0.99).tolist() == pytest.approx([0.1, 0.3])
+
+
+@pytest.mark.parametrize("mode", ["zero", "mean"])
+def test_perturbation_sizes_are_the_squared_change_of_the_reader_output(mode):
+    """Σ_t ‖δ_j‖² per example equals the reader's output change measured with the particle gated off,
+    padded positions left out — for FFN neurons (width 1) and attention heads (width > 1)."""
+    from test_analysis import _data
+
+    from particlize.analysis._common import as_batches, call
+    from particlize.analysis.taylor_norm import _reader_weight, perturbation_sizes
+
+    model, data = _data("bert")
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, 5:] = 0
+    mask[2, 3:] = 0
+    data = [({**x, "attention_mask": mask}, y) for x, y in data]
+    batches = as_batches(data)
+    pm = pz.decompose(model)
+    names = [pm.select("neuron")[0].name, pm.select("head")[1].name]
+    sizes = perturbation_sizes(pm, batches, mode=mode, groups=names)
+    patches = pm.mean_activations(names, [b.inputs for b in batches]) if mode == "mean" else {}
+    for name in names:
+        reader = model.get_submodule(_reader_weight(pm, name)[0])
+        n = pm[name].size
+        for j in (0, n - 1):
+            outs: list[torch.Tensor] = []
+            h = reader.register_forward_hook(lambda m, a, o: outs.append(o.detach().double()))
+            gate = torch.ones(n)
+            gate[j] = 0.0
+            try:
+                for b in batches:
+                    with torch.no_grad():
+                        call(model, b.inputs)
+                        with pm.gates({name: gate}, {name: patches[name]} if patches else None):
+                            call(model, b.inputs)
+            finally:
+                h.remove()
+            want = torch.cat([((ab - cl).pow(2).sum(-1) * b.inputs["attention_mask"]).sum(1)
+                              for cl, ab, b in zip(outs[::2], outs[1::2], batches)])
+            torch.testing.assert_close(sizes[name][:, j], want, rtol=1e-4, atol=1e-8)
+    assert perturbation_sizes(pm, batches, mode="resample", groups=names) == {}
+
+
+def test_optimistic_values_take_the_tighter_error_bar():
+    """Each scale gets its own calibrated c; the bound uses the smaller bar; an unknown (NaN) size leaves
+    the width's bar."""
+    import pandas as pd
+
+    from particlize.analysis.validate import _optimistic
+
+    seen = pd.DataFrame({"group": ["g"], "est": [0.3], "width": [1.0], "size": [0.1], "exact": [0.5]})  # c 0.2 and 2.0
+    open_ = pd.DataFrame({"group": ["g"] * 3, "est": [0.0, 0.0, 0.0], "width": [1.0, 1.0, 1.0],
+                          "size": [0.01, 1.0, float("nan")]})
+    assert _optimistic(seen, open_, 0.99).tolist() == pytest.approx([0.02, 0.2, 0.2])

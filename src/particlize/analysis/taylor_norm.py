@@ -20,8 +20,9 @@ skip path around the norm stays linear. The path is checked once per group (one 
 whose reader output reaches the norm through anything but an identity (adaLN gates, scaling) keeps the
 plain first-order score. Cost: one extra forward + backward, and ``N`` evaluated once per particle and token.
 
-`width` is what the adaptive `top_particles` bounds the error of an estimate with: the mean over examples
-of the estimate's magnitude per example (large when per-example effects cancel in the mean).
+`top_particles` bounds the error of an estimate with two scales: ``width``, the mean over examples of the
+estimate's magnitude per example (large when per-example effects cancel in the mean), and the size of the
+perturbation itself, ``Σ_t ‖δ_j‖²`` per example (`perturbation_sizes`): what a first-order remainder grows with.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..particles import ParticleMap
-from ._common import Batch, Progress, call, per_example_metric
+from ..particles import ParticleMap, token_weights
+from ._common import Batch, Progress, call, map_tensors, per_example_metric
 from ._norms import next_norm, norm_params, rank1_scales
 from .ablation import ExecutionTrace, _recording, _removal
 from .taylor import gate_gradients
@@ -60,25 +61,75 @@ def _deltas(a: Tensor, W: Tensor, n: int, chunk: Sequence[int], patch: Tensor | 
     return torch.einsum("btcw,cwd->btcd", da, W.to(a).unflatten(0, (n, w)).index_select(0, idx))
 
 
-def _path_is_identity(pm: ParticleMap, name: str, norm: str, batch: Batch, a: Tensor, z: Tensor,
-                      W: Tensor, patch: Tensor | None) -> bool:
-    """Does ablating one particle change the norm's input by exactly the reader's output change?"""
+@torch.no_grad()
+def perturbation_sizes(pm: ParticleMap, batches: Sequence[Batch], *, mode: str = "zero",
+                       groups: Sequence[str]) -> dict[str, Tensor]:
+    """``{group: [examples, n]}``: ``Σ_t ‖δ_j‖²``, the squared size of the change of the reader's output
+    when particle ``j`` is ablated, summed over an example's tokens (padding left out): the scale of the
+    second-order remainder a first-order estimate leaves out. Groups with a linear reader only (attention
+    heads, FFN neurons, ...); modes ``zero`` and ``mean``."""
+    if mode not in ("zero", "mean"):
+        return {}
+    sites = {n: rw for n in groups if (rw := _reader_weight(pm, n)) is not None}
+    if not sites:
+        return {}
+    patches = pm.mean_activations(list(sites), [b.inputs for b in batches]) if mode == "mean" else {}
+    grams = {}
+    for name, (_, W) in sites.items():
+        n = pm[name].size
+        Wn = W.double().unflatten(0, (n, W.shape[0] // n))  # [n, w, d]
+        grams[name] = Wn @ Wn.transpose(1, 2)  # [n, w, w]
+    out: dict[str, list[Tensor]] = {n: [] for n in sites}
+    readers = list(dict.fromkeys(r for r, _ in sites.values()))
+    for batch in batches:
+        seen: dict[str, Tensor] = {}
+        with _recording(pm.model, readers, seen, keep=lambda args, o: args[0].detach()):
+            call(pm.model, batch.inputs)
+        B = batch.size
+        for name, (reader, _) in sites.items():
+            a = seen[reader]
+            if a.shape[0] != B:  # not laid out per example
+                out.pop(name, None)
+                continue
+            n = pm[name].size
+            C = _removal(a, patches[name][0] if name in patches else None).double()
+            C = C.reshape(B, -1, n, C.shape[-1] // n)  # [B, T, n, w]
+            per_token = torch.einsum("btnw,nwv,btnv->btn", C, grams[name].to(C.device), C)
+            w = token_weights(batch.inputs, a)
+            if w is not None:
+                per_token = per_token * w.reshape(B, -1, 1)
+            if name in out:
+                out[name].append(per_token.sum(1).cpu())
+    return {n: torch.cat(v) for n, v in out.items() if v}
+
+
+def _path_is_identity(pm: ParticleMap, name: str, norm: str, batch: Batch, a: Tensor, W: Tensor,
+                      patch: Tensor | None) -> bool:
+    """Does ablating one particle change the norm's input by exactly the reader's output change? Checked
+    on the particle and example with the largest perturbation (where a non-identity path shows most), by
+    two forwards of that example alone."""
     n = pm[name].size
     w = a.shape[-1] // n
-    size = _removal(a, patch).unflatten(-1, (n, w)).pow(2).sum(-1).sum((0, 1)) * W.unflatten(0, (n, w)).pow(2).sum((1, 2)).to(a)
-    j = int(size.argmax())  # the largest perturbation: where a non-identity path would show most
-    seen: dict[str, Tensor] = {}
-    h = pm.model.get_submodule(norm).register_forward_pre_hook(lambda m, args: seen.setdefault("z", args[0].detach()))
+    B = a.shape[0]
+    size = _removal(a, patch).unflatten(-1, (n, w)).pow(2).sum(-1).sum(1) * W.unflatten(0, (n, w)).pow(2).sum((1, 2)).to(a)
+    b, j = divmod(int(size.argmax()), n)
+    one = map_tensors(batch.inputs, lambda t: t[b:b + 1] if t.ndim and t.shape[0] == B else t)
+    seen: list[Tensor] = []
+    h = pm.model.get_submodule(norm).register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
     gate = torch.ones(n)
     gate[j] = 0.0
     try:
-        with torch.no_grad(), pm.gates({name: gate}, {name: [patch]} if patch is not None else None):
-            call(pm.model, batch.inputs)
+        with torch.no_grad():
+            call(pm.model, one)
+            with pm.gates({name: gate}, {name: [patch]} if patch is not None else None):
+                call(pm.model, one)
     finally:
         h.remove()
-    change = seen["z"].double().reshape(z.shape) - z.double()
-    want = _deltas(a, W, n, [j], patch)[:, :, 0].double()
-    return bool((change - want).abs().max() <= 1e-4 * want.abs().max() + 1e-6)
+    if len(seen) != 2:
+        return False
+    change = (seen[1].double() - seen[0].double()).reshape(1, -1, seen[0].shape[-1])
+    want = _deltas(a[b:b + 1], W, n, [j], patch)[:, :, 0].double()
+    return change.shape == want.shape and bool((change - want).abs().max() <= 1e-4 * want.abs().max() + 1e-6)
 
 
 @torch.no_grad()
@@ -149,7 +200,7 @@ def taylor_norm(pm: ParticleMap, batches: Sequence[Batch], *, metric: str = "los
             a, z, g = a.reshape(B, -1, a.shape[-1]), z.reshape(B, -1, z.shape[-1]), g.detach().reshape(B, -1, z.shape[-1])
             patch = patches[name][0] if name in patches else None
             if name not in checked:
-                checked[name] = _path_is_identity(pm, name, norm, batch, a, z, W, patch)
+                checked[name] = _path_is_identity(pm, name, norm, batch, a, W, patch)
             if not checked[name]:
                 continue
             N = model.get_submodule(norm)

@@ -19,6 +19,7 @@ from ..particles import ParticleMap
 from . import METHODS, _map, analyze, importance
 from ._common import Progress, as_batches, select_groups
 from .ablation import ablation_effects
+from .taylor_norm import perturbation_sizes
 
 
 PER_EXAMPLE_SCREENS = ("taylor", "taylor2", "taylor-norm")
@@ -77,39 +78,55 @@ def validate_scores(
 
 def _screen(pm: ParticleMap, batches: list, screen: str, metric: str, mode: str, names: list[str],
             progress: Progress | None) -> pd.DataFrame:
-    """``group, index, screen_score, width``: the screen's estimate of each particle's effect and the scale
-    of its error (the mean per-example magnitude of the estimate; its magnitude for scorers without
-    per-example estimates)."""
+    """``group, index, screen_score`` and the error scales (`SCALES`) of each particle's estimate: ``width``,
+    the mean per-example magnitude of the estimate (its magnitude for scorers without per-example
+    estimates), and ``size``, the mean squared size of the perturbation (`perturbation_sizes`; NaN where
+    unknown)."""
     if screen in PER_EXAMPLE_SCREENS:
         per = METHODS[screen](pm, batches, metric=metric, mode=mode, groups=names, progress=progress)
+        sizes = perturbation_sizes(pm, batches, mode=mode, groups=names)
         rows = [pd.DataFrame({"group": n, "index": range(v.shape[1]), "screen_score": v.mean(0).numpy(),
-                              "width": v.abs().mean(0).numpy()}) for n, v in per.items() if n in names]
+                              "width": v.abs().mean(0).numpy(),
+                              "size": sizes[n].mean(0).numpy() if n in sizes else float("nan")})
+                for n, v in per.items() if n in names]
         return pd.concat(rows, ignore_index=True)
     df = analyze(pm, batches, screen, metric, mode, groups=names, table=False, progress=progress)
-    return df.assign(screen_score=df["score"], width=df["score"].abs())[["group", "index", "screen_score", "width"]]
+    return df.assign(screen_score=df["score"], width=df["score"].abs(), size=float("nan"))[
+        ["group", "index", "screen_score", *SCALES]]
 
 
 MIN_CALIBRATION = 10  # verified particles a group needs before its own error scale is trusted
+SCALES = ("width", "size")  # what the error of a screen's estimate is measured in (`_screen`)
 
 
-def _error_scale(seen: pd.DataFrame, open_: pd.DataFrame, confidence: float) -> pd.Series:
-    """For each unverified particle, the ``confidence`` quantile of ``|exact − estimate| / width`` over the
+def _error_scale(seen: pd.DataFrame, open_: pd.DataFrame, confidence: float, scale: str = "width") -> pd.Series:
+    """For each unverified particle, the ``confidence`` quantile of ``|exact − estimate| / scale`` over the
     verified particles of its group (the error of a first-order estimate depends on what follows the
     particle's layer), or over all verified particles while its group has fewer than `MIN_CALIBRATION`;
     infinite before anything is verified."""
+    seen = seen[seen[scale] > 0]
     if seen.empty:
         return pd.Series(float("inf"), index=open_.index)
-    ratio = (seen.exact - seen.est).abs() / seen.width
+    ratio = (seen.exact - seen.est).abs() / seen[scale]
     by_group = ratio.groupby(seen.group)
     own = by_group.quantile(confidence)[by_group.size() >= MIN_CALIBRATION]
     return open_.group.map(own).fillna(float(ratio.quantile(confidence)))
 
 
 def _optimistic(seen: pd.DataFrame, open_: pd.DataFrame, confidence: float) -> pd.Series:
-    """Each unverified particle's optimistic value ``estimate + c × width`` (`_error_scale`); infinite
-    while nothing calibrates ``c`` (also for a zero width, where ``inf × 0`` would give NaN)."""
-    scale = _error_scale(seen, open_, confidence)
-    return open_.est + (scale * open_.width).where(scale != float("inf"), float("inf"))
+    """Each unverified particle's optimistic value: its estimate plus the tightest of its error bars
+    ``c × scale`` over `SCALES` (``c`` from `_error_scale`, one per scale). An error bar is infinite while
+    nothing calibrates its ``c`` (also for a zero scale, where ``inf × 0`` would give NaN) or where the
+    scale is unknown (NaN)."""
+    inf = float("inf")
+    bar = pd.Series(inf, index=open_.index)
+    for col in SCALES:
+        if col not in open_:
+            continue
+        c = _error_scale(seen, open_, confidence, col)
+        this = (c * open_[col]).where((c != inf) & open_[col].notna(), inf)
+        bar = bar.where(bar <= this, this)
+    return open_.est + bar
 
 
 def top_particles(
@@ -133,11 +150,12 @@ def top_particles(
     particles were ablated exactly (``verified``) of how many (``particles``).
 
     The shortlist grows until no unverified particle can plausibly enter the top ``k`` (AtP*-style): each
-    estimate gets an error bar ``c × width`` — ``width`` the mean magnitude of its per-example estimates,
-    ``c`` the ``confidence`` quantile of ``|exact − estimate| / width`` over the particles of its group
-    verified so far (over all verified particles until the group has `MIN_CALIBRATION` of them) — and
-    every particle whose optimistic value ``estimate + c × width`` reaches the k-th exact effect is
-    ablated, ``k`` at a time, recalibrating after each batch. A fixed ``shortlist`` (an int) ablates
+    estimate gets an error bar, the smaller of ``c × scale`` for two scales — ``width``, the mean magnitude
+    of its per-example estimates, and ``size``, the mean squared size of the perturbation (what a
+    first-order remainder grows with) — each ``c`` the ``confidence`` quantile of ``|exact − estimate| /
+    scale`` over the particles of its group verified so far (over all verified particles until the group
+    has `MIN_CALIBRATION` of them); every particle whose optimistic value (estimate + error bar) reaches
+    the k-th exact effect is ablated, ``k`` at a time, recalibrating after each batch. A fixed ``shortlist`` (an int) ablates
     just the top ``shortlist`` by the screen instead. The ``exhaustive`` kinds (heads and blocks by
     default) are few and cheap to ablate exactly, and first-order screens are least reliable there
     (large, saturating effects), so they are never left to the screen; the many neurons or channels are."""
@@ -179,7 +197,7 @@ def _top_particles(pm: ParticleMap, batches: list, k: int, names: list[str], scr
         done = cand.exact.notna()
         tau = cand.exact[done].nlargest(min(k, int(done.sum()))).min() if done.sum() >= k else -float("inf")
         open_ = cand[~done & ~always]
-        bound = _optimistic(cand[done & ~always & (cand.width > 0)], open_, confidence)
+        bound = _optimistic(cand[done & ~always], open_, confidence)
         todo = bound[bound >= tau].sort_values(ascending=False).index[:k]
     short = cand[cand.exact.notna()]
     top = short.loc[short.exact.nlargest(min(k, len(short))).index]
