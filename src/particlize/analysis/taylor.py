@@ -44,6 +44,17 @@ def gate_gradients(
                            mode=mode, groups=groups, progress=progress)[0]
 
 
+def check_gradient_metric(metric: str, mode: str) -> None:
+    """Gate gradients need a differentiable metric with a non-zero gradient, and a patch that a gate can
+    interpolate towards."""
+    if metric in ("accuracy",):
+        raise ParticlizeError("gate gradients need a differentiable metric: use 'loss' or 'logit_diff'")
+    if metric == "kl":
+        raise ParticlizeError("KL to the original has zero gradient at the original model; use metric='loss' or method='ablation'")
+    if mode == "resample":
+        raise ParticlizeError("method='taylor' supports mode 'zero' and 'mean'; use method='ablation' for 'resample'")
+
+
 def _gate_gradients(
     pm: ParticleMap,
     batches: Sequence[Batch],
@@ -56,14 +67,9 @@ def _gate_gradients(
 ) -> list[dict[str, Tensor]]:
     """Per-example gate gradients of each of ``objectives`` (sums over the batch of per-example terms,
     so the gradient of row ``b``'s gate is example ``b``'s own): one forward and one backward each."""
-    if metric in ("accuracy",):
-        raise ParticlizeError("gate gradients need a differentiable metric: use 'loss' or 'logit_diff'")
-    if metric == "kl":
-        raise ParticlizeError("KL to the original has zero gradient at the original model; use metric='loss' or method='ablation'")
+    check_gradient_metric(metric, mode)
     model = pm.model
     patch = pm.mean_activations(groups, [b.inputs for b in batches]) if mode == "mean" else None
-    if mode == "resample":
-        raise ParticlizeError("method='taylor' supports mode 'zero' and 'mean'; use method='ablation' for 'resample'")
     per_row = [n for n in groups if pm[n].per_example]
     shared = [n for n in groups if not pm[n].per_example]
     out: list[dict[str, list[Tensor]]] = []

@@ -36,7 +36,7 @@ from ..particles import ParticleMap, token_weights
 from ._common import Batch, Progress, call, map_tensors, per_example_metric
 from ._norms import next_norm, norm_params, rank1_scales
 from .ablation import ExecutionTrace, _recording, _removal
-from .taylor import gate_gradients
+from .taylor import check_gradient_metric, gate_gradients
 
 _CHUNK_ELEMENTS = 1 << 24  # floats of one [B, T, chunk, d] perturbed-norm evaluation
 
@@ -165,8 +165,10 @@ def _closed_form_agrees(N: nn.Module, a: Tensor, z: Tensor, W: Tensor, g: Tensor
 
 def taylor_norm(pm: ParticleMap, batches: Sequence[Batch], *, metric: str = "loss", mode: str = "zero",
                 groups: Sequence[str], progress: Progress | None = None) -> dict[str, Tensor]:
-    """Per-example estimates ``[examples, n]`` of each particle's ablation effect (see the module doc)."""
-    est = {n: -g for n, g in gate_gradients(pm, batches, metric=metric, mode=mode, groups=groups, progress=progress).items()}
+    """Per-example estimates ``[examples, n]`` of each particle's ablation effect (see the module doc).
+    One forward and backward per batch gives both the gate gradients (``taylor``) and the gradients at
+    the norms' outputs; groups gated through weights (recurrent) get their gate gradients separately."""
+    check_gradient_metric(metric, mode)
     model = pm.model
     trace = ExecutionTrace(model, batches[0])
     sites = {}
@@ -176,21 +178,32 @@ def taylor_norm(pm: ParticleMap, batches: Sequence[Batch], *, metric: str = "los
         if rw is not None and norm is not None:
             sites[name] = (rw[0], rw[1], norm)
     if not sites:
-        return est
-    patches = pm.mean_activations(list(sites), [b.inputs for b in batches]) if mode == "mean" else {}
+        return {n: -g for n, g in gate_gradients(pm, batches, metric=metric, mode=mode, groups=groups, progress=progress).items()}
+    per_row = [n for n in groups if pm[n].per_example]
+    shared = [n for n in groups if not pm[n].per_example]
+    est = {n: -g for n, g in gate_gradients(pm, batches, metric=metric, mode=mode, groups=shared).items()} if shared else {}
+    parts: dict[str, list[Tensor]] = {n: [] for n in per_row}
+    patches = pm.mean_activations(per_row, [b.inputs for b in batches]) if mode == "mean" else {}
     checked: dict[str, bool] = {}
     closed: dict[str, bool] = {}
-    start = 0
     readers = list(dict.fromkeys(s[0] for s in sites.values()))
     norms = list(dict.fromkeys(s[2] for s in sites.values()))
-    for batch in batches:
+    for i, batch in enumerate(batches):
+        B = batch.size
         inputs: dict[str, Tensor] = {}
         norm_io: dict[str, tuple[Tensor, Tensor]] = {}  # the norm's clean input and its output (in the graph)
-        with _recording(model, readers, inputs, keep=lambda args, out: args[0].detach()), \
+        gates = {n: torch.ones(B, pm[n].size, requires_grad=True) for n in per_row}
+        with pm.gates(gates, {n: patches[n] for n in per_row} if patches else None), \
+                _recording(model, readers, inputs, keep=lambda args, out: args[0].detach()), \
                 _recording(model, norms, norm_io, keep=lambda args, out: (args[0].detach(), out)), torch.enable_grad():
             out = call(model, batch.inputs)
             grads = torch.autograd.grad(per_example_metric(metric, out, batch.targets).sum(),
-                                        [norm_io[nm][1] for nm in norms], allow_unused=True)
+                                        [*gates.values(), *(norm_io[nm][1] for nm in norms)], allow_unused=True)
+        for n, g in zip(per_row, grads):
+            parts[n].append(-(g.double() if g is not None else torch.zeros(B, pm[n].size, dtype=torch.float64)))
+        if progress is not None:
+            progress(i + 1, len(batches), "taylor-norm")
+        grads = grads[len(per_row):]
         gy = dict(zip(norms, grads))
         B = batch.size
         for name, (reader, W, norm) in sites.items():
@@ -199,6 +212,7 @@ def taylor_norm(pm: ParticleMap, batches: Sequence[Batch], *, metric: str = "los
                 continue  # the metric does not depend on the norm, or activations are not laid out per example
             a, z, g = a.reshape(B, -1, a.shape[-1]), z.reshape(B, -1, z.shape[-1]), g.detach().reshape(B, -1, z.shape[-1])
             patch = patches[name][0] if name in patches else None
+            est_b = parts[name][-1]
             if name not in checked:
                 checked[name] = _path_is_identity(pm, name, norm, batch, a, W, patch)
             if not checked[name]:
@@ -213,7 +227,7 @@ def taylor_norm(pm: ParticleMap, batches: Sequence[Batch], *, metric: str = "los
             if closed[name]:  # width-1 particles: rank-1 changes, the norm's change in closed form
                 C = _removal(a, patch)  # [B, T, n]
                 corr = _rank1_norm_change(N, z.flatten(0, 1), C.flatten(0, 1), W, g.flatten(0, 1), v.flatten(0, 1))
-                est[name][start:start + B] += corr.view(B, -1, n).sum(1).cpu()
+                est_b += corr.view(B, -1, n).sum(1).cpu()
                 continue
             per = max(1, _CHUNK_ELEMENTS // max(1, z.numel()))
             corr = torch.zeros(B, n, dtype=torch.float64)
@@ -225,6 +239,5 @@ def taylor_norm(pm: ParticleMap, batches: Sequence[Batch], *, metric: str = "los
                     exact = ((N(z.unsqueeze(2) + d) - Nz.unsqueeze(2)) * g.unsqueeze(2)).sum(-1)
                     linear = (d * v.unsqueeze(2)).sum(-1)
                     corr[:, c0:c0 + len(chunk)] = (exact - linear).double().sum(1).cpu()
-            est[name][start:start + B] += corr
-        start += B
-    return est
+            est_b += corr
+    return {n: est[n] if n in est else torch.cat(parts[n]) for n in groups}
