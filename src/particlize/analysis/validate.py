@@ -18,7 +18,7 @@ from ..errors import ParticlizeError
 from ..particles import ParticleMap
 from . import METHODS, _map, analyze, importance
 from ._common import Progress, as_batches, select_groups
-from .ablation import ablation_effects
+from .ablation import _work_batches, ablation_effects
 from .taylor_norm import perturbation_sizes
 
 
@@ -186,11 +186,14 @@ def _top_particles(pm: ParticleMap, batches: list, k: int, names: list[str], scr
     rest = cand.loc[~always].sort_values("est", ascending=False)
     first = rest.index[: min(len(rest), shortlist if shortlist is not None else 2 * k)]
     todo = cand.index[always].append(first)
+    # split padded batches by length once, not in every round (only means over examples are used here)
+    split = mode != "resample"
+    work = [b for b, _ in _work_batches(pm.model, batches, metric, split)] if split else batches
     while len(todo):
         part = cand.loc[todo]
         only = {n: p["index"].tolist() for n, p in part.groupby("group")}
-        eff = ablation_effects(pm, batches, metric=metric, mode=mode, groups=list(only), max_rows=max_rows,
-                               only=only, progress=progress)
+        eff = ablation_effects(pm, work, metric=metric, mode=mode, groups=list(only), max_rows=max_rows,
+                               only=only, progress=progress, split=False)
         cand.loc[todo, "exact"] = [sign * float(eff[g][:, i].mean()) for g, i in zip(part.group, part["index"])]
         if shortlist is not None:
             break
