@@ -141,6 +141,24 @@ def test_layers_after_the_next_norm_take_the_update_path(case, after_heads, monk
     assert widths == sorted([after_heads] * layers + [3] * (layers - 1))
 
 
+def test_a_subset_of_particles_gets_the_same_effects_and_the_rest_stays_nan(monkeypatch):
+    """``only=``: the update path is built for the wanted particles alone (rows of U mapped by index)."""
+    made = _spy_past_norm(monkeypatch)
+    model, data = _data("bert")
+    pm = pz.decompose(model)
+    batches = as_batches(data)
+    names = [g.name for g in pm.groups if g.kind in ("head", "neuron")]
+    only = {n: [pm[n].size - 1, 1] for n in names}
+    part = ablation_effects(pm, batches, groups=names, only=only, max_rows=4)
+    full = ablation_effects(pm, batches, groups=names, fast=False)
+    assert all(p.ok for p in made if p is not None) and any(p is not None for p in made)
+    for n in names:
+        torch.testing.assert_close(part[n][:, [1, pm[n].size - 1]], full[n][:, [1, pm[n].size - 1]], atol=1e-5, rtol=0)
+        keep = torch.ones(pm[n].size, dtype=torch.bool)
+        keep[[1, pm[n].size - 1]] = False
+        assert part[n][:, keep].isnan().all()
+
+
 class _Twice(torch.nn.Module):
     def forward(self, x):
         return 2 * x

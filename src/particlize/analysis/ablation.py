@@ -208,7 +208,8 @@ class _PastNorm:
     centred: bool
     eps: float
     W: Tensor  # [n, w, d] reader columns per particle
-    layers: dict[str, tuple[Tensor, Tensor]]  # path -> (U [n, w, out], c0 [out])
+    layers: dict[str, tuple[Tensor, Tensor]]  # path -> (U [m, w, out] for the m particles wanted, c0 [out])
+    row: Tensor  # [n]: each particle's row of U (-1 if not wanted)
     ok: bool | None = None  # None until checked against the real layers on the first chunk
 
     def rows(self, z: Tensor, a: Tensor, chunk: Sequence[int], patch: Tensor | None,
@@ -226,14 +227,15 @@ class _PastNorm:
         for path, (U, c0) in self.layers.items():
             y = clean[path]
             r_ = r.to(y).movedim(-1, 1).unsqueeze(-1)  # [B, kc, T, 1]
-            upd = torch.einsum("btkw,kwo->bkto", (C * s.unsqueeze(-1)).to(y), U.index_select(0, idx).to(y))
+            upd = torch.einsum("btkw,kwo->bkto", (C * s.unsqueeze(-1)).to(y), U.index_select(0, self.row.to(idx.device)[idx]).to(y))
             out[path] = ((y - c0).unsqueeze(1) * r_ + upd + c0).flatten(0, 1)
         return out
 
 
-def _past_norm(pm: ParticleMap, name: str, reader: nn.Linear, target: str, trace: ExecutionTrace) -> _PastNorm | None:
-    """The `_PastNorm` of a group read by ``reader``, if the first norm after it has a closed form and
-    is read by plain ``nn.Linear`` layers called once per forward."""
+def _past_norm(pm: ParticleMap, name: str, reader: nn.Linear, target: str, trace: ExecutionTrace,
+               particles: Sequence[int]) -> _PastNorm | None:
+    """The `_PastNorm` of a group read by ``reader`` (for the wanted ``particles``), if the first norm
+    after it has a closed form and is read by plain ``nn.Linear`` layers called once per forward."""
     model = pm.model
     norm = next_norm(trace, target, model)
     spec = norm_params(model.get_submodule(norm)) if norm is not None else None
@@ -244,7 +246,11 @@ def _past_norm(pm: ParticleMap, name: str, reader: nn.Linear, target: str, trace
     W = reader.weight.detach().T.unflatten(0, (n, -1))  # [n, w, d]
     if (gamma is not None and gamma.shape != W.shape[2:]) or 2 * W.shape[1] > W.shape[2]:
         return None  # (particles over half the norm's width: the update would cost about the layer)
-    Wc = W - W.mean(-1, keepdim=True) if centred else W
+    idx = torch.as_tensor(list(particles), dtype=torch.long, device=W.device)
+    row = torch.full((n,), -1, dtype=torch.long)
+    row[idx.cpu()] = torch.arange(len(idx))
+    Wc = W.index_select(0, idx)
+    Wc = Wc - Wc.mean(-1, keepdim=True) if centred else Wc
     G = Wc * gamma.detach() if gamma is not None else Wc
     layers = {}
     for path, src in trace.fed_by_norm.items():
@@ -258,7 +264,7 @@ def _past_norm(pm: ParticleMap, name: str, reader: nn.Linear, target: str, trace
         if mod.bias is not None:
             c0 = c0 + mod.bias.detach()
         layers[path] = (G @ Wl.T, c0)
-    return _PastNorm(norm, centred, eps, W, layers) if layers else None
+    return _PastNorm(norm, centred, eps, W, layers, row) if layers else None
 
 
 CPU_ROWS, GPU_ROWS = 128, 1024
@@ -391,7 +397,7 @@ def ablation_effects(
     frontiers = {t: trace.frontier(t) for _, t, _ in jobs if t is not None} if trace else {}
     needed = sorted({p for f in frontiers.values() for p in f})
     readers = {t: r for name, t, _ in jobs if (r := _linear_reader(pm, name, t, trace)) is not None}
-    past = {t: pn for name, t, _ in jobs if t in readers and (pn := _past_norm(pm, name, readers[t], t, trace))}
+    past = {t: pn for name, t, ps in jobs if t in readers and (pn := _past_norm(pm, name, readers[t], t, trace, ps))}
     past_norms = sorted({pn.norm for pn in past.values()})
     past_layers = sorted({p for pn in past.values() for p in pn.layers})
     gen = torch.Generator().manual_seed(seed)
