@@ -13,7 +13,9 @@ the next LayerNorm exact), ``taylor`` (first order), ``taylor2`` (plus the Gauss
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/screening_minilm.py --examples 32 --threads 1 \
         --sweep-csv bench-out/sweep32.csv
 
-``--sweep-csv`` keeps the full sweep (and its time): a second run reads it instead of sweeping again.
+``--sweep-csv`` keeps the full sweep (and its time): a second run reads it instead of sweeping again. When the
+sweep runs in the same process, each ``top_particles`` configuration is timed before and after it and the mean
+of the two is compared with the sweep (the machine's speed drifts over the sweep's minutes).
 """
 
 from __future__ import annotations
@@ -55,6 +57,15 @@ def main() -> int:
     pm = pz.decompose(model)
     groups = [g.name for g in pm.groups if g.kind in ("head", "neuron")]
     kind = {g.name: g.kind for g in pm.groups}
+    configs = [(screen, sl) for screen in args.screens for sl in args.shortlists]
+
+    def run_top(screen: str, sl: str):
+        t = time.perf_counter()
+        got = pz.top_particles(pm, batches, k=args.k, screen=screen, groups=groups, shortlist=None if sl == "auto" else int(sl))
+        return time.perf_counter() - t, got
+
+    # timed before and after the sweep when the sweep runs here: machine drift over its minutes hits both sides
+    before = {} if args.sweep_csv and args.sweep_csv.is_file() else {c: run_top(*c)[0] for c in configs}
     if args.sweep_csv and args.sweep_csv.is_file():
         exact = pd.read_csv(args.sweep_csv)
         t_full = float(exact.seconds_full_sweep.iloc[0])
@@ -84,10 +95,10 @@ def main() -> int:
         nrank = dict(zip(zip(neu.group, neu["index"]), neu["rank"]))
         need = max((nrank[k] for k in top_keys if k in nrank), default=0)
         for sl in args.shortlists:
-            t = time.perf_counter()
-            got = pz.top_particles(pm, batches, k=args.k, screen=screen, groups=groups,
-                                   shortlist=None if sl == "auto" else int(sl))
-            t_top = time.perf_counter() - t
+            t_after, got = run_top(screen, sl)
+            t_top = (t_after + before[(screen, sl)]) / 2 if (screen, sl) in before else t_after
+            if (screen, sl) in before:
+                print(f"top_particles({screen}, {sl}): {before[(screen, sl)]:.1f} s before the sweep, {t_after:.1f} s after")
             keys = list(zip(got.group, got["index"]))
             overlap = len(set(keys) & set(top_keys))
             missed = [f"{g.replace('encoder.encoder.layer.', 'L').split('.')[0]}[{i}] (rank {nrank.get((g, i), '-')})"
