@@ -1,15 +1,19 @@
 """Exact zero-ablation of every MiniLM particle: particlize's engine vs the naive loop (issue 4's headline).
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/ablation_minilm.py [--examples 512] [--batch-size 64]
-        [--neurons-per-layer 32] [--rounds 2] [--max-rows N] [--no-sort]
+        [--neurons-per-layer 32] [--rounds 2] [--max-rows N] [--no-sort] [--naive loop|captum]
 
 Model: the MiniLM sentiment classifier (``out/minilm-vader``, ``particlize train minilm --task
 vader-sentiment --out out/minilm-vader``); data: the first ``--examples`` test sentences in batches of
 ``--batch-size``, sorted by token length (the naive loop's best case: least padding; ``--no-sort`` keeps
 the split order). Both sides get the very same batches. Metric: loss; mode: zero.
 
-- naive: ``ablation_effects(fast=False)``, one full forward of the model per particle (what
-  TransformerLens' run_with_hooks loop and Captum's FeatureAblation do);
+- naive (``--naive loop``): ``ablation_effects(fast=False)``, one full forward of the model per particle
+  (what TransformerLens' run_with_hooks loop and Captum's FeatureAblation do);
+- naive (``--naive captum``): Captum 0.9's ``LayerFeatureAblation`` itself, ablating the reader's input
+  (``attribute_to_layer_input=True``, the same tensor particlize gates) with a layer mask of one feature
+  id per particle (the neurons left out of the sample share one extra id: one extra forward per batch,
+  included in Captum's fixed cost), ``perturbations_per_eval=--captum-ppe`` (Captum's default 1);
 - particlize: ``ablation_effects()`` with its defaults (start at the reader, per-row masks, padding cut,
   the Q/K/V after the next norm updated in closed form, rows per forward for this device).
 
@@ -38,6 +42,35 @@ def log(*a: Any) -> None:
     print(*a, flush=True)
 
 
+def captum_effects(pm: Any, batches: list[Any], group: str, particles: list[int] | None, ppe: int) -> torch.Tensor:
+    """``[examples, n]`` zero-ablation effects on the per-example loss by Captum's ``LayerFeatureAblation``
+    on the input of the group's reader (NaN for particles not asked for). Captum attributes
+    ``f(clean) − f(ablated)``; the effect is its negative."""
+    from captum.attr import LayerFeatureAblation
+
+    model, g = pm.model, pm[group]
+    reader = model.get_submodule(g.gate.module)
+    width = reader.in_features // g.size
+    wanted = list(range(g.size)) if particles is None else list(particles)
+    ids = torch.full((g.size,), len(wanted), dtype=torch.long)  # the rest: one extra feature group
+    ids[torch.tensor(wanted, dtype=torch.long)] = torch.arange(len(wanted))
+    mask = ids.repeat_interleave(width).view(1, 1, -1)
+
+    def loss(input_ids: torch.Tensor, attention_mask: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(model(input_ids=input_ids, attention_mask=attention_mask), y, reduction="none")
+
+    ablator = LayerFeatureAblation(loss, reader)
+    out = []
+    for b in batches:
+        with torch.no_grad():
+            attr = ablator.attribute(b.inputs["input_ids"], additional_forward_args=(b.inputs["attention_mask"], b.targets),
+                                     layer_mask=mask, attribute_to_layer_input=True, perturbations_per_eval=ppe)
+        eff = torch.full((b.size, g.size), float("nan"), dtype=torch.float64)
+        eff[:, wanted] = -attr[:, 0, torch.tensor(wanted, dtype=torch.long) * width].double()
+        out.append(eff)
+    return torch.cat(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(C.ROOT / "out" / "minilm-vader"))
@@ -48,6 +81,8 @@ def main() -> int:
     ap.add_argument("--max-rows", type=int, default=None, help="particlize rows per forward (default: the engine's)")
     ap.add_argument("--no-sort", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--naive", choices=["loop", "captum"], default="loop", help="the one-forward-per-particle side")
+    ap.add_argument("--captum-ppe", type=int, default=1, help="Captum's perturbations_per_eval")
     args = ap.parse_args()
 
     from particlize.analysis.ablation import ablation_effects, default_rows
@@ -62,13 +97,20 @@ def main() -> int:
     batches = make_batches(tok, texts, labels, args.batch_size, not args.no_sort)
     pad, real = tokens(batches)
     rows = args.max_rows or default_rows(model)
+    if args.naive == "captum":
+        import captum
+
+        log(f"naive side: Captum {captum.__version__} LayerFeatureAblation, perturbations_per_eval={args.captum_ppe}")
     log(f"{len(texts)} sentences, {len(batches)} batches of {args.batch_size} "
         f"({'split order' if args.no_sort else 'sorted by length'}): {pad} padded tokens for {real} real "
         f"({pad / real:.2f}x); particlize rows per forward {rows}")
 
     def timed(fast: bool, groups: list[str], only: dict[str, list[int]] | None = None) -> tuple[float, dict]:
         t = time.perf_counter()
-        eff = ablation_effects(pm, batches, groups=groups, only=only, fast=fast, max_rows=args.max_rows)
+        if fast or args.naive == "loop":
+            eff = ablation_effects(pm, batches, groups=groups, only=only, fast=fast, max_rows=args.max_rows)
+        else:
+            eff = {g: captum_effects(pm, batches, g, only[g] if only else None, args.captum_ppe) for g in groups}
         return time.perf_counter() - t, eff
 
     gen = torch.Generator().manual_seed(args.seed)
