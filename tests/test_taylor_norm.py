@@ -209,3 +209,18 @@ def test_optimistic_values_take_the_tighter_error_bar():
     open_ = pd.DataFrame({"group": ["g"] * 3, "est": [0.0, 0.0, 0.0], "width": [1.0, 1.0, 1.0],
                           "size": [0.01, 1.0, float("nan")]})
     assert _optimistic(seen, open_, 0.99).tolist() == pytest.approx([0.02, 0.2, 0.2])
+
+
+@pytest.mark.parametrize("case", ["gpt2", "llama-gqa", "vit", "resnet", "lstm"])
+def test_adaptive_top_k_on_other_families(case):
+    """Decoder LMs (token targets), a ViT, conv channels (no linear reader: no size scale) and recurrent
+    hidden units (gated through weights): the adaptive top-k is the exact top-k, in order."""
+    from test_analysis import CASES
+
+    model, data = CASES[case]()
+    pm = pz.decompose(model)
+    exact = pz.analyze(pm, data, "ablation", table=False)
+    top = pz.top_particles(pm, data, k=5)
+    want = exact.nlargest(5, "score")
+    assert list(zip(top.group, top["index"])) == list(zip(want.group, want["index"]))
+    torch.testing.assert_close(torch.tensor(top.score.to_numpy()), torch.tensor(want.score.to_numpy()), atol=1e-5, rtol=0)
