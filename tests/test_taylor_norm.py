@@ -224,3 +224,18 @@ def test_adaptive_top_k_on_other_families(case):
     want = exact.nlargest(5, "score")
     assert list(zip(top.group, top["index"])) == list(zip(want.group, want["index"]))
     torch.testing.assert_close(torch.tensor(top.score.to_numpy()), torch.tensor(want.score.to_numpy()), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["zero", "mean", "resample"])
+def test_adaptive_top_k_on_padded_batches(mode):
+    """Padded batches are split by length once for all rounds (not for ``resample``, which patches from
+    another example of the same batch): the same top-k and scores as the exact sweep of the batches as given."""
+    from test_analysis import _padded
+
+    model, batches = _padded("bert", False)
+    pm = pz.decompose(model)
+    exact = pz.analyze(pm, batches, "ablation", mode=mode, table=False)
+    top = pz.top_particles(pm, batches, k=6, mode=mode, screen="magnitude" if mode == "resample" else "taylor-norm")
+    want = exact.nlargest(6, "score")
+    assert list(zip(top.group, top["index"])) == list(zip(want.group, want["index"]))
+    torch.testing.assert_close(torch.tensor(top.score.to_numpy()), torch.tensor(want.score.to_numpy()), atol=1e-5, rtol=0)
