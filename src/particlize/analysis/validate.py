@@ -155,10 +155,11 @@ def top_particles(
     first-order remainder grows with) — each ``c`` the ``confidence`` quantile of ``|exact − estimate| /
     scale`` over the particles of its group verified so far (over all verified particles until the group
     has `MIN_CALIBRATION` of them); every particle whose optimistic value (estimate + error bar) reaches
-    the k-th exact effect is ablated, ``k`` at a time, recalibrating after each batch. A fixed ``shortlist`` (an int) ablates
-    just the top ``shortlist`` by the screen instead. The ``exhaustive`` kinds (heads and blocks by
-    default) are few and cheap to ablate exactly, and first-order screens are least reliable there
-    (large, saturating effects), so they are never left to the screen; the many neurons or channels are."""
+    the k-th exact effect is ablated, ``k`` at a time, recalibrating after each batch. A fixed
+    ``shortlist`` (an int) ablates just the top ``shortlist`` by the screen instead. The ``exhaustive``
+    kinds (heads and blocks by default) are few and cheap to ablate exactly, and first-order screens are
+    least reliable there (large, saturating effects), so they are never left to the screen; the many
+    neurons or channels are."""
     pm = _map(model_or_pm)
     batches = as_batches(data)
     names = select_groups(pm, groups)
