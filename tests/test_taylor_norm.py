@@ -158,7 +158,7 @@ def test_optimistic_values_are_infinite_until_something_calibrates_them():
 
 
 @pytest.mark.parametrize("mode", ["zero", "mean"])
-def test_perturbation_sizes_are_the_squared_change_of_the_reader_output(mode):
+def test_perturbation_sizes_are_the_squared_change_of_the_reader_output(mode, monkeypatch):
     """Σ_t ‖δ_j‖² per example equals the reader's output change measured with the particle gated off,
     padded positions left out — for FFN neurons (width 1) and attention heads (width > 1)."""
     from test_analysis import _data
@@ -196,6 +196,12 @@ def test_perturbation_sizes_are_the_squared_change_of_the_reader_output(mode):
                               for cl, ab, b in zip(outs[::2], outs[1::2], batches)])
             torch.testing.assert_close(sizes[name][:, j], want, rtol=1e-4, atol=1e-8)
     assert perturbation_sizes(pm, batches, mode="resample", groups=names) == {}
+    from particlize.analysis import taylor_norm
+
+    monkeypatch.setattr(taylor_norm, "_CHUNK_ELEMENTS", 1)  # one particle at a time: the same sizes
+    chunked = perturbation_sizes(pm, batches, mode=mode, groups=names)
+    for name in names:
+        torch.testing.assert_close(chunked[name], sizes[name], rtol=1e-12, atol=0)
 
 
 def test_optimistic_values_take_the_tighter_error_bar():

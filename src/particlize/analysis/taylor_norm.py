@@ -92,14 +92,20 @@ def perturbation_sizes(pm: ParticleMap, batches: Sequence[Batch], *, mode: str =
                 out.pop(name, None)
                 continue
             n = pm[name].size
-            C = _removal(a, patches[name][0] if name in patches else None).double()
+            C = _removal(a, patches[name][0] if name in patches else None)
             C = C.reshape(B, -1, n, C.shape[-1] // n)  # [B, T, n, w]
-            per_token = torch.einsum("btnw,nwv,btnv->btn", C, grams[name].to(C.device), C)
             w = token_weights(batch.inputs, a)
-            if w is not None:
-                per_token = per_token * w.reshape(B, -1, 1)
+            G = grams[name].to(C.device)
+            per = max(1, _CHUNK_ELEMENTS // max(1, C[:, :, :1].numel()))  # particles at a time, in float64
+            size = torch.empty(B, n, dtype=torch.float64)
+            for c0 in range(0, n, per):
+                Cc = C[:, :, c0:c0 + per].double()
+                per_token = torch.einsum("btnw,nwv,btnv->btn", Cc, G[c0:c0 + per], Cc)
+                if w is not None:
+                    per_token = per_token * w.reshape(B, -1, 1)
+                size[:, c0:c0 + per] = per_token.sum(1).cpu()
             if name in out:
-                out[name].append(per_token.sum(1).cpu())
+                out[name].append(size)
     return {n: torch.cat(v) for n, v in out.items() if v}
 
 
