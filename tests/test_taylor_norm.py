@@ -196,9 +196,9 @@ def test_perturbation_sizes_are_the_squared_change_of_the_reader_output(mode, mo
                               for cl, ab, b in zip(outs[::2], outs[1::2], batches)])
             torch.testing.assert_close(sizes[name][:, j], want, rtol=1e-4, atol=1e-8)
     assert perturbation_sizes(pm, batches, mode="resample", groups=names) == {}
-    from particlize.analysis import taylor_norm
+    import importlib
 
-    monkeypatch.setattr(taylor_norm, "_CHUNK_ELEMENTS", 1)  # one particle at a time: the same sizes
+    monkeypatch.setattr(importlib.import_module("particlize.analysis.taylor_norm"), "_CHUNK_ELEMENTS", 1)  # one particle at a time: the same sizes
     chunked = perturbation_sizes(pm, batches, mode=mode, groups=names)
     for name in names:
         torch.testing.assert_close(chunked[name], sizes[name], rtol=1e-12, atol=0)
