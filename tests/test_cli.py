@@ -118,6 +118,15 @@ def test_train_then_analyze_by_class(tiny_text, tmp_path, capsys):
     df = pd.read_csv(scores)
     assert set(df.class_name) == {"neg", "pos"} and len(df) == 2 * 2 * 4
     assert {"group", "index", "score", "params", "flops"} <= set(df.columns)
+    # --top K: the exact top K by ablation (screened, then a shortlist ablated) = the full sweep's top K
+    full, best = tmp_path / "full.csv", tmp_path / "top.csv"
+    base = ["analyze", str(out), "--task", "text-csv", "--data", str(csv), "--groups", "head", "--groups", "neuron"]
+    main([*base, "--method", "ablation", "--out", str(full)])
+    main([*base, "--top", "4", "--out", str(best)])
+    assert "particles ablated exactly (screened by taylor-norm)" in capsys.readouterr().out
+    want, got = pd.read_csv(full).nlargest(4, "score"), pd.read_csv(best)
+    assert list(zip(got.group, got["index"])) == list(zip(want.group, want["index"])) and list(got["rank"]) == [1, 2, 3, 4]
+    assert got.score.to_numpy() == pytest.approx(want.score.to_numpy(), abs=1e-5)
     with pytest.raises(SystemExit) as e:  # never overwritten without --force
         main(["analyze", str(out), "--task", "text-csv", "--data", str(csv), "--out", str(scores)])
     assert e.value.code == 1
@@ -136,6 +145,8 @@ def test_train_then_analyze_by_class(tiny_text, tmp_path, capsys):
         (["--task", "text-csv", "--data", "{csv}", "--mode", "noise"], "unknown mode"),
         (["--task", "text-csv", "--data", "{csv}", "--metric", "f1"], "unknown metric"),
         (["--task", "text-csv", "--data", "{csv}", "--device", "cuda"], "no CUDA GPU"),
+        (["--task", "text-csv", "--data", "{csv}", "--top", "5", "--by", "class"], "drop --by"),
+        (["--task", "text-csv", "--data", "{csv}", "--top", "5", "--method", "ablation"], "names its screen"),
     ],
 )
 def test_analyze_errors(tiny_text, tmp_path, capsys, args, message):

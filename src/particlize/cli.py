@@ -123,7 +123,8 @@ def _task(name: str, data: Optional[Path], text_column: str, label_column: str) 
 def analyze(
     model: str = typer.Argument(..., help=MODEL_HELP),
     task: str = typer.Option(..., "--task", help="vader-sentiment, text-csv (with --data), fashion-mnist"),
-    method: str = typer.Option("taylor", "--method", help="magnitude, activation, taylor, taylor2, taylor-norm, fisher, ablation, influence"),
+    method: Optional[str] = typer.Option(None, "--method", help="magnitude, activation, taylor, taylor2, taylor-norm, fisher, ablation, influence (default: taylor; with --top: the screen, taylor-norm)"),
+    top: Optional[int] = typer.Option(None, "--top", min=1, help="only the K particles whose exact ablation matters most: screen all with --method, ablate a shortlist exactly (pz.top_particles)"),
     metric: str = typer.Option("loss", "--metric", help="loss, accuracy, logit_diff, kl"),
     mode: str = typer.Option("zero", "--mode", help="how a particle is ablated: zero, mean, resample"),
     by: Optional[str] = typer.Option(None, "--by", help="per 'example' or per 'class' rows"),
@@ -140,15 +141,21 @@ def analyze(
     force: bool = typer.Option(False, "--force", help="overwrite an existing --out file"),
     trust_code: bool = typer.Option(False, "--trust-code", help="allow a saved model's own factory code to run"),
 ) -> None:
-    """Score what every particle does to the task's output (one row per particle, or per example/class)."""
+    """Score what every particle does to the task's output (one row per particle, or per example/class);
+    with --top K, the exact top K by ablation, found fast."""
     import torch
 
     from .adapters import decompose
     from .analysis import analyze as run_analysis
-    from .analysis import check_options, importance
+    from .analysis import check_options, importance, top_particles
     from .sources import load_model, load_tokenizer
 
+    method = method or ("taylor-norm" if top else "taylor")
     check_options(method, metric, mode)  # before anything is loaded or a progress bar is shown
+    if top and by:
+        raise ParticlizeError("--top ranks particles by their mean exact effect; drop --by (or drop --top for per-example/class rows)")
+    if top and method == "ablation":
+        raise ParticlizeError("--top ablates exactly already; --method names its screen (e.g. taylor-norm), not ablation")
     if out.exists() and not force:
         raise ParticlizeError(f"{out} exists; pass --force to overwrite it")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -162,8 +169,11 @@ def analyze(
     batches = t.batches(split, tokenizer=tok, batch_size=batch_size, max_length=max_length, limit=limit or None)
     batches = [(_to(x, device), y.to(device)) for x, y in batches]
     pm = decompose(m)
-    with _progress_bar(f"{method}") as progress:
-        df = run_analysis(pm, batches, method, metric, mode, by=by, groups=groups, progress=progress)
+    with _progress_bar(f"top {top} (screen {method}, then exact)" if top else f"{method}") as progress:
+        if top:
+            df = top_particles(pm, batches, top, screen=method, metric=metric, mode=mode, groups=groups, progress=progress)
+        else:
+            df = run_analysis(pm, batches, method, metric, mode, by=by, groups=groups, progress=progress)
     if "class" in df.columns:
         df.insert(df.columns.get_loc("class") + 1, "class_name", df["class"].map(dict(enumerate(t.classes))))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -171,14 +181,16 @@ def analyze(
     df.to_csv(tmp, index=False)
     tmp.replace(out)
     n = sum(len(y) for _, y in batches)
-    top = df.assign(importance=importance(df, metric)).nlargest(10, "importance")
-    table = Table(title=f"top particles by {method} ({metric}, {mode}) on {n} {split} examples")
+    best = df.assign(importance=importance(df, metric)).nlargest(10, "importance")
+    table = Table(title=f"top particles by {'exact ablation' if top else method} ({metric}, {mode}) on {n} {split} examples")
     extra_cols = [c for c in ("class_name", "example") if c in df.columns]
     for col in ("group", "index", *extra_cols, "score"):
         table.add_column(col.replace("class_name", "class"), justify="left" if col == "group" else "right")
-    for _, row in top.iterrows():
+    for _, row in best.iterrows():
         table.add_row(row.group, str(row["index"]), *(str(row[c]) for c in extra_cols), f"{row.score:+.4g}")
     console.print(table)
+    if top:
+        console.print(f"{df.attrs['verified']:,} of {df.attrs['particles']:,} particles ablated exactly (screened by {method})")
     console.print(f"{len(df):,} rows written to [bold]{out}[/bold]")
 
 
