@@ -127,6 +127,7 @@ def test_train_then_analyze_by_class(tiny_text, tmp_path, capsys):
     want, got = pd.read_csv(full).nlargest(4, "score"), pd.read_csv(best)
     assert list(zip(got.group, got["index"])) == list(zip(want.group, want["index"])) and list(got["rank"]) == [1, 2, 3, 4]
     assert got.score.to_numpy() == pytest.approx(want.score.to_numpy(), abs=1e-5)
+    assert got.params.tolist() == want.params.tolist() and got.flops.tolist() == want.flops.tolist()
     with pytest.raises(SystemExit) as e:  # never overwritten without --force
         main(["analyze", str(out), "--task", "text-csv", "--data", str(csv), "--out", str(scores)])
     assert e.value.code == 1

@@ -171,7 +171,9 @@ def analyze(
     pm = decompose(m)
     with _progress_bar(f"top {top} (screen {method}, then exact)" if top else f"{method}") as progress:
         if top:
-            df = top_particles(pm, batches, top, screen=method, metric=metric, mode=mode, groups=groups, progress=progress)
+            found = top_particles(pm, batches, top, screen=method, metric=metric, mode=mode, groups=groups, progress=progress)
+            df = found.merge(pm.table().drop(columns="kind"), on=["group", "index"], how="left")
+            df.attrs.update(found.attrs)
         else:
             df = run_analysis(pm, batches, method, metric, mode, by=by, groups=groups, progress=progress)
     if "class" in df.columns:
