@@ -211,7 +211,6 @@ def taylor_norm(pm: ParticleMap, batches: Sequence[Batch], *, metric: str = "los
             progress(i + 1, len(batches), "taylor-norm")
         grads = grads[len(per_row):]
         gy = dict(zip(norms, grads))
-        B = batch.size
         for name, (reader, W, norm) in sites.items():
             a, z, g = inputs[reader], norm_io[norm][0], gy[norm]
             if g is None or a.shape[0] != B or z.shape[0] != B or a.shape[:-1] != z.shape[:-1]:
