@@ -18,7 +18,8 @@ For each FLOPs budget (fraction of the encoder's FLOPs kept, embeddings excluded
 - ``tp-<imp>-ft``  Torch-Pruning 1.6.1 (GroupTaylor or GroupMagnitude importance, heads + FFN neurons pruned
                    uniformly per layer) then plain fine-tuning, as its users do;
 - ``tp-<imp>-kd``  the same pruning then particlize's distillation recovery (separates scorer/allocation
-                   from recovery).
+                   from recovery); ``tp-<imp>-kdhd`` adds the layer-wise term (``--hidden-weight``), i.e. the
+                   whole of particlize's recovery recipe on Torch-Pruning's cut.
 
 Printed per run and summarised (mean ± std over seeds): params, encoder FLOPs kept, test accuracy before and
 after recovery, CPU latency (batch 32 × 64 tokens, median of interleaved repetitions) and speedup vs dense.
@@ -53,7 +54,8 @@ from particlize.train import train_classifier  # noqa: E402
 
 VARIANTS = ("pz-loop", "pz-oneshot", "pz-oneshot-latency", "pz-oneshot-blocks", "pz-oneshot-blocks-latency",
             "pz-oneshot-hd", "pz-oneshot-blocks-hd", "pz-oneshot-uniform", "pz-iter3", "pz-oneshot-rw", "pz-oneshot-hd-rw",
-            "pz-iter3-rw", "tp-taylor-ft", "tp-magnitude-ft", "tp-taylor-kd", "tp-magnitude-kd")
+            "pz-iter3-rw", "tp-taylor-ft", "tp-magnitude-ft", "tp-taylor-kd", "tp-magnitude-kd", "tp-taylor-kdhd",
+            "tp-magnitude-kdhd")
 
 
 def encoder_flops(model) -> float:
@@ -121,8 +123,9 @@ def run(variant: str, dense, task, tok, budget: float, seed: int, args) -> dict:
         _, imp, rec = variant.split("-")
         model, heads = tp_prune(copy.deepcopy(dense), task, tok, 1 - budget, imp, args.calib, seed)
         before = copy.deepcopy(model)
-        train_classifier(model, task, tokenizer=tok, epochs=args.epochs, teacher=dense if rec == "kd" else None,
+        train_classifier(model, task, tokenizer=tok, epochs=args.epochs, teacher=dense if rec.startswith("kd") else None,
                          kd_alpha=args.kd_alpha, temperature=args.temperature,
+                         hidden_weight=args.hidden_weight if rec == "kdhd" else 0.0,
                          **{k: v for k, v in opts.items() if k != "seed"}, seed=seed)
         extra = {"heads_per_layer": heads, "epochs": args.epochs}
     acc_before = task.evaluate(before, "test", tokenizer=tok)["accuracy"]
@@ -162,7 +165,7 @@ def main() -> int:
     ap.add_argument("--val-every", type=float, default=None,
                     help="particlize variants: validate every this fraction of an epoch in recovery (early stopping)")
     ap.add_argument("--patience", type=int, default=1, help="particlize variants: validations without improvement before recovery stops")
-    ap.add_argument("--hidden-weight", type=float, default=1.0, help="layer-wise distillation weight of the -hd variants")
+    ap.add_argument("--hidden-weight", type=float, default=1.0, help="layer-wise distillation weight of the -hd and -kdhd variants")
     ap.add_argument("--kd-alpha", type=float, default=0.5, help="distillation weight (particlize and the -kd variants)")
     ap.add_argument("--temperature", type=float, default=2.0, help="distillation temperature")
     ap.add_argument("--latency-rounds", type=int, default=5, help="0: no timing here (time the widths later)")

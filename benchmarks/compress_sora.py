@@ -60,6 +60,10 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["width", "depth"], choices=["width", "depth"])
     ap.add_argument("--reweight", action="store_true", help="refit the cut readers by least squares before recovery")
     ap.add_argument("--max-fraction", type=float, default=1 / 3, help="most of the remaining FLOPs removed per round")
+    ap.add_argument("--allocation", default="global", choices=["global", "uniform"],
+                    help="how compress spreads the cut over the blocks (uniform: the same fraction of every group)")
+    ap.add_argument("--hidden-weight", type=float, default=0.0,
+                    help="layer-wise distillation: weight of the blocks' output MSE to the teacher's blocks")
     ap.add_argument("--plain-distill", action="store_true",
                     help="recover by plain noise-prediction distillation (no guidance term, no sampler trajectories)")
     args = ap.parse_args()
@@ -82,7 +86,8 @@ def main() -> None:
         t = time.perf_counter()
         flops = args.target_flops_width if name == "width" and args.target_flops_width else args.target_flops
         res = compress(dense, task, target_flops=flops, granularity=gran, min_quality=0.0, reweight=args.reweight,
-                       max_fraction=args.max_fraction, recover_epochs=args.recover_epochs, batch_size=32,
+                       max_fraction=args.max_fraction, allocation=args.allocation, hidden_weight=args.hidden_weight,
+                       recover_epochs=args.recover_epochs, batch_size=32,
                        out=out / name, force=True)
         runs[name] = {"seconds": time.perf_counter() - t, "reason": res.reason, "history": res.history}
         models[name] = res.model.eval()

@@ -12,6 +12,7 @@ what gets saved. Checkpoints (``out/checkpoint``: EMA + raw weights as safetenso
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -202,6 +203,7 @@ def distill_dit(
     trajectory_fraction: float = 0.5,
     trajectory_videos: int = 64,
     sampler_steps: int = 50,
+    hidden_weight: float = 0.0,
     progress: Callable[[int, int, dict], None] | None = None,
 ) -> dict[str, Any]:
     """Recover a pruned `SpacetimeDiT` in place by distillation from the original ``teacher``.
@@ -218,6 +220,9 @@ def distill_dit(
     guided one ``eps_u + guidance * (eps_c - eps_u)``. Sampling depends on the conditional -
     unconditional difference, which plain noise-prediction distillation leaves loose, and guidance
     multiplies its error. ``guidance=None`` and ``trajectory_fraction=0`` give plain distillation.
+    ``hidden_weight`` adds that times the mean squared difference between each kept block's output and
+    that of the teacher block it came from, over every row (layer-wise distillation, as for classifiers:
+    `particlize.train.train_classifier`).
     Raises `ParticlizeError` if the loss stops being finite (the compress loop then keeps the last good
     round).
     """
@@ -240,40 +245,46 @@ def distill_dit(
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     losses: list[float] = []
     student.train()
-    try:
-        for step in range(steps):
-            x0, y, t, noise = _draw(student, stream, gen, n_fresh, device)
-            xt = student.diffusion.add_noise(x0, t, noise)
-            if n_traj:
-                si = torch.randint(0, pool_x.shape[0], (n_traj,), generator=gen).to(device)
-                vi = torch.randint(0, pool_x.shape[1], (n_traj,), generator=gen).to(device)
-                xt, t, y = torch.cat([xt, pool_x[si, vi]]), torch.cat([t, pool_t[si]]), torch.cat([y, pool_y[vi]])
-            labelled = (y != student.null_label).nonzero().squeeze(1) if guidance else y[:0]
-            n = len(y)
-            x_in = torch.cat([xt, xt[labelled]])
-            t_in = torch.cat([t, t[labelled]])
-            y_in = torch.cat([y, torch.full_like(labelled, student.null_label)])
-            with torch.no_grad():
-                target = teacher(x_in, t_in, y_in)
-            pred = student(x_in, t_in, y_in)
-            kd = student.weighted_mse(pred, target, t_in, min_snr_gamma)
-            if len(labelled):
-                def guided(e: torch.Tensor) -> torch.Tensor:
-                    return e[n:] + guidance * (e[labelled] - e[n:])
+    from .train import _layer_distillation
 
-                kd = kd + student.weighted_mse(guided(pred), guided(target), t[labelled], min_snr_gamma) / guidance
-            loss = alpha * kd + (1 - alpha) * student.weighted_mse(pred[:n_fresh], noise, t[:n_fresh], min_snr_gamma)
-            if not torch.isfinite(loss):
-                raise ParticlizeError(f"the distillation loss became {loss.item()} at step {step}; lower the learning rate")
-            for g in opt.param_groups:
-                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            opt.step()
-            losses.append(loss.item())
-            if progress is not None:
-                progress(step + 1, steps, {"loss": sum(losses[-20:]) / len(losses[-20:])})
+    layers = _layer_distillation(teacher, student) if hidden_weight else contextlib.nullcontext(None)
+    try:
+        with layers as hidden_loss:
+            for step in range(steps):
+                x0, y, t, noise = _draw(student, stream, gen, n_fresh, device)
+                xt = student.diffusion.add_noise(x0, t, noise)
+                if n_traj:
+                    si = torch.randint(0, pool_x.shape[0], (n_traj,), generator=gen).to(device)
+                    vi = torch.randint(0, pool_x.shape[1], (n_traj,), generator=gen).to(device)
+                    xt, t, y = torch.cat([xt, pool_x[si, vi]]), torch.cat([t, pool_t[si]]), torch.cat([y, pool_y[vi]])
+                labelled = (y != student.null_label).nonzero().squeeze(1) if guidance else y[:0]
+                n = len(y)
+                x_in = torch.cat([xt, xt[labelled]])
+                t_in = torch.cat([t, t[labelled]])
+                y_in = torch.cat([y, torch.full_like(labelled, student.null_label)])
+                with torch.no_grad():
+                    target = teacher(x_in, t_in, y_in)
+                pred = student(x_in, t_in, y_in)
+                kd = student.weighted_mse(pred, target, t_in, min_snr_gamma)
+                if len(labelled):
+                    def guided(e: torch.Tensor) -> torch.Tensor:
+                        return e[n:] + guidance * (e[labelled] - e[n:])
+
+                    kd = kd + student.weighted_mse(guided(pred), guided(target), t[labelled], min_snr_gamma) / guidance
+                loss = alpha * kd + (1 - alpha) * student.weighted_mse(pred[:n_fresh], noise, t[:n_fresh], min_snr_gamma)
+                if hidden_loss is not None:  # the two forwards above recorded the blocks' outputs
+                    loss = loss + hidden_weight * hidden_loss(None)
+                if not torch.isfinite(loss):
+                    raise ParticlizeError(f"the distillation loss became {loss.item()} at step {step}; lower the learning rate")
+                for g in opt.param_groups:
+                    g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+                opt.step()
+                losses.append(loss.item())
+                if progress is not None:
+                    progress(step + 1, steps, {"loss": sum(losses[-20:]) / len(losses[-20:])})
     finally:
         student.eval()
     return {"steps": steps, "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 5),
