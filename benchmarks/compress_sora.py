@@ -64,6 +64,8 @@ def main() -> None:
                     help="how compress spreads the cut over the blocks (uniform: the same fraction of every group)")
     ap.add_argument("--hidden-weight", type=float, default=0.0,
                     help="layer-wise distillation: weight of the blocks' output MSE to the teacher's blocks")
+    ap.add_argument("--on-policy", type=int, default=0,
+                    help="recovery also trains on the states the student's own sampler visits, redrawn this many times a round")
     ap.add_argument("--plain-distill", action="store_true",
                     help="recover by plain noise-prediction distillation (no guidance term, no sampler trajectories)")
     args = ap.parse_args()
@@ -77,6 +79,8 @@ def main() -> None:
     task = moving_digits(seed=0, frames=cfg.frames, size=cfg.size)
     if args.plain_distill:
         task.distill_options = {"guidance": None, "trajectory_fraction": 0.0}
+    if args.on_policy:
+        task.distill_options["on_policy"] = args.on_policy
     clf = load_frame_classifier()
     models = {"dense": dense}
     runs = {}

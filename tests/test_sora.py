@@ -366,6 +366,43 @@ def test_guidance_aware_distillation_runs_labelled_rows_twice(task):
     assert [len(y) for y in seen] == [6, 6]
 
 
+def test_on_policy_distillation_adds_the_students_own_sampling_states(task):
+    """``on_policy=2`` over 4 steps: the student's guided sampler runs at steps 0 and 2 (in eval mode,
+    training resumes after), half the trajectory pool is then its states, and a student equal to its
+    teacher still has zero loss; a negative count is refused."""
+    import copy
+
+    from particlize.train_sora import distill_dit
+
+    teacher = _model()
+    student = copy.deepcopy(teacher)
+    calls: list[tuple[int, bool, int]] = []
+    sample = student.sample
+
+    visited: list[torch.Tensor] = []
+
+    def spy(labels, steps=50, seed=0, guidance=5.0, trajectory=None):
+        calls.append((seed, student.training, len(labels)))
+        out = sample(labels, steps=steps, seed=seed, guidance=guidance, trajectory=trajectory)
+        visited.extend(x for x, _ in trajectory)
+        return out
+
+    student.sample = spy
+    rows: list[torch.Tensor] = []
+    student.register_forward_pre_hook(lambda m, args: rows.append(args[0].detach().clone()) if m.training else None)
+    res = distill_dit(student, teacher, task, steps=4, batch_size=8, alpha=1.0, trajectory_videos=3, sampler_steps=2,
+                      on_policy=2)
+    assert res["final_loss"] == 0.0
+    assert [(s, tr) for s, tr, _ in calls] == [(11, True), (13, True)] and all(n == 3 for *_, n in calls)
+    assert not student.training  # distill_dit leaves it in eval mode, as before
+    assert len(rows) == 4
+    traj_rows = [v for r in rows for v in r[4:8]]  # 8 rows a batch, the last 4 from the trajectory pool
+    own = [any(torch.equal(v, x[j]) for x in visited for j in range(3)) for v in traj_rows]
+    assert any(own) and not all(own)  # both pools are drawn from
+    with pytest.raises(ValueError, match="on_policy"):
+        distill_dit(student, teacher, task, steps=1, on_policy=-1)
+
+
 def test_layer_distillation_pulls_dit_blocks_to_the_teacher(task):
     """``hidden_weight`` (what ``compress(hidden_weight=...)`` passes to a video DiT's recovery): from the
     same cut, start and seed, the student's block outputs end closer to their teacher blocks than with

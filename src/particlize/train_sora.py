@@ -204,6 +204,7 @@ def distill_dit(
     trajectory_videos: int = 64,
     sampler_steps: int = 50,
     hidden_weight: float = 0.0,
+    on_policy: int = 0,
     progress: Callable[[int, int, dict], None] | None = None,
 ) -> dict[str, Any]:
     """Recover a pruned `SpacetimeDiT` in place by distillation from the original ``teacher``.
@@ -223,11 +224,17 @@ def distill_dit(
     ``hidden_weight`` adds that times the mean squared difference between each kept block's output and
     that of the teacher block it came from, over every row (layer-wise distillation, as for classifiers:
     `particlize.train.train_classifier`).
+    ``on_policy`` > 0 adds, that many times over the run (from the first step on), the states the
+    *student's* own guided sampler visits to the trajectory pool (the same number of videos, replacing
+    the previous student draw): the teacher's targets on the states where the student's errors have
+    taken it, not only those the teacher would visit (DAgger-style; off by default).
     Raises `ParticlizeError` if the loss stops being finite (the compress loop then keeps the last good
     round).
     """
     if not 0.0 <= trajectory_fraction < 1.0:
         raise ValueError(f"trajectory_fraction must be in [0, 1), got {trajectory_fraction}")
+    if on_policy < 0:
+        raise ValueError(f"on_policy must be >= 0, got {on_policy}")
     device = next(student.parameters()).device
     teacher = teacher.eval()
     n_traj = round(batch_size * trajectory_fraction)
@@ -235,13 +242,18 @@ def distill_dit(
     stream = task.stream(n_fresh, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
     t0 = time.time()
-    if n_traj:
+    pool_labels = torch.arange(trajectory_videos) % teacher.config.num_classes
+
+    def visited(model: torch.nn.Module, draw_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The noisy videos ``model``'s guided sampler visits, ``[sampler_steps, videos, C, T, H, W]``, and their steps."""
         states: list[tuple[torch.Tensor, int]] = []
-        pool_labels = torch.arange(trajectory_videos) % teacher.config.num_classes
-        teacher.sample(pool_labels, steps=sampler_steps, seed=seed + 7, guidance=guidance or 1.0, trajectory=states)
-        pool_x = torch.stack([x for x, _ in states])  # [sampler_steps, videos, C, T, H, W], on device
-        pool_t = torch.tensor([t for _, t in states], device=device)
-        pool_y = pool_labels.to(device)
+        model.sample(pool_labels, steps=sampler_steps, seed=draw_seed, guidance=guidance or 1.0, trajectory=states)
+        return torch.stack([x for x, _ in states]), torch.tensor([t for _, t in states], device=device)
+
+    if n_traj:
+        teacher_x, pool_t = visited(teacher, seed + 7)
+        pool_x, pool_y = teacher_x, pool_labels.to(device)
+    refresh = math.ceil(steps / on_policy) if on_policy and n_traj else 0
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     losses: list[float] = []
     student.train()
@@ -251,6 +263,10 @@ def distill_dit(
     try:
         with layers as hidden_loss:
             for step in range(steps):
+                if refresh and step % refresh == 0:  # same sampler, same steps: pool_t is unchanged
+                    student_x, _ = visited(student, seed + 11 + step)
+                    pool_x = torch.cat([teacher_x, student_x], dim=1)
+                    pool_y = torch.cat([pool_labels, pool_labels]).to(device)
                 x0, y, t, noise = _draw(student, stream, gen, n_fresh, device)
                 xt = student.diffusion.add_noise(x0, t, noise)
                 if n_traj:
