@@ -4,7 +4,9 @@ For each FLOPs budget (fraction of the encoder's FLOPs kept, embeddings excluded
 
 - ``pz-loop``      particlize's default: iterative rounds (≤1/3 of the remaining FLOPs each), Taylor scores,
                    global allocation by importance per FLOP, distillation recovery of ``--epochs`` per round;
-- ``pz-oneshot``   particlize with the same total recovery budget as Torch-Pruning: one round, ``--epochs``;
+- ``pz-oneshot``   particlize with the same total recovery budget as Torch-Pruning: one round, ``--epochs``
+                   (its default recovery: distillation of outputs and, since session 8, of every block's
+                   output at weight 5, lr 1.5e-4);
 - ``pz-oneshot-latency``  the same, particles priced by their measured latency on this machine (``cost="latency"``)
                    instead of their FLOPs;
 - ``pz-oneshot-blocks[-latency]``  one round with whole blocks competing beside heads and neurons (priced by
@@ -12,7 +14,8 @@ For each FLOPs budget (fraction of the encoder's FLOPs kept, embeddings excluded
 - ``pz-iter3``      the same total recovery budget split over 3 rounds: each removes the same share of what is
                    left (``1 - budget^(1/3)``) and recovers for ``--epochs / 3``;
 - ``pz-oneshot-uniform``  one round, the same fraction of every layer (as Torch-Pruning cuts), particlize's scores;
-- ``pz-oneshot[-blocks]-hd``  the same with layer-wise distillation in recovery (``hidden_weight=--hidden-weight``);
+- ``pz-oneshot[-blocks]-hd``  the same with the layer-wise weight set by ``--hidden-weight`` (``0``: outputs only,
+                   the default before session 8);
 - ``...-rw``       any particlize variant with the cut readers refit by least squares on the calibration data
                    (``reweight=True``) before recovery, e.g. ``pz-oneshot-rw``, ``pz-oneshot-hd-rw``;
 - ``tp-<imp>-ft``  Torch-Pruning 1.6.1 (GroupTaylor or GroupMagnitude importance, heads + FFN neurons pruned
@@ -50,7 +53,7 @@ import particlize as pz  # noqa: E402
 from particlize.loop import CompressConfig, compress, latency_inputs, measure_latency  # noqa: E402
 from particlize.tasks import get_task  # noqa: E402
 from particlize.tasks.base import logits_of  # noqa: E402
-from particlize.train import train_classifier  # noqa: E402
+from particlize.train import RECOVER_LR, train_classifier  # noqa: E402
 
 VARIANTS = ("pz-loop", "pz-oneshot", "pz-oneshot-latency", "pz-oneshot-blocks", "pz-oneshot-blocks-latency",
             "pz-oneshot-hd", "pz-oneshot-blocks-hd", "pz-oneshot-uniform", "pz-iter3", "pz-oneshot-rw", "pz-oneshot-hd-rw",
@@ -100,7 +103,8 @@ def tp_prune(model, task, tok, fraction: float, importance: str, calib: int, see
 def run(variant: str, dense, task, tok, budget: float, seed: int, args) -> dict:
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    opts = dict(batch_size=32, max_length=64, limit=args.limit, seed=seed, lr=args.lr)
+    # one learning rate for every tool: particlize's recovery default unless --lr says otherwise
+    opts = dict(batch_size=32, max_length=64, limit=args.limit, seed=seed, lr=args.lr or RECOVER_LR["text"])
     if variant.startswith("pz"):
         reweight = variant.endswith("-rw")
         variant_core = variant.removesuffix("-rw")
@@ -110,7 +114,7 @@ def run(variant: str, dense, task, tok, budget: float, seed: int, args) -> dict:
                              calib_examples=args.calib, max_fraction=fraction, round_to=args.round_to,
                              cost="latency" if variant_core.endswith("-latency") else "flops",
                              granularity=("heads", "neurons", "blocks") if "blocks" in variant else ("heads", "neurons"),
-                             hidden_weight=args.hidden_weight if variant_core.endswith("-hd") else 0.0,
+                             hidden_weight=args.hidden_weight if variant_core.endswith("-hd") else None,
                              allocation="uniform" if variant_core.endswith("-uniform") else "global", reweight=reweight,
                              kd_alpha=args.kd_alpha, temperature=args.temperature, val_every=args.val_every,
                              patience=args.patience, **opts)
@@ -158,14 +162,14 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--epochs", type=float, default=1, help="recovery epochs (fractional: part of a pass)")
-    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--lr", type=float, default=None, help="recovery learning rate of every variant (default: particlize's, 1.5e-4)")
     ap.add_argument("--limit", type=int, default=None, help="train on the first N sentences only")
     ap.add_argument("--calib", type=int, default=256)
     ap.add_argument("--round-to", type=int, default=None, help="particlize: keep widths multiples of this")
     ap.add_argument("--val-every", type=float, default=None,
                     help="particlize variants: validate every this fraction of an epoch in recovery (early stopping)")
     ap.add_argument("--patience", type=int, default=1, help="particlize variants: validations without improvement before recovery stops")
-    ap.add_argument("--hidden-weight", type=float, default=1.0, help="layer-wise distillation weight of the -hd and -kdhd variants")
+    ap.add_argument("--hidden-weight", type=float, default=5.0, help="layer-wise distillation weight of the -hd and -kdhd variants")
     ap.add_argument("--kd-alpha", type=float, default=0.5, help="distillation weight (particlize and the -kd variants)")
     ap.add_argument("--temperature", type=float, default=2.0, help="distillation temperature")
     ap.add_argument("--latency-rounds", type=int, default=5, help="0: no timing here (time the widths later)")

@@ -402,3 +402,25 @@ def test_real_fashion_mnist() -> None:
     task = get_task("fashion-mnist")
     assert task.sizes() == {"train": 54_000, "val": 6_000, "test": 10_000}
     assert torch.bincount(task.split("test")[1]).tolist() == [1000] * 10
+
+
+def test_recovery_defaults_follow_the_tasks_kind(csv3: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Task.recover`` (what compress calls) fills an unset learning rate and layer-wise weight from
+    ``RECOVER_LR`` / ``RECOVER_HIDDEN_WEIGHT`` of the task's kind; values it is given pass through."""
+    import particlize.train as T
+
+    seen: list[dict] = []
+
+    def fake(student, task, **kw):
+        seen.append(kw)
+        return {"epochs_run": 1.0, "steps": 1, "best_epoch": 1, "epochs": [{}], "seconds": 0.0}
+
+    monkeypatch.setattr(T, "train_classifier", fake)
+    task = get_task("text-csv", path=csv3)
+    task.recover(None, None)
+    task.recover(None, None, lr=1e-3, hidden_weight=0.0)
+    assert (seen[0]["lr"], seen[0]["hidden_weight"]) == (T.RECOVER_LR["text"], T.RECOVER_HIDDEN_WEIGHT["text"]) == (1.5e-4, 5.0)
+    assert (seen[1]["lr"], seen[1]["hidden_weight"]) == (1e-3, 0.0)
+    task.kind = "image"
+    task.recover(None, None)
+    assert (seen[2]["lr"], seen[2]["hidden_weight"]) == (1e-3, 0.0)

@@ -55,7 +55,7 @@ class CompressConfig:
     lr: float | None = None
     kd_alpha: float = 0.5
     temperature: float = 2.0
-    hidden_weight: float = 0.0  # layer-wise distillation: weight of the blocks' output MSE to the teacher's
+    hidden_weight: float | None = None  # layer-wise distillation weight (blocks' output MSE); None: the task's default
     val_every: float | None = None  # validate every this fraction of an epoch in recovery (early stopping part-way)
     patience: int = 1  # recovery stops after this many validations without a better validation accuracy
     reweight: bool = False  # refit the cut readers by least squares on the calibration data before recovery
@@ -84,7 +84,7 @@ class CompressConfig:
             raise ParticlizeError(f"unknown granularity {bad}; use {', '.join(GRANULARITIES)} or all")
         if self.recover_epochs < 0:
             raise ParticlizeError(f"recover_epochs must be 0 or more, got {self.recover_epochs}")
-        if self.hidden_weight < 0:
+        if self.hidden_weight is not None and self.hidden_weight < 0:
             raise ParticlizeError(f"hidden_weight must be 0 or more, got {self.hidden_weight}")
         if self.val_every is not None and not 0.0 < self.val_every <= 1.0:
             raise ParticlizeError(f"val_every is a fraction of an epoch in (0, 1], got {self.val_every}")

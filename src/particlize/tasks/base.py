@@ -273,14 +273,19 @@ class Task:
     def recover(
         self, student: nn.Module, teacher: nn.Module, tokenizer: Any = None, *, epochs: float = 1,
         lr: float | None = None, batch_size: int = 32, max_length: int | None = 64, seed: int = 0,
-        limit: int | None = None, kd_alpha: float = 0.5, temperature: float = 2.0, hidden_weight: float = 0.0,
+        limit: int | None = None, kd_alpha: float = 0.5, temperature: float = 2.0, hidden_weight: float | None = None,
         val_every: float | None = None, patience: int = 1, progress: Callable[[int, int, dict], None] | None = None,
     ) -> dict[str, Any]:
         """Fine-tune a pruned ``student`` in place by distillation from ``teacher`` (KL on the outputs
         plus the task loss, and with ``hidden_weight`` the blocks' outputs too), with early stopping on
         validation accuracy (checked each epoch, or every ``val_every`` of an epoch: it stops after
-        ``patience`` validations without a better one, keeping the best weights); a summary of the run."""
-        from ..train import train_classifier
+        ``patience`` validations without a better one, keeping the best weights); a summary of the run.
+        ``lr`` and ``hidden_weight`` default to `particlize.train.RECOVER_LR` / ``RECOVER_HIDDEN_WEIGHT`` of
+        the task's kind (text: 1.5e-4 and 5, chosen by measurement; images: 1e-3 and 0)."""
+        from ..train import RECOVER_HIDDEN_WEIGHT, RECOVER_LR, train_classifier
+
+        lr = RECOVER_LR[self.kind] if lr is None else lr
+        hidden_weight = RECOVER_HIDDEN_WEIGHT[self.kind] if hidden_weight is None else hidden_weight
 
         hist = train_classifier(student, self, tokenizer=tokenizer, epochs=epochs, lr=lr, batch_size=batch_size,
                                 max_length=max_length, seed=seed, limit=limit, teacher=teacher, kd_alpha=kd_alpha,

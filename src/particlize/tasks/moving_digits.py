@@ -159,15 +159,16 @@ class MovingDigitsTask(Task):
 
     def recover(self, student: nn.Module, teacher: nn.Module, tokenizer: Any = None, *, epochs: float = 1,
                 lr: float | None = None, batch_size: int = 32, seed: int = 0, kd_alpha: float = 0.5,
-                hidden_weight: float = 0.0, progress: Any = None, **_: Any) -> dict[str, Any]:
+                hidden_weight: float | None = None, progress: Any = None, **_: Any) -> dict[str, Any]:
         """Distil the pruned denoiser from the original: ``epochs`` passes' worth of training videos,
         guidance-aware and partly on the original's sampling trajectories (`particlize.train_sora.distill_dit`,
-        with ``distill_options``); ``hidden_weight`` adds layer-wise distillation of the blocks' outputs."""
+        with ``distill_options``); ``hidden_weight`` adds layer-wise distillation of the blocks' outputs (off by
+        default: it cost sample accuracy on ``sora-tiny``, benchmarks/RESULTS.md)."""
         from ..train_sora import distill_dit
 
         steps = max(1, math.ceil(epochs * -(-self.sizes()["train"] // batch_size)))
         return distill_dit(student, teacher, self, steps=steps, lr=lr or 3e-4, batch_size=batch_size, seed=seed,
-                           alpha=kd_alpha, progress=progress, **{"hidden_weight": hidden_weight, **self.distill_options})
+                           alpha=kd_alpha, progress=progress, **{"hidden_weight": hidden_weight or 0.0, **self.distill_options})
 
     def latency_inputs(self, tokenizer: Any = None, batch: int = 32, seq: int = 64) -> dict[str, torch.Tensor]:
         """One classifier-free-guided sampling step for ``batch`` videos (``2 * batch`` rows)."""
