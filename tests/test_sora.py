@@ -403,6 +403,20 @@ def test_on_policy_distillation_adds_the_students_own_sampling_states(task):
         distill_dit(student, teacher, task, steps=1, on_policy=-1)
 
 
+def test_dit_recovery_defaults_come_from_the_shared_tables(task, monkeypatch):
+    """The moving-digits task fills an unset lr / layer-wise weight from ``RECOVER_LR`` /
+    ``RECOVER_HIDDEN_WEIGHT`` of kind "video" (3e-4, off); given values pass through."""
+    import particlize.train_sora as TS
+    from particlize.train import RECOVER_HIDDEN_WEIGHT, RECOVER_LR
+
+    seen: list[dict] = []
+    monkeypatch.setattr(TS, "distill_dit", lambda *a, **kw: seen.append(kw) or {})
+    task.recover(None, None)
+    task.recover(None, None, lr=1e-3, hidden_weight=2.0)
+    assert (seen[0]["lr"], seen[0]["hidden_weight"]) == (RECOVER_LR["video"], RECOVER_HIDDEN_WEIGHT["video"]) == (3e-4, 0.0)
+    assert (seen[1]["lr"], seen[1]["hidden_weight"]) == (1e-3, 2.0)
+
+
 def test_layer_distillation_pulls_dit_blocks_to_the_teacher(task):
     """``hidden_weight`` (what ``compress(hidden_weight=...)`` passes to a video DiT's recovery): from the
     same cut, start and seed, the student's block outputs end closer to their teacher blocks than with

@@ -254,6 +254,7 @@ def distill_dit(
         teacher_x, pool_t = visited(teacher, seed + 7)
         pool_x, pool_y = teacher_x, pool_labels.to(device)
     refresh = math.ceil(steps / on_policy) if on_policy and n_traj else 0
+    both_labels = pool_labels.repeat(2).to(device)  # labels of the teacher's and the student's draws, side by side
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     losses: list[float] = []
     student.train()
@@ -266,7 +267,7 @@ def distill_dit(
                 if refresh and step % refresh == 0:  # same sampler, same steps: pool_t is unchanged
                     student_x, _ = visited(student, seed + 11 + step)
                     pool_x = torch.cat([teacher_x, student_x], dim=1)
-                    pool_y = torch.cat([pool_labels, pool_labels]).to(device)
+                    pool_y = both_labels
                 x0, y, t, noise = _draw(student, stream, gen, n_fresh, device)
                 xt = student.diffusion.add_noise(x0, t, noise)
                 if n_traj:

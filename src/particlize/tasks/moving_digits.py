@@ -162,13 +162,16 @@ class MovingDigitsTask(Task):
                 hidden_weight: float | None = None, progress: Any = None, **_: Any) -> dict[str, Any]:
         """Distil the pruned denoiser from the original: ``epochs`` passes' worth of training videos,
         guidance-aware and partly on the original's sampling trajectories (`particlize.train_sora.distill_dit`,
-        with ``distill_options``); ``hidden_weight`` adds layer-wise distillation of the blocks' outputs (off by
-        default: it cost sample accuracy on ``sora-tiny``, benchmarks/RESULTS.md)."""
+        with ``distill_options``); ``hidden_weight`` adds layer-wise distillation of the blocks' outputs. Unset
+        ``lr`` / ``hidden_weight`` come from `particlize.train.RECOVER_LR` / ``RECOVER_HIDDEN_WEIGHT`` (3e-4, 0)."""
+        from ..train import RECOVER_HIDDEN_WEIGHT, RECOVER_LR
         from ..train_sora import distill_dit
 
+        lr = RECOVER_LR[self.kind] if lr is None else lr
+        hidden_weight = RECOVER_HIDDEN_WEIGHT[self.kind] if hidden_weight is None else hidden_weight
         steps = max(1, math.ceil(epochs * -(-self.sizes()["train"] // batch_size)))
-        return distill_dit(student, teacher, self, steps=steps, lr=lr or 3e-4, batch_size=batch_size, seed=seed,
-                           alpha=kd_alpha, progress=progress, **{"hidden_weight": hidden_weight or 0.0, **self.distill_options})
+        return distill_dit(student, teacher, self, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                           alpha=kd_alpha, progress=progress, **{"hidden_weight": hidden_weight, **self.distill_options})
 
     def latency_inputs(self, tokenizer: Any = None, batch: int = 32, seq: int = 64) -> dict[str, torch.Tensor]:
         """One classifier-free-guided sampling step for ``batch`` videos (``2 * batch`` rows)."""
