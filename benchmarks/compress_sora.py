@@ -7,8 +7,9 @@ Three models, the same sampler (DDIM, ``--steps`` steps, the default guidance 5)
 - dense: the input model;
 - width: `particlize.compress` removing spatial/temporal attention heads and MLP neurons;
 - depth: `particlize.compress` removing whole blocks (TinyFusion-style depth pruning);
-both at ``--target-flops`` of the DiT blocks' FLOPs, with the same distillation budget per round
-(``--recover-epochs`` passes over the task's 2,000 training videos) and no quality floor, so both reach
+- mixed (on request): heads, neurons and blocks in one global ranking;
+all at ``--target-flops`` of the DiT blocks' FLOPs, with the same distillation budget per round
+(``--recover-epochs`` passes over the task's 2,000 training videos) and no quality floor, so all reach
 the same cost and their quality can be compared. Measured: held-out ε-MSE (fixed steps and noise),
 class-conditional sample accuracy (shipped frame classifier, ``--per-class`` videos per digit),
 temporal consistency (mean frame-to-frame change; real videos for reference), and the wall time of
@@ -36,6 +37,9 @@ from particlize.tasks.moving_digits import (classify_videos, eps_mse, load_frame
                                            sample_metrics, temporal_consistency)
 
 
+VARIANTS = {"width": ("heads", "neurons"), "depth": ("blocks",), "mixed": ("heads", "neurons", "blocks")}
+
+
 def log(*a: object) -> None:
     print(*a, flush=True)
 
@@ -56,8 +60,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench-out/sora")
     ap.add_argument("--sample-batch", type=int, default=20, help="videos per timed model.sample call")
     ap.add_argument("--target-flops-width", type=float, default=None,
-                    help="FLOPs target of the width variant (default: --target-flops)")
-    ap.add_argument("--variants", nargs="+", default=["width", "depth"], choices=["width", "depth"])
+                    help="FLOPs target of the width and mixed variants (default: --target-flops)")
+    ap.add_argument("--variants", nargs="+", default=["width", "depth"], choices=list(VARIANTS))
     ap.add_argument("--reweight", action="store_true", help="refit the cut readers by least squares before recovery")
     ap.add_argument("--max-fraction", type=float, default=1 / 3, help="most of the remaining FLOPs removed per round")
     ap.add_argument("--allocation", default="global", choices=["global", "uniform"],
@@ -84,11 +88,10 @@ def main() -> None:
     clf = load_frame_classifier()
     models = {"dense": dense}
     runs = {}
-    for name, gran in (("width", ("heads", "neurons")), ("depth", ("blocks",))):
-        if name not in args.variants:
-            continue
+    for name in args.variants:
+        gran = VARIANTS[name]
         t = time.perf_counter()
-        flops = args.target_flops_width if name == "width" and args.target_flops_width else args.target_flops
+        flops = args.target_flops_width if name != "depth" and args.target_flops_width else args.target_flops
         res = compress(dense, task, target_flops=flops, granularity=gran, min_quality=0.0, reweight=args.reweight,
                        max_fraction=args.max_fraction, allocation=args.allocation, hidden_weight=args.hidden_weight,
                        recover_epochs=args.recover_epochs, batch_size=32,

@@ -1,0 +1,64 @@
+"""Sampling speed of compressed video DiTs against the dense one, at several batch sizes (issue 6).
+
+    .venv/bin/python benchmarks/sora_speed.py MODEL_DIR [MODEL_DIR ...] [--dense sora-tiny]
+        [--videos 4 20 100] [--steps 50] [--rounds 5]
+
+Times ``model.sample`` (DDIM, classifier-free guidance 5: two rows per video and step) of the dense
+model and of every given compressed model, the same labels, seed and number of steps, in interleaved
+rounds, and prints the median paired speedup (dense time / model time, per round) with its range for
+every batch size. Run it on a quiet machine: `compress_sora.py` times its models right after a long
+compression run, often beside another job, and contention reads lower speedups than a quiet machine
+(see RESULTS.md). The matmul probe before and after says how quiet the run was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import _common as C
+import torch
+
+import particlize as pz
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("models", nargs="+", help="compressed model folders (pz.load)")
+    ap.add_argument("--dense", default="sora-tiny")
+    ap.add_argument("--videos", type=int, nargs="+", default=[4, 20, 100], help="videos per model.sample call")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    C.setup_threads()
+    print("machine:", C.machine_line(), flush=True)
+    print("command:", " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]), flush=True)
+    print(f"matmul probe before: {C.matmul_probe():.0f} GFLOP/s", flush=True)
+    models = {"dense": pz.load(args.dense).eval()}
+    for path in args.models:
+        models[path] = pz.load(path, trust_code=True).eval()
+    rows = []
+    with torch.inference_mode():
+        for m in models.values():
+            m.sample(torch.arange(2), steps=2, seed=0)  # warm-up
+        for n_videos in args.videos:
+            labels = torch.arange(n_videos) % 10
+            times: dict[str, list[float]] = {n: [] for n in models}
+            for _ in range(args.rounds):
+                for name, m in models.items():
+                    t = time.perf_counter()
+                    m.sample(labels, steps=args.steps, seed=0)
+                    times[name].append(time.perf_counter() - t)
+            dense = times["dense"]
+            for name in models:
+                ratio = [dense[i] / times[name][i] for i in range(args.rounds)]
+                rows.append([str(n_videos), name, f"{statistics.median(times[name]):.2f}",
+                             f"{statistics.median(ratio):.2f}× ({min(ratio):.2f}–{max(ratio):.2f})"])
+    C.print_table(["videos", "model", f"sample, {args.steps} steps, s (median)", "speedup (paired)"], rows)
+    print(f"matmul probe after: {C.matmul_probe():.0f} GFLOP/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
