@@ -70,6 +70,8 @@ def main() -> None:
                     help="layer-wise distillation: weight of the blocks' output MSE to the teacher's blocks")
     ap.add_argument("--on-policy", type=int, default=0,
                     help="recovery also trains on the states the student's own sampler visits, redrawn this many times a round")
+    ap.add_argument("--ema", type=float, default=0.0,
+                    help="recovery ends with an exponential moving average of the student's weights (e.g. 0.999)")
     ap.add_argument("--plain-distill", action="store_true",
                     help="recover by plain noise-prediction distillation (no guidance term, no sampler trajectories)")
     args = ap.parse_args()
@@ -85,6 +87,8 @@ def main() -> None:
         task.distill_options = {"guidance": None, "trajectory_fraction": 0.0}
     if args.on_policy:
         task.distill_options["on_policy"] = args.on_policy
+    if args.ema:
+        task.distill_options["ema"] = args.ema
     clf = load_frame_classifier()
     models = {"dense": dense}
     runs = {}

@@ -403,6 +403,44 @@ def test_on_policy_distillation_adds_the_students_own_sampling_states(task):
         distill_dit(student, teacher, task, steps=1, on_policy=-1)
 
 
+def test_distillation_can_end_on_the_moving_average_of_the_weights(task, monkeypatch):
+    """``ema=0.9``: the student ends with the warmed-up exponential moving average of the weights after every
+    optimizer step (as `train_sora` ships); without it, with the last step's weights."""
+    import copy
+
+    from particlize.train_sora import distill_dit
+
+    teacher = _model()
+    start = copy.deepcopy(teacher)
+    with torch.no_grad():
+        start.final.linear.bias.add_(0.1)
+    snapshots: list[list[torch.Tensor]] = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, *a, **kw):
+        out = step(self, *a, **kw)
+        snapshots.append([p.detach().clone() for g in self.param_groups for p in g["params"]])
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    ends = {}
+    for ema in (0.0, 0.9):
+        snapshots.clear()
+        student = copy.deepcopy(start)
+        distill_dit(student, teacher, task, steps=3, batch_size=4, trajectory_fraction=0.0, ema=ema)
+        ends[ema] = [p.detach() for p in student.parameters()]
+        assert len(snapshots) == 3
+    for got, raw in zip(ends[0.0], snapshots[-1]):
+        torch.testing.assert_close(got, raw, atol=0, rtol=0)
+    average = [p.detach().clone() for p in start.parameters()]
+    for s, weights in enumerate(snapshots):
+        decay = min(0.9, (1 + s) / (10 + s))
+        average = [a + (1 - decay) * (w - a) for a, w in zip(average, weights)]
+    for got, want, raw in zip(ends[0.9], average, snapshots[-1]):
+        torch.testing.assert_close(got, want)
+    assert any(not torch.equal(g, r) for g, r in zip(ends[0.9], snapshots[-1]))
+
+
 def test_dit_recovery_defaults_come_from_the_shared_tables(task, monkeypatch):
     """The moving-digits task fills an unset lr / layer-wise weight from ``RECOVER_LR`` /
     ``RECOVER_HIDDEN_WEIGHT`` of kind "video" (3e-4, off); given values pass through."""

@@ -205,6 +205,7 @@ def distill_dit(
     sampler_steps: int = 50,
     hidden_weight: float = 0.0,
     on_policy: int = 0,
+    ema: float = 0.0,
     progress: Callable[[int, int, dict], None] | None = None,
 ) -> dict[str, Any]:
     """Recover a pruned `SpacetimeDiT` in place by distillation from the original ``teacher``.
@@ -228,6 +229,8 @@ def distill_dit(
     *student's* own guided sampler visits to the trajectory pool (the same number of videos, replacing
     the previous student draw): the teacher's targets on the states where the student's errors have
     taken it, not only those the teacher would visit (DAgger-style; off by default).
+    ``ema`` > 0 keeps an exponential moving average of the student's weights (decay ``ema``, warmed
+    up as in training) and leaves the student with it at the end, as `train_sora` ships EMA weights.
     Raises `ParticlizeError` if the loss stops being finite (the compress loop then keeps the last good
     round).
     """
@@ -258,6 +261,7 @@ def distill_dit(
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     losses: list[float] = []
     student.train()
+    averaged = [p.detach().clone() for p in student.parameters()] if ema else []
     from .train import _layer_distillation
 
     layers = _layer_distillation(teacher, student) if hidden_weight else contextlib.nullcontext(None)
@@ -299,9 +303,17 @@ def distill_dit(
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
                 opt.step()
+                if averaged:
+                    decay = min(ema, (1 + step) / (10 + step))
+                    with torch.no_grad():
+                        torch._foreach_lerp_(averaged, [p.detach() for p in student.parameters()], 1 - decay)
                 losses.append(loss.item())
                 if progress is not None:
                     progress(step + 1, steps, {"loss": sum(losses[-20:]) / len(losses[-20:])})
+        if averaged:
+            with torch.no_grad():
+                for p, a in zip(student.parameters(), averaged):
+                    p.copy_(a)
     finally:
         student.eval()
     return {"steps": steps, "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 5),
