@@ -35,6 +35,13 @@ RECOVER_LR = {"text": 1.5e-4, "image": 1e-3, "video": 3e-4}
 RECOVER_HIDDEN_WEIGHT = {"text": 5.0, "image": 0.0, "video": 0.0}
 
 
+def recovery_settings(kind: str, lr: float | None, hidden_weight: float | None) -> tuple[float, float]:
+    """``(lr, hidden_weight)`` for recovering a model of task kind ``kind``: given values as they are,
+    unset ones from `RECOVER_LR` / `RECOVER_HIDDEN_WEIGHT`."""
+    return (RECOVER_LR[kind] if lr is None else lr,
+            RECOVER_HIDDEN_WEIGHT[kind] if hidden_weight is None else hidden_weight)
+
+
 def _lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warmup over ``warmup`` steps, then linear decay to 0 at ``total``."""
     if step < warmup:

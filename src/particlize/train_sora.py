@@ -50,6 +50,15 @@ def _draw(model: Any, stream: Any, gen: torch.Generator, batch_size: int, device
     return x0.to(device), y.to(device), t.to(device), noise.to(device)
 
 
+def _ema_step(average: list[torch.Tensor], params: list[torch.Tensor], ema: float, step: int) -> None:
+    """Move ``average`` towards ``params`` after optimizer step ``step``: decay ``ema``, warmed up as
+    ``(1 + step) / (10 + step)`` so that the first steps are not averaged with the starting weights."""
+    decay = min(ema, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for a, p in zip(average, params):
+            a.lerp_(p, 1 - decay)
+
+
 def _save_checkpoint(path: Path, model, ema, opt, step: int, losses: list[float], seconds: float) -> None:
     def fill(tmp: Path) -> None:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
@@ -133,6 +142,7 @@ def train_sora(
         bar.start()
     t0 = time.time()
     stopped_early = False
+    params, ema_params = list(model.parameters()), list(ema_model.parameters())
     model.train()
     try:
         for step in range(start, steps):
@@ -148,10 +158,7 @@ def train_sora(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            decay = min(ema, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for pe, pm in zip(ema_model.parameters(), model.parameters()):
-                    pe.lerp_(pm, 1 - decay)
+            _ema_step(ema_params, params, ema, step)
             losses.append(round(loss.item(), 5))
             if callable(progress) and progress is not True:
                 progress(step + 1, steps, loss.item())
@@ -261,7 +268,8 @@ def distill_dit(
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     losses: list[float] = []
     student.train()
-    averaged = [p.detach().clone() for p in student.parameters()] if ema else []
+    params = list(student.parameters())
+    averaged = [p.detach().clone() for p in params] if ema else []
     from .train import _layer_distillation
 
     layers = _layer_distillation(teacher, student) if hidden_weight else contextlib.nullcontext(None)
@@ -304,15 +312,13 @@ def distill_dit(
                 torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
                 opt.step()
                 if averaged:
-                    decay = min(ema, (1 + step) / (10 + step))
-                    with torch.no_grad():
-                        torch._foreach_lerp_(averaged, [p.detach() for p in student.parameters()], 1 - decay)
+                    _ema_step(averaged, params, ema, step)
                 losses.append(loss.item())
                 if progress is not None:
                     progress(step + 1, steps, {"loss": sum(losses[-20:]) / len(losses[-20:])})
         if averaged:
             with torch.no_grad():
-                for p, a in zip(student.parameters(), averaged):
+                for p, a in zip(params, averaged):
                     p.copy_(a)
     finally:
         student.eval()

@@ -282,10 +282,9 @@ class Task:
         ``patience`` validations without a better one, keeping the best weights); a summary of the run.
         ``lr`` and ``hidden_weight`` default to `particlize.train.RECOVER_LR` / ``RECOVER_HIDDEN_WEIGHT`` of
         the task's kind (text: 1.5e-4 and 5, chosen by measurement; images: 1e-3 and 0)."""
-        from ..train import RECOVER_HIDDEN_WEIGHT, RECOVER_LR, train_classifier
+        from ..train import recovery_settings, train_classifier
 
-        lr = RECOVER_LR[self.kind] if lr is None else lr
-        hidden_weight = RECOVER_HIDDEN_WEIGHT[self.kind] if hidden_weight is None else hidden_weight
+        lr, hidden_weight = recovery_settings(self.kind, lr, hidden_weight)
 
         hist = train_classifier(student, self, tokenizer=tokenizer, epochs=epochs, lr=lr, batch_size=batch_size,
                                 max_length=max_length, seed=seed, limit=limit, teacher=teacher, kd_alpha=kd_alpha,

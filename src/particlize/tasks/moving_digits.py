@@ -164,11 +164,10 @@ class MovingDigitsTask(Task):
         guidance-aware and partly on the original's sampling trajectories (`particlize.train_sora.distill_dit`,
         with ``distill_options``); ``hidden_weight`` adds layer-wise distillation of the blocks' outputs. Unset
         ``lr`` / ``hidden_weight`` come from `particlize.train.RECOVER_LR` / ``RECOVER_HIDDEN_WEIGHT`` (3e-4, 0)."""
-        from ..train import RECOVER_HIDDEN_WEIGHT, RECOVER_LR
+        from ..train import recovery_settings
         from ..train_sora import distill_dit
 
-        lr = RECOVER_LR[self.kind] if lr is None else lr
-        hidden_weight = RECOVER_HIDDEN_WEIGHT[self.kind] if hidden_weight is None else hidden_weight
+        lr, hidden_weight = recovery_settings(self.kind, lr, hidden_weight)
         steps = max(1, math.ceil(epochs * -(-self.sizes()["train"] // batch_size)))
         return distill_dit(student, teacher, self, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                            alpha=kd_alpha, progress=progress, **{"hidden_weight": hidden_weight, **self.distill_options})
