@@ -29,6 +29,7 @@ from pathlib import Path
 
 import _common as C
 import torch
+from sora_speed import paired_speedup, sampling_times
 
 import particlize as pz
 from particlize.loop import compress
@@ -116,27 +117,16 @@ def main() -> None:
                title="real test videos", force=True)
 
     q = {name: quality(m, task, clf, args.per_class, args.steps) for name, m in models.items()}
-    # sampling wall time: --sample-batch videos, interleaved rounds
-    lab = torch.arange(args.sample_batch) % 10
-    times: dict[str, list[float]] = {n: [] for n in models}
-    with torch.inference_mode():
-        for m in models.values():
-            m.sample(lab[:2], steps=2, seed=0)  # warm-up
-        for _ in range(args.rounds):
-            for n, m in models.items():
-                t = time.perf_counter()
-                m.sample(lab, steps=args.steps, seed=0)
-                times[n].append(time.perf_counter() - t)
+    times = sampling_times(models, args.sample_batch, args.steps, args.rounds)  # interleaved rounds
     pms = {n: pz.decompose(m) for n, m in models.items()}
     dense_flops = pms["dense"].cost().flops
     rows = []
     for n in models:
-        speed = [times["dense"][i] / times[n][i] for i in range(args.rounds)]
         rows.append([n, f"{sum(p.numel() for p in models[n].parameters()):,}", f"{pms[n].cost().flops / dense_flops:.1%}",
                      f"{q[n]['eps_mse']:.5f} ({q[n]['eps_mse'] / q['dense']['eps_mse'] - 1:+.1%})",
                      f"{q[n]['sample_accuracy']:.3f} ({(q[n]['sample_accuracy'] - q['dense']['sample_accuracy']) * 100:+.1f} pt)",
                      f"{q[n]['temporal_consistency']:.4f}",
-                     f"{statistics.median(times[n]):.2f}", f"{statistics.median(speed):.2f}× ({min(speed):.2f}–{max(speed):.2f})"])
+                     f"{statistics.median(times[n]):.2f}", paired_speedup(times, n)])
     table = C.print_table(["model", "params", "block FLOPs", "held-out ε-MSE (vs dense)", "sample accuracy (vs dense)",
                            "temporal consistency", f"sample {args.sample_batch} videos, s", "speedup (paired)"], rows)
     log(f"real test videos: temporal consistency {temporal_consistency(real_v):.4f}; frame classifier on real test "
