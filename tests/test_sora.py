@@ -439,6 +439,8 @@ def test_distillation_can_end_on_the_moving_average_of_the_weights(task, monkeyp
     for got, want, raw in zip(ends[0.9], average, snapshots[-1]):
         torch.testing.assert_close(got, want)
     assert any(not torch.equal(g, r) for g, r in zip(ends[0.9], snapshots[-1]))
+    with pytest.raises(ValueError, match="ema is a decay"):
+        distill_dit(student, teacher, task, steps=1, ema=1.5)
 
 
 def test_dit_recovery_defaults_come_from_the_shared_tables(task, monkeypatch):

@@ -245,6 +245,8 @@ def distill_dit(
         raise ValueError(f"trajectory_fraction must be in [0, 1), got {trajectory_fraction}")
     if on_policy < 0:
         raise ValueError(f"on_policy must be >= 0, got {on_policy}")
+    if not 0.0 <= ema < 1.0:
+        raise ValueError(f"ema is a decay in [0, 1) (0: off), got {ema}")
     device = next(student.parameters()).device
     teacher = teacher.eval()
     n_traj = round(batch_size * trajectory_fraction)
