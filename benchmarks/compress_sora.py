@@ -1,7 +1,7 @@
 """Compress the Sora-style reference (`sora-tiny`) by width and by depth at equal FLOPs (issue 6).
 
     .venv/bin/python benchmarks/compress_sora.py [--model sora-tiny] [--target-flops 0.5]
-        [--recover-epochs 4] [--per-class 4] [--steps 50] [--out bench-out/sora] [--reweight] [--max-fraction 0.34]
+        [--recover-epochs 4] [--per-class 4] [--steps 50] [--out bench-out/sora] [--reweight] [--max-fraction 0.34] [--lr 3e-4]
 
 Three models, the same sampler (DDIM, ``--steps`` steps, the default guidance 5) and the same seeds:
 - dense: the input model;
@@ -73,6 +73,7 @@ def main() -> None:
                     help="recovery also trains on the states the student's own sampler visits, redrawn this many times a round")
     ap.add_argument("--ema", type=float, default=0.0,
                     help="recovery ends with an exponential moving average of the student's weights (e.g. 0.999)")
+    ap.add_argument("--lr", type=float, default=None, help="recovery learning rate (default: the task's, 3e-4)")
     ap.add_argument("--plain-distill", action="store_true",
                     help="recover by plain noise-prediction distillation (no guidance term, no sampler trajectories)")
     args = ap.parse_args()
@@ -99,7 +100,7 @@ def main() -> None:
         flops = args.target_flops_width if name != "depth" and args.target_flops_width else args.target_flops
         res = compress(dense, task, target_flops=flops, granularity=gran, min_quality=0.0, reweight=args.reweight,
                        max_fraction=args.max_fraction, allocation=args.allocation, hidden_weight=args.hidden_weight,
-                       recover_epochs=args.recover_epochs, batch_size=32,
+                       recover_epochs=args.recover_epochs, lr=args.lr, batch_size=32,
                        out=out / name, force=True)
         runs[name] = {"seconds": time.perf_counter() - t, "reason": res.reason, "history": res.history}
         models[name] = res.model.eval()
