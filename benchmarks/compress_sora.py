@@ -1,7 +1,7 @@
 """Compress the Sora-style reference (`sora-tiny`) by width and by depth at equal FLOPs (issue 6).
 
     .venv/bin/python benchmarks/compress_sora.py [--model sora-tiny] [--target-flops 0.5]
-        [--recover-epochs 4] [--per-class 4] [--steps 50] [--out bench-out/sora] [--reweight] [--max-fraction 0.34] [--lr 3e-4]
+        [--recover-epochs 4] [--per-class 50] [--steps 50] [--out bench-out/sora] [--reweight] [--max-fraction 0.34] [--lr 3e-4]
 
 Three models, the same sampler (DDIM, ``--steps`` steps, the default guidance 5) and the same seeds:
 - dense: the input model;
@@ -11,7 +11,8 @@ Three models, the same sampler (DDIM, ``--steps`` steps, the default guidance 5)
 all at ``--target-flops`` of the DiT blocks' FLOPs, with the same distillation budget per round
 (``--recover-epochs`` passes over the task's 2,000 training videos) and no quality floor, so all reach
 the same cost and their quality can be compared. Measured: held-out ε-MSE (fixed steps and noise),
-class-conditional sample accuracy (shipped frame classifier, ``--per-class`` videos per digit),
+class-conditional sample accuracy (shipped frame classifier, ``--per-class`` videos per digit; every model
+samples the same videos, so the difference to the dense model is paired and comes with a 95% interval),
 temporal consistency (mean frame-to-frame change; real videos for reference), and the wall time of
 ``model.sample`` for ``--sample-batch`` videos at once (20 by default; median of 3 interleaved rounds,
 paired ratios). Sample grids (PNG) and
@@ -29,13 +30,13 @@ from pathlib import Path
 
 import _common as C
 import torch
+from sora_accuracy import paired, sample_trials
 from sora_speed import paired_speedup, sampling_times
 
 import particlize as pz
 from particlize.loop import compress
 from particlize.report import video_gif, video_grid
-from particlize.tasks.moving_digits import (classify_videos, eps_mse, load_frame_classifier, moving_digits,
-                                           sample_metrics, temporal_consistency)
+from particlize.tasks.moving_digits import classify_videos, eps_mse, load_frame_classifier, moving_digits, temporal_consistency
 
 
 VARIANTS = {"width": ("heads", "neurons"), "depth": ("blocks",), "mixed": ("heads", "neurons", "blocks")}
@@ -45,9 +46,12 @@ def log(*a: object) -> None:
     print(*a, flush=True)
 
 
-def quality(model: torch.nn.Module, task, clf, per_class: int, steps: int) -> dict[str, float]:
+def quality(model: torch.nn.Module, task, clf, per_class: int, steps: int) -> dict:
+    """Held-out ε-MSE, and per-video sample hits (paired across models: same labels, same noise) with their mean."""
     v, y = task.split("test")
-    return {"eps_mse": eps_mse(model, v * 2 - 1, y), **sample_metrics(model, clf, per_class, steps)}
+    hits, change = sample_trials(model, clf, torch.arange(10).repeat_interleave(per_class), steps)
+    return {"eps_mse": eps_mse(model, v * 2 - 1, y), "sample_accuracy": hits.mean().item(),
+            "temporal_consistency": change, "hits": hits}
 
 
 def main() -> None:
@@ -55,7 +59,7 @@ def main() -> None:
     ap.add_argument("--model", default="sora-tiny")
     ap.add_argument("--target-flops", type=float, default=0.5)
     ap.add_argument("--recover-epochs", type=int, default=4)
-    ap.add_argument("--per-class", type=int, default=4)
+    ap.add_argument("--per-class", type=int, default=50)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="bench-out/sora")
@@ -73,6 +77,8 @@ def main() -> None:
                     help="recovery also trains on the states the student's own sampler visits, redrawn this many times a round")
     ap.add_argument("--ema", type=float, default=0.0,
                     help="recovery ends with an exponential moving average of the student's weights (e.g. 0.999)")
+    ap.add_argument("--trajectory-videos", type=int, default=None,
+                    help="videos the teacher's sampler draws for the recovery's trajectory pool (distill_dit's default if unset)")
     ap.add_argument("--lr", type=float, default=None, help="recovery learning rate (default: the task's, 3e-4)")
     ap.add_argument("--plain-distill", action="store_true",
                     help="recover by plain noise-prediction distillation (no guidance term, no sampler trajectories)")
@@ -91,6 +97,8 @@ def main() -> None:
         task.distill_options["on_policy"] = args.on_policy
     if args.ema:
         task.distill_options["ema"] = args.ema
+    if args.trajectory_videos:
+        task.distill_options["trajectory_videos"] = args.trajectory_videos
     clf = load_frame_classifier()
     models = {"dense": dense}
     runs = {}
@@ -122,16 +130,23 @@ def main() -> None:
     pms = {n: pz.decompose(m) for n, m in models.items()}
     dense_flops = pms["dense"].cost().flops
     rows = []
+
+    def diff(hits: torch.Tensor, dense_hits: torch.Tensor) -> str:
+        p = paired(dense_hits, hits)
+        return f"{p['diff'] * 100:+.1f} pt [{p['low'] * 100:+.1f}, {p['high'] * 100:+.1f}]"
+
     for n in models:
         rows.append([n, f"{sum(p.numel() for p in models[n].parameters()):,}", f"{pms[n].cost().flops / dense_flops:.1%}",
                      f"{q[n]['eps_mse']:.5f} ({q[n]['eps_mse'] / q['dense']['eps_mse'] - 1:+.1%})",
-                     f"{q[n]['sample_accuracy']:.3f} ({(q[n]['sample_accuracy'] - q['dense']['sample_accuracy']) * 100:+.1f} pt)",
+                     f"{q[n]['sample_accuracy']:.3f} ({diff(q[n]['hits'], q['dense']['hits'])})",
                      f"{q[n]['temporal_consistency']:.4f}",
                      f"{statistics.median(times[n]):.2f}", paired_speedup(times, n)])
     table = C.print_table(["model", "params", "block FLOPs", "held-out ε-MSE (vs dense)", "sample accuracy (vs dense)",
                            "temporal consistency", f"sample {args.sample_batch} videos, s", "speedup (paired)"], rows)
     log(f"real test videos: temporal consistency {temporal_consistency(real_v):.4f}; frame classifier on real test "
         f"videos: {(classify_videos(clf, real_v[real_y < 10]) == real_y[real_y < 10]).float().mean().item():.3f}")
+    for v in q.values():
+        v["hits"] = v["hits"].tolist()
     (out / "results.json").write_text(json.dumps({"quality": q, "times": times, "runs": runs, "table": table}, indent=1, default=str))
 
 

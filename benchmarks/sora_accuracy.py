@@ -24,17 +24,19 @@ import _common as C
 import torch
 
 import particlize as pz
-from particlize.tasks.moving_digits import classify_videos, load_frame_classifier
+from particlize.tasks.moving_digits import classify_videos, load_frame_classifier, temporal_consistency
 
 
-def correct_per_video(model: torch.nn.Module, clf: torch.nn.Module, labels: torch.Tensor, steps: int,
-                      guidance: float, chunk: int) -> torch.Tensor:
-    """1.0 where the frame classifier reads the requested digit in ``model``'s sample, per video (chunk k: seed k)."""
-    hits = []
+def sample_trials(model: torch.nn.Module, clf: torch.nn.Module, labels: torch.Tensor, steps: int = 50,
+                  guidance: float = 5.0, chunk: int = 100) -> tuple[torch.Tensor, float]:
+    """Per video, 1.0 where the frame classifier reads the requested digit in ``model``'s sample (the ``k``-th
+    chunk of ``chunk`` videos starts from seed ``k``), and the samples' temporal consistency."""
+    hits, change = [], 0.0
     for k, lab in enumerate(labels.split(chunk)):
-        videos = model.sample(lab, steps=steps, seed=k, guidance=guidance)
+        videos = model.sample(lab, steps=steps, seed=k, guidance=guidance).cpu()
         hits.append((classify_videos(clf, videos) == lab).float())
-    return torch.cat(hits)
+        change += temporal_consistency(videos) * len(lab)
+    return torch.cat(hits), change / len(labels)
 
 
 def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -74,7 +76,7 @@ def main() -> None:
     hits = {}
     for name in names:
         model = pz.load(name).eval()
-        hits[name] = correct_per_video(model, clf, labels, args.steps, args.guidance, args.chunk)
+        hits[name], _ = sample_trials(model, clf, labels, args.steps, args.guidance, args.chunk)
         print(f"{name}: {hits[name].mean().item():.3f}", flush=True)
     n = len(labels)
     rows, res = [], {"videos": n, "steps": args.steps, "guidance": args.guidance, "models": {}}
