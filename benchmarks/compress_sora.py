@@ -30,7 +30,7 @@ from pathlib import Path
 
 import _common as C
 import torch
-from sora_accuracy import paired, sample_trials
+from sora_accuracy import format_paired, paired, sample_trials
 from sora_speed import paired_speedup, sampling_times
 
 import particlize as pz
@@ -83,6 +83,8 @@ def main() -> None:
     ap.add_argument("--plain-distill", action="store_true",
                     help="recover by plain noise-prediction distillation (no guidance term, no sampler trajectories)")
     args = ap.parse_args()
+    if args.per_class < 1:
+        ap.error("--per-class must be 1 or more (videos sampled per digit)")
     C.setup_threads()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -130,15 +132,10 @@ def main() -> None:
     pms = {n: pz.decompose(m) for n, m in models.items()}
     dense_flops = pms["dense"].cost().flops
     rows = []
-
-    def diff(hits: torch.Tensor, dense_hits: torch.Tensor) -> str:
-        p = paired(dense_hits, hits)
-        return f"{p['diff'] * 100:+.1f} pt [{p['low'] * 100:+.1f}, {p['high'] * 100:+.1f}]"
-
     for n in models:
         rows.append([n, f"{sum(p.numel() for p in models[n].parameters()):,}", f"{pms[n].cost().flops / dense_flops:.1%}",
                      f"{q[n]['eps_mse']:.5f} ({q[n]['eps_mse'] / q['dense']['eps_mse'] - 1:+.1%})",
-                     f"{q[n]['sample_accuracy']:.3f} ({diff(q[n]['hits'], q['dense']['hits'])})",
+                     f"{q[n]['sample_accuracy']:.3f} ({format_paired(paired(q['dense']['hits'], q[n]['hits']))})",
                      f"{q[n]['temporal_consistency']:.4f}",
                      f"{statistics.median(times[n]):.2f}", paired_speedup(times, n)])
     table = C.print_table(["model", "params", "block FLOPs", "held-out ε-MSE (vs dense)", "sample accuracy (vs dense)",

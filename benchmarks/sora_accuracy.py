@@ -57,6 +57,11 @@ def paired(dense: torch.Tensor, other: torch.Tensor, z: float = 1.96) -> dict[st
             "only_dense": int((d < 0).sum()), "only_this": int((d > 0).sum())}
 
 
+def format_paired(p: dict[str, float]) -> str:
+    """A `paired` result as ``"-7.4 pt [-10.9, -3.9]"``."""
+    return f"{p['diff'] * 100:+.1f} pt [{p['low'] * 100:+.1f}, {p['high'] * 100:+.1f}]"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", nargs="+", help="compressed model folders (pz.load)")
@@ -67,6 +72,8 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=100, help="videos per sample call (each chunk its own seed)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    if args.per_class < 1 or args.chunk < 1:
+        ap.error("--per-class and --chunk must be 1 or more")
     C.setup_threads()
     print("machine:", C.machine_line(), flush=True)
     print("command:", " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]), flush=True)
@@ -89,8 +96,7 @@ def main() -> None:
         if name != args.dense:
             p = paired(hits[args.dense], hits[name])
             entry["paired_vs_dense"] = p
-            diff = (f"{p['diff'] * 100:+.1f} pt [{p['low'] * 100:+.1f}, {p['high'] * 100:+.1f}] "
-                    f"({p['only_dense']} only dense, {p['only_this']} only this)")
+            diff = f"{format_paired(p)} ({p['only_dense']} only dense, {p['only_this']} only this)"
         res["models"][name] = entry
         rows.append([name, f"{k / n:.3f} [{lo:.3f}, {hi:.3f}]", diff, " ".join(f"{a:.2f}" for a in per_digit)])
     C.print_table(["model", f"sample accuracy, {n} videos [95%]", "paired vs dense [95%]", "per digit 0..9"], rows)
