@@ -1,7 +1,7 @@
 """Compress the Sora-style reference (`sora-tiny`) by width and by depth at equal FLOPs (issue 6).
 
     .venv/bin/python benchmarks/compress_sora.py [--model sora-tiny] [--target-flops 0.5]
-        [--recover-epochs 4] [--per-class 50] [--steps 50] [--out bench-out/sora] [--reweight] [--max-fraction 0.34] [--lr 3e-4]
+        [--recover-epochs 4] [--final-recover-epochs 0] [--per-class 50] [--steps 50] [--out bench-out/sora] [--reweight] [--max-fraction 0.34] [--lr 3e-4]
 
 Three models, the same sampler (DDIM, ``--steps`` steps, the default guidance 5) and the same seeds:
 - dense: the input model;
@@ -61,8 +61,11 @@ def main() -> None:
     ap.add_argument("--recover-epochs", type=int, default=4)
     ap.add_argument("--per-class", type=int, default=50)
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--final-recover-epochs", type=float, default=0.0,
+                    help="more recovery after the last cut, in chunks of --recover-epochs (compress's final_recover_epochs)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="bench-out/sora")
+    ap.add_argument("--resume", action="store_true", help="continue killed compress runs in --out (else they are replaced)")
     ap.add_argument("--sample-batch", type=int, default=20, help="videos per timed model.sample call")
     ap.add_argument("--target-flops-width", type=float, default=None,
                     help="FLOPs target of the width and mixed variants (default: --target-flops)")
@@ -110,8 +113,9 @@ def main() -> None:
         flops = args.target_flops_width if name != "depth" and args.target_flops_width else args.target_flops
         res = compress(dense, task, target_flops=flops, granularity=gran, min_quality=0.0, reweight=args.reweight,
                        max_fraction=args.max_fraction, allocation=args.allocation, hidden_weight=args.hidden_weight,
-                       recover_epochs=args.recover_epochs, lr=args.lr, batch_size=32,
-                       out=out / name, force=True)
+                       recover_epochs=args.recover_epochs, final_recover_epochs=args.final_recover_epochs,
+                       lr=args.lr, batch_size=32,
+                       out=out / name, resume=args.resume, force=not args.resume)
         runs[name] = {"seconds": time.perf_counter() - t, "reason": res.reason, "history": res.history}
         models[name] = res.model.eval()
         h = res.history[-1]

@@ -177,11 +177,14 @@ def test_compress_command_end_to_end(tiny_text, tmp_path, capsys):
           "--batch-size", "16", "--lr", "1e-3"])
     run = tmp_path / "run"
     args = ["compress", str(clf), "--task", "text-csv", "--data", str(csv), "--target-flops", "0.6", "--max-fraction", "0.5",
-            "--min-quality", "0", "--hidden-weight", "1.0", "--val-every", "0.5", "--batch-size", "16", "--out", str(run)]
+            "--min-quality", "0", "--hidden-weight", "1.0", "--val-every", "0.5", "--batch-size", "16",
+            "--final-recover-epochs", "1", "--out", str(run)]
     main(args)
-    assert "target met" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "target met; then 1 final recovery chunk" in printed and "(final recovery 1)" in printed
     h = json.loads((run / "history.json").read_text())
     assert h["done"] and h["config"]["hidden_weight"] == 1.0 and h["history"][-1]["flops_ratio"] <= 0.6 + 1e-9
+    assert h["config"]["final_recover_epochs"] == 1 and h["history"][-1]["final_recovery"] == 1
     assert h["config"]["val_every"] == 0.5 and all(e["recovery"]["validations"] in (1, 2) for e in h["history"][1:])
     small = pz.load(run)
     assert sum(p.numel() for p in small.parameters()) == h["history"][-1]["params"]

@@ -95,6 +95,73 @@ def test_quality_floor_keeps_the_last_good_round(setup, tmp_path):
     assert all(e["val_accuracy"] >= h[0]["val_accuracy"] * 1.0 - 1e-12 for e in h)
 
 
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_final_recovery_is_more_recovery_in_warm_restarted_chunks(setup, tmp_path):
+    work, model, task, tok = setup
+    res = compress(model, task, tokenizer=tok, out=tmp_path / "run", **{**OPTIONS, "final_recover_epochs": 1.5})
+    h = json.loads((tmp_path / "run" / "history.json").read_text())
+    rounds = [e for e in h["history"] if not e.get("final_recovery")]
+    finals = [e for e in h["history"] if e.get("final_recovery")]
+    assert res.reason == "target met; then 2 final recovery chunks" and h["done"]
+    assert [e["final_recovery"] for e in finals] == [1, 2] and [e["round"] for e in h["history"]] == list(range(len(h["history"])))
+    assert all(e["removed"] == {} and e["flops"] == rounds[-1]["flops"] for e in finals)
+    assert [e["recovery"]["epochs"] for e in finals] == [1, 0.5]  # chunks of recover_epochs, the last one partial
+    # the same as compressing without it, then recovering by hand with the documented seeds (seed * 1000 + 100 + k)
+    plain = compress(model, task, tokenizer=tok, **OPTIONS).model
+    cfg = CompressConfig(**OPTIONS)
+    for k, epochs in enumerate((1, 0.5)):
+        task.recover(plain, model, tok, epochs=epochs, lr=cfg.lr, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                     seed=100 + k, kd_alpha=cfg.kd_alpha, temperature=cfg.temperature, patience=cfg.patience)
+    assert _same_weights(plain, res.model) and _same_weights(plain, pz.load(tmp_path / "run"))
+    assert not _same_weights(compress(model, task, tokenizer=tok, **OPTIONS).model, res.model)
+
+
+def test_final_recovery_resumes_at_the_chunk_it_was_killed_in(setup, tmp_path, monkeypatch):
+    work, model, task, tok = setup
+    opts = {**OPTIONS, "final_recover_epochs": 2}
+    ref = compress(model, task, tokenizer=tok, out=tmp_path / "ref", **opts)
+    import particlize.loop as loop
+
+    real = loop._recover
+
+    def dies_in_the_second_chunk(*a, seed=None, **kw):
+        if seed == 101:
+            raise KeyboardInterrupt
+        return real(*a, seed=seed, **kw)
+
+    monkeypatch.setattr(loop, "_recover", dies_in_the_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        compress(model, task, tokenizer=tok, out=tmp_path / "run", **opts)
+    saved = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert not saved["done"] and [e.get("final_recovery") for e in saved["history"]][-1] == 1
+    monkeypatch.setattr(loop, "_recover", real)
+    with pytest.raises(pz.ParticlizeError, match="other settings"):  # a resumed run must ask for the same
+        compress(model, task, tokenizer=tok, out=tmp_path / "run", resume=True, **OPTIONS)
+    res = compress(model, task, tokenizer=tok, out=tmp_path / "run", resume=True, **opts)
+    a, b = (json.loads((tmp_path / d / "history.json").read_text()) for d in ("ref", "run"))
+    assert _stable(a["history"]) == _stable(b["history"]) and a["test"] == b["test"] and res.reason == ref.reason
+    assert _same_weights(ref.model, res.model)
+
+
+def test_final_recovery_that_fails_keeps_the_model_before_it(setup, tmp_path):
+    work, model, task, tok = setup
+    good = compress(model, task, tokenizer=tok, **OPTIONS).model
+    res = compress(model, task, tokenizer=tok, **{**OPTIONS, "final_recover_epochs": 1})
+    assert not _same_weights(good, res.model)
+    import particlize.loop as loop
+
+    cfg = CompressConfig(**{**OPTIONS, "lr": 1e30, "final_recover_epochs": 1})
+    history = [{"round": 0}]
+    kept, reason = loop._final_recovery(good, model, task, tok, cfg, history, None, None, None, "target met",
+                                        lambda *a: None)
+    assert "final recovery failed in chunk 1" in reason and "non-finite" in reason and history == [{"round": 0}]
+    assert _same_weights(kept, compress(model, task, tokenizer=tok, **OPTIONS).model)
+
+
 def test_nan_loss_rolls_back(setup, tmp_path):
     work, model, task, tok = setup
     res = compress(model, task, tokenizer=tok, out=tmp_path / "run", **{**OPTIONS, "lr": 1e30})
@@ -117,6 +184,7 @@ def test_nan_loss_rolls_back(setup, tmp_path):
         ({"cost": "watts"}, "cost must be 'flops' or 'latency'"),
         ({"hidden_weight": -1.0}, "hidden_weight must be 0 or more"),
         ({"val_every": 1.5}, "val_every is a fraction of an epoch"),
+        ({"final_recover_epochs": -1}, "final_recover_epochs must be 0 or more"),
         ({"patience": 0}, "patience counts validations"),
         ({"bogus_option": 1}, "unknown compress option"),
     ],

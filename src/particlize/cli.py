@@ -250,6 +250,8 @@ def compress(
     min_quality: float = typer.Option(0.99, "--min-quality", help="floor: fraction of the dense model's validation quality (accuracy; 1/eps-MSE for video diffusion)"),
     max_fraction: float = typer.Option(1 / 3, "--max-fraction", help="most of the remaining FLOPs removed per round"),
     recover_epochs: float = typer.Option(1.0, "--recover-epochs", min=0.0, help="recovery passes over the training data per round (fractional: part of a pass)"),
+    final_recover_epochs: float = typer.Option(0.0, "--final-recover-epochs", min=0.0,
+                                               help="more recovery passes after the last round, in chunks of --recover-epochs (warm restarts, checkpointed)"),
     hidden_weight: Optional[float] = typer.Option(None, "--hidden-weight", min=0.0,
                                                   help="layer-wise distillation: weight of each block's output MSE to the original's (default 5 for text classifiers, 0 otherwise)"),
     val_every: Optional[float] = typer.Option(None, "--val-every", min=0.0, max=1.0,
@@ -283,7 +285,8 @@ def compress(
     cfg = CompressConfig(
         target_flops=target_flops, target_params=target_params, target_latency_ms=target_latency_ms,
         granularity=tuple(g.strip() for g in granularity.split(",") if g.strip()), scorer=scorer, allocation=allocation,
-        cost=cost, min_quality=min_quality, max_fraction=max_fraction, recover_epochs=recover_epochs, round_to=round_to, lr=lr,
+        cost=cost, min_quality=min_quality, max_fraction=max_fraction, recover_epochs=recover_epochs,
+        final_recover_epochs=final_recover_epochs, round_to=round_to, lr=lr,
         hidden_weight=hidden_weight, val_every=val_every, patience=patience, reweight=reweight, batch_size=batch_size, max_length=max_length, limit=limit, seed=seed,
         quantize=quantize,
     )
@@ -300,10 +303,14 @@ def compress(
                 bar(info["step"], info["total"], f"round {info['round']}: recovering, loss {info.get('loss', 0):.3f}")
             elif event in ("round", "rejected"):
                 removed = sum(info["removed"].values())
-                console.print(f"round {info['round']}{' (rejected: below the floor)' if event == 'rejected' else ''}: "
+                note = " (rejected: below the floor)" if event == "rejected" else ""
+                if info.get("final_recovery"):
+                    note = f" (final recovery {info['final_recovery']})"
+                console.print(f"round {info['round']}{note}: "
                               f"FLOPs {info['flops_ratio']:.1%}, val {t.quality_name} {info['quality']:.4f}, "
                               f"latency {info['latency_ms']:.1f} ms, {removed:,} particles removed")
-                table.add_row(str(info["round"]) + (" (rejected)" if event == "rejected" else ""),
+                table.add_row(str(info["round"]) + (" (rejected)" if event == "rejected" else
+                                                    " (final recovery)" if info.get("final_recovery") else ""),
                               f"{info['flops_ratio']:.1%}", f"{info['params']:,}", f"{info['latency_ms']:.1f}",
                               f"{info['quality']:.4f}", f"{removed:,}")
             elif event == "pruned":

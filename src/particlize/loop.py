@@ -16,7 +16,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ class CompressConfig:
     min_width: float = 0.1
     round_to: int | None = None
     recover_epochs: float = 1  # per round; fractional: part of a pass (iterative rounds within one epoch)
+    final_recover_epochs: float = 0  # more recovery after the last round, in chunks of recover_epochs (warm restarts)
     lr: float | None = None
     kd_alpha: float = 0.5
     temperature: float = 2.0
@@ -84,6 +85,8 @@ class CompressConfig:
             raise ParticlizeError(f"unknown granularity {bad}; use {', '.join(GRANULARITIES)} or all")
         if self.recover_epochs < 0:
             raise ParticlizeError(f"recover_epochs must be 0 or more, got {self.recover_epochs}")
+        if self.final_recover_epochs < 0:
+            raise ParticlizeError(f"final_recover_epochs must be 0 or more, got {self.final_recover_epochs}")
         if self.hidden_weight is not None and self.hidden_weight < 0:
             raise ParticlizeError(f"hidden_weight must be 0 or more, got {self.hidden_weight}")
         if self.val_every is not None and not 0.0 < self.val_every <= 1.0:
@@ -338,6 +341,12 @@ def compress(
     MODEL folder (``pz.load(out)``, tokenizer included) with ``history.json``; ``resume=True``
     continues a killed run. Quality is the task's `Task.quality` on validation data (accuracy for
     classifiers, 1 / ε-MSE for video diffusion models) relative to the dense model's.
+
+    ``final_recover_epochs`` > 0 recovers the last kept model that many more passes once the rounds are
+    over, in chunks of ``recover_epochs`` passes (each a fresh learning-rate schedule, i.e. a warm
+    restart, seeded ``seed * 1000 + 100 + k``; checkpointed and resumable like a round, and listed in
+    the history with ``"final_recovery": k``). Short recoveries between cuts and a long one at the end
+    cost less than long ones every round. The final model is the last chunk's.
     """
     cfg = config or CompressConfig()
     for k, v in overrides.items():
@@ -360,18 +369,21 @@ def compress(
 
     history: list[dict[str, Any]] = []
     start_round = 1
+    pruned_reason = ""  # set once the pruning rounds are over (a resumed run then only finishes the final recovery)
     current = teacher
     if out_path is not None:
         state_file = out_path / HISTORY
         if resume and state_file.is_file():
             saved = json.loads(state_file.read_text())
-            if saved.get("config") != _jsonable(asdict(cfg)):
+            # options added since the run was started count at their defaults
+            if {**_jsonable(asdict(CompressConfig())), **saved.get("config", {})} != _jsonable(asdict(cfg)):
                 raise ParticlizeError(f"{out_path} was started with other settings; resume with the same options or use --force")
             history = saved["history"]
             last = history[-1]["round"]
             if last > 0:
                 current = load(_round_dir(out_path, last), trust_code=True)
             start_round = last + 1
+            pruned_reason = saved.get("pruned", "")
             if saved.get("done"):
                 return _finish(out_path, history, saved["reason"], cfg, task, tokenizer, emit, teacher)
         elif out_path.exists() and any(out_path.iterdir()) and not (force or resume):
@@ -394,8 +406,10 @@ def compress(
     floor = cfg.min_quality * dense_q
     _check_latency_target(cfg, teacher, pm0, lat_inputs, kinds)
 
-    reason = f"stopped after {cfg.max_rounds} rounds"
+    reason = pruned_reason or f"stopped after {cfg.max_rounds} rounds"
     for r in range(start_round, cfg.max_rounds + 1):
+        if pruned_reason:
+            break
         if _met(cfg, history[-1], history[0]):
             reason = "target met"
             break
@@ -436,10 +450,49 @@ def compress(
         current = student
     if _met(cfg, history[-1], history[0]):
         reason = "target met"
+    if cfg.final_recover_epochs > 0:
+        current, reason = _final_recovery(current, teacher, task, tokenizer, cfg, history, dense_cost, lat_inputs,
+                                          out_path, reason, emit)
     if out_path is None:
         return CompressResult(current, history, reason)
     _save_state(out_path, cfg, history, done=True, reason=reason)
     return _finish(out_path, history, reason, cfg, task, tokenizer, emit, teacher)
+
+
+def _final_recovery(current: nn.Module, teacher: nn.Module, task: Task, tokenizer: Any, cfg: CompressConfig,
+                    history: list[dict[str, Any]], dense_cost: Any, lat_inputs: Any, out_path: Path | None, reason: str,
+                    emit: Progress) -> tuple[nn.Module, str]:
+    """`compress`'s recovery after the rounds: chunks of ``recover_epochs`` passes, each checkpointed as a round."""
+    chunk = cfg.recover_epochs if cfg.recover_epochs > 0 else cfg.final_recover_epochs
+    n_chunks = math.ceil(cfg.final_recover_epochs / chunk - 1e-9)
+    done = sum(1 for e in history if e.get("final_recovery"))
+    _save_state(out_path, cfg, history, done=False, pruned=reason)
+    if current is teacher:  # nothing was cut: recover a copy, never the caller's model
+        import copy
+
+        current = copy.deepcopy(teacher)
+    for k in range(done, n_chunks):
+        epochs = min(chunk, cfg.final_recover_epochs - k * chunk)
+        r = history[-1]["round"] + 1
+        t0 = time.perf_counter()
+        before = {n: t.detach().clone() for n, t in current.state_dict().items()}  # recovery trains in place
+        try:
+            rec = _recover(current, teacher, task, tokenizer, replace(cfg, recover_epochs=epochs), r, emit,
+                           seed=cfg.seed * 1000 + 100 + k)
+        except ParticlizeError as e:
+            current.load_state_dict(before)
+            return current, f"{reason}; final recovery failed in chunk {k + 1} ({e}), kept the model before it"
+        del before
+        q = _quality(task, current, tokenizer, cfg)
+        entry = _entry(r, current, decompose(current, seq_len=cfg.max_length), dense_cost, q,
+                       measure_latency(current, lat_inputs), {}, time.perf_counter() - t0, rec)
+        entry["final_recovery"] = k + 1
+        history.append(entry)
+        emit("round", entry)
+        if out_path is not None:
+            write_folder_atomically(_round_dir(out_path, r), lambda d, m=current: _save_into(m, d), force=True)
+        _save_state(out_path, cfg, history, done=False, pruned=reason)
+    return current, f"{reason}; then {n_chunks} final recovery chunk{'s' if n_chunks > 1 else ''}"
 
 
 def _save_into(model: nn.Module, d: Path) -> None:
@@ -483,10 +536,12 @@ def _finish(out: Path, history: list, reason: str, cfg: CompressConfig, task: Ta
 
 
 def _save_state(out: Path | None, cfg: CompressConfig, history: list, *, done: bool, reason: str = "",
-                test: dict | None = None) -> None:
+                test: dict | None = None, pruned: str = "") -> None:
     if out is None:
         return
     data = {"config": _jsonable(asdict(cfg)), "history": history, "done": done, "reason": reason}
+    if pruned:
+        data["pruned"] = pruned
     if test is not None:
         data["test"] = test
     _write_json(out / HISTORY, data)
@@ -583,7 +638,7 @@ def _check_latency_target(cfg: CompressConfig, model: nn.Module, pm: ParticleMap
 
 
 def _recover(student: nn.Module, teacher: nn.Module, task: Task, tokenizer: Any, cfg: CompressConfig, r: int,
-             emit: Progress) -> dict[str, Any]:
+             emit: Progress, seed: int | None = None) -> dict[str, Any]:
     if cfg.recover_epochs == 0:
         return {"epochs": 0}
 
@@ -591,7 +646,7 @@ def _recover(student: nn.Module, teacher: nn.Module, task: Task, tokenizer: Any,
         emit("recover", {"round": r, "step": step, "total": total, **info})
 
     return task.recover(student, teacher, tokenizer, epochs=cfg.recover_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                        max_length=cfg.max_length, seed=cfg.seed * 1000 + r, limit=cfg.limit, kd_alpha=cfg.kd_alpha,
+                        max_length=cfg.max_length, seed=cfg.seed * 1000 + r if seed is None else seed, limit=cfg.limit, kd_alpha=cfg.kd_alpha,
                         temperature=cfg.temperature, hidden_weight=cfg.hidden_weight, val_every=cfg.val_every,
                         patience=cfg.patience, progress=prog)
 
