@@ -1,7 +1,7 @@
 """Class-conditional sample accuracy of compressed video DiTs against the dense one, paired and with error bars.
 
     .venv/bin/python benchmarks/sora_accuracy.py MODEL_DIR [MODEL_DIR ...] [--dense sora-tiny]
-        [--per-class 50] [--steps 50] [--guidance 5] [--chunk 100] [--json FILE]
+        [--per-class 50] [--steps 50] [--guidance 5] [--chunk 100] [--json FILE] [--cache DIR | --no-cache]
 
 Every model samples the *same* videos: the same labels (``--per-class`` per digit) and the same starting
 noise (seed ``k`` for the ``k``-th chunk of ``--chunk`` videos; DDIM is deterministic), so each video is a
@@ -10,11 +10,15 @@ Printed per model: accuracy with its 95% Wilson interval, and the paired differe
 with a 95% interval from the per-video differences (normal approximation), plus the discordant counts
 (videos only the dense model draws right / only this one does). 100 videos alone leave about ±8 points
 at 95% on an accuracy near 0.75; the issue's "at most 2 points lower" needs several hundred paired videos.
+
+Per-video hits are cached in ``--cache`` under a hash of the model's weights and every setting that
+changes the samples (threads included), so the dense model is sampled once, not on every call.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -37,6 +41,28 @@ def sample_trials(model: torch.nn.Module, clf: torch.nn.Module, labels: torch.Te
         hits.append((classify_videos(clf, videos) == lab).float())
         change += temporal_consistency(videos) * len(lab)
     return torch.cat(hits), change / len(labels)
+
+
+def cached_trials(model: torch.nn.Module, clf: torch.nn.Module, labels: torch.Tensor, steps: int, guidance: float,
+                  chunk: int, cache: Path | None) -> torch.Tensor:
+    """`sample_trials`' hits, read from ``cache`` when this model (by its weights) was sampled the same way before."""
+    if cache is None:
+        return sample_trials(model, clf, labels, steps, guidance, chunk)[0]
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    h.update(labels.numpy().tobytes())
+    h.update(f"{steps} {guidance} {chunk} {torch.__version__} {torch.get_num_threads()}".encode())
+    f = cache / f"{h.hexdigest()[:32]}.json"
+    if f.is_file():
+        return torch.tensor(json.loads(f.read_text()))
+    hits = sample_trials(model, clf, labels, steps, guidance, chunk)[0]
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_suffix(".tmp")
+    tmp.write_text(json.dumps(hits.tolist()))
+    tmp.replace(f)
+    return hits
 
 
 def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -71,6 +97,9 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--chunk", type=int, default=100, help="videos per sample call (each chunk its own seed)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--cache", type=Path, default=Path("bench-out/sora-accuracy-cache"),
+                    help="folder of per-video hits by model weights and settings")
+    ap.add_argument("--no-cache", action="store_true", help="sample every model again")
     args = ap.parse_args()
     if args.per_class < 1 or args.chunk < 1:
         ap.error("--per-class and --chunk must be 1 or more")
@@ -83,7 +112,8 @@ def main() -> None:
     hits = {}
     for name in names:
         model = pz.load(name).eval()
-        hits[name], _ = sample_trials(model, clf, labels, args.steps, args.guidance, args.chunk)
+        hits[name] = cached_trials(model, clf, labels, args.steps, args.guidance, args.chunk,
+                                   None if args.no_cache else args.cache)
         print(f"{name}: {hits[name].mean().item():.3f}", flush=True)
     n = len(labels)
     rows, res = [], {"videos": n, "steps": args.steps, "guidance": args.guidance, "models": {}}
@@ -91,7 +121,7 @@ def main() -> None:
         k = hits[name].sum().item()
         lo, hi = wilson(k, n)
         per_digit = [hits[name][labels == d].mean().item() for d in range(10)]
-        entry = {"accuracy": k / n, "wilson95": [lo, hi], "per_digit": per_digit}
+        entry = {"accuracy": k / n, "wilson95": [lo, hi], "per_digit": per_digit, "hits": hits[name].tolist()}
         diff = "—"
         if name != args.dense:
             p = paired(hits[args.dense], hits[name])
