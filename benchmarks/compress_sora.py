@@ -58,7 +58,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="sora-tiny")
     ap.add_argument("--target-flops", type=float, default=0.5)
-    ap.add_argument("--recover-epochs", type=int, default=4)
+    ap.add_argument("--recover-epochs", type=float, default=4)
     ap.add_argument("--per-class", type=int, default=50)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--final-recover-epochs", type=float, default=0.0,
