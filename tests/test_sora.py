@@ -127,12 +127,22 @@ def test_pruned_heads_update_counts_and_keep_sample():
 
 
 def test_flops_cost():
-    pm = pz.decompose(_model())
-    full = pm.cost(seq_len=0)
+    model = _model()
+    pm = pz.decompose(model)
+    full = pm.cost()
     dim, hidden, depth = 32, 64, 2
-    assert full.flops == depth * 2.0 * (8 * dim * dim + 2 * dim * hidden)  # adaLN runs per video, not per token
-    less = pm.cost({"blocks.0.mlp.neurons": [0, 1]}, seq_len=0)
+    (pt, ph, pw), c = model.config.patch, model.config
+    ctx_s, ctx_t = (c.size // ph) * (c.size // pw), c.frames // pt  # one frame's patches; one patch's frames
+    linear = depth * 2.0 * (8 * dim * dim + 2 * dim * hidden)  # adaLN runs per video, not per token
+    assert full.flops == linear + depth * 4.0 * dim * (ctx_s + ctx_t)  # scores + mixing, per token
+    assert pm.cost(seq_len=1).flops == pm.cost(seq_len=4096).flops == full.flops  # the architecture fixes the context
+    less = pm.cost({"blocks.0.mlp.neurons": [0, 1]})
     assert full.flops - less.flops == 2 * 2.0 * 2 * dim
+    head_s, head_t = pm.cost({"blocks.0.attn_s.heads": [0]}), pm.cost({"blocks.0.attn_t.heads": [0]})
+    d = model.blocks[0].attn_s.head_dim
+    assert head_t.flops - head_s.flops == 4.0 * d * (ctx_s - ctx_t)  # same weights, different context
+    table = pm.table().set_index("group")["flops"]
+    assert table["blocks.0.attn_s.heads"].iloc[0] - table["blocks.0.attn_t.heads"].iloc[0] == 4.0 * d * (ctx_s - ctx_t)
 
 
 def test_per_example_gates_equal_one_run_per_example():

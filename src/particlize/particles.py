@@ -298,7 +298,9 @@ class ParticleGroup:
 
     ``writers`` produce the particles, ``readers`` consume them; ``owned`` lists, for block groups,
     the whole tensors each block owns. ``flops_ctx`` is extra FLOPs per token per context position
-    (attention scores and mixing), added to the FLOPs of the group's weights at a given sequence length.
+    (attention scores and mixing), added to the FLOPs of the group's weights at a given sequence length;
+    ``ctx_len`` fixes that context length where the architecture does, whatever the sequence length
+    (a video DiT's spatial attention sees one frame's patches, its temporal attention one patch's frames).
     ``balanced`` > 1 means the particles come in that many equal chunks which must keep equal counts
     (query heads sharing a key/value head under grouped-query attention).
     """
@@ -312,9 +314,14 @@ class ParticleGroup:
     readers: tuple[Slice, ...] = ()
     owned: tuple[tuple[str, ...], ...] = ()
     flops_ctx: float = 0.0
+    ctx_len: int | None = None
     balanced: int = 1
     scope: str = ""
     on_prune: Callable[[nn.Module, list[int]], None] | None = field(default=None, repr=False)
+
+    def ctx_flops(self, seq_len: int) -> float:
+        """Attention FLOPs per token of one particle at sequence length ``seq_len`` (or its fixed context)."""
+        return self.flops_ctx * (seq_len if self.ctx_len is None else self.ctx_len)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -501,13 +508,13 @@ class ParticleMap:
                 continue
             gone = removed.get(g.name, [])
             alive = not any(g.scope.startswith(s) or g.name.startswith(s) for s in dead_scopes)
-            flops_ctx += g.flops_ctx * (g.size - len(gone) if alive else 0)
+            flops_ctx += g.ctx_flops(seq_len) * (g.size - len(gone) if alive else 0)
             for s in (*g.writers, *g.readers):
                 t = self._tensor(s.name)
                 dim = s.dim % t.ndim
                 kept.setdefault(s.name, {})[dim] = len(gone) * s.width * s.repeat
         names = set(self.tensor_flops) | set(kept)
-        params, flops = 0, flops_ctx * seq_len
+        params, flops = 0, flops_ctx
         for name, p in self.model.named_parameters():
             names.add(name)
         for name in names:

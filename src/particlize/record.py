@@ -40,7 +40,7 @@ def unit_cost(pm: ParticleMap, g: ParticleGroup, seq_len: int) -> tuple[list[int
             f = sum(pm._tensor(n).numel() * pm.tensor_flops.get(n, 0.0) for n in names)
             if isinstance(g.gate, ResidualGate):
                 scope = g.gate.modules[i] + "."
-                f += sum(o.flops_ctx * o.size * seq_len for o in pm.groups if o.kind != "block" and o.scope.startswith(scope))
+                f += sum(o.ctx_flops(seq_len) * o.size for o in pm.groups if o.kind != "block" and o.scope.startswith(scope))
             params.append(int(p))
             flops.append(float(f))
         return params, flops
@@ -55,7 +55,7 @@ def unit_cost(pm: ParticleMap, g: ParticleGroup, seq_len: int) -> tuple[list[int
         if pm._is_param(name):
             p += gone
         f += gone * pm.tensor_flops.get(name, 0.0)
-    f += g.flops_ctx * seq_len
+    f += g.ctx_flops(seq_len)
     return [int(p)] * g.size, [float(f)] * g.size
 
 

@@ -58,6 +58,13 @@ class DiTAdapter:
         groups: list[ParticleGroup] = []
         flops: dict[str, float] = {}
         paths = tuple(f"blocks.{i}" for i in range(len(model.blocks)))
+        # attention context: spatial = the patches of one frame, temporal = the frames of one patch position
+        # (from the model's config; without one, attention is counted at ``seq_len`` like any transformer)
+        cfg = getattr(model, "config", None)
+        ctx: dict[str, int | None] = {"attn_s": None, "attn_t": None}
+        if all(hasattr(cfg, a) for a in ("patch", "size", "frames")):
+            pt, ph, pw = cfg.patch
+            ctx = {"attn_s": (cfg.size // ph) * (cfg.size // pw), "attn_t": cfg.frames // pt}
         for i, (bp, block) in enumerate(zip(paths, model.blocks)):
             for an in ("attn_s", "attn_t"):
                 attn = getattr(block, an)
@@ -67,7 +74,7 @@ class DiTAdapter:
                     writers += [Slice(f"{ap}.{k}.weight", 0, d), Slice(f"{ap}.{k}.bias", 0, d)]
                 groups.append(ParticleGroup(
                     f"{ap}.heads", "head", attn.q.out_features // d, i, InputGate(f"{ap}.proj"), tuple(writers),
-                    (Slice(f"{ap}.proj.weight", 1, d),), flops_ctx=4.0 * d, scope=f"{bp}.",
+                    (Slice(f"{ap}.proj.weight", 1, d),), flops_ctx=4.0 * d, ctx_len=ctx[an], scope=f"{bp}.",
                     on_prune=_heads_pruned(ap),
                 ))
             mp = f"{bp}.mlp"
