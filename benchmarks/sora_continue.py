@@ -55,13 +55,12 @@ def main() -> None:
             model = pz.load(folder, trust_code=True)
             print(f"chunk {k}: {folder} exists, loaded", flush=True)
             continue
-        t = time.perf_counter()
-        r = distill_dit(model, teacher, task, steps=args.steps, lr=args.lr, batch_size=32, seed=args.seed0 + k - 1,
-                        alpha=args.alpha)
+        t, seed = time.perf_counter(), args.seed0 + k - 1
+        r = distill_dit(model, teacher, task, steps=args.steps, lr=args.lr, batch_size=32, seed=seed, alpha=args.alpha)
         model.eval()
         save(model, folder, extra={"continued_from": args.model, "chunk": k, "steps": args.steps,
-                                   "seed": args.seed0 + k - 1, "alpha": args.alpha, "lr": args.lr})
-        print(f"chunk {k} (seed {args.seed0 + k - 1}): held-out ε-MSE {eps_mse(model, v * 2 - 1, y):.5f}, "
+                                   "seed": seed, "alpha": args.alpha, "lr": args.lr})
+        print(f"chunk {k} (seed {seed}): held-out ε-MSE {eps_mse(model, v * 2 - 1, y):.5f}, "
               f"final loss {r['final_loss']:.5f}, {time.perf_counter() - t:.0f} s -> {folder}", flush=True)
 
 

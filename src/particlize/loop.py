@@ -407,9 +407,7 @@ def compress(
     _check_latency_target(cfg, teacher, pm0, lat_inputs, kinds)
 
     reason = pruned_reason or f"stopped after {cfg.max_rounds} rounds"
-    for r in range(start_round, cfg.max_rounds + 1):
-        if pruned_reason:
-            break
+    for r in range(start_round, cfg.max_rounds + 1) if not pruned_reason else ():
         if _met(cfg, history[-1], history[0]):
             reason = "target met"
             break
@@ -429,7 +427,7 @@ def compress(
         student = pm.prune(remove, reweight=calib if cfg.reweight else None)
         emit("pruned", {"round": r, "removed": {k: len(v) for k, v in remove.items()}})
         try:
-            rec = _recover(student, teacher, task, tokenizer, cfg, r, emit)
+            rec = _recover(student, teacher, task, tokenizer, cfg, r, emit, seed=cfg.seed * 1000 + r)
         except ParticlizeError as e:
             reason = f"recovery failed in round {r} ({e}); kept the model of round {r - 1}"
             break
@@ -442,11 +440,7 @@ def compress(
             reason = (f"round {r} fell below the quality floor (val {task.quality_name} {q['quality']:.4f} < "
                       f"{floor:.4f}); kept the model of round {r - 1}")
             break
-        history.append(entry)
-        emit("round", entry)
-        if out_path is not None:
-            write_folder_atomically(_round_dir(out_path, r), lambda d, m=student: _save_into(m, d), force=True)
-        _save_state(out_path, cfg, history, done=False)
+        _keep_round(out_path, cfg, history, entry, student, emit)
         current = student
     if _met(cfg, history[-1], history[0]):
         reason = "target met"
@@ -487,12 +481,18 @@ def _final_recovery(current: nn.Module, teacher: nn.Module, task: Task, tokenize
         entry = _entry(r, current, decompose(current, seq_len=cfg.max_length), dense_cost, q,
                        measure_latency(current, lat_inputs), {}, time.perf_counter() - t0, rec)
         entry["final_recovery"] = k + 1
-        history.append(entry)
-        emit("round", entry)
-        if out_path is not None:
-            write_folder_atomically(_round_dir(out_path, r), lambda d, m=current: _save_into(m, d), force=True)
-        _save_state(out_path, cfg, history, done=False, pruned=reason)
+        _keep_round(out_path, cfg, history, entry, current, emit, pruned=reason)
     return current, f"{reason}; then {n_chunks} final recovery chunk{'s' if n_chunks > 1 else ''}"
+
+
+def _keep_round(out_path: Path | None, cfg: CompressConfig, history: list[dict[str, Any]], entry: dict[str, Any],
+                model: nn.Module, emit: Progress, pruned: str = "") -> None:
+    """Record a finished round (or final-recovery chunk): history, progress, checkpoint, state file."""
+    history.append(entry)
+    emit("round", entry)
+    if out_path is not None:
+        write_folder_atomically(_round_dir(out_path, entry["round"]), lambda d: _save_into(model, d), force=True)
+    _save_state(out_path, cfg, history, done=False, pruned=pruned)
 
 
 def _save_into(model: nn.Module, d: Path) -> None:
@@ -638,7 +638,7 @@ def _check_latency_target(cfg: CompressConfig, model: nn.Module, pm: ParticleMap
 
 
 def _recover(student: nn.Module, teacher: nn.Module, task: Task, tokenizer: Any, cfg: CompressConfig, r: int,
-             emit: Progress, seed: int | None = None) -> dict[str, Any]:
+             emit: Progress, *, seed: int) -> dict[str, Any]:
     if cfg.recover_epochs == 0:
         return {"epochs": 0}
 
@@ -646,7 +646,7 @@ def _recover(student: nn.Module, teacher: nn.Module, task: Task, tokenizer: Any,
         emit("recover", {"round": r, "step": step, "total": total, **info})
 
     return task.recover(student, teacher, tokenizer, epochs=cfg.recover_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                        max_length=cfg.max_length, seed=cfg.seed * 1000 + r if seed is None else seed, limit=cfg.limit, kd_alpha=cfg.kd_alpha,
+                        max_length=cfg.max_length, seed=seed, limit=cfg.limit, kd_alpha=cfg.kd_alpha,
                         temperature=cfg.temperature, hidden_weight=cfg.hidden_weight, val_every=cfg.val_every,
                         patience=cfg.patience, progress=prog)
 

@@ -502,19 +502,19 @@ class ParticleMap:
                     if isinstance(g.gate, ResidualGate):
                         dead_scopes.add(g.gate.modules[i] + ".")
         kept: dict[str, dict[int, int]] = {}  # tensor -> dim -> removed count
-        flops_ctx = 0.0
+        ctx_total = 0.0  # attention FLOPs per token of the kept particles
         for g in self.groups:
             if g.kind == "block":
                 continue
             gone = removed.get(g.name, [])
             alive = not any(g.scope.startswith(s) or g.name.startswith(s) for s in dead_scopes)
-            flops_ctx += g.ctx_flops(seq_len) * (g.size - len(gone) if alive else 0)
+            ctx_total += g.ctx_flops(seq_len) * (g.size - len(gone) if alive else 0)
             for s in (*g.writers, *g.readers):
                 t = self._tensor(s.name)
                 dim = s.dim % t.ndim
                 kept.setdefault(s.name, {})[dim] = len(gone) * s.width * s.repeat
         names = set(self.tensor_flops) | set(kept)
-        params, flops = 0, flops_ctx
+        params, flops = 0, ctx_total
         for name, p in self.model.named_parameters():
             names.add(name)
         for name in names:
