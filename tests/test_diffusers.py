@@ -15,6 +15,7 @@ from strategies import removal_sets
 
 SETTINGS = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 DIM, HEADS, HEAD_DIM, LAYERS, HIDDEN = 32, 4, 8, 2, 128  # FF inner = 4 * DIM by diffusers' default
+LATTE_PATCHES, LATTE_FRAMES = (8 // 2) ** 2, 3  # Latte below: sample_size 8, patch 2, video_length 3
 
 
 def _randomise(m: torch.nn.Module) -> torch.nn.Module:
@@ -161,10 +162,36 @@ def test_flops_cost():
     pm = pz.decompose(_latte())
     full = pm.cost(seq_len=0)
     # spatial: self-attention 4 D^2, cross-attention q and out 2 D^2 (k, v run on the caption), GEGLU 3 D H;
-    # temporal: self-attention 4 D^2, GEGLU 3 D H
-    assert full.flops == LAYERS * 2.0 * (10 * DIM * DIM + 6 * DIM * HIDDEN)
+    # temporal: self-attention 4 D^2, GEGLU 3 D H; attention over 4 x 4 patches (spatial) and 3 frames (temporal)
+    scores = LAYERS * HEADS * 4.0 * HEAD_DIM * (LATTE_PATCHES + LATTE_FRAMES)
+    assert full.flops == LAYERS * 2.0 * (10 * DIM * DIM + 6 * DIM * HIDDEN) + scores
     less = pm.cost({"transformer_blocks.0.ff.neurons": [0, 1]}, seq_len=0)
     assert full.flops - less.flops == 2 * 2.0 * 3 * DIM  # a GEGLU neuron: two proj rows and one out column
+    # only the cross-attention heads (caption tokens) follow seq_len
+    assert pm.cost(seq_len=5).flops - full.flops == LAYERS * HEADS * 4.0 * HEAD_DIM * 5
+    spatial, temporal = (pm.cost({f"{n}.0.attn1.heads": [0]}, seq_len=5).flops
+                         for n in ("transformer_blocks", "temporal_transformer_blocks"))
+    assert spatial - temporal == 4.0 * HEAD_DIM * (LATTE_FRAMES - LATTE_PATCHES)
+
+
+def test_latte_attention_context_is_what_the_model_attends_over():
+    model, batch = _latte(), _batch("latte")
+    pm = pz.decompose(model)
+    seen: dict[str, int] = {}
+
+    def record(name):
+        def hook(mod, args, kwargs):
+            seen[name] = (args[0] if args else kwargs["hidden_states"]).shape[1]  # self-attention: keys = queries
+        return hook
+
+    handles = [model.get_submodule(g.name.removesuffix(".heads")).register_forward_pre_hook(record(g.name), with_kwargs=True)
+               for g in pm.groups if g.name.endswith("attn1.heads")]
+    with torch.no_grad():
+        _run(model, batch)
+    for h in handles:
+        h.remove()
+    assert seen and all(pm[name].ctx_len == n for name, n in seen.items())
+    assert sorted(set(seen.values())) == [LATTE_FRAMES, LATTE_PATCHES]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

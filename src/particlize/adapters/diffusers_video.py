@@ -38,9 +38,11 @@ so gates on them do not fire and `ParticleMap.gates` raises `GateError`, as for 
 FLOPs are per token of the transformer blocks (CogVideoX: tokens of the joint text + video sequence;
 Latte: video patch tokens), 2 per weight element of each Linear that runs per token. adaLN Linears run
 once per video and count 0; Latte's cross-attention ``to_k``/``to_v`` run on the caption, not per video
-token, and count 0. Attention scores add ``4 * head_dim`` per token per context position (one
-``seq_len`` for all: tokens for spatial and CogVideoX heads, frames for temporal heads, caption
-tokens for cross-attention heads).
+token, and count 0. Attention scores add ``4 * head_dim`` per token per context position. The context
+is ``seq_len`` for CogVideoX (its full attention over the joint sequence) and for Latte's cross-attention
+heads (caption tokens); Latte's spatial heads see one frame's patches, ``(sample_size // patch_size)**2``,
+and its temporal heads one patch's frames, ``video_length``, both fixed from the model's config (the
+sizes it was built for), whatever ``seq_len``.
 
 Saving: the recipe rebuilds the base model from its diffusers config through `build_model`, a
 factory inside particlize (so `particlize.load` needs no ``trust_code``); the plan replays the cuts.
@@ -183,8 +185,10 @@ def _bias(path: str, lin: nn.Linear, **kw: int) -> list[Slice]:
     return [Slice(f"{path}.bias", 0, **kw)] if lin.bias is not None else []
 
 
-def _heads(attn: Any, ap: str, idx: int, scope: str, gate: Callable[[str], GateSite]) -> ParticleGroup | None:
-    """The heads of a diffusers ``Attention`` at ``ap``, or None where they are coupled or fused."""
+def _heads(attn: Any, ap: str, idx: int, scope: str, gate: Callable[[str], GateSite],
+           ctx_len: int | None = None) -> ParticleGroup | None:
+    """The heads of a diffusers ``Attention`` at ``ap`` (attending over ``ctx_len`` positions, or
+    ``seq_len`` when None), or None where they are coupled or fused."""
     lins = [getattr(attn, k, None) for k in ("to_q", "to_k", "to_v")]
     out = getattr(attn, "to_out", None)
     if not all(isinstance(m, nn.Linear) for m in lins) or not isinstance(out, nn.ModuleList):
@@ -211,7 +215,7 @@ def _heads(attn: Any, ap: str, idx: int, scope: str, gate: Callable[[str], GateS
 
     return ParticleGroup(
         f"{ap}.heads", "head", n, idx, gate(f"{ap}.to_out.0"), tuple(writers), (Slice(f"{ap}.to_out.0.weight", 1, d),),
-        flops_ctx=4.0 * d, scope=scope, on_prune=heads_pruned,
+        flops_ctx=4.0 * d, ctx_len=ctx_len, scope=scope, on_prune=heads_pruned,
     )
 
 
@@ -301,6 +305,9 @@ class DiffusersVideoAdapter:
     def _latte(model: nn.Module) -> tuple[list[ParticleGroup], dict[str, float]]:
         groups: list[ParticleGroup] = []
         flops: dict[str, float] = {}
+        cfg = model.config
+        patches = (cfg.sample_size // cfg.patch_size) ** 2 if cfg.patch_size else None
+        ctx = {("transformer_blocks", "attn1"): patches, ("temporal_transformer_blocks", "attn1"): cfg.video_length}
         for i in range(len(model.transformer_blocks)):
             for lname in ("transformer_blocks", "temporal_transformer_blocks"):  # spatial, then temporal
                 bp, block = f"{lname}.{i}", getattr(model, lname)[i]
@@ -308,7 +315,7 @@ class DiffusersVideoAdapter:
                 def gate(module: str, bp: str = bp) -> GateSite:
                     return FoldedInputGate(module, chunked_by=bp if module.endswith(".ff.net.2") else "")
 
-                found = [_heads(getattr(block, an), f"{bp}.{an}", i, f"{bp}.", gate)
+                found = [_heads(getattr(block, an), f"{bp}.{an}", i, f"{bp}.", gate, ctx.get((lname, an)))
                          for an in ("attn1", "attn2") if getattr(block, an, None) is not None]
                 found.append(_neurons(block.ff, f"{bp}.ff", i, f"{bp}.", gate))
                 groups += [g for g in found if g is not None]
