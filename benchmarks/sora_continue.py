@@ -1,7 +1,7 @@
 """Continue recovering an already compressed video DiT by distillation from the dense one, in chunks (issue 6).
 
     .venv/bin/python benchmarks/sora_continue.py MODEL_DIR --out PREFIX [--chunks 2] [--steps 2016] [--seed0 100]
-        [--alpha 0.5] [--lr 3e-4] [--dense sora-tiny]
+        [--alpha 0.5] [--lr 3e-4] [--dense sora-tiny] [--focus LO HI [--focus-share 0.5]]
 
 Each chunk is one `particlize.train_sora.distill_dit` call on the model (``--steps`` steps, batch 32, a fresh cosine
 schedule, a fresh stream of training videos and a fresh pool of the teacher's sampling trajectories, seed
@@ -37,6 +37,9 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.5, help="weight of the teacher term (1: distillation only)")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--dense", default="sora-tiny")
+    ap.add_argument("--focus", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+                    help="spend --focus-share of every batch on diffusion steps LO..HI (distill_dit's focus)")
+    ap.add_argument("--focus-share", type=float, default=0.5)
     args = ap.parse_args()
     if args.chunks < 1 or args.steps < 1:
         ap.error("--chunks and --steps must be 1 or more")
@@ -56,10 +59,12 @@ def main() -> None:
             print(f"chunk {k}: {folder} exists, loaded", flush=True)
             continue
         t, seed = time.perf_counter(), args.seed0 + k - 1
-        r = distill_dit(model, teacher, task, steps=args.steps, lr=args.lr, batch_size=32, seed=seed, alpha=args.alpha)
+        focus = tuple(args.focus) if args.focus else None
+        r = distill_dit(model, teacher, task, steps=args.steps, lr=args.lr, batch_size=32, seed=seed, alpha=args.alpha,
+                        focus=focus, focus_share=args.focus_share)
         model.eval()
-        save(model, folder, extra={"continued_from": args.model, "chunk": k, "steps": args.steps,
-                                   "seed": seed, "alpha": args.alpha, "lr": args.lr})
+        save(model, folder, extra={"continued_from": args.model, "chunk": k, "steps": args.steps, "seed": seed,
+                                   "alpha": args.alpha, "lr": args.lr, "focus": focus, "focus_share": args.focus_share})
         print(f"chunk {k} (seed {seed}): held-out ε-MSE {eps_mse(model, v * 2 - 1, y):.5f}, "
               f"final loss {r['final_loss']:.5f}, {time.perf_counter() - t:.0f} s -> {folder}", flush=True)
 

@@ -413,6 +413,33 @@ def test_on_policy_distillation_adds_the_students_own_sampling_states(task):
         distill_dit(student, teacher, task, steps=1, on_policy=-1)
 
 
+def test_focused_distillation_spends_its_share_of_rows_on_the_window(task):
+    """``focus=(300, 700)`` with share 0.5: in every batch half the fresh rows and half the trajectory rows
+    sit at steps 300..700 (a 4-step sampler visits 666 and 333 there), the rest anywhere; without focus the
+    fresh steps spread over the schedule; a window outside the schedule or between the sampler's steps is refused."""
+    import copy
+
+    from particlize.train_sora import distill_dit
+
+    teacher = _model()
+    student = copy.deepcopy(teacher)
+    steps_seen: list[torch.Tensor] = []
+    student.register_forward_pre_hook(lambda m, args: steps_seen.append(args[1][:8].clone()) if m.training else None)
+    distill_dit(student, teacher, task, steps=6, batch_size=8, trajectory_videos=3, sampler_steps=4,
+                focus=(300, 700), focus_share=0.5)
+    assert len(steps_seen) == 6
+    for t in steps_seen:  # rows: 4 fresh, then 4 from the sampler's trajectories
+        fresh, traj = t[:4], t[4:]
+        assert ((fresh[:2] >= 300) & (fresh[:2] <= 700)).all()
+        assert set(traj[:2].tolist()) <= {666, 333} and set(traj.tolist()) <= {999, 666, 333, 0}
+    rest = torch.cat([t[2:4] for t in steps_seen])
+    assert ((rest < 300) | (rest > 700)).any()  # the other rows still cover the whole schedule
+    with pytest.raises(ValueError, match="focus"):
+        distill_dit(student, teacher, task, steps=1, focus=(500, 1000))
+    with pytest.raises(ValueError, match="no step of the 4-step sampler"):
+        distill_dit(student, teacher, task, steps=1, batch_size=8, trajectory_videos=3, sampler_steps=4, focus=(400, 600))
+
+
 def test_distillation_can_end_on_the_moving_average_of_the_weights(task, monkeypatch):
     """``ema=0.9``: the student ends with the warmed-up exponential moving average of the weights after every
     optimizer step (as `train_sora` ships); without it, with the last step's weights."""

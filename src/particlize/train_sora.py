@@ -213,6 +213,8 @@ def distill_dit(
     hidden_weight: float = 0.0,
     on_policy: int = 0,
     ema: float = 0.0,
+    focus: tuple[int, int] | None = None,
+    focus_share: float = 0.5,
     progress: Callable[[int, int, dict], None] | None = None,
 ) -> dict[str, Any]:
     """Recover a pruned `SpacetimeDiT` in place by distillation from the original ``teacher``.
@@ -238,6 +240,11 @@ def distill_dit(
     taken it, not only those the teacher would visit (DAgger-style; off by default).
     ``ema`` > 0 keeps an exponential moving average of the student's weights (decay ``ema``, warmed
     up as in training) and leaves the student with it at the end, as `train_sora` ships EMA weights.
+    ``focus=(lo, hi)`` spends ``focus_share`` of the fresh rows and of the trajectory rows of every batch on
+    diffusion steps ``lo <= t <= hi`` (the rest stay spread over all steps): the noise levels where a
+    compressed model's samples lose what the teacher's keep, as found by sampling with the teacher for
+    some steps and the student for the others (``benchmarks/sora_handoff.py``; for ``sora-tiny``, the
+    middle of the schedule, t ≈ 490–795, SNR 1 to 0.1, where the digit takes its shape).
     Raises `ParticlizeError` if the loss stops being finite (the compress loop then keeps the last good
     round).
     """
@@ -247,6 +254,9 @@ def distill_dit(
         raise ValueError(f"on_policy must be >= 0, got {on_policy}")
     if not 0.0 <= ema < 1.0:
         raise ValueError(f"ema is a decay in [0, 1) (0: off), got {ema}")
+    if focus is not None and not (0 <= focus[0] <= focus[1] < teacher.diffusion.steps and 0.0 < focus_share <= 1.0):
+        raise ValueError(f"focus must be steps (lo, hi) with 0 <= lo <= hi < {teacher.diffusion.steps} and focus_share "
+                         f"in (0, 1], got {focus} and {focus_share}")
     device = next(student.parameters()).device
     teacher = teacher.eval()
     n_traj = round(batch_size * trajectory_fraction)
@@ -265,6 +275,12 @@ def distill_dit(
     if n_traj:
         teacher_x, pool_t = visited(teacher, seed + 7)
         pool_x, pool_y = teacher_x, pool_labels.to(device)
+    n_focus_fresh = round(n_fresh * focus_share) if focus else 0
+    n_focus_traj = round(n_traj * focus_share) if focus else 0
+    if n_focus_traj:
+        in_focus = ((pool_t >= focus[0]) & (pool_t <= focus[1])).nonzero().squeeze(1)
+        if not len(in_focus):
+            raise ValueError(f"no step of the {sampler_steps}-step sampler falls in focus {focus}; widen it")
     refresh = math.ceil(steps / on_policy) if on_policy and n_traj else 0
     both_labels = pool_labels.repeat(2).to(device)  # labels of the teacher's and the student's draws, side by side
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
@@ -283,9 +299,14 @@ def distill_dit(
                     pool_x = torch.cat([teacher_x, student_x], dim=1)
                     pool_y = both_labels
                 x0, y, t, noise = _draw(student, stream, gen, n_fresh, device)
+                if n_focus_fresh:
+                    t[:n_focus_fresh] = torch.randint(focus[0], focus[1] + 1, (n_focus_fresh,), generator=gen).to(device)
                 xt = student.diffusion.add_noise(x0, t, noise)
                 if n_traj:
                     si = torch.randint(0, pool_x.shape[0], (n_traj,), generator=gen).to(device)
+                    if n_focus_traj:
+                        pick = torch.randint(0, len(in_focus), (n_focus_traj,), generator=gen).to(device)
+                        si[:n_focus_traj] = in_focus[pick]
                     vi = torch.randint(0, pool_x.shape[1], (n_traj,), generator=gen).to(device)
                     xt, t, y = torch.cat([xt, pool_x[si, vi]]), torch.cat([t, pool_t[si]]), torch.cat([y, pool_y[vi]])
                 labelled = (y != student.null_label).nonzero().squeeze(1) if guidance else y[:0]
