@@ -83,6 +83,9 @@ def main() -> None:
     ap.add_argument("--trajectory-videos", type=int, default=None,
                     help="videos the teacher's sampler draws for the recovery's trajectory pool (distill_dit's default if unset)")
     ap.add_argument("--lr", type=float, default=None, help="recovery learning rate (default: the task's, 3e-4)")
+    ap.add_argument("--focus", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+                    help="recovery spends --focus-share of every batch on diffusion steps LO..HI (distill_dit's focus)")
+    ap.add_argument("--focus-share", type=float, default=0.5)
     ap.add_argument("--plain-distill", action="store_true",
                     help="recover by plain noise-prediction distillation (no guidance term, no sampler trajectories)")
     args = ap.parse_args()
@@ -104,6 +107,8 @@ def main() -> None:
         task.distill_options["ema"] = args.ema
     if args.trajectory_videos:
         task.distill_options["trajectory_videos"] = args.trajectory_videos
+    if args.focus:
+        task.distill_options.update(focus=tuple(args.focus), focus_share=args.focus_share)
     clf = load_frame_classifier()
     models = {"dense": dense}
     runs = {}
