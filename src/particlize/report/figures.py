@@ -67,9 +67,11 @@ def video_grid(
                 ax.set_title(f"t={t}", fontsize=7)
         if row_labels:
             axes[b, 0].set_ylabel(row_labels[b], fontsize=7, rotation=0, ha="right", va="center")
+    top = 1.0
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout(pad=0.3, h_pad=0.2, w_pad=0.1)
+        top -= 0.3 / fig.get_figheight()  # a line for the title above the frame numbers
+    fig.tight_layout(pad=0.3, h_pad=0.2, w_pad=0.1, rect=(0, 0, 1, top))
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=100, facecolor="white")
     plt.close(fig)
