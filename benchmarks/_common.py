@@ -36,6 +36,13 @@ def setup_threads() -> None:
     torch.set_num_threads(THREADS)
 
 
+def start() -> None:
+    """`setup_threads`, then the run's machine and command line, first in every log."""
+    setup_threads()
+    print("machine:", machine_line(), flush=True)
+    print("command:", " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]), flush=True)
+
+
 # ---- machine -------------------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/compress_sora.py [--model sora-tiny] [--target-flops 0.5]
         [--recover-epochs 4] [--final-recover-epochs 0] [--per-class 50] [--steps 50] [--out bench-out/sora] [--reweight] [--max-fraction 0.34] [--lr 3e-4]
+        [--focus LO HI [--focus-share 0.5]]
 
 Three models, the same sampler (DDIM, ``--steps`` steps, the default guidance 5) and the same seeds:
 - dense: the input model;

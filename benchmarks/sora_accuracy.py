@@ -24,7 +24,6 @@ import argparse
 import hashlib
 import json
 import math
-import sys
 from pathlib import Path
 
 import _common as C
@@ -115,9 +114,7 @@ def main() -> None:
     starts = sorted(args.first_seed)
     if any(b - a < chunks for a, b in zip(starts, starts[1:])):
         ap.error(f"--first-seed values must be at least {chunks} apart (each set uses {chunks} seeds), or sets repeat videos")
-    C.setup_threads()
-    print("machine:", C.machine_line(), flush=True)
-    print("command:", " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]), flush=True)
+    C.start()
     clf = load_frame_classifier()
     one_set = torch.arange(10).repeat_interleave(args.per_class)
     labels = one_set.repeat(len(args.first_seed))

@@ -15,7 +15,6 @@ folders with ``sora_accuracy.py``.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -45,9 +44,7 @@ def main() -> None:
         ap.error("--chunks and --steps must be 1 or more")
     if not 0.0 <= args.alpha <= 1.0:
         ap.error("--alpha is a weight in [0, 1]")
-    C.setup_threads()
-    print("machine:", C.machine_line(), flush=True)
-    print("command:", " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]), flush=True)
+    C.start()
     teacher = pz.load(args.dense).eval()
     model = pz.load(args.model, trust_code=True)
     task = moving_digits(seed=0, frames=teacher.config.frames, size=teacher.config.size)

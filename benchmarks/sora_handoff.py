@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import _common as C
@@ -55,9 +54,7 @@ def main() -> None:
     args = ap.parse_args()
     if any(not 0 < k < args.steps for k in args.switch):
         ap.error(f"--switch points must be between 1 and {args.steps - 1} sampler steps")
-    C.setup_threads()
-    print("machine:", C.machine_line(), flush=True)
-    print("command:", " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]), flush=True)
+    C.start()
     clf = load_frame_classifier()
     labels = torch.arange(10).repeat_interleave(args.per_class)
     dense = pz.load(args.dense).eval()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 
 import _common as C
@@ -54,9 +53,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
-    C.setup_threads()
-    print("machine:", C.machine_line(), flush=True)
-    print("command:", " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]), flush=True)
+    C.start()
     print(f"matmul probe before: {C.matmul_probe():.0f} GFLOP/s", flush=True)
     models = {"dense": pz.load(args.dense).eval()}
     for path in args.models:

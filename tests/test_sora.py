@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -321,6 +323,33 @@ def test_compress_a_video_diffusion_model(task, tmp_path):
     assert isinstance(again, SpacetimeDiT)
     videos = again.sample([1, 2], steps=2, seed=0)
     assert videos.shape == (2, 1, 4, 16, 16) and 0 <= videos.min() and videos.max() <= 1
+
+
+def test_compress_recover_focus_reaches_the_distillation(task, tmp_path, monkeypatch):
+    """``recover_focus=(lo, hi)`` is handed to every recovery's `distill_dit` as ``focus`` (and saved with the
+    run); a bad window, or a focus for a task that is not video diffusion, is refused with a clear error."""
+    from types import SimpleNamespace
+
+    import particlize.train_sora as ts
+    from particlize.errors import ParticlizeError
+    from particlize.loop import compress
+    seen: list = []
+    real = ts.distill_dit
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("focus"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ts, "distill_dit", spy)
+    res = compress(_model(), task, target_flops=0.7, min_quality=0.0, recover_epochs=1, batch_size=4, calib_examples=8,
+                   recover_focus=(100, 900), out=tmp_path / "c")
+    assert seen and all(f == (100, 900) for f in seen)
+    assert res.history[-1]["flops_ratio"] <= 0.7 + 1e-9
+    assert json.loads((tmp_path / "c" / "history.json").read_text())["config"]["recover_focus"] == [100, 900]
+    with pytest.raises(ParticlizeError, match="recover_focus is a window"):
+        compress(_model(), task, recover_focus=(900, 100))
+    with pytest.raises(ParticlizeError, match="applies to video diffusion tasks"):
+        compress(torch.nn.Linear(4, 2), SimpleNamespace(kind="text", name="a text classifier"), recover_focus=(100, 900))
 
 
 def test_sampler_trajectory_records_the_states_it_visits():

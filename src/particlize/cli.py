@@ -257,6 +257,8 @@ def compress(
     val_every: Optional[float] = typer.Option(None, "--val-every", min=0.0, max=1.0,
                                               help="validate every this fraction of an epoch during recovery (e.g. 0.1), so early stopping (--patience) can act part-way"),
     patience: int = typer.Option(1, "--patience", min=1, help="recovery stops after this many validations without a better one"),
+    recover_focus: Optional[tuple[int, int]] = typer.Option(None, "--recover-focus", metavar="LO HI",
+                                                         help="video diffusion: spend half of each recovery batch at diffusion steps LO..HI (sora-tiny: 490 795)"),
     reweight: bool = typer.Option(False, "--reweight/--no-reweight",
                                   help="refit the kept particles' reader weights by least squares on the calibration data after each cut"),
     round_to: Optional[int] = typer.Option(None, "--round-to", min=1, help="keep widths multiples of this"),
@@ -287,7 +289,7 @@ def compress(
         granularity=tuple(g.strip() for g in granularity.split(",") if g.strip()), scorer=scorer, allocation=allocation,
         cost=cost, min_quality=min_quality, max_fraction=max_fraction, recover_epochs=recover_epochs,
         final_recover_epochs=final_recover_epochs, round_to=round_to, lr=lr,
-        hidden_weight=hidden_weight, val_every=val_every, patience=patience, reweight=reweight, batch_size=batch_size, max_length=max_length, limit=limit, seed=seed,
+        hidden_weight=hidden_weight, val_every=val_every, patience=patience, recover_focus=recover_focus, reweight=reweight, batch_size=batch_size, max_length=max_length, limit=limit, seed=seed,
         quantize=quantize,
     )
     cfg.check()

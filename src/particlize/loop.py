@@ -59,6 +59,7 @@ class CompressConfig:
     hidden_weight: float | None = None  # layer-wise distillation weight (blocks' output MSE); None: the task's default
     val_every: float | None = None  # validate every this fraction of an epoch in recovery (early stopping part-way)
     patience: int = 1  # recovery stops after this many validations without a better validation accuracy
+    recover_focus: tuple[int, int] | None = None  # video diffusion: half of each recovery batch at diffusion steps lo..hi
     reweight: bool = False  # refit the cut readers by least squares on the calibration data before recovery
     calib_examples: int = 256
     batch_size: int = 32
@@ -93,6 +94,8 @@ class CompressConfig:
             raise ParticlizeError(f"val_every is a fraction of an epoch in (0, 1], got {self.val_every}")
         if self.patience < 1:
             raise ParticlizeError(f"patience counts validations: 1 or more, got {self.patience}")
+        if self.recover_focus is not None and not (len(self.recover_focus) == 2 and 0 <= self.recover_focus[0] <= self.recover_focus[1]):
+            raise ParticlizeError(f"recover_focus is a window of diffusion steps (lo, hi) with 0 <= lo <= hi, got {self.recover_focus}")
         if not 0.0 < self.max_fraction <= 1.0:
             raise ParticlizeError(f"max_fraction must be in (0, 1], got {self.max_fraction}")
         if not 0.0 <= self.min_quality <= 1.5:
@@ -354,6 +357,8 @@ def compress(
             raise ParticlizeError(f"unknown compress option {k!r}")
         setattr(cfg, k, tuple(v) if k == "granularity" else v)
     cfg.check()
+    if cfg.recover_focus is not None and task.kind != "video":
+        raise ParticlizeError(f"recover_focus is a window of diffusion steps: it applies to video diffusion tasks, not {task.name}")
     emit = progress or (lambda event, info: None)
     out_path = Path(out) if out is not None else None
     teacher = model.eval()
@@ -648,7 +653,8 @@ def _recover(student: nn.Module, teacher: nn.Module, task: Task, tokenizer: Any,
     return task.recover(student, teacher, tokenizer, epochs=cfg.recover_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                         max_length=cfg.max_length, seed=seed, limit=cfg.limit, kd_alpha=cfg.kd_alpha,
                         temperature=cfg.temperature, hidden_weight=cfg.hidden_weight, val_every=cfg.val_every,
-                        patience=cfg.patience, progress=prog)
+                        patience=cfg.patience, progress=prog,
+                        **({"focus": tuple(cfg.recover_focus)} if cfg.recover_focus is not None else {}))
 
 
 def _int8_report(model: nn.Module, task: Task, tokenizer: Any, cfg: CompressConfig) -> dict[str, Any]:

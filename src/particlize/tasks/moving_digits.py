@@ -159,10 +159,12 @@ class MovingDigitsTask(Task):
 
     def recover(self, student: nn.Module, teacher: nn.Module, tokenizer: Any = None, *, epochs: float = 1,
                 lr: float | None = None, batch_size: int = 32, seed: int = 0, kd_alpha: float = 0.5,
-                hidden_weight: float | None = None, progress: Any = None, **_: Any) -> dict[str, Any]:
+                hidden_weight: float | None = None, focus: tuple[int, int] | None = None, progress: Any = None,
+                **_: Any) -> dict[str, Any]:
         """Distil the pruned denoiser from the original: ``epochs`` passes' worth of training videos,
         guidance-aware and partly on the original's sampling trajectories (`particlize.train_sora.distill_dit`,
-        with ``distill_options``); ``hidden_weight`` adds layer-wise distillation of the blocks' outputs. Unset
+        with ``distill_options``); ``hidden_weight`` adds layer-wise distillation of the blocks' outputs and
+        ``focus=(lo, hi)`` spends half of every batch at those diffusion steps (distill_dit's ``focus``). Unset
         ``lr`` / ``hidden_weight`` come from `particlize.train.RECOVER_LR` / ``RECOVER_HIDDEN_WEIGHT`` (3e-4, 0)."""
         from ..train import recovery_settings
         from ..train_sora import distill_dit
@@ -170,7 +172,8 @@ class MovingDigitsTask(Task):
         lr, hidden_weight = recovery_settings(self.kind, lr, hidden_weight)
         steps = max(1, math.ceil(epochs * -(-self.sizes()["train"] // batch_size)))
         return distill_dit(student, teacher, self, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-                           alpha=kd_alpha, progress=progress, **{"hidden_weight": hidden_weight, **self.distill_options})
+                           alpha=kd_alpha, progress=progress,
+                           **{"hidden_weight": hidden_weight, **({"focus": focus} if focus else {}), **self.distill_options})
 
     def latency_inputs(self, tokenizer: Any = None, batch: int = 32, seq: int = 64) -> dict[str, torch.Tensor]:
         """One classifier-free-guided sampling step for ``batch`` videos (``2 * batch`` rows)."""
