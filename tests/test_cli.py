@@ -194,3 +194,6 @@ def test_compress_command_end_to_end(tiny_text, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([*args[:-2], "--hidden-weight", "-1", "--out", str(tmp_path / "other")])
     assert e.value.code == 2 and not (tmp_path / "other").exists()
+    with pytest.raises(SystemExit) as e:  # a diffusion-step window means nothing to a text classifier
+        main([*args[:-2], "--recover-focus", "490", "795", "--out", str(tmp_path / "other")])
+    assert e.value.code == 1 and "video diffusion tasks" in capsys.readouterr().err and not (tmp_path / "other").exists()
