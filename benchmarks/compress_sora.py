@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/compress_sora.py [--model sora-tiny] [--target-flops 0.5]
         [--recover-epochs 4] [--final-recover-epochs 0] [--per-class 50] [--steps 50] [--out bench-out/sora] [--reweight] [--max-fraction 0.34] [--lr 3e-4]
-        [--focus LO HI [--focus-share 0.5]]
+        [--focus LO HI]
 
 Three models, the same sampler (DDIM, ``--steps`` steps, the default guidance 5) and the same seeds:
 - dense: the input model;
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -85,18 +84,15 @@ def main() -> None:
                     help="videos the teacher's sampler draws for the recovery's trajectory pool (distill_dit's default if unset)")
     ap.add_argument("--lr", type=float, default=None, help="recovery learning rate (default: the task's, 3e-4)")
     ap.add_argument("--focus", type=int, nargs=2, default=None, metavar=("LO", "HI"),
-                    help="recovery spends --focus-share of every batch on diffusion steps LO..HI (distill_dit's focus)")
-    ap.add_argument("--focus-share", type=float, default=0.5)
+                    help="recovery spends half of every batch on diffusion steps LO..HI (compress's recover_focus)")
     ap.add_argument("--plain-distill", action="store_true",
                     help="recover by plain noise-prediction distillation (no guidance term, no sampler trajectories)")
     args = ap.parse_args()
     if args.per_class < 1:
         ap.error("--per-class must be 1 or more (videos sampled per digit)")
-    C.setup_threads()
+    C.start()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    log("machine:", C.machine_line())
-    log("command:", " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]))
     dense = pz.load(args.model).eval()
     cfg = dense.config
     task = moving_digits(seed=0, frames=cfg.frames, size=cfg.size)
@@ -108,8 +104,6 @@ def main() -> None:
         task.distill_options["ema"] = args.ema
     if args.trajectory_videos:
         task.distill_options["trajectory_videos"] = args.trajectory_videos
-    if args.focus:
-        task.distill_options.update(focus=tuple(args.focus), focus_share=args.focus_share)
     clf = load_frame_classifier()
     models = {"dense": dense}
     runs = {}
@@ -120,7 +114,7 @@ def main() -> None:
         res = compress(dense, task, target_flops=flops, granularity=gran, min_quality=0.0, reweight=args.reweight,
                        max_fraction=args.max_fraction, allocation=args.allocation, hidden_weight=args.hidden_weight,
                        recover_epochs=args.recover_epochs, final_recover_epochs=args.final_recover_epochs,
-                       lr=args.lr, batch_size=32,
+                       lr=args.lr, batch_size=32, recover_focus=tuple(args.focus) if args.focus else None,
                        out=out / name, resume=args.resume, force=not args.resume)
         runs[name] = {"seconds": time.perf_counter() - t, "reason": res.reason, "history": res.history}
         models[name] = res.model.eval()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -33,11 +32,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--out", default="bench-out/sora-eval")
     args = ap.parse_args()
-    C.setup_threads()
+    C.start()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print("machine:", C.machine_line(), flush=True)
-    print("command:", " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]), flush=True)
     model = pz.load(args.model).eval()
     cfg = model.config
     task = moving_digits(seed=0, frames=cfg.frames, size=cfg.size)

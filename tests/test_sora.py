@@ -348,6 +348,9 @@ def test_compress_recover_focus_reaches_the_distillation(task, tmp_path, monkeyp
     assert json.loads((tmp_path / "c" / "history.json").read_text())["config"]["recover_focus"] == [100, 900]
     with pytest.raises(ParticlizeError, match="recover_focus is a window"):
         compress(_model(), task, recover_focus=(900, 100))
+    with pytest.raises(ParticlizeError, match="within the model's diffusion steps 0..999"):
+        compress(_model(), task, recover_focus=(490, 1000), out=tmp_path / "never")
+    assert not (tmp_path / "never").exists()
     with pytest.raises(ParticlizeError, match="applies to video diffusion tasks"):
         compress(torch.nn.Linear(4, 2), SimpleNamespace(kind="text", name="a text classifier"), recover_focus=(100, 900))
 

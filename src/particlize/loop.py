@@ -357,8 +357,12 @@ def compress(
             raise ParticlizeError(f"unknown compress option {k!r}")
         setattr(cfg, k, tuple(v) if k == "granularity" else v)
     cfg.check()
-    if cfg.recover_focus is not None and task.kind != "video":
-        raise ParticlizeError(f"recover_focus is a window of diffusion steps: it applies to video diffusion tasks, not {task.name}")
+    if cfg.recover_focus is not None:  # checked here, not rounds later inside the first recovery
+        if task.kind != "video":
+            raise ParticlizeError(f"recover_focus is a window of diffusion steps: it applies to video diffusion tasks, not {task.name}")
+        steps = getattr(getattr(model, "diffusion", None), "steps", None)
+        if steps is not None and cfg.recover_focus[1] >= steps:
+            raise ParticlizeError(f"recover_focus {tuple(cfg.recover_focus)} must lie within the model's diffusion steps 0..{steps - 1}")
     emit = progress or (lambda event, info: None)
     out_path = Path(out) if out is not None else None
     teacher = model.eval()

@@ -173,7 +173,7 @@ class MovingDigitsTask(Task):
         steps = max(1, math.ceil(epochs * -(-self.sizes()["train"] // batch_size)))
         return distill_dit(student, teacher, self, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                            alpha=kd_alpha, progress=progress,
-                           **{"hidden_weight": hidden_weight, **({"focus": focus} if focus else {}), **self.distill_options})
+                           **{"hidden_weight": hidden_weight, "focus": focus, **self.distill_options})
 
     def latency_inputs(self, tokenizer: Any = None, batch: int = 32, seq: int = 64) -> dict[str, torch.Tensor]:
         """One classifier-free-guided sampling step for ``batch`` videos (``2 * batch`` rows)."""
