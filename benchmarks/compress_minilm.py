@@ -112,6 +112,7 @@ def run(variant: str, dense, task, tok, budget: float, seed: int, args) -> dict:
         fraction = 1.0 if "oneshot" in variant else (1 - budget ** (1 / 3) + 0.01 if iters == 3 else 1 / 3)
         cfg = CompressConfig(target_flops=budget, recover_epochs=args.epochs / iters, min_quality=0.0,
                              calib_examples=args.calib, max_fraction=fraction, round_to=args.round_to,
+                             min_width=args.min_width,
                              cost="latency" if variant_core.endswith("-latency") else "flops",
                              granularity=("heads", "neurons", "blocks") if "blocks" in variant else ("heads", "neurons"),
                              hidden_weight=args.hidden_weight if variant_core.endswith("-hd") else None,
@@ -165,7 +166,8 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=None, help="recovery learning rate of every variant (default: particlize's, 1.5e-4)")
     ap.add_argument("--limit", type=int, default=None, help="train on the first N sentences only")
     ap.add_argument("--calib", type=int, default=256)
-    ap.add_argument("--round-to", type=int, default=None, help="particlize: keep widths multiples of this")
+    ap.add_argument("--round-to", type=int, default=None, help="particlize: keep widths multiples of this many features")
+    ap.add_argument("--min-width", type=float, default=0.1, help="particlize: the smallest share of a layer's heads / neurons kept")
     ap.add_argument("--val-every", type=float, default=None,
                     help="particlize variants: validate every this fraction of an epoch in recovery (early stopping)")
     ap.add_argument("--patience", type=int, default=1, help="particlize variants: validations without improvement before recovery stops")

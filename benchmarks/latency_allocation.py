@@ -38,6 +38,8 @@ STRATEGIES = {
     # name: (granularity, allocation, cost, round_to)
     "pz-global-flops": (("heads", "neurons"), "global", "flops", None),
     "pz-global-latency": (("heads", "neurons"), "global", "latency", None),
+    "pz-global-flops-r16": (("heads", "neurons"), "global", "flops", 16),
+    "pz-global-flops-r32": (("heads", "neurons"), "global", "flops", 32),
     "pz-uniform": (("heads", "neurons"), "uniform", "flops", None),
     "pz-global-flops-blocks": (("heads", "neurons", "blocks"), "global", "flops", None),
     "pz-global-latency-blocks": (("heads", "neurons", "blocks"), "global", "latency", None),

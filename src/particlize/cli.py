@@ -261,7 +261,7 @@ def compress(
                                                          help="video diffusion: spend half of each recovery batch at diffusion steps LO..HI (sora-tiny: 490 795)"),
     reweight: bool = typer.Option(False, "--reweight/--no-reweight",
                                   help="refit the kept particles' reader weights by least squares on the calibration data after each cut"),
-    round_to: Optional[int] = typer.Option(None, "--round-to", min=1, help="keep widths multiples of this"),
+    round_to: Optional[int] = typer.Option(None, "--round-to", min=1, help="keep each layer's width a multiple of this many features (a head is head_dim features wide)"),
     lr: Optional[float] = typer.Option(None, "--lr", help="recovery learning rate (default 1.5e-4 text / 1e-3 images / 3e-4 video DiTs)"),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     max_length: int = typer.Option(64, "--max-length", min=1),

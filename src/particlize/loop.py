@@ -27,7 +27,7 @@ from .adapters import decompose
 from .analysis import analyze
 from .errors import ParticlizeError
 from .io import load, save, write_folder_atomically
-from .particles import ParticleMap
+from .particles import ParticleGroup, ParticleMap
 from .tasks import Task
 from .analysis._common import call
 
@@ -50,7 +50,7 @@ class CompressConfig:
     min_quality: float = 0.99
     max_fraction: float = 1 / 3
     min_width: float = 0.1
-    round_to: int | None = None
+    round_to: int | None = None  # kept widths in features (heads count head_dim each) are multiples of this
     recover_epochs: float = 1  # per round; fractional: part of a pass (iterative rounds within one epoch)
     final_recover_epochs: float = 0  # more recovery after the last round, in chunks of recover_epochs (warm restarts)
     lr: float | None = None
@@ -180,21 +180,31 @@ def _importance(pm: ParticleMap, batches: list, cfg: CompressConfig, kinds: set[
     return {name: torch.tensor(per.loc[name].sort_index().to_numpy()) for name in groups}
 
 
-def _keep_floor(size: int, cfg: CompressConfig, balanced: int) -> int:
-    k = max(1, math.ceil(cfg.min_width * size))
-    if cfg.round_to:
-        k = min(size, math.ceil(k / cfg.round_to) * cfg.round_to)
-    return math.ceil(k / balanced) * balanced
+def _keep_step(g: ParticleGroup, cfg: CompressConfig) -> int:
+    """The kept count of ``g`` must be a multiple of this: its grouped-query balance, and ``round_to`` applied
+    to the *features* the particles span (a head is ``head_dim`` wide, so 32-dim heads meet any ``round_to``
+    dividing 32 at every count; a neuron is one feature wide)."""
+    step = 1 if g.kind == "block" else g.balanced
+    if cfg.round_to and g.kind != "block":
+        width = (g.readers or g.writers or (None,))[0]
+        w = width.width if width is not None else 1
+        step = math.lcm(step, cfg.round_to // math.gcd(cfg.round_to, w))
+    return step
 
 
-def _legal_keep(n_keep: int, size: int, cfg: CompressConfig, balanced: int) -> int:
+def _keep_floor(g: ParticleGroup, cfg: CompressConfig) -> int:
+    """The fewest particles ``g`` may keep: ``min_width`` of it (one block: none), rounded up to a legal count."""
+    if g.kind == "block":
+        return 1
+    return _legal_keep(max(1, math.ceil(cfg.min_width * g.size)), g, cfg)
+
+
+def _legal_keep(n_keep: int, g: ParticleGroup, cfg: CompressConfig) -> int:
     """Round a kept count up to what the hardware rounding and grouped-query balance allow."""
-    if n_keep >= size:
-        return size
-    step = balanced
-    if cfg.round_to:
-        step = math.lcm(step, cfg.round_to)
-    return min(size, math.ceil(n_keep / step) * step)
+    if n_keep >= g.size:
+        return g.size
+    step = _keep_step(g, cfg)
+    return min(g.size, math.ceil(n_keep / step) * step)
 
 
 def allocate(
@@ -237,8 +247,8 @@ def _allocate_once(
     def price(name: str, i: int) -> float:
         return float(costs[name][i]) if prices is None else prices.get(pm[name].kind, 0.0)  # unpriced: last
 
-    def floor_of(g) -> int:
-        return 1 if g.kind == "block" else _keep_floor(g.size, cfg, g.balanced)
+    def floor_of(g: ParticleGroup) -> int:
+        return _keep_floor(g, cfg)
 
     counts: dict[str, int] = {}
     if cfg.allocation == "uniform":  # the same fraction of every (non-block) group, like per-layer pruning
@@ -271,7 +281,7 @@ def _allocate_once(
     remove: dict[str, list[int]] = {}
     for name, count in counts.items():
         g = pm[name]
-        keep_n = _legal_keep(g.size - count, g.size, cfg, g.balanced if g.kind != "block" else 1)
+        keep_n = _legal_keep(g.size - count, g, cfg)
         n_remove = g.size - keep_n
         if n_remove <= 0:
             continue
@@ -606,7 +616,7 @@ def _shrink_plan(pm: ParticleMap, cfg: CompressConfig, kinds: set[str], fraction
     for g in pm.groups:
         if g.kind not in kinds:
             continue
-        floor = 1 if g.kind == "block" else _keep_floor(g.size, cfg, g.balanced)
+        floor = _keep_floor(g, cfg)
         if g.balanced == 1 or g.kind == "block":
             n = round(fraction * (g.size - floor))
             remove[g.name] = list(range(g.size - n, g.size))
