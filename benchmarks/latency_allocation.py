@@ -47,12 +47,17 @@ STRATEGIES = {
 
 
 def by_widths(dense, widths: list[list[int]]):
-    """The dense classifier cut to ``[[heads, neurons], ...]`` per layer (the first particles kept)."""
+    """The dense classifier cut to ``[[heads, neurons], ...]`` per layer (the first particles kept); with fewer
+    widths than layers, the last blocks are removed (which ones does not change the latency: the layers
+    are alike)."""
     pm = pz.decompose(dense, seq_len=64)
     heads, neurons = pm.select("head"), pm.select("neuron")
-    if len(widths) != len(heads):
-        raise SystemExit(f"widths for {len(widths)} layers, the model has {len(heads)} (blocks removed?)")
+    if len(widths) > len(heads):
+        raise SystemExit(f"widths for {len(widths)} layers, the model has {len(heads)}")
     remove = {}
+    if len(widths) < len(heads):
+        (blocks,) = pm.select("block")
+        remove[blocks.name] = list(range(len(widths), blocks.size))
     for (h, n), hg, ng in zip(widths, heads, neurons):
         remove[hg.name] = list(range(h, hg.size))
         remove[ng.name] = list(range(n, ng.size))

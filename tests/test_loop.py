@@ -250,6 +250,30 @@ def test_global_allocation_with_blocks_saves_what_it_was_asked(seed, share, bloc
     pm.prune(remove)  # physically valid
 
 
+def test_a_block_that_would_overshoot_the_goal_waits_for_smaller_particles():
+    """Blocks ranked first (least important) but a goal a third of a block: heads and neurons meet it
+    within 1% instead of a block cutting three times what was asked; a goal only blocks can reach
+    still takes them."""
+    from conftest import hf_model
+
+    model, _ = hf_model("bert")
+    pm = pz.decompose(model)
+    imp = {g.name: torch.full((g.size,), 1e-6) if g.kind == "block" else torch.rand(g.size, generator=torch.Generator().manual_seed(0))
+           for g in pm.groups if g.kind in ("head", "neuron", "block")}
+    cfg = CompressConfig(granularity=("heads", "neurons", "blocks"), min_width=0.25)
+    total = pm.cost(seq_len=16).flops
+    block = pm.select("block")[0]
+    one_block = total - pm.cost({block.name: [0]}, seq_len=16).flops
+    remove = allocate(pm, imp, one_block / 3, cfg, 16)
+    saved = total - pm.cost(remove, seq_len=16).flops
+    table = pm.table(seq_len=16)
+    biggest = float(table[table.kind != "block"].flops.max())  # one head of this tiny model is 4% of it
+    assert block.name not in remove
+    assert one_block / 3 <= saved <= one_block / 3 + 0.01 * total + biggest
+    remove = allocate(pm, imp, 0.9 * total, cfg, 16)  # beyond what the minimum widths allow: blocks must go
+    assert block.name in remove and total - pm.cost(remove, seq_len=16).flops >= 0.9 * total * (1 - 1e-9)
+
+
 def test_latency_prices_decide_what_global_allocation_takes_first(setup, tmp_path):
     """Priced by measured time, the kind that saves more milliseconds per particle goes first; a kind
     without a price goes last. ``cost="latency"`` measures the prices once, at round 0, and keeps them."""
