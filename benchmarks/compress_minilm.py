@@ -13,6 +13,8 @@ For each FLOPs budget (fraction of the encoder's FLOPs kept, embeddings excluded
                    FLOPs, or by measured latency);
 - ``pz-iter3``      the same total recovery budget split over 3 rounds: each removes the same share of what is
                    left (``1 - budget^(1/3)``) and recovers for ``--epochs / 3``;
+- ``pz-steps3``, ``pz-steps8``  the cut made in 3 or 8 steps of the same share of what is left, rescored after
+                   each step with no recovery between, then the whole ``--epochs`` of recovery;
 - ``pz-oneshot-uniform``  one round, the same fraction of every layer (as Torch-Pruning cuts), particlize's scores;
 - ``pz-oneshot[-blocks]-hd``  the same with the layer-wise weight set by ``--hidden-weight`` (``0``: outputs only,
                    the default before session 8);
@@ -56,7 +58,7 @@ from particlize.tasks.base import logits_of  # noqa: E402
 from particlize.train import RECOVER_LR, train_classifier  # noqa: E402
 
 VARIANTS = ("pz-loop", "pz-oneshot", "pz-oneshot-latency", "pz-oneshot-blocks", "pz-oneshot-blocks-latency",
-            "pz-oneshot-hd", "pz-oneshot-blocks-hd", "pz-oneshot-uniform", "pz-iter3", "pz-oneshot-rw", "pz-oneshot-hd-rw",
+            "pz-oneshot-hd", "pz-oneshot-blocks-hd", "pz-oneshot-uniform", "pz-iter3", "pz-steps3", "pz-steps8", "pz-oneshot-rw", "pz-oneshot-hd-rw",
             "pz-iter3-rw", "tp-taylor-ft", "tp-magnitude-ft", "tp-taylor-kd", "tp-magnitude-kd", "tp-taylor-kdhd",
             "tp-magnitude-kdhd")
 
@@ -105,7 +107,18 @@ def run(variant: str, dense, task, tok, budget: float, seed: int, args) -> dict:
     t0 = time.perf_counter()
     # one learning rate for every tool: particlize's recovery default unless --lr says otherwise
     opts = dict(batch_size=32, max_length=64, limit=args.limit, seed=seed, lr=args.lr or RECOVER_LR["text"])
-    if variant.startswith("pz"):
+    if variant.startswith("pz-steps"):  # k cuts, rescored after each, no recovery between; then the whole budget
+        k = int(variant.removeprefix("pz-steps"))
+        cfg = CompressConfig(target_flops=budget, recover_epochs=0, min_quality=0.0, calib_examples=args.calib,
+                             max_fraction=1 - budget ** (1 / k) + 0.01, round_to=args.round_to, min_width=args.min_width,
+                             **opts)
+        before = compress(copy.deepcopy(dense), task, tokenizer=tok, config=cfg).model
+        model = copy.deepcopy(before)
+        task.recover(model, dense, tok, epochs=args.epochs, lr=opts["lr"], batch_size=32, max_length=64, seed=seed,
+                     limit=args.limit, kd_alpha=args.kd_alpha, temperature=args.temperature, val_every=args.val_every,
+                     patience=args.patience)
+        extra = {"rounds": k, "epochs": args.epochs}
+    elif variant.startswith("pz"):
         reweight = variant.endswith("-rw")
         variant_core = variant.removesuffix("-rw")
         iters = 3 if variant_core == "pz-iter3" else 1
