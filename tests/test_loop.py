@@ -186,6 +186,8 @@ def test_nan_loss_rolls_back(setup, tmp_path):
         ({"val_every": 1.5}, "val_every is a fraction of an epoch"),
         ({"final_recover_epochs": -1}, "final_recover_epochs must be 0 or more"),
         ({"patience": 0}, "patience counts validations"),
+        ({"min_width": 1.5}, "min_width is the share"),
+        ({"round_to": 0}, "round_to must be a positive"),
         ({"bogus_option": 1}, "unknown compress option"),
     ],
 )
@@ -272,6 +274,39 @@ def test_a_block_that_would_overshoot_the_goal_waits_for_smaller_particles():
     assert one_block / 3 <= saved <= one_block / 3 + 0.01 * total + biggest
     remove = allocate(pm, imp, 0.9 * total, cfg, 16)  # beyond what the minimum widths allow: blocks must go
     assert block.name in remove and total - pm.cost(remove, seq_len=16).flops >= 0.9 * total * (1 - 1e-9)
+
+
+def test_minimum_widths_are_shares_of_the_original_model_over_many_rounds(setup, tmp_path):
+    """Five rounds of cuts without recovery: no layer goes below min_width of its *original* width (the
+    floor of each round used to be a share of the previous round's width, so it shrank geometrically)."""
+    work, model, task, tok = setup
+    opts = {**OPTIONS, "target_flops": 0.05, "recover_epochs": 0, "min_quality": 0.0, "max_fraction": 0.3, "min_width": 0.25}
+    res = compress(model, task, tokenizer=tok, **opts)
+    assert len(res.history) > 2  # several rounds of cuts
+    before, after = pz.decompose(model), pz.decompose(res.model)
+    for g in after.groups:
+        if g.kind in ("head", "neuron"):
+            assert g.size >= 0.25 * before[g.name].size, g.name
+    assert res.reason.startswith("nothing more can be removed")
+
+
+def test_original_sizes_follow_layers_that_moved_up():
+    """With a block removed, layer 1 of the student is layer 2 of the teacher: it is measured against it."""
+    from conftest import hf_model
+    from particlize.loop import original_sizes
+
+    model, _ = hf_model("bert")
+    pm = pz.decompose(model)
+    neurons = [g.name for g in pm.select("neuron")]
+    teacher = pm.prune({neurons[2]: list(range(10))})  # layer 2 narrower than layers 0 and 1
+    tpm = pz.decompose(teacher)
+    (blocks,) = tpm.select("block")
+    student = tpm.prune({blocks.name: [0], neurons[2]: list(range(5))})
+    spm = pz.decompose(student)
+    sizes = original_sizes(teacher, student, spm)
+    s_neurons = [g.name for g in spm.select("neuron")]
+    assert [sizes[n] for n in s_neurons] == [tpm[neurons[1]].size, tpm[neurons[2]].size]
+    assert spm[s_neurons[1]].size == tpm[neurons[2]].size - 5
 
 
 def test_latency_prices_decide_what_global_allocation_takes_first(setup, tmp_path):

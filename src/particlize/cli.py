@@ -261,6 +261,8 @@ def compress(
                                                          help="video diffusion: spend half of each recovery batch at diffusion steps LO..HI (sora-tiny: 490 795)"),
     reweight: bool = typer.Option(False, "--reweight/--no-reweight",
                                   help="refit the kept particles' reader weights by least squares on the calibration data after each cut"),
+    min_width: float = typer.Option(0.1, "--min-width", min=0.0, max=1.0,
+                                    help="smallest share of each layer's original heads / neurons / channels kept"),
     round_to: Optional[int] = typer.Option(None, "--round-to", min=1, help="keep each layer's width a multiple of this many features (a head is head_dim features wide)"),
     lr: Optional[float] = typer.Option(None, "--lr", help="recovery learning rate (default 1.5e-4 text / 1e-3 images / 3e-4 video DiTs)"),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
@@ -288,7 +290,7 @@ def compress(
         target_flops=target_flops, target_params=target_params, target_latency_ms=target_latency_ms,
         granularity=tuple(g.strip() for g in granularity.split(",") if g.strip()), scorer=scorer, allocation=allocation,
         cost=cost, min_quality=min_quality, max_fraction=max_fraction, recover_epochs=recover_epochs,
-        final_recover_epochs=final_recover_epochs, round_to=round_to, lr=lr,
+        final_recover_epochs=final_recover_epochs, min_width=min_width, round_to=round_to, lr=lr,
         hidden_weight=hidden_weight, val_every=val_every, patience=patience, recover_focus=recover_focus, reweight=reweight, batch_size=batch_size, max_length=max_length, limit=limit, seed=seed,
         quantize=quantize,
     )

@@ -96,6 +96,10 @@ class CompressConfig:
             raise ParticlizeError(f"patience counts validations: 1 or more, got {self.patience}")
         if self.recover_focus is not None and not (len(self.recover_focus) == 2 and 0 <= self.recover_focus[0] <= self.recover_focus[1]):
             raise ParticlizeError(f"recover_focus is a window of diffusion steps (lo, hi) with 0 <= lo <= hi, got {self.recover_focus}")
+        if not 0.0 <= self.min_width <= 1.0:
+            raise ParticlizeError(f"min_width is the share of each layer's original width kept at least: in [0, 1], got {self.min_width}")
+        if self.round_to is not None and self.round_to < 1:
+            raise ParticlizeError(f"round_to must be a positive number of features, got {self.round_to}")
         if not 0.0 < self.max_fraction <= 1.0:
             raise ParticlizeError(f"max_fraction must be in (0, 1], got {self.max_fraction}")
         if not 0.0 <= self.min_quality <= 1.5:
@@ -192,11 +196,31 @@ def _keep_step(g: ParticleGroup, cfg: CompressConfig) -> int:
     return step
 
 
-def _keep_floor(g: ParticleGroup, cfg: CompressConfig) -> int:
-    """The fewest particles ``g`` may keep: ``min_width`` of it (one block: none), rounded up to a legal count."""
+def _keep_floor(g: ParticleGroup, cfg: CompressConfig, base: int | None = None) -> int:
+    """The fewest particles ``g`` may keep: ``min_width`` of its original width ``base`` (default: its
+    width now), rounded up to a legal count (one block: none)."""
     if g.kind == "block":
         return 1
-    return _legal_keep(max(1, math.ceil(cfg.min_width * g.size)), g, cfg)
+    return _legal_keep(max(1, math.ceil(cfg.min_width * (base or g.size))), g, cfg)
+
+
+def original_sizes(teacher: nn.Module, current: nn.Module, pm: ParticleMap) -> dict[str, int]:
+    """``{group of pm: its width in teacher}`` for a ``current`` model pruned from ``teacher`` (through the
+    plans both carry: a layer that moved up when blocks before it were removed is matched to where it
+    came from), so minimum widths stay shares of the original model over many rounds, not of the last one."""
+    from .surgery import block_correspondence
+
+    tpm = decompose(teacher)
+    moved = sorted(block_correspondence(teacher, current), key=lambda p: -len(p[1]))
+    sizes = {}
+    for g in pm.groups:
+        name = g.name
+        for t_path, s_path in moved:
+            if name.startswith(s_path + "."):
+                name = t_path + name[len(s_path):]
+                break
+        sizes[g.name] = tpm[name].size if name in tpm else g.size
+    return sizes
 
 
 def _legal_keep(n_keep: int, g: ParticleGroup, cfg: CompressConfig) -> int:
@@ -214,13 +238,15 @@ def allocate(
     cfg: CompressConfig,
     seq_len: int,
     prices: dict[str, float] | None = None,
+    base_sizes: dict[str, int] | None = None,
 ) -> dict[str, list[int]]:
     """Choose particles to remove until ``flops_to_remove`` is saved: ``global`` allocation takes the
     lowest importance per unit of price anywhere (price = the particle's FLOPs, or with ``prices`` the
     measured milliseconds one particle of its kind saves, `latency_prices`); ``uniform`` removes the
     same fraction of every layer's group, each time the least important particles of the group.
 
-    Per group at most ``size - floor`` particles go (``min_width`` of the group, rounded for
+    Per group at most ``size - floor`` particles go (``min_width`` of the group's width in ``base_sizes``,
+    the original model's, or else of its width now, rounded for
     ``round_to`` and grouped-query balance); kept counts are rounded up to legal widths afterwards,
     and when that rounding leaves the plan short of ``flops_to_remove`` (by `ParticleMap.cost`), the
     shortfall is asked for again, so one round still reaches its goal when the widths allow it.
@@ -232,7 +258,7 @@ def allocate(
     before = pm.cost(seq_len=seq_len).flops
     goal, remove = flops_to_remove, {}
     for _ in range(8):
-        remove = _allocate_once(pm, importance, goal, cfg, table, prices)
+        remove = _allocate_once(pm, importance, goal, cfg, table, prices, base_sizes or {})
         short = flops_to_remove - (before - pm.cost(remove, seq_len=seq_len).flops)
         if short <= 1e-9 * before:
             break
@@ -242,7 +268,7 @@ def allocate(
 
 def _allocate_once(
     pm: ParticleMap, importance: dict[str, torch.Tensor], flops_to_remove: float, cfg: CompressConfig, table: Any,
-    prices: dict[str, float] | None = None,
+    prices: dict[str, float] | None = None, base_sizes: dict[str, int] | None = None,
 ) -> dict[str, list[int]]:
     costs = {name: table.loc[name].sort_index().flops.to_numpy() for name in importance}
 
@@ -250,7 +276,7 @@ def _allocate_once(
         return float(costs[name][i]) if prices is None else prices.get(pm[name].kind, 0.0)  # unpriced: last
 
     def floor_of(g: ParticleGroup) -> int:
-        return _keep_floor(g, cfg)
+        return _keep_floor(g, cfg, (base_sizes or {}).get(g.name))
 
     counts: dict[str, int] = {}
     if cfg.allocation == "uniform":  # the same fraction of every (non-block) group, like per-layer pruning
@@ -465,7 +491,7 @@ def compress(
         cur_flops = pm.cost().flops
         goal = _flops_goal(cfg, history, dense_cost.flops, cur_flops)
         remove = allocate(pm, importance, min(goal, cfg.max_fraction * cur_flops), cfg, cfg.max_length,
-                          history[0].get("latency_prices"))
+                          history[0].get("latency_prices"), original_sizes(teacher, current, pm))
         if not remove:
             reason = "nothing more can be removed within the minimum widths"
             break
