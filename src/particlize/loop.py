@@ -204,13 +204,13 @@ def _keep_floor(g: ParticleGroup, cfg: CompressConfig, base: int | None = None) 
     return _legal_keep(max(1, math.ceil(cfg.min_width * (base or g.size))), g, cfg)
 
 
-def original_sizes(teacher: nn.Module, current: nn.Module, pm: ParticleMap) -> dict[str, int]:
+def original_sizes(teacher: nn.Module, current: nn.Module, pm: ParticleMap, teacher_pm: ParticleMap | None = None) -> dict[str, int]:
     """``{group of pm: its width in teacher}`` for a ``current`` model pruned from ``teacher`` (through the
     plans both carry: a layer that moved up when blocks before it were removed is matched to where it
     came from), so minimum widths stay shares of the original model over many rounds, not of the last one."""
     from .surgery import block_correspondence
 
-    tpm = decompose(teacher)
+    tpm = teacher_pm or decompose(teacher)
     moved = sorted(block_correspondence(teacher, current), key=lambda p: -len(p[1]))
     sizes = {}
     for g in pm.groups:
@@ -258,7 +258,7 @@ def allocate(
     before = pm.cost(seq_len=seq_len).flops
     goal, remove = flops_to_remove, {}
     for _ in range(8):
-        remove = _allocate_once(pm, importance, goal, cfg, table, prices, base_sizes or {})
+        remove = _allocate_once(pm, importance, goal, cfg, table, prices, base_sizes)
         short = flops_to_remove - (before - pm.cost(remove, seq_len=seq_len).flops)
         if short <= 1e-9 * before:
             break
@@ -491,7 +491,7 @@ def compress(
         cur_flops = pm.cost().flops
         goal = _flops_goal(cfg, history, dense_cost.flops, cur_flops)
         remove = allocate(pm, importance, min(goal, cfg.max_fraction * cur_flops), cfg, cfg.max_length,
-                          history[0].get("latency_prices"), original_sizes(teacher, current, pm))
+                          history[0].get("latency_prices"), original_sizes(teacher, current, pm, pm0))
         if not remove:
             reason = "nothing more can be removed within the minimum widths"
             break
