@@ -188,12 +188,13 @@ def _keep_step(g: ParticleGroup, cfg: CompressConfig) -> int:
     """The kept count of ``g`` must be a multiple of this: its grouped-query balance, and ``round_to`` applied
     to the *features* the particles span (a head is ``head_dim`` wide, so 32-dim heads meet any ``round_to``
     dividing 32 at every count; a neuron is one feature wide)."""
-    step = 1 if g.kind == "block" else g.balanced
-    if cfg.round_to and g.kind != "block":
-        width = (g.readers or g.writers or (None,))[0]
-        w = width.width if width is not None else 1
-        step = math.lcm(step, cfg.round_to // math.gcd(cfg.round_to, w))
-    return step
+    if g.kind == "block":
+        return 1
+    if not cfg.round_to:
+        return g.balanced
+    slices = g.readers or g.writers
+    w = slices[0].width if slices else 1
+    return math.lcm(g.balanced, cfg.round_to // math.gcd(cfg.round_to, w))
 
 
 def _keep_floor(g: ParticleGroup, cfg: CompressConfig, base: int | None = None) -> int:
@@ -275,8 +276,10 @@ def _allocate_once(
     def price(name: str, i: int) -> float:
         return float(costs[name][i]) if prices is None else prices.get(pm[name].kind, 0.0)  # unpriced: last
 
+    floors = {n: _keep_floor(pm[n], cfg, (base_sizes or {}).get(n)) for n in importance}
+
     def floor_of(g: ParticleGroup) -> int:
-        return _keep_floor(g, cfg, (base_sizes or {}).get(g.name))
+        return floors[g.name]
 
     counts: dict[str, int] = {}
     if cfg.allocation == "uniform":  # the same fraction of every (non-block) group, like per-layer pruning
