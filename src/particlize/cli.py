@@ -18,7 +18,7 @@ from rich.table import Table
 from .errors import ParticlizeError
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
     help="Take a trained PyTorch model apart into particles (heads, neurons, channels, units, blocks).",
 )
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -46,7 +46,7 @@ def _pct(x: float) -> str:
 
 @app.command()
 def inspect(
-    model: str = typer.Argument(..., help=MODEL_HELP),
+    model: str = typer.Argument(..., metavar="MODEL", help=MODEL_HELP),
     csv: Optional[Path] = typer.Option(None, "--csv", help="write the per-particle table to this CSV file"),
     seq_len: int = typer.Option(128, "--seq-len", min=1, help="sequence length for attention FLOPs"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing --csv file"),
@@ -121,7 +121,7 @@ def _task(name: str, data: Optional[Path], text_column: str, label_column: str) 
 
 @app.command()
 def analyze(
-    model: str = typer.Argument(..., help=MODEL_HELP),
+    model: str = typer.Argument(..., metavar="MODEL", help=MODEL_HELP),
     task: str = typer.Option(..., "--task", help="vader-sentiment, text-csv (with --data), fashion-mnist"),
     method: Optional[str] = typer.Option(None, "--method", help="magnitude, activation, taylor, taylor2, taylor-norm, fisher, ablation, influence (default: taylor; with --top: the screen, taylor-norm)"),
     top: Optional[int] = typer.Option(None, "--top", min=1, help="only the K particles whose exact ablation matters most: screen all with --method, ablate a shortlist exactly (pz.top_particles)"),
@@ -131,11 +131,11 @@ def analyze(
     groups: Optional[list[str]] = typer.Option(None, "--groups", help="group names or kinds (repeatable)"),
     split: str = typer.Option("val", "--split", help="train, val or test"),
     limit: Optional[int] = typer.Option(512, "--limit", help="number of examples (0: the whole split)"),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="examples per batch"),
     max_length: int = typer.Option(64, "--max-length", min=1, help="token cap for text tasks"),
     data: Optional[Path] = typer.Option(None, "--data", help="CSV file for --task text-csv"),
-    text_column: str = typer.Option("text", "--text-column"),
-    label_column: str = typer.Option("label", "--label-column"),
+    text_column: str = typer.Option("text", "--text-column", help="--task text-csv: column holding the text"),
+    label_column: str = typer.Option("label", "--label-column", help="--task text-csv: column holding the label"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     out: Path = typer.Option(..., "--out", help="scores CSV to write"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing --out file"),
@@ -198,18 +198,18 @@ def analyze(
 
 @app.command()
 def train(
-    model: str = typer.Argument(..., help="'minilm' or a Hugging Face encoder folder (text); 'simple-cnn' or 'resnet' (images)"),
+    model: str = typer.Argument(..., metavar="MODEL", help="'minilm' or a Hugging Face encoder folder (text); 'simple-cnn' or 'resnet' (images)"),
     task: str = typer.Option(..., "--task", help="vader-sentiment, text-csv (with --data), fashion-mnist"),
     out: Path = typer.Option(..., "--out", help="folder to save the trained classifier to (a valid MODEL afterwards)"),
-    epochs: int = typer.Option(2, "--epochs", min=1),
+    epochs: int = typer.Option(2, "--epochs", min=1, help="passes over the training split"),
     lr: Optional[float] = typer.Option(None, "--lr", help="default 5e-5 (text) / 1e-3 (images)"),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
-    max_length: int = typer.Option(64, "--max-length", min=1),
-    seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="examples per batch"),
+    max_length: int = typer.Option(64, "--max-length", min=1, help="tokens per text (longer ones are cut)"),
+    seed: int = typer.Option(0, "--seed", help="random seed (data order, sampling)"),
     limit: Optional[int] = typer.Option(None, "--limit", help="use only the first N train/val examples"),
     data: Optional[Path] = typer.Option(None, "--data", help="CSV file for --task text-csv"),
-    text_column: str = typer.Option("text", "--text-column"),
-    label_column: str = typer.Option("label", "--label-column"),
+    text_column: str = typer.Option("text", "--text-column", help="--task text-csv: column holding the text"),
+    label_column: str = typer.Option("label", "--label-column", help="--task text-csv: column holding the label"),
     force: bool = typer.Option(False, "--force", help="replace an existing --out folder"),
 ) -> None:
     """Fine-tune a classifier on a task and save it (tokenizer included) with particlize's format."""
@@ -238,7 +238,7 @@ def train(
 
 @app.command()
 def compress(
-    model: str = typer.Argument(..., help=MODEL_HELP),
+    model: str = typer.Argument(..., metavar="MODEL", help=MODEL_HELP),
     task: str = typer.Option(..., "--task", help="vader-sentiment, text-csv (with --data), fashion-mnist"),
     target_flops: Optional[float] = typer.Option(None, "--target-flops", help="fraction of the dense FLOPs to keep, e.g. 0.5"),
     target_params: Optional[float] = typer.Option(None, "--target-params", help="fraction of prunable parameters to keep"),
@@ -248,7 +248,8 @@ def compress(
     allocation: str = typer.Option("global", "--allocation", help="global (by importance per FLOP) or uniform per layer"),
     cost: str = typer.Option("flops", "--cost", help="price of a particle in global allocation: flops, or latency (measured per kind on this machine)"),
     min_quality: float = typer.Option(0.99, "--min-quality", help="floor: fraction of the dense model's validation quality (accuracy; 1/eps-MSE for video diffusion)"),
-    max_fraction: float = typer.Option(1 / 3, "--max-fraction", help="most of the remaining FLOPs removed per round"),
+    max_fraction: float = typer.Option(1 / 3, "--max-fraction", help="most of the remaining FLOPs removed per round",
+                                       show_default="1/3"),
     recover_epochs: float = typer.Option(1.0, "--recover-epochs", min=0.0, help="recovery passes over the training data per round (fractional: part of a pass)"),
     final_recover_epochs: float = typer.Option(0.0, "--final-recover-epochs", min=0.0,
                                                help="more recovery passes after the last round, in chunks of --recover-epochs (warm restarts, checkpointed)"),
@@ -265,14 +266,14 @@ def compress(
                                     help="smallest share of each layer's original heads / neurons / channels kept"),
     round_to: Optional[int] = typer.Option(None, "--round-to", min=1, help="keep each layer's width a multiple of this many features (a head is head_dim features wide)"),
     lr: Optional[float] = typer.Option(None, "--lr", help="recovery learning rate (default 1.5e-4 text / 1e-3 images / 3e-4 video DiTs)"),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
-    max_length: int = typer.Option(64, "--max-length", min=1),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="examples per batch"),
+    max_length: int = typer.Option(64, "--max-length", min=1, help="tokens per text (longer ones are cut)"),
     limit: Optional[int] = typer.Option(None, "--limit", help="use only the first N train/val examples"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="random seed (data order, sampling)"),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: dynamic int8 Linear layers after the loop"),
     data: Optional[Path] = typer.Option(None, "--data", help="CSV file for --task text-csv"),
-    text_column: str = typer.Option("text", "--text-column"),
-    label_column: str = typer.Option("label", "--label-column"),
+    text_column: str = typer.Option("text", "--text-column", help="--task text-csv: column holding the text"),
+    label_column: str = typer.Option("label", "--label-column", help="--task text-csv: column holding the label"),
     out: Path = typer.Option(..., "--out", help="run folder: checkpoints, history.json, and the final model"),
     resume: bool = typer.Option(False, "--resume", help="continue a killed run in --out"),
     force: bool = typer.Option(False, "--force", help="replace an existing --out"),
@@ -333,25 +334,25 @@ def compress(
 
 @app.command()
 def sweep(
-    model: str = typer.Argument(..., help=MODEL_HELP),
+    model: str = typer.Argument(..., metavar="MODEL", help=MODEL_HELP),
     task: str = typer.Option(..., "--task", help="vader-sentiment, text-csv (with --data), fashion-mnist"),
     granularity: list[str] = typer.Option(["heads", "neurons", "blocks", "all"], "--granularity",
                                           help="repeat: heads, neurons, channels, units, blocks, all"),
     flops: list[str] = typer.Option(["0.9,0.7,0.5,0.3"], "--flops", help="FLOPs targets (repeat or comma list)"),
     recover_epochs: float = typer.Option(1.0, "--recover-epochs", min=0.0, help="recovery passes over the training data per round (fractional: part of a pass)"),
-    scorer: str = typer.Option("fisher", "--scorer"),
+    scorer: str = typer.Option("fisher", "--scorer", help="fisher, taylor, taylor-example, ablation, magnitude, activation"),
     min_quality: float = typer.Option(0.0, "--min-quality", help="floor (default 0: reach every target)"),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
-    max_length: int = typer.Option(64, "--max-length", min=1),
-    limit: Optional[int] = typer.Option(None, "--limit"),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="examples per batch"),
+    max_length: int = typer.Option(64, "--max-length", min=1, help="tokens per text (longer ones are cut)"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="use only the first N train/val examples"),
     lr: Optional[float] = typer.Option(None, "--lr", help="recovery learning rate (default 1.5e-4 text / 1e-3 images / 3e-4 video DiTs)"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="random seed (data order, sampling)"),
     data: Optional[Path] = typer.Option(None, "--data", help="CSV file for --task text-csv"),
-    text_column: str = typer.Option("text", "--text-column"),
-    label_column: str = typer.Option("label", "--label-column"),
+    text_column: str = typer.Option("text", "--text-column", help="--task text-csv: column holding the text"),
+    label_column: str = typer.Option("label", "--label-column", help="--task text-csv: column holding the label"),
     out: Path = typer.Option(..., "--out", help="folder for sweep.csv and pareto.png"),
-    force: bool = typer.Option(False, "--force"),
-    trust_code: bool = typer.Option(False, "--trust-code"),
+    force: bool = typer.Option(False, "--force", help="replace an existing --out"),
+    trust_code: bool = typer.Option(False, "--trust-code", help="allow a saved model's own factory code to run"),
 ) -> None:
     """Quality vs FLOPs (and latency) per particle granularity: one table and a Pareto plot."""
     from .sources import load_model, load_tokenizer
@@ -384,11 +385,11 @@ def sweep(
 @app.command("train-sora")
 def train_sora_cmd(
     preset: str = typer.Option("tiny", "--preset", help="tiny (CPU) or small (GPU)"),
-    steps: int = typer.Option(2000, "--steps", min=1),
+    steps: int = typer.Option(2000, "--steps", min=1, help="optimizer steps"),
     out: Path = typer.Option(..., "--out", help="folder to save the EMA weights to (a valid MODEL afterwards)"),
-    batch_size: int = typer.Option(16, "--batch-size", min=1),
-    lr: float = typer.Option(6e-4, "--lr"),
-    seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="videos per training batch"),
+    lr: float = typer.Option(6e-4, "--lr", help="AdamW learning rate"),
+    seed: int = typer.Option(0, "--seed", help="random seed (data order, sampling)"),
     min_snr_gamma: float = typer.Option(5.0, "--min-snr-gamma", min=0.0,
                                         help="Min-SNR loss weighting (0 turns it off)"),
     max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="stop early and save after this long"),
