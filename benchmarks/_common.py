@@ -129,6 +129,26 @@ def build_llama(small: bool = False, seed: int = 0) -> nn.Module:
     return LlamaForCausalLM(llama_config(small)).eval()
 
 
+def by_widths(dense: nn.Module, widths: list[list[int]]) -> nn.Module:
+    """The dense MiniLM classifier cut to ``[[heads, neurons], ...]`` per layer (the first particles kept);
+    with fewer widths than layers, the last blocks are removed (which ones does not change the latency: the
+    layers are alike). Latency depends on nothing else, so timing runs rebuild recorded architectures so."""
+    import particlize as pz
+
+    pm = pz.decompose(dense, seq_len=64)
+    heads, neurons = pm.select("head"), pm.select("neuron")
+    if len(widths) > len(heads):
+        raise SystemExit(f"widths for {len(widths)} layers, the model has {len(heads)}")
+    remove = {}
+    if len(widths) < len(heads):
+        (blocks,) = pm.select("block")
+        remove[blocks.name] = list(range(len(widths), blocks.size))
+    for (h, n), hg, ng in zip(widths, heads, neurons):
+        remove[hg.name] = list(range(h, hg.size))
+        remove[ng.name] = list(range(n, ng.size))
+    return pm.prune(remove).eval()
+
+
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_line, matmul_probe, setup_threads  # noqa: E402
+from _common import by_widths, machine_line, matmul_probe, setup_threads  # noqa: E402
 from compress_minilm import encoder_flops, layer_widths, tp_prune  # noqa: E402
 
 import particlize as pz  # noqa: E402
@@ -44,24 +44,6 @@ STRATEGIES = {
     "pz-global-flops-blocks": (("heads", "neurons", "blocks"), "global", "flops", None),
     "pz-global-latency-blocks": (("heads", "neurons", "blocks"), "global", "latency", None),
 }
-
-
-def by_widths(dense, widths: list[list[int]]):
-    """The dense classifier cut to ``[[heads, neurons], ...]`` per layer (the first particles kept); with fewer
-    widths than layers, the last blocks are removed (which ones does not change the latency: the layers
-    are alike)."""
-    pm = pz.decompose(dense, seq_len=64)
-    heads, neurons = pm.select("head"), pm.select("neuron")
-    if len(widths) > len(heads):
-        raise SystemExit(f"widths for {len(widths)} layers, the model has {len(heads)}")
-    remove = {}
-    if len(widths) < len(heads):
-        (blocks,) = pm.select("block")
-        remove[blocks.name] = list(range(len(widths), blocks.size))
-    for (h, n), hg, ng in zip(widths, heads, neurons):
-        remove[hg.name] = list(range(h, hg.size))
-        remove[ng.name] = list(range(n, ng.size))
-    return pm.prune(remove).eval()
 
 
 def time_widths(dense, x, files: list[Path], rounds: int) -> None:

@@ -1,0 +1,165 @@
+"""Latency per FLOP of the compressed MiniLM architectures on any device (the GPU row of issue 5's table).
+
+Latency depends on the architecture, not the weights, so this needs no trained model: the classifier is
+rebuilt from the encoder config in ``--arch`` (random weights, seeded) and cut to each recorded width
+(``[[heads, FFN neurons], ...]`` per layer, fewer layers for block removal) with particlize's own surgery.
+The file travels to a GPU machine with the source tree; nothing else is needed there but torch and
+transformers:
+
+    PYTHONPATH=src python3 benchmarks/latency_device.py --device cuda --dtype fp32 bf16 \
+        --shape 32x64 256x128 --json $OUT/gpu.json
+
+Timing: every model at every shape and dtype, ``--rounds`` interleaved rounds of ``--reps`` forwards under
+``torch.inference_mode`` (CUDA: events around the batch of forwards, after a synchronize); the speedup is
+the per-round paired ratio dense / pruned, median over rounds. ``--graphs`` (CUDA) also times each forward
+replayed as a CUDA graph, which removes the kernel-launch cost that dominates small batches on a GPU.
+**Efficiency = speedup × FLOPs kept** (issue 5 asks ≥ 0.95). On a CPU with glibc, set
+``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296``, or the dense model's large
+activations are mapped afresh each forward and its page faults inflate every speedup (RESULTS.md, session 13).
+
+``--write-arch`` makes the ``--arch`` file from a trained model folder and ``compress_minilm.py --json`` /
+``latency_allocation.py`` width records (run once on the machine that has them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import by_widths, machine_line, setup_threads  # noqa: E402
+
+import particlize as pz  # noqa: E402
+from particlize.models.text import TextClassifier  # noqa: E402
+
+ARCH = Path(__file__).parent / "minilm_architectures.json"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def write_arch(model_dir: Path, width_files: list[Path], out: Path) -> None:
+    """The encoder config of ``model_dir`` and every (variant, budget, seed) width record of ``width_files``."""
+    recipe = json.loads((model_dir / "particlize.json").read_text())["recipe"]
+    dense = pz.load(model_dir)
+    dense_flops = pz.decompose(dense, seq_len=64).cost().flops
+    models, seen = [], set()
+    for f in width_files:
+        for r in json.loads(f.read_text()):
+            key = (r.get("variant") or r.get("strategy"), r["budget"], r.get("seed", 0))
+            if json.dumps(r["widths"]) in seen:  # the same architecture under another name times the same
+                continue
+            seen.add(json.dumps(r["widths"]))
+            m = by_widths(dense, r["widths"])
+            models.append({"name": f"{key[0]}@{key[1]}/{key[2]}", "budget": key[1], "widths": r["widths"],
+                           "flops_kept": round(pz.decompose(m, seq_len=64).cost().flops / dense_flops, 4)})
+    out.write_text(json.dumps({"recipe": recipe["kwargs"], "models": models}, indent=1) + "\n")
+    print(f"wrote {out}: {len(models)} architectures")
+
+
+class _Timer:
+    """Milliseconds per forward of ``model`` on ``x``: eager, or replayed as a CUDA graph."""
+
+    def __init__(self, model: torch.nn.Module, x: dict[str, torch.Tensor], graph: bool):
+        self.model, self.x, self.graph = model, x, None
+        with torch.inference_mode():
+            for _ in range(3):
+                model(**x)
+            if graph:
+                torch.cuda.synchronize()
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    model(**x)
+
+    def __call__(self, reps: int) -> float:
+        cuda = self.x["input_ids"].is_cuda
+        with torch.inference_mode():
+            if cuda:
+                torch.cuda.synchronize()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(reps):
+                    self.graph.replay() if self.graph is not None else self.model(**self.x)
+                end.record()
+                end.synchronize()
+                return start.elapsed_time(end) / reps
+            import time
+
+            t = time.perf_counter()
+            for _ in range(reps):
+                self.model(**self.x)
+            return (time.perf_counter() - t) * 1e3 / reps
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", type=Path, default=ARCH)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", nargs="+", default=["fp32"], choices=list(DTYPES))
+    ap.add_argument("--shape", nargs="+", default=["32x64"], help="batch x tokens, e.g. 32x64 256x128")
+    ap.add_argument("--budgets", type=float, nargs="+", default=None, help="only these budgets (default: all)")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=20, help="forwards per timed batch")
+    ap.add_argument("--graphs", action="store_true", help="CUDA: also time CUDA-graph replays")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--write-arch", nargs="+", type=Path, metavar=("MODEL_DIR", "WIDTHS_JSON"),
+                    help="write --arch from a trained model folder and width records, then exit")
+    args = ap.parse_args()
+    setup_threads()
+    if args.write_arch:
+        if len(args.write_arch) < 2:
+            raise SystemExit("--write-arch takes a model folder and at least one widths JSON file")
+        write_arch(args.write_arch[0], args.write_arch[1:], args.arch)
+        return 0
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here; use --device cpu")
+    if args.graphs and not args.device.startswith("cuda"):
+        raise SystemExit("--graphs needs --device cuda")
+    spec = json.loads(args.arch.read_text())
+    device = torch.device(args.device)
+    info = machine_line()
+    if device.type == "cuda":
+        info += f" | {torch.cuda.get_device_name(device)}"
+    print(info, flush=True)
+    torch.manual_seed(0)
+    dense = TextClassifier(**spec["recipe"]).eval()
+    archs = [a for a in spec["models"] if args.budgets is None or a["budget"] in args.budgets]
+    cpu_models = {"dense": dense, **{a["name"]: by_widths(dense, a["widths"]) for a in archs}}
+    kept = {"dense": 1.0, **{a["name"]: a["flops_kept"] for a in archs}}
+    results = []
+    for dname in args.dtype:
+        models = {k: m.to(device=device, dtype=DTYPES[dname]) for k, m in
+                  ((k, copy.deepcopy(m)) for k, m in cpu_models.items())}
+        for shape in args.shape:
+            b, t = (int(v) for v in shape.lower().split("x"))
+            g = torch.Generator().manual_seed(0)
+            x = {"input_ids": torch.randint(1000, 30000, (b, t), generator=g).to(device),
+                 "attention_mask": torch.ones(b, t, dtype=torch.long, device=device)}
+            for mode in ["eager", *(["graph"] if args.graphs else [])]:
+                timers = {k: _Timer(m, x, mode == "graph") for k, m in models.items()}
+                times: dict[str, list[float]] = {k: [] for k in timers}
+                for _ in range(args.rounds):
+                    for k, tm in timers.items():
+                        times[k].append(tm(args.reps))
+                del timers
+                dense_ms = statistics.median(times["dense"])
+                print(f"\n{dname} {shape} {mode}: dense {dense_ms:.3f} ms")
+                print(f"{'model':<34} {'FLOPs kept':>10} {'ms':>9} {'speedup':>8} {'efficiency':>10}")
+                for k in times:
+                    sp = statistics.median(d / v for d, v in zip(times["dense"], times[k]))
+                    row = {"dtype": dname, "shape": shape, "mode": mode, "model": k, "flops_kept": kept[k],
+                           "ms": statistics.median(times[k]), "speedup": sp, "efficiency": sp * kept[k]}
+                    results.append(row)
+                    print(f"{k:<34} {kept[k]:>10.3f} {row['ms']:>9.3f} {sp:>7.2f}× {row['efficiency']:>10.2f}", flush=True)
+        del models
+    if args.json:
+        args.json.write_text(json.dumps({"machine": info, "results": results}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
