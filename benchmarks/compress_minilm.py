@@ -15,6 +15,8 @@ For each FLOPs budget (fraction of the encoder's FLOPs kept, embeddings excluded
                    left (``1 - budget^(1/3)``) and recovers for ``--epochs / 3``;
 - ``pz-steps3``, ``pz-steps8``  the cut made in 3 or 8 steps of the same share of what is left, rescored after
                    each step with no recovery between, then the whole ``--epochs`` of recovery;
+- ``pz-oneshot-learned``  one round ranked by hard-concrete gates learned under the FLOPs budget with the
+                   weights frozen (``--gate-steps`` steps over ``--calib`` training sentences; ``_learned.py``);
 - ``pz-oneshot-uniform``  one round, the same fraction of every layer (as Torch-Pruning cuts), particlize's scores;
 - ``pz-oneshot[-blocks]-hd``  the same with the layer-wise weight set by ``--hidden-weight`` (``0``: outputs only,
                    the default before session 8);
@@ -39,6 +41,7 @@ quoting), ``--variants`` picks a subset.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -50,6 +53,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine_line, matmul_probe, setup_threads  # noqa: E402
+from _learned import learned_scorer  # noqa: E402
 
 import particlize as pz  # noqa: E402
 from particlize.loop import CompressConfig, compress, latency_inputs, measure_latency  # noqa: E402
@@ -59,7 +63,7 @@ from particlize.train import RECOVER_LR, train_classifier  # noqa: E402
 
 VARIANTS = ("pz-loop", "pz-oneshot", "pz-oneshot-latency", "pz-oneshot-blocks", "pz-oneshot-blocks-latency",
             "pz-oneshot-hd", "pz-oneshot-blocks-hd", "pz-oneshot-uniform", "pz-iter3", "pz-steps3", "pz-steps8", "pz-oneshot-rw", "pz-oneshot-hd-rw",
-            "pz-iter3-rw", "tp-taylor-ft", "tp-magnitude-ft", "tp-taylor-kd", "tp-magnitude-kd", "tp-taylor-kdhd",
+            "pz-iter3-rw", "pz-oneshot-learned", "tp-taylor-ft", "tp-magnitude-ft", "tp-taylor-kd", "tp-magnitude-kd", "tp-taylor-kdhd",
             "tp-magnitude-kdhd")
 
 
@@ -132,9 +136,11 @@ def run(variant: str, dense, task, tok, budget: float, seed: int, args) -> dict:
                              allocation="uniform" if variant_core.endswith("-uniform") else "global", reweight=reweight,
                              kd_alpha=args.kd_alpha, temperature=args.temperature, val_every=args.val_every,
                              patience=args.patience, **opts)
-        before_cfg = CompressConfig(**{**cfg.__dict__, "recover_epochs": 0})
-        before = compress(copy.deepcopy(dense), task, tokenizer=tok, config=before_cfg).model
-        res = compress(dense, task, tokenizer=tok, config=cfg)
+        learned = variant_core.endswith("-learned")
+        with learned_scorer(budget, args.gate_steps) if learned else contextlib.nullcontext():
+            before_cfg = CompressConfig(**{**cfg.__dict__, "recover_epochs": 0})
+            before = compress(copy.deepcopy(dense), task, tokenizer=tok, config=before_cfg).model
+            res = compress(dense, task, tokenizer=tok, config=cfg)
         model, rounds = res.model, res.history[-1]["round"]
         extra = {"rounds": rounds, "epochs": sum(e.get("recovery", {}).get("epochs", 0) for e in res.history)}
     else:
@@ -179,6 +185,7 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=None, help="recovery learning rate of every variant (default: particlize's, 1.5e-4)")
     ap.add_argument("--limit", type=int, default=None, help="train on the first N sentences only")
     ap.add_argument("--calib", type=int, default=256)
+    ap.add_argument("--gate-steps", type=int, default=200, help="pz-oneshot-learned: gate-learning steps (batch 32)")
     ap.add_argument("--round-to", type=int, default=None, help="particlize: keep widths multiples of this many features")
     ap.add_argument("--min-width", type=float, default=0.1, help="particlize: the smallest share of a layer's heads / neurons kept")
     ap.add_argument("--val-every", type=float, default=None,
