@@ -17,6 +17,8 @@ For each FLOPs budget (fraction of the encoder's FLOPs kept, embeddings excluded
                    each step with no recovery between, then the whole ``--epochs`` of recovery;
 - ``pz-oneshot-learned``  one round ranked by hard-concrete gates learned under the FLOPs budget with the
                    weights frozen (``--gate-steps`` steps over ``--calib`` training sentences; ``_learned.py``);
+- ``pz-oneshot-hp50`` / ``-hp25`` / ``-hp200``  one round with heads priced at 50% / 25% / 200% of their FLOPs
+                   in the global allocation (more or fewer heads kept than fisher per FLOP gives);
 - ``pz-oneshot-uniform``  one round, the same fraction of every layer (as Torch-Pruning cuts), particlize's scores;
 - ``pz-oneshot[-blocks]-hd``  the same with the layer-wise weight set by ``--hidden-weight`` (``0``: outputs only,
                    the default before session 8);
@@ -63,7 +65,7 @@ from particlize.train import RECOVER_LR, train_classifier  # noqa: E402
 
 VARIANTS = ("pz-loop", "pz-oneshot", "pz-oneshot-latency", "pz-oneshot-blocks", "pz-oneshot-blocks-latency",
             "pz-oneshot-hd", "pz-oneshot-blocks-hd", "pz-oneshot-uniform", "pz-iter3", "pz-steps3", "pz-steps8", "pz-oneshot-rw", "pz-oneshot-hd-rw",
-            "pz-iter3-rw", "pz-oneshot-learned", "tp-taylor-ft", "tp-magnitude-ft", "tp-taylor-kd", "tp-magnitude-kd", "tp-taylor-kdhd",
+            "pz-iter3-rw", "pz-oneshot-learned", "pz-oneshot-hp50", "pz-oneshot-hp25", "pz-oneshot-hp200", "tp-taylor-ft", "tp-magnitude-ft", "tp-taylor-kd", "tp-magnitude-kd", "tp-taylor-kdhd",
             "tp-magnitude-kdhd")
 
 
@@ -137,7 +139,9 @@ def run(variant: str, dense, task, tok, budget: float, seed: int, args) -> dict:
                              kd_alpha=args.kd_alpha, temperature=args.temperature, val_every=args.val_every,
                              patience=args.patience, **opts)
         learned = variant_core.endswith("-learned")
-        with learned_scorer(budget, args.gate_steps) if learned else contextlib.nullcontext():
+        hp = variant_core.removeprefix("pz-oneshot-hp") if variant_core.startswith("pz-oneshot-hp") else None
+        with (learned_scorer(budget, args.gate_steps) if learned else
+              head_price(int(hp) / 100) if hp else contextlib.nullcontext()):
             before_cfg = CompressConfig(**{**cfg.__dict__, "recover_epochs": 0})
             before = compress(copy.deepcopy(dense), task, tokenizer=tok, config=before_cfg).model
             res = compress(dense, task, tokenizer=tok, config=cfg)
@@ -157,6 +161,27 @@ def run(variant: str, dense, task, tok, budget: float, seed: int, args) -> dict:
     return {"variant": variant, "budget": budget, "seed": seed, "params": sum(p.numel() for p in model.parameters()),
             "flops": encoder_flops(model), "acc_before": acc_before, "acc": acc, "seconds": time.perf_counter() - t0,
             "widths": layer_widths(model), "model": model, **extra}
+
+
+@contextlib.contextmanager
+def head_price(factor: float):
+    """Inside: global allocation prices a head at ``factor`` × its FLOPs (neurons at theirs), so heads are
+    removed later (``factor`` < 1) or sooner than fisher-per-FLOP says."""
+    import particlize.loop as loop
+
+    original = loop.allocate
+
+    def allocate(pm, importance, flops_to_remove, cfg, seq_len, prices=None, base_sizes=None):
+        table = pm.table(seq_len=seq_len)
+        per = table.groupby("kind").flops.median()
+        prices = {"head": float(per["head"]) * factor, "neuron": float(per["neuron"])}
+        return original(pm, importance, flops_to_remove, cfg, seq_len, prices, base_sizes)
+
+    loop.allocate = allocate
+    try:
+        yield
+    finally:
+        loop.allocate = original
 
 
 def layer_widths(model) -> list[list[int]]:
