@@ -23,6 +23,13 @@ app = typer.Typer(
 )
 console = Console(width=None if sys.stdout.isatty() else 120)
 MODEL_HELP = "'minilm', a particlize or Hugging Face model folder, or path/to/file.py:factory"
+# options shared by several commands (one definition, one help text)
+BATCH_SIZE = typer.Option(32, "--batch-size", min=1, help="examples per batch")
+MAX_LENGTH = typer.Option(64, "--max-length", min=1, help="tokens per text (longer ones are cut)")
+SEED = typer.Option(0, "--seed", help="random seed (data order, sampling)")
+TEXT_COLUMN = typer.Option("text", "--text-column", help="--task text-csv: column holding the text")
+LABEL_COLUMN = typer.Option("label", "--label-column", help="--task text-csv: column holding the label")
+SCORER = typer.Option("fisher", "--scorer", help="fisher, taylor, taylor-example, ablation, magnitude, activation")
 
 
 @app.callback()
@@ -131,11 +138,11 @@ def analyze(
     groups: Optional[list[str]] = typer.Option(None, "--groups", help="group names or kinds (repeatable)"),
     split: str = typer.Option("val", "--split", help="train, val or test"),
     limit: Optional[int] = typer.Option(512, "--limit", help="number of examples (0: the whole split)"),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="examples per batch"),
+    batch_size: int = BATCH_SIZE,
     max_length: int = typer.Option(64, "--max-length", min=1, help="token cap for text tasks"),
     data: Optional[Path] = typer.Option(None, "--data", help="CSV file for --task text-csv"),
-    text_column: str = typer.Option("text", "--text-column", help="--task text-csv: column holding the text"),
-    label_column: str = typer.Option("label", "--label-column", help="--task text-csv: column holding the label"),
+    text_column: str = TEXT_COLUMN,
+    label_column: str = LABEL_COLUMN,
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     out: Path = typer.Option(..., "--out", help="scores CSV to write"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing --out file"),
@@ -203,13 +210,13 @@ def train(
     out: Path = typer.Option(..., "--out", help="folder to save the trained classifier to (a valid MODEL afterwards)"),
     epochs: int = typer.Option(2, "--epochs", min=1, help="passes over the training split"),
     lr: Optional[float] = typer.Option(None, "--lr", help="default 5e-5 (text) / 1e-3 (images)"),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="examples per batch"),
-    max_length: int = typer.Option(64, "--max-length", min=1, help="tokens per text (longer ones are cut)"),
-    seed: int = typer.Option(0, "--seed", help="random seed (data order, sampling)"),
+    batch_size: int = BATCH_SIZE,
+    max_length: int = MAX_LENGTH,
+    seed: int = SEED,
     limit: Optional[int] = typer.Option(None, "--limit", help="use only the first N train/val examples"),
     data: Optional[Path] = typer.Option(None, "--data", help="CSV file for --task text-csv"),
-    text_column: str = typer.Option("text", "--text-column", help="--task text-csv: column holding the text"),
-    label_column: str = typer.Option("label", "--label-column", help="--task text-csv: column holding the label"),
+    text_column: str = TEXT_COLUMN,
+    label_column: str = LABEL_COLUMN,
     force: bool = typer.Option(False, "--force", help="replace an existing --out folder"),
 ) -> None:
     """Fine-tune a classifier on a task and save it (tokenizer included) with particlize's format."""
@@ -244,7 +251,7 @@ def compress(
     target_params: Optional[float] = typer.Option(None, "--target-params", help="fraction of prunable parameters to keep"),
     target_latency_ms: Optional[float] = typer.Option(None, "--target-latency-ms", help="measured latency to reach (CPU, batch 32 × 64)"),
     granularity: str = typer.Option("heads,neurons", "--granularity", help="comma list of heads, neurons, channels, units, blocks, or all"),
-    scorer: str = typer.Option("fisher", "--scorer", help="fisher, taylor, taylor-example, ablation, magnitude, activation"),
+    scorer: str = SCORER,
     allocation: str = typer.Option("global", "--allocation", help="global (by importance per FLOP) or uniform per layer"),
     cost: str = typer.Option("flops", "--cost", help="price of a particle in global allocation: flops, or latency (measured per kind on this machine)"),
     min_quality: float = typer.Option(0.99, "--min-quality", help="floor: fraction of the dense model's validation quality (accuracy; 1/eps-MSE for video diffusion)"),
@@ -266,14 +273,14 @@ def compress(
                                     help="smallest share of each layer's original heads / neurons / channels kept"),
     round_to: Optional[int] = typer.Option(None, "--round-to", min=1, help="keep each layer's width a multiple of this many features (a head is head_dim features wide)"),
     lr: Optional[float] = typer.Option(None, "--lr", help="recovery learning rate (default 1.5e-4 text / 1e-3 images / 3e-4 video DiTs)"),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="examples per batch"),
-    max_length: int = typer.Option(64, "--max-length", min=1, help="tokens per text (longer ones are cut)"),
+    batch_size: int = BATCH_SIZE,
+    max_length: int = MAX_LENGTH,
     limit: Optional[int] = typer.Option(None, "--limit", help="use only the first N train/val examples"),
-    seed: int = typer.Option(0, "--seed", help="random seed (data order, sampling)"),
+    seed: int = SEED,
     quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: dynamic int8 Linear layers after the loop"),
     data: Optional[Path] = typer.Option(None, "--data", help="CSV file for --task text-csv"),
-    text_column: str = typer.Option("text", "--text-column", help="--task text-csv: column holding the text"),
-    label_column: str = typer.Option("label", "--label-column", help="--task text-csv: column holding the label"),
+    text_column: str = TEXT_COLUMN,
+    label_column: str = LABEL_COLUMN,
     out: Path = typer.Option(..., "--out", help="run folder: checkpoints, history.json, and the final model"),
     resume: bool = typer.Option(False, "--resume", help="continue a killed run in --out"),
     force: bool = typer.Option(False, "--force", help="replace an existing --out"),
@@ -340,16 +347,16 @@ def sweep(
                                           help="repeat: heads, neurons, channels, units, blocks, all"),
     flops: list[str] = typer.Option(["0.9,0.7,0.5,0.3"], "--flops", help="FLOPs targets (repeat or comma list)"),
     recover_epochs: float = typer.Option(1.0, "--recover-epochs", min=0.0, help="recovery passes over the training data per round (fractional: part of a pass)"),
-    scorer: str = typer.Option("fisher", "--scorer", help="fisher, taylor, taylor-example, ablation, magnitude, activation"),
+    scorer: str = SCORER,
     min_quality: float = typer.Option(0.0, "--min-quality", help="floor (default 0: reach every target)"),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="examples per batch"),
-    max_length: int = typer.Option(64, "--max-length", min=1, help="tokens per text (longer ones are cut)"),
+    batch_size: int = BATCH_SIZE,
+    max_length: int = MAX_LENGTH,
     limit: Optional[int] = typer.Option(None, "--limit", help="use only the first N train/val examples"),
     lr: Optional[float] = typer.Option(None, "--lr", help="recovery learning rate (default 1.5e-4 text / 1e-3 images / 3e-4 video DiTs)"),
-    seed: int = typer.Option(0, "--seed", help="random seed (data order, sampling)"),
+    seed: int = SEED,
     data: Optional[Path] = typer.Option(None, "--data", help="CSV file for --task text-csv"),
-    text_column: str = typer.Option("text", "--text-column", help="--task text-csv: column holding the text"),
-    label_column: str = typer.Option("label", "--label-column", help="--task text-csv: column holding the label"),
+    text_column: str = TEXT_COLUMN,
+    label_column: str = LABEL_COLUMN,
     out: Path = typer.Option(..., "--out", help="folder for sweep.csv and pareto.png"),
     force: bool = typer.Option(False, "--force", help="replace an existing --out"),
     trust_code: bool = typer.Option(False, "--trust-code", help="allow a saved model's own factory code to run"),
@@ -389,7 +396,7 @@ def train_sora_cmd(
     out: Path = typer.Option(..., "--out", help="folder to save the EMA weights to (a valid MODEL afterwards)"),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="videos per training batch"),
     lr: float = typer.Option(6e-4, "--lr", help="AdamW learning rate"),
-    seed: int = typer.Option(0, "--seed", help="random seed (data order, sampling)"),
+    seed: int = SEED,
     min_snr_gamma: float = typer.Option(5.0, "--min-snr-gamma", min=0.0,
                                         help="Min-SNR loss weighting (0 turns it off)"),
     max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="stop early and save after this long"),
