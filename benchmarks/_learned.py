@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -86,15 +87,12 @@ def learned_scorer(keep: float, steps: int) -> Iterator[None]:
     once and reused by every call (the cut without and with recovery start from the same dense model)."""
     import particlize.loop as loop
 
-    original, cache = loop._importance, {}
+    cache: dict[str, dict[str, torch.Tensor]] = {}
 
     def importance(pm, batches, cfg, kinds):
         if "imp" not in cache:
             cache["imp"] = learned_importance(pm, batches, keep, kinds, cfg.max_length, steps=steps)
         return cache["imp"]
 
-    loop._importance = importance
-    try:
+    with mock.patch.object(loop, "_importance", importance):
         yield
-    finally:
-        loop._importance = original

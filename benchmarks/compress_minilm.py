@@ -50,6 +50,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -177,11 +178,8 @@ def head_price(factor: float):
         prices = {"head": float(per["head"]) * factor, "neuron": float(per["neuron"])}
         return original(pm, importance, flops_to_remove, cfg, seq_len, prices, base_sizes)
 
-    loop.allocate = allocate
-    try:
+    with mock.patch.object(loop, "allocate", allocate):
         yield
-    finally:
-        loop.allocate = original
 
 
 def layer_widths(model) -> list[list[int]]:

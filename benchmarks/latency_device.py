@@ -28,6 +28,7 @@ import copy
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -51,9 +52,10 @@ def write_arch(model_dir: Path, width_files: list[Path], out: Path) -> None:
     for f in width_files:
         for r in json.loads(f.read_text()):
             key = (r.get("variant") or r.get("strategy"), r["budget"], r.get("seed", 0))
-            if json.dumps(r["widths"]) in seen:  # the same architecture under another name times the same
+            arch = json.dumps(r["widths"])
+            if arch in seen:  # the same architecture under another name times the same
                 continue
-            seen.add(json.dumps(r["widths"]))
+            seen.add(arch)
             m = by_widths(dense, r["widths"])
             models.append({"name": f"{key[0]}@{key[1]}/{key[2]}", "budget": key[1], "widths": r["widths"],
                            "flops_kept": round(pz.decompose(m, seq_len=64).cost().flops / dense_flops, 4)})
@@ -87,8 +89,6 @@ class _Timer:
                 end.record()
                 end.synchronize()
                 return start.elapsed_time(end) / reps
-            import time
-
             t = time.perf_counter()
             for _ in range(reps):
                 self.model(**self.x)
@@ -132,8 +132,7 @@ def main() -> int:
     kept = {"dense": 1.0, **{a["name"]: a["flops_kept"] for a in archs}}
     results = []
     for dname in args.dtype:
-        models = {k: m.to(device=device, dtype=DTYPES[dname]) for k, m in
-                  ((k, copy.deepcopy(m)) for k, m in cpu_models.items())}
+        models = {k: copy.deepcopy(m).to(device=device, dtype=DTYPES[dname]) for k, m in cpu_models.items()}
         for shape in args.shape:
             b, t = (int(v) for v in shape.lower().split("x"))
             g = torch.Generator().manual_seed(0)
