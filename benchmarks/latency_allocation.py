@@ -34,15 +34,17 @@ import particlize as pz  # noqa: E402
 from particlize.loop import CompressConfig, _importance, allocate, latency_inputs, latency_prices, measure_latency  # noqa: E402
 from particlize.tasks import get_task  # noqa: E402
 
-STRATEGIES = {
-    # name: (granularity, allocation, cost, round_to)
-    "pz-global-flops": (("heads", "neurons"), "global", "flops", None),
-    "pz-global-latency": (("heads", "neurons"), "global", "latency", None),
-    "pz-global-flops-r16": (("heads", "neurons"), "global", "flops", 16),
-    "pz-global-flops-r32": (("heads", "neurons"), "global", "flops", 32),
-    "pz-uniform": (("heads", "neurons"), "uniform", "flops", None),
-    "pz-global-flops-blocks": (("heads", "neurons", "blocks"), "global", "flops", None),
-    "pz-global-latency-blocks": (("heads", "neurons", "blocks"), "global", "latency", None),
+HN, HNB = ("heads", "neurons"), ("heads", "neurons", "blocks")
+STRATEGIES: dict[str, dict] = {  # name: the CompressConfig settings of the cut (fisher scores throughout)
+    "pz-global-flops": dict(granularity=HN),
+    "pz-global-latency": dict(granularity=HN, cost="latency"),
+    "pz-global-flops-r16": dict(granularity=HN, round_to=16),
+    "pz-global-flops-r32": dict(granularity=HN, round_to=32),
+    "pz-global-flops-mw20": dict(granularity=HN, min_width=0.2),
+    "pz-global-flops-mw15": dict(granularity=HN, min_width=0.15),
+    "pz-uniform": dict(granularity=HN, allocation="uniform"),
+    "pz-global-flops-blocks": dict(granularity=HNB),
+    "pz-global-latency-blocks": dict(granularity=HNB, cost="latency"),
 }
 
 
@@ -97,11 +99,10 @@ def main() -> int:
             if s == "tp-taylor":
                 m, _ = tp_prune(copy.deepcopy(dense), task, tok, 1 - budget, "taylor", 256, 0)
             else:
-                gran, alloc, cost, rt = STRATEGIES[s]
-                cfg = CompressConfig(target_flops=budget, granularity=gran, allocation=alloc, cost=cost, round_to=rt)
+                cfg = CompressConfig(target_flops=budget, **STRATEGIES[s])
                 kinds = cfg.kinds
                 prices = None
-                if cost == "latency":
+                if cfg.cost == "latency":
                     key = frozenset(kinds)
                     if key not in prices_cache:
                         prices_cache[key] = latency_prices(dense, pm, x, cfg, kinds)

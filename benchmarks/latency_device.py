@@ -12,7 +12,9 @@ transformers:
 Timing: every model at every shape and dtype, ``--rounds`` interleaved rounds of ``--reps`` forwards under
 ``torch.inference_mode`` (CUDA: events around the batch of forwards, after a synchronize); the speedup is
 the per-round paired ratio dense / pruned, median over rounds. ``--graphs`` (CUDA) also times each forward
-replayed as a CUDA graph, which removes the kernel-launch cost that dominates small batches on a GPU.
+replayed as a CUDA graph, which removes the kernel-launch cost that dominates small batches on a GPU;
+``--compile`` times each model under ``torch.compile`` (static shapes), which fuses the LayerNorms, residual adds
+and activations that FLOPs do not count.
 **Efficiency = speedup × FLOPs kept** (issue 5 asks ≥ 0.95). On a CPU with glibc, set
 ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296``, or the dense model's large
 activations are mapped afresh each forward and its page faults inflate every speedup (RESULTS.md, session 13).
@@ -64,10 +66,15 @@ def write_arch(model_dir: Path, width_files: list[Path], out: Path) -> None:
 
 
 class _Timer:
-    """Milliseconds per forward of ``model`` on ``x``: eager, or replayed as a CUDA graph."""
+    """Milliseconds per forward of ``model`` on ``x``: eager, compiled (``torch.compile``, static shapes), or
+    replayed as a CUDA graph."""
 
-    def __init__(self, model: torch.nn.Module, x: dict[str, torch.Tensor], graph: bool):
+    def __init__(self, model: torch.nn.Module, x: dict[str, torch.Tensor], mode: str):
+        if mode == "compile":  # one compiled frame per model: lift dynamo's limit of 8 so none falls back to eager
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            model = torch.compile(model, dynamic=False)
         self.model, self.x, self.graph = model, x, None
+        graph = mode == "graph"
         with torch.inference_mode():
             for _ in range(3):
                 model(**x)
@@ -105,6 +112,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--reps", type=int, default=20, help="forwards per timed batch")
     ap.add_argument("--graphs", action="store_true", help="CUDA: also time CUDA-graph replays")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time every model under torch.compile (inductor; CPU needs a C++ compiler)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--write-arch", nargs="+", type=Path, metavar=("MODEL_DIR", "WIDTHS_JSON"),
                     help="write --arch from a trained model folder and width records, then exit")
@@ -138,8 +147,8 @@ def main() -> int:
             g = torch.Generator().manual_seed(0)
             x = {"input_ids": torch.randint(1000, 30000, (b, t), generator=g).to(device),
                  "attention_mask": torch.ones(b, t, dtype=torch.long, device=device)}
-            for mode in ["eager", *(["graph"] if args.graphs else [])]:
-                timers = {k: _Timer(m, x, mode == "graph") for k, m in models.items()}
+            for mode in ["eager", *(["compile"] if args.compile else []), *(["graph"] if args.graphs else [])]:
+                timers = {k: _Timer(m, x, mode) for k, m in models.items()}
                 times: dict[str, list[float]] = {k: [] for k in timers}
                 for _ in range(args.rounds):
                     for k, tm in timers.items():
