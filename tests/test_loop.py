@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -88,7 +89,7 @@ def test_resume_after_sigkill_gives_the_same_result(setup, tmp_path):
 
 def test_quality_floor_keeps_the_last_good_round(setup, tmp_path):
     work, model, task, tok = setup
-    opts = {**OPTIONS, "min_quality": 1.5 / 1.5, "target_flops": 0.05, "max_fraction": 0.9}
+    opts = {**OPTIONS, "min_quality": 1.5 / 1.5, "target_flops": 0.25, "max_fraction": 0.9}
     res = compress(model, task, tokenizer=tok, out=tmp_path / "run", **opts)
     assert "quality floor" in res.reason or res.reason == "target met"
     h = json.loads((tmp_path / "run" / "history.json").read_text())["history"]
@@ -178,6 +179,9 @@ def test_nan_loss_rolls_back(setup, tmp_path):
         ({"target_flops": 0.0}, "must be in \\(0, 1\\)"),
         ({"target_flops": 1.2}, "must be in \\(0, 1\\)"),
         ({"target_flops": None, "target_latency_ms": 1e-6}, "below .* the smallest model"),
+        ({"target_flops": 0.05}, "target FLOPs 0.05 is below 0\\.\\d+, the share .* minimum width 0.1\\);"),
+        ({"target_flops": None, "target_params": 0.05}, "target params 0.05 is below"),
+        ({"target_flops": 0.3, "min_width": 0.5}, "target FLOPs 0.3 is below .* minimum width 0.5"),
         ({"granularity": ("channels",)}, "nothing to prune"),
         ({"granularity": ("wires",)}, "unknown granularity"),
         ({"quantize": "int4"}, "quantize"),
@@ -195,6 +199,25 @@ def test_impossible_or_bad_settings(setup, tmp_path, opts, match):
     work, model, task, tok = setup
     with pytest.raises(pz.ParticlizeError, match=match):
         compress(model, task, tokenizer=tok, out=tmp_path / "run", **{**OPTIONS, **opts})
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_reachable_targets_match_the_smallest_model(setup):
+    """The refusal's bound is exact: the smallest model the settings allow keeps that share, and a target at
+    it is accepted (the loop then stops when nothing more can go)."""
+    from particlize.loop import _check_reachable, _shrink_plan, smallest_shares
+
+    work, model, task, tok = setup
+    pm = pz.decompose(model, seq_len=64)
+    for gran in [("heads", "neurons"), ("heads", "neurons", "blocks")]:
+        cfg = CompressConfig(granularity=gran, min_width=0.25)
+        small = pz.decompose(pm.prune(_shrink_plan(pm, cfg, cfg.kinds)), seq_len=64).cost()
+        share = small.flops / pm.cost().flops
+        assert 0 < share < 1
+        assert smallest_shares(pm, cfg) == pytest.approx((share, small.params / pm.cost().params))
+        _check_reachable(CompressConfig(granularity=gran, min_width=0.25, target_flops=share), pm)
+        with pytest.raises(pz.ParticlizeError, match="target FLOPs"):
+            _check_reachable(CompressConfig(granularity=gran, min_width=0.25, target_flops=share * 0.99), pm)
 
 
 def test_allocation_respects_widths_rounding_and_gqa():
@@ -279,15 +302,18 @@ def test_a_block_that_would_overshoot_the_goal_waits_for_smaller_particles():
 def test_minimum_widths_are_shares_of_the_original_model_over_many_rounds(setup, tmp_path):
     """Five rounds of cuts without recovery: no layer goes below min_width of its *original* width (the
     floor of each round used to be a share of the previous round's width, so it shrank geometrically)."""
+    from particlize.loop import smallest_shares
+
     work, model, task, tok = setup
-    opts = {**OPTIONS, "target_flops": 0.05, "recover_epochs": 0, "min_quality": 0.0, "max_fraction": 0.3, "min_width": 0.25}
+    least = smallest_shares(pz.decompose(model, seq_len=64), CompressConfig(min_width=0.25))[0]  # every layer at its floor
+    opts = {**OPTIONS, "target_flops": least, "recover_epochs": 0, "min_quality": 0.0, "max_fraction": 0.3, "min_width": 0.25}
     res = compress(model, task, tokenizer=tok, **opts)
     assert len(res.history) > 2  # several rounds of cuts
     before, after = pz.decompose(model), pz.decompose(res.model)
     for g in after.groups:
         if g.kind in ("head", "neuron"):
-            assert g.size >= 0.25 * before[g.name].size, g.name
-    assert res.reason.startswith("nothing more can be removed")
+            assert g.size == math.ceil(0.25 * before[g.name].size), g.name
+    assert res.reason == "target met"
 
 
 def test_original_sizes_follow_layers_that_moved_up():
@@ -346,6 +372,9 @@ def test_sweep_writes_table_and_plot(setup, tmp_path):
     assert set(ok.granularity) == {"heads", "neurons"} and len(ok) == 4
     assert "nothing to prune" in df[df.granularity == "channels"].error.iloc[0]
     assert ok[ok.granularity == "heads"].reached.all() and (ok.flops_ratio < 1).all()
+    # neurons alone cannot reach 0.6 here: the sweep runs to the smallest model they allow and says so
+    low = ok[(ok.granularity == "neurons") & (ok.target_flops == 0.6)].iloc[0]
+    assert not low.reached and 0.6 < low.flops_ratio < 0.8 and "the least removing neurons allows" in low.reason
     with pytest.raises(pz.ParticlizeError, match="--force"):
         sweep(model, task, tokenizer=tok, flops=(0.5,), out=tmp_path / "sw")
 

@@ -440,6 +440,8 @@ def compress(
         )
     dense_cost = pm0.cost()
     lat_inputs = latency_inputs(task, tokenizer, cfg.latency_batch, cfg.latency_seq)
+    _check_reachable(cfg, pm0)  # before anything is written: an impossible target costs no round
+    _check_latency_target(cfg, teacher, pm0, lat_inputs, kinds)
 
     history: list[dict[str, Any]] = []
     start_round = 1
@@ -478,7 +480,6 @@ def compress(
         _save_state(out_path, cfg, history, done=False)
     dense_q = history[0]["quality"]
     floor = cfg.min_quality * dense_q
-    _check_latency_target(cfg, teacher, pm0, lat_inputs, kinds)
 
     reason = pruned_reason or f"stopped after {cfg.max_rounds} rounds"
     for r in range(start_round, cfg.max_rounds + 1) if not pruned_reason else ():
@@ -696,6 +697,26 @@ def latency_prices(model: nn.Module, pm: ParticleMap, inputs: Any, cfg: Compress
             full = measure_latency(model, inputs, warmup=1, reps=3)
             saved[k].append(full - measure_latency(m, inputs, warmup=1, reps=3))
     return {k: max(statistics.median(saved[k]), 1e-9) / smaller[k][1] for k in smaller}
+
+
+def smallest_shares(pm: ParticleMap, cfg: CompressConfig) -> tuple[float, float]:
+    """(FLOPs, params) the smallest model ``cfg`` allows keeps, as shares of ``pm``'s model: every group of
+    the configured granularities at its minimum width (``min_width``, ``round_to``)."""
+    dense, least = pm.cost(), pm.cost(_shrink_plan(pm, cfg, cfg.kinds))
+    return least.flops / max(dense.flops, 1e-12), least.params / max(dense.params, 1e-12)
+
+
+def _check_reachable(cfg: CompressConfig, pm: ParticleMap) -> None:
+    """Refuse a FLOPs or params target below what the smallest model the settings allow keeps, instead of
+    finding out rounds of recovery later."""
+    for what, target, small in zip(("FLOPs", "params"), (cfg.target_flops, cfg.target_params), smallest_shares(pm, cfg)):
+        if target is not None and small > target + 1e-9:
+            raise ParticlizeError(
+                f"target {what} {target:g} is below {small:.3f}, the share of the {what} the smallest model "
+                f"these settings allow keeps (granularity {','.join(cfg.granularity)}; every group at its minimum "
+                f"width {cfg.min_width:g}{f', round_to {cfg.round_to}' if cfg.round_to else ''}); raise the target, "
+                "lower --min-width or add a granularity"
+            )
 
 
 def _check_latency_target(cfg: CompressConfig, model: nn.Module, pm: ParticleMap, inputs: Any, kinds: set[str]) -> None:

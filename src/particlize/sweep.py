@@ -13,7 +13,8 @@ from torch import nn
 
 from .errors import ParticlizeError
 from .io import write_folder_atomically
-from .loop import GRANULARITIES, CompressConfig, compress
+from .adapters import decompose
+from .loop import GRANULARITIES, CompressConfig, compress, smallest_shares
 from .tasks import Task
 
 Progress = Callable[[str, dict[str, Any]], None]
@@ -43,12 +44,21 @@ def sweep(
     if out.exists() and any(out.iterdir()) and not force:
         raise ParticlizeError(f"{out} already exists and is not empty; pass --force to replace it")
     emit = progress or (lambda e, i: None)
-    CompressConfig(**{**options, "target_flops": flops[0], "granularity": tuple(granularities)}).check()
+    base = CompressConfig(**{**options, "target_flops": flops[0], "granularity": tuple(granularities)})
+    base.check()
+    pm = decompose(model, seq_len=base.max_length)
     rows = []
     for g in granularities:
+        done: dict[float, dict[str, Any]] = {}  # run target -> row: targets below the smallest model share one run
         for f in sorted(flops, reverse=True):
             emit("run", {"granularity": g, "target": f})
             cfg = CompressConfig(**{**options, "target_flops": f, "granularity": (g,)})
+            least = smallest_shares(pm, cfg)[0]
+            if f < least < 1:  # below what this granularity can reach: run to the smallest model it allows
+                cfg.target_flops = least
+            if cfg.target_flops in done:
+                rows.append({**done[cfg.target_flops], "target_flops": f, "reached": False})
+                continue
             try:
                 res = compress(model, task, tokenizer=tokenizer, config=cfg,
                                progress=lambda e, i: emit(e, {**i, "granularity": g, "target": f}))
@@ -57,13 +67,16 @@ def sweep(
                 continue
             last, first = res.history[-1], res.history[0]
             test = task.quality(res.model, "test", tokenizer=tokenizer, max_length=cfg.max_length)
+            reason = res.reason if cfg.target_flops == f else \
+                f"ran to {least:.3f} of the FLOPs instead, the least removing {g} allows (min_width {cfg.min_width:g}): {res.reason}"
             rows.append({
                 "granularity": g, "target_flops": f, "flops_ratio": last["flops_ratio"], "params": last["params"],
                 "latency_ms": last["latency_ms"], "dense_latency_ms": first["latency_ms"],
                 "val_quality": last["quality"], "test_quality": test["quality"],
                 **({"val_accuracy": last["val_accuracy"], "test_accuracy": test["accuracy"]} if "accuracy" in test else {}),
-                "rounds": last["round"], "reached": last["flops_ratio"] <= f + 1e-9, "reason": res.reason,
+                "rounds": last["round"], "reached": last["flops_ratio"] <= f + 1e-9, "reason": reason,
             })
+            done[cfg.target_flops] = rows[-1]
     df = pd.DataFrame(rows)
 
     def fill(tmp: Path) -> None:
