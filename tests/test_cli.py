@@ -197,3 +197,30 @@ def test_compress_command_end_to_end(tiny_text, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # a diffusion-step window means nothing to a text classifier
         main([*args[:-2], "--recover-focus", "490", "795", "--out", str(tmp_path / "other")])
     assert e.value.code == 1 and "video diffusion tasks" in capsys.readouterr().err and not (tmp_path / "other").exists()
+
+
+def test_sweep_command_table_and_unreachable_targets(tmp_path, capsys):
+    """`particlize sweep` prints one row per (granularity, target) and says which targets a granularity cannot
+    reach alone; `particlize compress` refuses such a target before writing anything."""
+    from loop_fixture import make
+
+    make(tmp_path)
+    dense, csv = tmp_path / "dense", tmp_path / "s.csv"
+    out = tmp_path / "sw"
+    args = ["sweep", str(dense), "--task", "text-csv", "--data", str(csv), "--granularity", "heads",
+            "--granularity", "neurons", "--flops", "0.8,0.3", "--recover-epochs", "0.2", "--batch-size", "16", "--out", str(out)]
+    main(args)
+    printed = capsys.readouterr().out
+    assert "the least neurons alone allow" in printed and "speedup" in printed
+    df = pd.read_csv(out / "sweep.csv")
+    assert len(df) == 4 and (out / "pareto.png").is_file()
+    low = df[(df.granularity == "neurons") & (df.target_flops == 0.3)].iloc[0]
+    assert not low.reached and low.flops_ratio > 0.3 and low.reason.startswith("ran to")
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 1 and "--force" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["compress", str(dense), "--task", "text-csv", "--data", str(csv), "--target-flops", "0.3",
+              "--granularity", "neurons", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "target FLOPs 0.3 is below" in err and not (tmp_path / "run").exists()

@@ -385,8 +385,28 @@ def sweep(
         df = run_sweep(m, t, tokenizer=tok, granularities=granularity, flops=targets, out=out, force=force,
                        progress=progress, recover_epochs=recover_epochs, scorer=scorer, min_quality=min_quality,
                        batch_size=batch_size, max_length=max_length, limit=limit, lr=lr, seed=seed)
-    console.print(df.to_string(index=False))
-    console.print(f"table and Pareto plot in [bold]{out}[/bold]")
+    console.print(_sweep_table(df, t.quality_name))
+    console.print(f"full table (sweep.csv) and Pareto plot (pareto.png) in [bold]{out}[/bold]")
+
+
+def _sweep_table(df: Any, quality: str) -> Table:
+    """The sweep's rows as a table that fits a terminal: one line per (granularity, target), and why a run
+    stopped short of its target in the last column (the whole reason is in sweep.csv)."""
+    acc = "test_accuracy" in df
+    table = Table(title=f"{quality} vs FLOPs kept, per granularity (the same recovery budget each)")
+    for col in ("granularity", "target", "FLOPs", "params", "latency ms", "speedup", "val", "test", "note"):
+        table.add_column(col, justify="left" if col in ("granularity", "note") else "right")
+    for r in df.to_dict("records"):
+        if not isinstance(r.get("flops_ratio"), float) or r["flops_ratio"] != r["flops_ratio"]:  # an error row
+            table.add_row(r["granularity"], f"{r['target_flops']:.0%}", *["–"] * 6, str(r.get("error", "")))
+            continue
+        val, test = (r["val_accuracy"], r["test_accuracy"]) if acc else (r["val_quality"], r["test_quality"])
+        note = "" if r["reached"] else f"the least {r['granularity']} alone allow" if r["reason"].startswith("ran to") \
+            else r["reason"]
+        table.add_row(r["granularity"], f"{r['target_flops']:.0%}", f"{r['flops_ratio']:.1%}", f"{int(r['params']):,}",
+                      f"{r['latency_ms']:.1f}", f"{r['dense_latency_ms'] / r['latency_ms']:.2f}×", f"{val:.4f}",
+                      f"{test:.4f}", note)
+    return table
 
 
 @app.command("train-sora")

@@ -49,15 +49,19 @@ def sweep(
     pm = decompose(model, seq_len=base.max_length)
     rows = []
     for g in granularities:
-        done: dict[float, dict[str, Any]] = {}  # run target -> row: targets below the smallest model share one run
+        # run target -> (row, why it stopped): the targets below the smallest model share one run
+        done: dict[float, tuple[dict[str, Any], str]] = {}
         for f in sorted(flops, reverse=True):
             emit("run", {"granularity": g, "target": f})
             cfg = CompressConfig(**{**options, "target_flops": f, "granularity": (g,)})
             least = smallest_shares(pm, cfg)[0]
+            note = ""
             if f < least < 1:  # below what this granularity can reach: run to the smallest model it allows
                 cfg.target_flops = least
+                note = f"ran to {least:.3f} of the FLOPs instead, the least removing {g} allows (min_width {cfg.min_width:g}): "
             if cfg.target_flops in done:
-                rows.append({**done[cfg.target_flops], "target_flops": f, "reached": False})
+                row, why = done[cfg.target_flops]
+                rows.append({**row, "target_flops": f, "reached": row["flops_ratio"] <= f + 1e-9, "reason": note + why})
                 continue
             try:
                 res = compress(model, task, tokenizer=tokenizer, config=cfg,
@@ -67,16 +71,14 @@ def sweep(
                 continue
             last, first = res.history[-1], res.history[0]
             test = task.quality(res.model, "test", tokenizer=tokenizer, max_length=cfg.max_length)
-            reason = res.reason if cfg.target_flops == f else \
-                f"ran to {least:.3f} of the FLOPs instead, the least removing {g} allows (min_width {cfg.min_width:g}): {res.reason}"
             rows.append({
                 "granularity": g, "target_flops": f, "flops_ratio": last["flops_ratio"], "params": last["params"],
                 "latency_ms": last["latency_ms"], "dense_latency_ms": first["latency_ms"],
                 "val_quality": last["quality"], "test_quality": test["quality"],
                 **({"val_accuracy": last["val_accuracy"], "test_accuracy": test["accuracy"]} if "accuracy" in test else {}),
-                "rounds": last["round"], "reached": last["flops_ratio"] <= f + 1e-9, "reason": reason,
+                "rounds": last["round"], "reached": last["flops_ratio"] <= f + 1e-9, "reason": note + res.reason,
             })
-            done[cfg.target_flops] = rows[-1]
+            done[cfg.target_flops] = rows[-1], res.reason
     df = pd.DataFrame(rows)
 
     def fill(tmp: Path) -> None:
