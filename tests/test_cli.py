@@ -208,12 +208,14 @@ def test_sweep_command_table_and_unreachable_targets(tmp_path, capsys):
     dense, csv = tmp_path / "dense", tmp_path / "s.csv"
     out = tmp_path / "sw"
     args = ["sweep", str(dense), "--task", "text-csv", "--data", str(csv), "--granularity", "heads",
-            "--granularity", "neurons", "--flops", "0.8,0.3", "--recover-epochs", "0.2", "--batch-size", "16", "--out", str(out)]
+            "--granularity", "neurons", "--granularity", "channels", "--flops", "0.8,0.3", "--recover-epochs", "0.2",
+            "--batch-size", "16", "--out", str(out)]
     main(args)
-    printed = capsys.readouterr().out
+    printed = " ".join(capsys.readouterr().out.split())  # the table wraps long notes
     assert "the least neurons alone allow" in printed and "speedup" in printed
+    assert printed.count("channels") >= 2 and "nothing to prune" in printed.replace("│", "")
     df = pd.read_csv(out / "sweep.csv")
-    assert len(df) == 4 and (out / "pareto.png").is_file()
+    assert len(df) == 6 and df.error.notna().sum() == 2 and (out / "pareto.png").is_file()
     low = df[(df.granularity == "neurons") & (df.target_flops == 0.3)].iloc[0]
     assert not low.reached and low.flops_ratio > 0.3 and low.reason.startswith("ran to")
     with pytest.raises(SystemExit) as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -397,7 +398,7 @@ def _sweep_table(df: Any, quality: str) -> Table:
     for col in ("granularity", "target", "FLOPs", "params", "latency ms", "speedup", "val", "test", "note"):
         table.add_column(col, justify="left" if col in ("granularity", "note") else "right")
     for r in df.to_dict("records"):
-        if not isinstance(r.get("flops_ratio"), float) or r["flops_ratio"] != r["flops_ratio"]:  # an error row
+        if r.get("flops_ratio") is None or math.isnan(r["flops_ratio"]):  # an error row: the run did not start
             table.add_row(r["granularity"], f"{r['target_flops']:.0%}", *["–"] * 6, str(r.get("error", "")))
             continue
         val, test = (r["val_accuracy"], r["test_accuracy"]) if acc else (r["val_quality"], r["test_quality"])

@@ -11,9 +11,9 @@ from typing import Any
 import pandas as pd
 from torch import nn
 
+from .adapters import decompose
 from .errors import ParticlizeError
 from .io import write_folder_atomically
-from .adapters import decompose
 from .loop import GRANULARITIES, CompressConfig, compress, smallest_shares
 from .tasks import Task
 
