@@ -17,6 +17,8 @@ import statistics
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import start  # noqa: E402
 
@@ -40,6 +42,7 @@ def main() -> int:
     accs = []
     for seed in args.seeds:
         student = copy.deepcopy(dense)
+        torch.manual_seed(seed)
         info = task.recover(student, dense, tok, epochs=args.epochs, seed=seed)
         accs.append(task.evaluate(student, "test", tokenizer=tok)["accuracy"])
         print(f"seed {seed}: dense + recovery test accuracy {accs[-1]:.4f} ({info['steps']} steps, "
