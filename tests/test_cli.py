@@ -209,7 +209,7 @@ def test_sweep_command_table_and_unreachable_targets(tmp_path, capsys):
     out = tmp_path / "sw"
     args = ["sweep", str(dense), "--task", "text-csv", "--data", str(csv), "--granularity", "heads",
             "--granularity", "neurons", "--granularity", "channels", "--flops", "0.8,0.3", "--recover-epochs", "0.2",
-            "--batch-size", "16", "--out", str(out)]
+            "--min-width", "0.25", "--batch-size", "16", "--out", str(out)]
     main(args)
     printed = " ".join(capsys.readouterr().out.split())  # the table wraps long notes
     assert "the least neurons alone allow" in printed and "speedup" in printed
@@ -217,7 +217,7 @@ def test_sweep_command_table_and_unreachable_targets(tmp_path, capsys):
     df = pd.read_csv(out / "sweep.csv")
     assert len(df) == 6 and df.error.notna().sum() == 2 and (out / "pareto.png").is_file()
     low = df[(df.granularity == "neurons") & (df.target_flops == 0.3)].iloc[0]
-    assert not low.reached and low.flops_ratio > 0.3 and low.reason.startswith("ran to")
+    assert not low.reached and low.flops_ratio > 0.3 and low.reason.startswith("ran to") and "min_width 0.25" in low.reason
     with pytest.raises(SystemExit) as e:
         main(args)
     assert e.value.code == 1 and "--force" in capsys.readouterr().err

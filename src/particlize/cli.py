@@ -31,6 +31,9 @@ SEED = typer.Option(0, "--seed", help="random seed (data order, sampling)")
 TEXT_COLUMN = typer.Option("text", "--text-column", help="--task text-csv: column holding the text")
 LABEL_COLUMN = typer.Option("label", "--label-column", help="--task text-csv: column holding the label")
 SCORER = typer.Option("fisher", "--scorer", help="fisher, taylor, taylor-example, ablation, magnitude, activation")
+MIN_WIDTH = typer.Option(0.1, "--min-width", min=0.0, max=1.0,
+                         help="smallest share of each layer's original heads / neurons / channels kept")
+RECOVER_LR = typer.Option(None, "--lr", help="recovery learning rate (default 1.5e-4 text / 1e-3 images / 3e-4 video DiTs)")
 
 
 @app.callback()
@@ -270,10 +273,9 @@ def compress(
                                                          help="video diffusion: spend half of each recovery batch at diffusion steps LO..HI (sora-tiny: 490 795)"),
     reweight: bool = typer.Option(False, "--reweight/--no-reweight",
                                   help="refit the kept particles' reader weights by least squares on the calibration data after each cut"),
-    min_width: float = typer.Option(0.1, "--min-width", min=0.0, max=1.0,
-                                    help="smallest share of each layer's original heads / neurons / channels kept"),
+    min_width: float = MIN_WIDTH,
     round_to: Optional[int] = typer.Option(None, "--round-to", min=1, help="keep each layer's width a multiple of this many features (a head is head_dim features wide)"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="recovery learning rate (default 1.5e-4 text / 1e-3 images / 3e-4 video DiTs)"),
+    lr: Optional[float] = RECOVER_LR,
     batch_size: int = BATCH_SIZE,
     max_length: int = MAX_LENGTH,
     limit: Optional[int] = typer.Option(None, "--limit", help="use only the first N train/val examples"),
@@ -346,14 +348,17 @@ def sweep(
     task: str = typer.Option(..., "--task", help="vader-sentiment, text-csv (with --data), fashion-mnist"),
     granularity: list[str] = typer.Option(["heads", "neurons", "blocks", "all"], "--granularity",
                                           help="repeat: heads, neurons, channels, units, blocks, all"),
-    flops: list[str] = typer.Option(["0.9,0.7,0.5,0.3"], "--flops", help="FLOPs targets (repeat or comma list)"),
+    flops: list[str] = typer.Option(["0.9,0.7,0.5,0.3"], "--flops",
+                                    help="FLOPs targets (repeat or comma list); a target a granularity cannot reach alone "
+                                         "runs to the smallest model it allows"),
     recover_epochs: float = typer.Option(1.0, "--recover-epochs", min=0.0, help="recovery passes over the training data per round (fractional: part of a pass)"),
     scorer: str = SCORER,
     min_quality: float = typer.Option(0.0, "--min-quality", help="floor (default 0: reach every target)"),
+    min_width: float = MIN_WIDTH,
     batch_size: int = BATCH_SIZE,
     max_length: int = MAX_LENGTH,
     limit: Optional[int] = typer.Option(None, "--limit", help="use only the first N train/val examples"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="recovery learning rate (default 1.5e-4 text / 1e-3 images / 3e-4 video DiTs)"),
+    lr: Optional[float] = RECOVER_LR,
     seed: int = SEED,
     data: Optional[Path] = typer.Option(None, "--data", help="CSV file for --task text-csv"),
     text_column: str = TEXT_COLUMN,
@@ -385,7 +390,7 @@ def sweep(
 
         df = run_sweep(m, t, tokenizer=tok, granularities=granularity, flops=targets, out=out, force=force,
                        progress=progress, recover_epochs=recover_epochs, scorer=scorer, min_quality=min_quality,
-                       batch_size=batch_size, max_length=max_length, limit=limit, lr=lr, seed=seed)
+                       batch_size=batch_size, max_length=max_length, limit=limit, lr=lr, seed=seed, min_width=min_width)
     console.print(_sweep_table(df, t.quality_name))
     console.print(f"full table (sweep.csv) and Pareto plot (pareto.png) in [bold]{out}[/bold]")
 
