@@ -213,6 +213,7 @@ def test_sweep_command_table_and_unreachable_targets(tmp_path, capsys):
     main(args)
     printed = " ".join(capsys.readouterr().out.split())  # the table wraps long notes
     assert "the least neurons alone allow" in printed and "speedup" in printed
+    assert "neurons → 30% of FLOPs (the least neurons alone allow:" in printed
     assert printed.count("channels") >= 2 and "nothing to prune" in printed.replace("│", "")
     df = pd.read_csv(out / "sweep.csv")
     assert len(df) == 6 and df.error.notna().sum() == 2 and (out / "pareto.png").is_file()

@@ -384,7 +384,9 @@ def sweep(
     with _progress_bar("sweep") as bar:
         def progress(event: str, info: dict) -> None:
             if event == "run":
-                console.print(f"{info['granularity']} → {info['target']:.0%} of FLOPs")
+                to = info.get("runs_to", info["target"])
+                console.print(f"{info['granularity']} → {info['target']:.0%} of FLOPs"
+                              + (f" (the least {info['granularity']} alone allow: {to:.1%})" if to != info["target"] else ""))
             elif event == "recover":
                 bar(info["step"], info["total"], f"{info['granularity']} {info['target']:.0%} round {info['round']}")
 

@@ -52,13 +52,13 @@ def sweep(
         # run target -> (row, why it stopped): the targets below the smallest model share one run
         done: dict[float, tuple[dict[str, Any], str]] = {}
         for f in sorted(flops, reverse=True):
-            emit("run", {"granularity": g, "target": f})
             cfg = CompressConfig(**{**options, "target_flops": f, "granularity": (g,)})
             least = smallest_shares(pm, cfg)[0]
             note = ""
             if f < least < 1:  # below what this granularity can reach: run to the smallest model it allows
                 cfg.target_flops = least
                 note = f"ran to {least:.3f} of the FLOPs instead, the least removing {g} allows (min_width {cfg.min_width:g}): "
+            emit("run", {"granularity": g, "target": f, "runs_to": cfg.target_flops})
             if cfg.target_flops in done:
                 row, why = done[cfg.target_flops]
                 rows.append({**row, "target_flops": f, "reached": row["flops_ratio"] <= f + 1e-9, "reason": note + why})
