@@ -375,6 +375,8 @@ def test_sweep_writes_table_and_plot(setup, tmp_path):
     # neurons alone cannot reach 0.6 here: the sweep runs to the smallest model they allow and says so
     low = ok[(ok.granularity == "neurons") & (ok.target_flops == 0.6)].iloc[0]
     assert not low.reached and 0.6 < low.flops_ratio < 0.8 and "the least removing neurons allows" in low.reason
+    heads = ok[ok.granularity == "heads"]
+    assert low.runs_to == pytest.approx(low.flops_ratio) and (heads.runs_to == heads.target_flops).all()
     with pytest.raises(pz.ParticlizeError, match="--force"):
         sweep(model, task, tokenizer=tok, flops=(0.5,), out=tmp_path / "sw")
 

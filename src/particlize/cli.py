@@ -409,7 +409,7 @@ def _sweep_table(df: Any, quality: str) -> Table:
             table.add_row(r["granularity"], f"{r['target_flops']:.0%}", *["–"] * 6, str(r.get("error", "")))
             continue
         val, test = (r["val_accuracy"], r["test_accuracy"]) if acc else (r["val_quality"], r["test_quality"])
-        note = "" if r["reached"] else f"the least {r['granularity']} alone allow" if r["reason"].startswith("ran to") \
+        note = "" if r["reached"] else f"the least {r['granularity']} alone allow" if r["runs_to"] != r["target_flops"] \
             else r["reason"]
         table.add_row(r["granularity"], f"{r['target_flops']:.0%}", f"{r['flops_ratio']:.1%}", f"{int(r['params']):,}",
                       f"{r['latency_ms']:.1f}", f"{r['dense_latency_ms'] / r['latency_ms']:.2f}×", f"{val:.4f}",

@@ -34,7 +34,8 @@ def sweep(
 ) -> pd.DataFrame:
     """Compress ``model`` to every FLOPs target at every granularity (an independent run each, the same
     options and recovery budget) and write ``sweep.csv`` and ``pareto.png`` (quality vs FLOPs and vs
-    measured latency) to ``out``. Returns the table: one row per (granularity, target)."""
+    measured latency) to ``out``. Returns the table: one row per (granularity, target); ``runs_to`` is the
+    target the run was given (the smallest model the granularity allows, when the target is below it)."""
     bad = [g for g in granularities if g not in GRANULARITIES and g != "all"]
     if bad:
         raise ParticlizeError(f"unknown granularity {bad}; use {', '.join(GRANULARITIES)} or all")
@@ -76,7 +77,8 @@ def sweep(
                 "latency_ms": last["latency_ms"], "dense_latency_ms": first["latency_ms"],
                 "val_quality": last["quality"], "test_quality": test["quality"],
                 **({"val_accuracy": last["val_accuracy"], "test_accuracy": test["accuracy"]} if "accuracy" in test else {}),
-                "rounds": last["round"], "reached": last["flops_ratio"] <= f + 1e-9, "reason": note + res.reason,
+                "rounds": last["round"], "reached": last["flops_ratio"] <= f + 1e-9, "runs_to": cfg.target_flops,
+                "reason": note + res.reason,
             })
             done[cfg.target_flops] = rows[-1], res.reason
     df = pd.DataFrame(rows)
