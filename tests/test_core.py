@@ -172,13 +172,16 @@ def test_pickle_file_is_never_unpickled(tmp_path):
 def test_plan_that_does_not_match(saved):
     out, _, _ = saved
     meta = json.loads((out / "particlize.json").read_text())
-    meta["plan"][0]["bert.encoder.layer.7.attention.heads"] = [0]
+    steps = meta["plan"]
+    meta["plan"] = [{"verb": "prune", "group": "bert.encoder.layer.7.attention.heads", "args": {"keep": [0]}}, *steps]
     (out / "particlize.json").write_text(json.dumps(meta))
     with pytest.raises(pz.PlanError, match="does not have"):
         pz.load(out)
-    del meta["plan"][0]["bert.encoder.layer.7.attention.heads"]
-    meta["plan"][0][HEADS] = [0, 1, 2]  # the weights were saved with 3 heads, but different ones kept: shapes agree
-    meta["plan"][0]["bert.encoder.layer.0.intermediate.neurons"] = list(range(40))  # 40 != 46 kept neurons
+    heads = next(s for s in steps if s["group"] == HEADS)
+    heads["args"]["keep"] = [0, 1, 2]  # the weights were saved with 3 heads, but different ones kept: shapes agree
+    neurons = next(s for s in steps if s["group"] == "bert.encoder.layer.0.intermediate.neurons")
+    neurons["args"]["keep"] = list(range(40))  # 40 != 46 kept neurons
+    meta["plan"] = steps
     (out / "particlize.json").write_text(json.dumps(meta))
     with pytest.raises(pz.PlanError, match="do not match"):
         pz.load(out)
@@ -196,8 +199,14 @@ def test_corrupt_json_and_foreign_code(saved):
         pz.load(out)
 
 
-def test_model_without_recipe_cannot_be_saved(tmp_path):
+def test_model_without_recipe_is_loaded_onto_a_base(tmp_path):
+    """A user's own class has no recipe: the folder holds weights + plan, and load needs base=."""
     model = _TwoBranch()
-    with pytest.raises(pz.ParticlizeError, match="particlize_recipe"):
-        pz.save(model, tmp_path / "x")
-    assert not (tmp_path / "x").exists()
+    pz.save(model, tmp_path / "x")
+    with pytest.raises(pz.CheckpointError, match=r"cannot rebuild by itself: pass base=_TwoBranch\("):
+        pz.load(tmp_path / "x")
+    with pytest.raises(pz.CheckpointError, match="base= is a"):
+        pz.load(tmp_path / "x", base=torch.nn.Linear(2, 2))
+    again = pz.load(tmp_path / "x", base=_TwoBranch())
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import particlize as pz
 from conftest import hf_model, output_of
-from particlize.surgery import linear_reader_weight, input_moments, plan_step, refit_readers
+from particlize.surgery import Refit, input_moments, linear_reader_weight
 
 FAMILIES = ["bert", "gpt2", "llama-gqa"]
 
@@ -69,10 +69,8 @@ def test_a_removed_duplicate_neuron_is_folded_into_its_twin_exactly():
     pm = pz.decompose(model)
     name = "bert.encoder.layer.1.intermediate.neurons"
     assert name in pm, [g.name for g in pm.groups]
-    step = plan_step(pm, {name: [5]})
-    moments = input_moments(pm, [name], [batch])
-    small = pm.prune({name: [5]})
-    assert refit_readers(pm, small, step, moments, damp=0.0) == [name]
+    small = pm.prune({name: [5]}, compensate=Refit(damp=0.0), data=[batch])
+    assert [(s.verb, s.group) for s in pz.plan.model_plan(small)] == [("refit", name), ("prune", name)]
     reader = pm[name].gate.module
     intact = _reader_output(model, reader, batch)
     torch.testing.assert_close(_reader_output(small, reader, batch), intact, atol=1e-5, rtol=1e-5)
@@ -112,5 +110,5 @@ def test_reweighted_model_saves_and_loads(tmp_path):
 def test_reweight_data_that_never_reaches_the_model_is_refused():
     model, batch = hf_model("bert")
     pm = pz.decompose(model)
-    with pytest.raises(pz.ParticlizeError, match="reweighting data"):
+    with pytest.raises(pz.ParticlizeError, match="calibration data"):
         pm.prune({"bert.encoder.layer.0.attention.heads": [1]}, reweight=[])

@@ -6,19 +6,21 @@
     with pm.ablate({"encoder.layer.3.attention.heads": [0, 5]}):
         y = model(x)                               # gated forward
     small = pm.prune({"encoder.layer.3.attention.heads": [0, 5]})   # a new, smaller dense model
+    small = pm.prune(remove, compensate="merge", data=batches)      # ... kept particles absorb the cut ones
     pz.save(small, "out/"); again = pz.load("out/")
 """
 
+from . import surgery  # noqa: F401  (registers the verbs: prune, bias, merge, refit)
+from ._version import __version__
 from .adapters import decompose
+from .analysis import analyze, top_particles, validate_scores
 from .errors import CheckpointError, GateError, ParticlizeError, PlanError, UnsupportedModelError
 from .io import load, save
-from .analysis import analyze, top_particles, validate_scores
 from .particles import Cost, InputGate, ParticleGroup, ParticleMap, ResidualGate, Slice, WeightMaskGate
-
-__version__ = "0.1.0"
+from .plan import Plan, Step
 
 __all__ = [
     "CheckpointError", "Cost", "GateError", "InputGate", "ParticleGroup", "ParticleMap", "ParticlizeError",
-    "PlanError", "ResidualGate", "Slice", "UnsupportedModelError", "WeightMaskGate", "analyze", "decompose", "load", "save",
+    "Plan", "PlanError", "ResidualGate", "Slice", "Step", "UnsupportedModelError", "WeightMaskGate", "analyze", "decompose", "load", "save",
     "top_particles", "validate_scores",
 ]

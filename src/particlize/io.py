@@ -1,10 +1,12 @@
-"""Saving and loading (pruned) models: safetensors weights + a plan, never pickle.
+"""Saving and loading (changed) models: safetensors weights + a plan, never pickle.
 
 A saved folder holds ``model.safetensors`` and ``particlize.json``: the *recipe* that rebuilds the base
-architecture (a Hugging Face class and config, or an importable factory and its keyword arguments) and
-the *plan*, the list of surgery steps ``{group: kept indices}`` applied since. Loading rebuilds the base,
-replays the plan (so uneven widths per layer that no config can express come back) and loads the weights.
-Folders are written to a temporary sibling and renamed into place, so a crash never leaves half a model.
+architecture (a Hugging Face class and config, or an importable factory and its keyword arguments), the
+*plan* (`particlize.plan.Plan`: the steps ``{verb, group, args}`` applied since) and the particlize version
+that wrote it. Loading rebuilds the base — or takes the user's own freshly built instance, ``base=``, for a
+class no recipe can rebuild — replays the plan verb by verb (so uneven widths per layer that no config can
+express come back) and loads the weights. Folders are written to a temporary sibling and renamed into
+place, so a crash never leaves half a model.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 from torch import nn
 
+from . import plan as _plan
+from ._version import __version__
+from .adapters import decompose
 from .errors import CheckpointError, ParticlizeError, PlanError
-from .surgery import PROVENANCE, apply_step, provenance
+from .plan import FORMAT, Plan, model_plan, provenance, set_provenance
 
-FORMAT = 1
 META = "particlize.json"
 WEIGHTS = "model.safetensors"
 TRUSTED_PREFIXES = ("particlize.", "transformers.")
@@ -89,6 +93,39 @@ def write_folder_atomically(out: Path, fill: Any, *, force: bool = False) -> Pat
     return out
 
 
+def _class_name(model: nn.Module) -> str:
+    return f"{type(model).__module__}.{type(model).__qualname__}"
+
+
+def model_meta(model: nn.Module, *, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``particlize.json`` content for ``model``: format, particlize version, recipe (None for a class
+    particlize cannot rebuild: load it with ``base=``), the base class, the plan and ``extra``."""
+    prov = provenance(model)
+    recipe = prov.get("recipe") or getattr(model, "particlize_recipe", None)
+    if recipe is None:
+        try:
+            recipe = decompose(model).recipe
+        except ParticlizeError:
+            recipe = None
+    return {
+        "format": FORMAT, "particlize": __version__, "recipe": recipe, "base_class": _class_name(model),
+        "plan": model_plan(model).to_json(), "torch": torch.__version__, "extra": dict(extra or {}),
+    }
+
+
+def write_model(model: nn.Module, folder: Path, *, tokenizer: Any = None, extra: Mapping[str, Any] | None = None) -> None:
+    """Write ``model``'s weights and ``particlize.json`` (and a tokenizer) into the existing ``folder``
+    (not atomic by itself: `save` and the compress loop call it on a temporary folder)."""
+    try:
+        text = json.dumps(model_meta(model, extra=extra), indent=1)
+    except TypeError as e:
+        raise ParticlizeError(f"the recipe or extra metadata is not JSON-serialisable ({e})") from None
+    save_model(model, str(folder / WEIGHTS))
+    (folder / META).write_text(text)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+
+
 def save(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -97,43 +134,16 @@ def save(
     tokenizer: Any = None,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Save ``model`` (pruned or not) to folder ``path``: safetensors weights + recipe and plan JSON.
+    """Save ``model`` (changed by particlize or not) to folder ``path``: safetensors weights, recipe, plan.
 
-    The model must know how to rebuild its architecture: Hugging Face models, models returned by
-    `ParticleMap.prune`, `load` or the CLI, and particlize's own models do. A Hugging Face
-    ``tokenizer`` is saved beside the weights (``AutoTokenizer.from_pretrained(path)`` then works).
-    ``extra`` is stored as is in the JSON (JSON-serialisable values). Returns the folder.
+    Hugging Face models, particlize's own models and models built from them by particlize know how to
+    rebuild their architecture; for your own class the folder records the plan only, and `load` needs
+    ``base=`` (a freshly built, unchanged instance). A Hugging Face ``tokenizer`` is saved beside the
+    weights (``AutoTokenizer.from_pretrained(path)`` then works). ``extra`` is stored as is in the JSON
+    (JSON-serialisable values). Returns the folder.
     """
-    from .adapters import decompose
-
-    prov = provenance(model)
-    recipe = prov.get("recipe") or getattr(model, "particlize_recipe", None)
-    if recipe is None:
-        try:
-            recipe = decompose(model).recipe
-        except ParticlizeError:
-            recipe = None
-    if recipe is None:
-        raise ParticlizeError(
-            f"cannot record how to rebuild {type(model).__name__}: set model.particlize_recipe = "
-            "{'kind': 'callable', 'target': 'package.module:factory', 'kwargs': {...}} or decompose it with recipe=..."
-        )
-    meta = {
-        "format": FORMAT, "recipe": recipe, "plan": prov.get("plan", []),
-        "torch": torch.__version__, "extra": dict(extra or {}),
-    }
-    try:
-        text = json.dumps(meta, indent=1)
-    except TypeError as e:
-        raise ParticlizeError(f"the recipe or extra metadata is not JSON-serialisable ({e})") from None
-
-    def fill(tmp: Path) -> None:
-        save_model(model, str(tmp / WEIGHTS))
-        (tmp / META).write_text(text)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-
-    return write_folder_atomically(Path(path), fill, force=force)
+    return write_folder_atomically(Path(path), lambda tmp: write_model(model, tmp, tokenizer=tokenizer, extra=extra),
+                                   force=force)
 
 
 def _import_target(target: str, trust_code: bool) -> Any:
@@ -213,20 +223,31 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
         meta = json.loads((p / META).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{p / META} is corrupt ({e}); re-save the model") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "recipe" not in meta:
-        raise CheckpointError(f"{p / META} is not in particlize format {FORMAT}")
+    if not isinstance(meta, dict) or not isinstance(meta.get("format"), int) or "recipe" not in meta:
+        raise CheckpointError(f"{p / META} is not a particlize model description; re-save the model with pz.save")
+    if meta["format"] > FORMAT:
+        raise CheckpointError(
+            f"{p} was written by particlize {meta.get('particlize', '(unknown version)')} in format {meta['format']}; "
+            f"this is particlize {__version__}, which reads formats up to {FORMAT}: upgrade particlize to load it"
+        )
     return meta
 
 
-def load(path: str | os.PathLike[str], *, trust_code: bool = False, device: str | torch.device = "cpu") -> nn.Module:
-    """Load a folder written by `save` (or a shipped model by name, e.g. ``"sora-tiny"``): rebuild the
-    architecture, replay the plan, load the weights.
+def load(
+    path: str | os.PathLike[str],
+    *,
+    base: nn.Module | None = None,
+    trust_code: bool = False,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """Load a folder written by `save` (or a shipped model by name, e.g. ``"sora-tiny"``): rebuild the base
+    architecture, replay the plan verb by verb, load the weights.
 
-    ``trust_code`` allows recipes whose factory lives outside particlize and transformers (it imports
-    and runs that code). Weights are read only through safetensors.
+    ``base`` is a freshly built, unchanged instance of the saved model's class: required for a class
+    particlize cannot rebuild by itself (your own ``nn.Module``), optional otherwise; it is changed in place
+    and returned. ``trust_code`` allows recipes whose factory lives outside particlize and transformers (it
+    imports and runs that code). Weights are read only through safetensors.
     """
-    from .adapters import decompose
-
     p = resolve(path)
     meta = read_meta(p)
     try:
@@ -235,21 +256,32 @@ def load(path: str | os.PathLike[str], *, trust_code: bool = False, device: str 
         raise CheckpointError(f"{p / WEIGHTS} is missing; re-save the model") from None
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{p / WEIGHTS} is corrupt or truncated ({e}); re-save the model") from None
-    model = build(meta["recipe"], trust_code=trust_code)
-    plan = meta.get("plan", [])
-    for i, step in enumerate(plan):
-        pm = decompose(model, recipe=meta["recipe"])
-        unknown = [name for name in step if name not in pm]
-        if unknown:
-            raise PlanError(f"plan step {i + 1} names groups the model does not have: {unknown[:3]}")
-        apply_step(pm, step)
+    recipe = meta["recipe"]
+    cls = meta.get("base_class")
+    if base is not None:
+        if cls and _class_name(base) != cls:
+            raise CheckpointError(f"{p} holds a {cls}; base= is a {_class_name(base)}: pass a fresh {cls.rsplit('.', 1)[-1]}")
+        if len(model_plan(base)):
+            raise CheckpointError("base= must be a freshly built, unchanged model; this one was already changed by particlize")
+        model = base
+    elif recipe is None:
+        name = (cls or "model").rsplit(".", 1)[-1]
+        raise CheckpointError(
+            f"{p} was saved from a {name}, which particlize cannot rebuild by itself: "
+            f"pass base={name}(...) built as the original, unchanged, e.g. pz.load(path, base={name}(...))"
+        )
+    else:
+        model = build(recipe, trust_code=trust_code)
+    plan = Plan.from_json(meta.get("plan", []), format=meta["format"])
+    if len(plan):
+        _plan.run(decompose(model, recipe=recipe), plan, replay=True, written_by=meta.get("particlize"))
     missing, unexpected = _load_state(model, state)
     if missing or unexpected:
         raise PlanError(
             f"weights do not match the rebuilt model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
             "the plan or recipe does not belong to these weights"
         )
-    setattr(model, PROVENANCE, {"recipe": meta["recipe"], "plan": plan})
+    set_provenance(model, recipe, plan)
     return model.to(device).eval()
 
 

@@ -15,6 +15,7 @@ outputs of the physically pruned model without S.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,268 +25,17 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from . import plan as _plan
+from .batches import batch_inputs, run_batch, token_weights
 from .errors import GateError, ParticlizeError, PlanError
+from .gates import (  # noqa: F401  (re-exported: the gate sites are part of the core's public surface)
+    GateSite, InputGate, ResidualGate, Slice, WeightMaskGate, _block_io, _resolve, apply_gate,
+)
+from .record import particle_table
 
 Kind = Literal["head", "neuron", "channel", "unit", "block"]
 KINDS: tuple[str, ...] = ("head", "neuron", "channel", "unit", "block")
 Remove = Mapping[str, "Sequence[int] | Tensor"]
-
-
-# --------------------------------------------------------------------------------------------------
-# Where particles live in the weights
-
-
-@dataclass(frozen=True)
-class Slice:
-    """The indices a group's particles own along one dimension of one parameter or buffer.
-
-    Particle ``i`` owns the indices ``r * stride + i * width + j`` for ``r < repeat`` and ``j < width``
-    along ``dim`` of the tensor called ``name`` (its dotted path in the model). Heads are ``width =
-    head_dim``; LSTM units are ``width = 1, repeat = 4, stride = hidden`` (one row in each gate block);
-    GPT-2's fused ``c_attn`` is ``repeat = 3, stride = embed``.
-    """
-
-    name: str
-    dim: int
-    width: int = 1
-    repeat: int = 1
-    stride: int = 0
-
-    def indices(self, particles: Sequence[int] | Tensor) -> Tensor:
-        """Tensor indices along ``dim`` owned by ``particles``, in order."""
-        p = torch.as_tensor(particles, dtype=torch.long).reshape(-1)
-        j = torch.arange(self.width)
-        r = torch.arange(self.repeat) * self.stride
-        # [repeat, particles, width] so that kept indices stay sorted when particles are sorted
-        return (r[:, None, None] + p[None, :, None] * self.width + j[None, None, :]).reshape(-1)
-
-
-# --------------------------------------------------------------------------------------------------
-# Gates: where a group's multiplicative gate sits
-
-
-def _resolve(model: nn.Module, path: str) -> nn.Module:
-    return model.get_submodule(path) if path else model
-
-
-class GateSite:
-    """Where a group's gate is applied. Subclasses install hooks for one forward context.
-
-    ``install`` returns hook handles; it calls ``fired()`` whenever one of its hooks runs so that the map
-    can check every gate fired during a forward.
-    """
-
-    per_example: bool = True
-    patchable: bool = True
-
-    def install(
-        self, model: nn.Module, n: int, gate: Tensor, patch: list[Tensor] | None, fired: Callable[[], None]
-    ) -> list[Any]:
-        raise NotImplementedError
-
-    def capture(self, model: nn.Module, n: int, sink: Callable[[int, Tensor], None]) -> list[Any]:
-        """Install hooks that pass each activation at the gate (``a``) to ``sink(point, a)``."""
-        raise NotImplementedError
-
-    def gate_dim(self) -> int:
-        """The activation dimension that carries the particles (for summary statistics)."""
-        raise NotImplementedError
-
-
-def _broadcast(g: Tensor, ndim: int, dim: int, batch: int) -> Tensor:
-    """Shape gate values ``[n]`` or ``[B, n]`` to broadcast over an activation unflattened at ``dim``."""
-    shape = [1] * (ndim + 1)
-    shape[dim] = g.shape[-1]
-    if g.ndim == 2:
-        if dim == 0 or g.shape[0] != batch:
-            raise GateError(
-                f"per-example gates of shape {tuple(g.shape)} need an activation with batch {g.shape[0]} "
-                f"first; got batch {batch}. Pass gates of shape [n] or match the batch size."
-            )
-        shape[0] = g.shape[0]
-    return g.reshape(shape)
-
-
-def apply_gate(a: Tensor, dim: int, n: int, g: Tensor, p: Tensor | None) -> Tensor:
-    """``p + g * (a - p)`` with ``a`` split into ``n`` particles along ``dim``; ``p = None`` means 0.
-
-    ``g`` is ``[n]`` (shared) or ``[B, n]`` (per example); ``p`` is ``[a.shape[dim]]`` (a per-feature
-    patch such as the mean) or a tensor shaped like ``a`` (activations from another input).
-    """
-    dim = dim % a.ndim
-    size = a.shape[dim]
-    if size % n:
-        raise GateError(f"activation of width {size} at the gate does not split into {n} particles")
-    a2 = a.unflatten(dim, (n, size // n))
-    gg = _broadcast(g.to(device=a.device, dtype=a.dtype), a.ndim, dim, a.shape[0])
-    if p is None:
-        out = a2 * gg
-    else:
-        if p.ndim == 1:
-            pshape = [1] * (a.ndim + 1)
-            pshape[dim], pshape[dim + 1] = n, size // n
-            p2 = p.to(device=a.device, dtype=a.dtype).reshape(pshape)
-        else:
-            p2 = p.to(device=a.device, dtype=a.dtype).unflatten(dim, (n, size // n))
-        out = p2 + gg * (a2 - p2)
-    return out.flatten(dim, dim + 1)
-
-
-@dataclass(frozen=True)
-class InputGate(GateSite):
-    """Gate the first positional input of ``module`` along ``dim`` (e.g. ``o_proj``'s input, ``fc2``'s
-    input, the next conv's input channels). Supports per-example gates and patches."""
-
-    module: str
-    dim: int = -1
-
-    def gate_dim(self) -> int:
-        return self.dim
-
-    def install(self, model, n, gate, patch, fired):
-        p = patch[0] if patch else None
-
-        def hook(mod, args):
-            if not args or not isinstance(args[0], Tensor):
-                raise GateError(f"gate at {self.module!r} expected a tensor as first positional input")
-            fired()
-            return (apply_gate(args[0], self.dim, n, gate, p), *args[1:])
-
-        return [_resolve(model, self.module).register_forward_pre_hook(hook)]
-
-    def capture(self, model, n, sink):
-        def hook(mod, args):
-            sink(0, args[0])
-
-        return [_resolve(model, self.module).register_forward_pre_hook(hook)]
-
-
-def _block_io(args: tuple, kwargs: dict, output: Any) -> tuple[Tensor, Tensor]:
-    inp = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
-    out = output[0] if isinstance(output, (tuple, list)) else output
-    if not isinstance(inp, Tensor) or not isinstance(out, Tensor) or inp.shape != out.shape:
-        raise GateError("a block gate needs a block whose input and output tensors have the same shape")
-    return inp, out
-
-
-def _replace_output(output: Any, new: Tensor) -> Any:
-    if isinstance(output, tuple):
-        return (new, *output[1:])
-    if isinstance(output, list):
-        return [new, *output[1:]]
-    return new
-
-
-@dataclass(frozen=True)
-class ResidualGate(GateSite):
-    """One gate per block: ``out' = in + p + g * ((out - in) - p)``. With ``g = 0`` and ``p = 0`` the
-    block is the identity, exactly what removing it from its container does. The block's *activation*
-    is its update ``out - in``; ``dim`` is its feature dimension (-1 for tokens, 1 for conv maps), along
-    which a mean patch is taken."""
-
-    modules: tuple[str, ...]
-    dim: int = -1
-
-    def gate_dim(self) -> int:
-        return self.dim
-
-    def install(self, model, n, gate, patch, fired):
-        handles = []
-        for i, path in enumerate(self.modules):
-
-            def hook(mod, args, kwargs, output, i=i):
-                fired()
-                inp, out = _block_io(args, kwargs, output)
-                g = gate[..., i : i + 1]
-                p = patch[i] if patch else None
-                return _replace_output(output, inp + apply_gate(out - inp, self.dim, 1, g, p))
-
-            handles.append(_resolve(model, path).register_forward_hook(hook, with_kwargs=True))
-        return handles
-
-    def capture(self, model, n, sink):
-        handles = []
-        for i, path in enumerate(self.modules):
-
-            def hook(mod, args, kwargs, output, i=i):
-                inp, out = _block_io(args, kwargs, output)
-                sink(i, out - inp)
-
-            handles.append(_resolve(model, path).register_forward_hook(hook, with_kwargs=True))
-        return handles
-
-
-class _ColumnMask(nn.Module):
-    """A parametrization multiplying one dimension of a weight by a mask built from the gate values."""
-
-    def __init__(self, dim: int, index: Tensor, owner: Tensor, gate: Tensor, fired: Callable[[], None]):
-        super().__init__()
-        self.dim, self.index, self.owner, self.gate, self.fired = dim, index, owner, gate, fired
-
-    def forward(self, w: Tensor) -> Tensor:
-        self.fired()
-        mask = torch.ones(w.shape[self.dim], dtype=w.dtype, device=w.device)
-        mask = mask.index_put((self.index.to(w.device),), self.gate.to(device=w.device, dtype=w.dtype)[self.owner.to(w.device)])
-        shape = [1] * w.ndim
-        shape[self.dim] = -1
-        return w * mask.reshape(shape)
-
-
-@dataclass(frozen=True)
-class WeightMaskGate(GateSite):
-    """Gate a group through its readers' weights (``W[:, i] *= g_i``) for sites that cannot be hooked
-    in the middle, such as the hidden state inside a fused ``nn.LSTM``. Shared gates and zero patches
-    only: reading a masked weight is exactly reading a zeroed activation."""
-
-    readers: tuple[Slice, ...]
-    per_example: bool = False
-    patchable: bool = False
-
-    def gate_dim(self) -> int:
-        return -1
-
-    def install(self, model, n, gate, patch, fired):
-        if gate.ndim != 1:
-            raise GateError(
-                "this group is gated through its readers' weights (a fused recurrent layer): "
-                "only shared gates of shape [n] are supported, not per-example gates"
-            )
-        if patch:
-            raise GateError(
-                "this group is gated through its readers' weights (a fused recurrent layer): "
-                "only mode='zero' is supported"
-            )
-        done: list[tuple[nn.Module, str]] = []
-        try:
-            for s in self.readers:
-                mpath, _, pname = s.name.rpartition(".")
-                mod = _resolve(model, mpath)
-                index = s.indices(range(n))
-                owner = torch.arange(n).repeat_interleave(s.width).repeat(s.repeat)
-                dim = s.dim % getattr(mod, pname).ndim
-                parametrize.register_parametrization(mod, pname, _ColumnMask(dim, index, owner, gate, fired))
-                done.append((mod, pname))
-        except Exception:
-            _RemoveParametrizations(done).remove()
-            raise
-        return [_RemoveParametrizations(done)]
-
-    def capture(self, model, n, sink):
-        raise GateError(
-            "activations inside a fused recurrent layer cannot be recorded; "
-            "use mode='zero' for these groups"
-        )
-
-
-class _RemoveParametrizations:
-    def __init__(self, done: list[tuple[nn.Module, str]]):
-        self.done = done
-
-    def remove(self) -> None:
-        for mod, pname in reversed(self.done):
-            if parametrize.is_parametrized(mod, pname):
-                parametrize.remove_parametrizations(mod, pname, leave_parametrized=False)
-        self.done = []
 
 
 # --------------------------------------------------------------------------------------------------
@@ -352,6 +102,29 @@ class ParticleGroup:
                 )
 
 
+def linear_reader_weight(pm: ParticleMap, g: ParticleGroup) -> tuple[str, int, str | None] | None:
+    """``(weight name, feature dim, bias name or None)`` when ``g``'s only reader is a 2-D weight of the
+    module its input gate sits on (``nn.Linear``: features on dim 1; GPT-2's ``Conv1D``: dim 0) and the
+    gate splits that module's last input dimension; None otherwise (the group is cut without compensation (`particlize.surgery.compensate`))."""
+    if g.kind == "block" or not isinstance(g.gate, InputGate) or g.gate.dim != -1 or len(g.readers) != 1:
+        return None
+    r = g.readers[0]
+    mpath, _, tname = r.name.rpartition(".")
+    if mpath != g.gate.module or tname != "weight" or r.repeat != 1:
+        return None
+    mod = pm.model.get_submodule(mpath)
+    w = getattr(mod, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.ndim != 2:
+        return None
+    dim = r.dim % 2
+    if not (isinstance(mod, nn.Linear) and dim == 1) and not (type(mod).__name__ == "Conv1D" and dim == 0):
+        return None
+    if w.shape[dim] != g.size * r.width:
+        return None
+    bias = getattr(mod, "bias", None)
+    return r.name, dim, (f"{mpath}.bias" if isinstance(bias, torch.Tensor) else None)
+
+
 def _indices(group: ParticleGroup, sel: Sequence[int] | Tensor) -> list[int]:
     if isinstance(sel, Tensor) and sel.dtype == torch.bool:
         if sel.shape != (group.size,):
@@ -377,38 +150,6 @@ class Cost:
 # --------------------------------------------------------------------------------------------------
 # The map
 
-
-def batch_inputs(batch: Any) -> Any:
-    """The model inputs of a batch: an analysis ``Batch``'s ``inputs``, an ``(inputs, targets)`` pair's
-    first item, or the batch itself."""
-    if hasattr(batch, "inputs") and hasattr(batch, "targets"):
-        return batch.inputs
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and not isinstance(batch[0], (int, float)):
-        return batch[0]
-    return batch
-
-
-def token_weights(inputs: Any, a: Tensor) -> Tensor | None:
-    """``[B, T]`` weights that leave padding out of activation statistics: the inputs' ``attention_mask``
-    when the activation is laid out ``[B, T, features]`` like it; None (every position counts) otherwise."""
-    m = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
-    if isinstance(m, Tensor) and m.ndim == 2 and a.ndim == 3 and tuple(a.shape[:2]) == tuple(m.shape):
-        return m.to(a.device, torch.float64)
-    return None
-
-
-def run_batch(model: nn.Module, batch: Any) -> Any:
-    """Call ``model`` the way particlize calls it everywhere: a tensor positionally, a dict as keyword
-    arguments, and an ``(inputs, targets)`` pair or a ``Batch`` by its inputs."""
-    batch = batch_inputs(batch)
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, Tensor):
-        return model(batch)
-    raise ParticlizeError(
-        f"cannot call the model on a {type(batch).__name__}; pass a tensor, a dict of tensors, "
-        "or (inputs, targets) pairs"
-    )
 
 
 class ParticleMap:
@@ -668,17 +409,60 @@ class ParticleMap:
     # ---- tables and surgery --------------------------------------------------------------------
     def table(self, seq_len: int | None = None, data: Iterable[Any] | None = None) -> "Any":
         """One row per particle (a pandas DataFrame): see `particlize.record.particle_table`."""
-        from .record import particle_table
-
         return particle_table(self, seq_len=seq_len, data=data)
 
-    def prune(self, remove: Remove, *, reweight: Iterable[Any] | None = None) -> nn.Module:
-        """A new, physically smaller dense model without the particles in ``remove``.
+    def prune(
+        self,
+        remove: Remove,
+        *,
+        compensate: str | None = None,
+        data: Iterable[Any] | None = None,
+        reweight: Iterable[Any] | None = None,
+    ) -> nn.Module:
+        """A new, physically smaller dense model without the particles in ``remove``; ``self.model`` is
+        left as it is. The new model records the plan steps it took (``particlize.plan.model_plan``).
 
-        ``reweight``: calibration batches (inputs, or ``(inputs, targets)`` pairs). The kept particles'
-        reader weights are then refit by least squares so that each cut linear reader reproduces its
-        intact output on them as closely as it can (see `particlize.surgery.refit_readers`); groups whose
-        reader is not a linear layer on the gated features are cut without a refit."""
-        from .surgery import pruned_copy
+        ``compensate`` lets the kept particles' reader absorb what is cut, from calibration batches
+        ``data`` (inputs, or ``(inputs, targets)`` pairs): ``"bias"`` folds each removed particle's mean
+        contribution into the reader's bias, ``"merge"`` folds each removed particle into the kept particle
+        whose activations best predict it (least-squares scale), ``"refit"`` refits the kept reader weights
+        by least squares on all kept particles (`particlize.surgery.refit`). Groups whose reader is not a
+        linear layer on the gated features are cut without compensation. ``reweight=data`` is
+        ``compensate="refit", data=data``."""
+        if reweight is not None:
+            if compensate not in (None, "refit") or data is not None:
+                raise ParticlizeError("reweight=data means compensate='refit', data=data; pass only one of them")
+            compensate, data = "refit", reweight
+        return _plan.prune_model(self, self.removed_sets(remove), compensate=compensate, data=data)
 
-        return pruned_copy(self, remove, reweight=reweight)
+    # ---- carrying the map onto a changed model -------------------------------------------------
+    def rebind(self, model: nn.Module) -> "ParticleMap":
+        """This map's groups on ``model``, a structurally identical copy of ``self.model``."""
+        return ParticleMap(
+            model, self.groups, tensor_flops=self.tensor_flops, flops_unit=self.flops_unit, seq_len=self.seq_len,
+            recipe=self.recipe, adapter=self.adapter, after_prune=self.after_prune, unplaced=self.unplaced,
+        )
+
+    def with_size(self, name: str, size: int, model: nn.Module | None = None) -> "ParticleMap":
+        """The map after group ``name`` was cut to ``size`` particles (on ``model``, default ``self.model``):
+        the group's size and the strides of its interleaved slices follow; nothing else changes."""
+        g = self[name]
+
+        def cut(s: Slice) -> Slice:
+            if s.repeat == 1:
+                return s
+            if s.stride != g.size * s.width:
+                raise PlanError(f"{name!r}: slice {s.name} interleaves particles with stride {s.stride}, "
+                                f"not {g.size} x {s.width}; decompose the cut model instead")
+            return dataclasses.replace(s, stride=size * s.width)
+
+        gate = g.gate
+        if isinstance(gate, WeightMaskGate):
+            gate = dataclasses.replace(gate, readers=tuple(cut(s) for s in gate.readers))
+        new = dataclasses.replace(
+            g, size=size, gate=gate, writers=tuple(cut(s) for s in g.writers), readers=tuple(cut(s) for s in g.readers)
+        )
+        out = self.rebind(self.model if model is None else model)
+        out.groups = [new if x.name == name else x for x in self.groups]
+        out._by_name = {x.name: x for x in out.groups}
+        return out

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
 from torch import Tensor
 
-from .particles import ParticleGroup, ParticleMap, ResidualGate, Slice, run_batch
+from .batches import run_batch
+from .gates import ResidualGate, Slice
+
+if TYPE_CHECKING:  # typing only: particles.py builds its table with this module
+    from .particles import ParticleGroup, ParticleMap
 
 COLUMNS = [
     "group", "kind", "layer", "index", "params", "flops", "flops_unit", "writer_norm", "reader_norm",

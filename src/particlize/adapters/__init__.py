@@ -91,7 +91,7 @@ def decompose(
     ``seq_len`` is the sequence length at which attention FLOPs are counted in tables and costs;
     ``example_inputs`` (a tensor or dict) helps adapters that need shapes (convolutional models).
     """
-    from ..surgery import provenance
+    from ..plan import provenance
 
     for adapter in adapters():
         if not adapter.matches(model):

@@ -1,0 +1,58 @@
+"""Surgery: the verbs that change a model's structure, one module each, registered with the core's
+`particlize.plan` registry so that `ParticleMap.prune`, `particlize.plan.run` and `particlize.load` find them.
+
+- `prune` (``surgery/prune.py``): cut particles out; a genuinely smaller dense model.
+- `bias`, `merge`, `refit` (``surgery/compensate.py``): before a prune, let the kept particles' reader
+  absorb what is cut (``pm.prune(remove, compensate=..., data=...)``).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..adapters import decompose
+from ..gates import ResidualGate
+from ..particles import ParticleMap, Remove
+from ..plan import PROVENANCE, model_plan, provenance
+from ._tensors import input_moments, linear_reader_weight
+from .compensate import BIAS, MERGE, REFIT, Bias, Merge, Refit
+from .prune import PRUNE, Prune
+
+
+def plan_step(pm: ParticleMap, remove: Remove) -> dict[str, list[int]]:
+    """``{group: removed indices}`` → ``{group: kept indices}`` (groups losing nothing left out)."""
+    step = {}
+    for name, r in pm.removed_sets(remove).items():
+        if r:
+            gone = set(r)
+            step[name] = [i for i in range(pm[name].size) if i not in gone]
+    return step
+
+
+def block_correspondence(teacher: nn.Module, student: nn.Module) -> list[tuple[str, str]]:
+    """``[(teacher block path, student block path), ...]``: where each block of a pruned ``student``
+    came from in ``teacher``, read from the plans (the student's plan must extend the teacher's).
+    Blocks keep their width of the residual stream, so their outputs can be compared one to one (the
+    layer-wise distillation of recovery); empty when the student does not descend from the teacher."""
+    t_plan, s_plan = model_plan(teacher), model_plan(student)
+    if not s_plan.startswith(t_plan):
+        return []
+    t_pm, s_pm = decompose(teacher), decompose(student)
+    pairs = []
+    for sg in s_pm.select("block"):
+        if sg.name not in t_pm:
+            continue
+        tg = t_pm[sg.name]
+        origin = list(range(tg.size))
+        for step in s_plan[len(t_plan):]:
+            if step.verb == "prune" and step.group == sg.name:
+                origin = [origin[i] for i in step.args["keep"]]
+        if len(origin) == sg.size and isinstance(sg.gate, ResidualGate) and isinstance(tg.gate, ResidualGate):
+            pairs += [(tg.gate.modules[o], sg.gate.modules[j]) for j, o in enumerate(origin)]
+    return pairs
+
+
+__all__ = [
+    "BIAS", "Bias", "MERGE", "Merge", "PROVENANCE", "PRUNE", "Prune", "REFIT", "Refit", "block_correspondence",
+    "input_moments", "linear_reader_weight", "plan_step", "provenance",
+]
