@@ -66,7 +66,10 @@ class Prune:
 
     def carry(self, pm: ParticleMap, steps: Sequence[Step], model: nn.Module) -> ParticleMap:
         blocks = any(pm[s.group].kind == "block" and len(_kept(pm, s)) < pm[s.group].size for s in steps)
-        if blocks or not _names_survive(pm, model):
+        # grouped-query heads cut to one per key/value head are plain multi-head attention: an adapter then
+        # gives each query head its key and value rows too
+        ungrouped = any(1 < pm[s.group].balanced == len(_kept(pm, s)) for s in steps)
+        if blocks or ungrouped or not _names_survive(pm, model):
             # removing blocks renumbers what follows them; an adapter's fix-up may rebuild modules
             try:
                 return decompose(model, recipe=pm.recipe, seq_len=pm.seq_len)
