@@ -487,5 +487,5 @@ def _rows_patch(patch_all: Mapping[str, list[Tensor]] | None, name: str, B: int,
     return {name: patch_all[name]}
 
 
-register(ScorerSpec("ablation", "exact: metric with the particle ablated - intact metric", ablation_effects,
+register(ScorerSpec("ablation", "the exact effect: metric with the particle ablated - intact metric", ablation_effects,
                     metrics=METRICS, modes=MODES, per_example=True, effect=True))
