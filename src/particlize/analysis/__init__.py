@@ -158,7 +158,8 @@ def importance_for(
     groups = [g.name for g in pm.groups if kinds is None or g.kind in kinds]
     other = sorted({pm[n].kind for n in groups} - set(spec.kinds))
     if other:
-        raise ParticlizeError(f"scorer {scorer!r} scores {', '.join(k + 's' for k in spec.kinds)}, not {', '.join(other)}s; "
+        plural = lambda kinds: ", ".join(k + "s" for k in kinds)  # noqa: E731
+        raise ParticlizeError(f"scorer {scorer!r} scores {plural(spec.kinds)}, not {plural(other)}; "
                               "pick another scorer or granularity")
     df = analyze(pm, batches if spec.data else None, scorer, *_fitting(spec, metric, mode), groups=groups, table=False)
     per = df.set_index(["group", "index"]).score.abs()
