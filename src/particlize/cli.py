@@ -16,6 +16,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
                            TimeRemainingColumn)
 from rich.table import Table
 
+from .analysis.registry import help_text as scorer_help
 from .errors import ParticlizeError
 
 app = typer.Typer(
@@ -134,7 +135,7 @@ def _task(name: str, data: Optional[Path], text_column: str, label_column: str) 
 def analyze(
     model: str = typer.Argument(..., metavar="MODEL", help=MODEL_HELP),
     task: str = typer.Option(..., "--task", help="vader-sentiment, text-csv (with --data), fashion-mnist"),
-    method: Optional[str] = typer.Option(None, "--method", help="magnitude, activation, taylor, taylor2, taylor-norm, fisher, ablation, influence (default: taylor; with --top: the screen, taylor-norm)"),
+    method: Optional[str] = typer.Option(None, "--method", help="the scorer (default: taylor; with --top: the screen, taylor-norm). " + scorer_help()),
     top: Optional[int] = typer.Option(None, "--top", min=1, help="only the K particles whose exact ablation matters most: screen all with --method, ablate a shortlist exactly (pz.top_particles)"),
     metric: str = typer.Option("loss", "--metric", help="loss, accuracy, logit_diff, kl"),
     mode: str = typer.Option("zero", "--mode", help="how a particle is ablated: zero, mean, resample"),
@@ -158,11 +159,16 @@ def analyze(
 
     from .adapters import decompose
     from .analysis import analyze as run_analysis
-    from .analysis import check_options, importance, top_particles
+    from .analysis import check_options, get_scorer, importance, top_particles
     from .sources import load_model, load_tokenizer
 
     method = method or ("taylor-norm" if top else "taylor")
-    check_options(method, metric, mode)  # before anything is loaded or a progress bar is shown
+    # before anything is loaded or a progress bar is shown
+    if top:  # --method names the screen; --metric and --mode are those of the exact ablation
+        get_scorer(method)
+        check_options("ablation", metric, mode)
+    else:
+        check_options(method, metric, mode, by)
     if top and by:
         raise ParticlizeError("--top ranks particles by their mean exact effect; drop --by (or drop --top for per-example/class rows)")
     if top and method == "ablation":

@@ -42,8 +42,9 @@ import torch
 from torch import Tensor, nn
 
 from ..particles import InputGate, ParticleMap, ResidualGate
-from ._common import Batch, Progress, call, map_tensors, per_example_metric
+from ._common import METRICS, Batch, Progress, call, map_tensors, per_example_metric
 from ._norms import is_norm, low_rank_scales, next_norm, norm_params
+from .registry import MODES, ScorerSpec, register
 
 Job = tuple[str, str | None, list[int]]  # group, gated module path (None: cannot start there), particles
 
@@ -484,3 +485,7 @@ def _rows_patch(patch_all: Mapping[str, list[Tensor]] | None, name: str, B: int,
     if mode == "resample":  # full activations, one per example: repeat them per row
         return {name: [p.repeat_interleave(kc, 0) for p in patch_all[name]]}
     return {name: patch_all[name]}
+
+
+register(ScorerSpec("ablation", "the exact effect: metric with the particle ablated - intact metric", ablation_effects,
+                    metrics=METRICS, modes=MODES, per_example=True, effect=True))

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from ..particles import ParticleMap, ResidualGate
-from ._common import Batch, Progress, call
+from ._common import Batch, call
+from .registry import ScorerSpec, register
 
 
 def feature_moments(pm: ParticleMap, batches: Sequence[Batch], groups: Sequence[str]) -> dict[str, list[Tensor]]:
@@ -38,7 +39,8 @@ def feature_moments(pm: ParticleMap, batches: Sequence[Batch], groups: Sequence[
     return out
 
 
-def activation(pm: ParticleMap, batches: Sequence[Batch], *, groups: Sequence[str], progress: Progress | None = None, **_) -> dict[str, Tensor]:
+def activation(pm: ParticleMap, batches: Sequence[Batch], *, groups: Sequence[str]) -> dict[str, Tensor]:
+    """FLAP fluctuation ``[n]`` per particle of the ``groups`` that can be patched (blocks: mean |update|)."""
     groups = [n for n in groups if pm[n].gate.patchable]
     moments = feature_moments(pm, batches, groups)
     out: dict[str, Tensor] = {}
@@ -55,3 +57,6 @@ def activation(pm: ParticleMap, batches: Sequence[Batch], *, groups: Sequence[st
             col += w.movedim(s.dim % w.ndim, 0).reshape(w.shape[s.dim % w.ndim], -1).square().sum(1)
         out[name] = (var * col).reshape(g.size, -1).sum(1)
     return out
+
+
+register(ScorerSpec("activation", "FLAP fluctuation: activation variance x reader column norm^2", activation))

@@ -12,9 +12,11 @@ from torch import Tensor
 from ..errors import ParticlizeError
 from ..particles import ParticleMap, ResidualGate, _block_io
 from ._common import Batch, call
+from .registry import ScorerSpec, register
 
 
-def influence(pm: ParticleMap, batches: Sequence[Batch], *, groups: Sequence[str], **_) -> dict[str, Tensor]:
+def influence(pm: ParticleMap, batches: Sequence[Batch], *, groups: Sequence[str]) -> dict[str, Tensor]:
+    """``{block group: [examples, n]}``: 1 − cos(block input, block output), averaged over tokens."""
     blocks = [n for n in groups if isinstance(pm[n].gate, ResidualGate)]
     if not blocks:
         raise ParticlizeError("method='influence' scores blocks; select block groups (groups='block')")
@@ -39,3 +41,7 @@ def influence(pm: ParticleMap, batches: Sequence[Batch], *, groups: Sequence[str
         for n in blocks:
             out[n].append(torch.stack(per[n], 1))
     return {n: torch.cat(v) for n, v in out.items()}
+
+
+register(ScorerSpec("influence", "blocks: 1 - cos(block input, block output) (ShortGPT)", influence,
+                    per_example=True, kinds=("block",)))

@@ -23,7 +23,8 @@ from torch import Tensor
 
 from ..errors import ParticlizeError
 from ..particles import ParticleMap
-from ._common import Batch, Progress, call, per_example_metric
+from ._common import Batch, Progress, call, map_tensors, per_example_metric
+from .registry import ScorerSpec, register
 
 
 Objectives = Callable[[Tensor, Tensor], list[Tensor]]  # (outputs, targets) -> scalars, each a sum over examples
@@ -107,14 +108,22 @@ def _gate_gradients(
 
 
 def _row(inputs, b: int, B: int):
-    from ._common import map_tensors
-
     return map_tensors(inputs, lambda t: t[b : b + 1] if t.ndim and t.shape[0] == B else t)
 
 
-def taylor(pm: ParticleMap, batches: Sequence[Batch], **kw) -> dict[str, Tensor]:
+def taylor(pm: ParticleMap, batches: Sequence[Batch], *, metric: str = "loss", mode: str = "zero",
+           groups: Sequence[str], progress: Progress | None = None) -> dict[str, Tensor]:
     """Estimated ablation effect ``-dm/dg`` per example and particle."""
-    return {n: -g for n, g in gate_gradients(pm, batches, **kw).items()}
+    grads = gate_gradients(pm, batches, metric=metric, mode=mode, groups=groups, progress=progress)
+    return {n: -g for n, g in grads.items()}
+
+
+def taylor_example(pm: ParticleMap, batches: Sequence[Batch], *, metric: str = "loss", mode: str = "zero",
+                   groups: Sequence[str], progress: Progress | None = None) -> dict[str, Tensor]:
+    """``|dm/dg|`` per example and particle: averaged over examples, the mean per-example |effect|, an
+    importance that effects of opposite sign on different examples do not cancel."""
+    grads = gate_gradients(pm, batches, metric=metric, mode=mode, groups=groups, progress=progress)
+    return {n: g.abs() for n, g in grads.items()}
 
 
 def _curvature_objectives(samples: int, seed: int, exact_up_to: int = 32) -> Objectives:
@@ -161,6 +170,22 @@ def taylor2(pm: ParticleMap, batches: Sequence[Batch], *, metric: str = "loss", 
     return {n: -first[n] + 0.5 * sum(r[n].square() for r in rest) for n in first}
 
 
-def fisher(pm: ParticleMap, batches: Sequence[Batch], **kw) -> dict[str, Tensor]:
+def fisher(pm: ParticleMap, batches: Sequence[Batch], *, metric: str = "loss", mode: str = "zero",
+           groups: Sequence[str], progress: Progress | None = None) -> dict[str, Tensor]:
     """Sum over examples of the squared per-example gate gradient (returned as ``[n]``)."""
-    return {n: g.square().sum(0) for n, g in gate_gradients(pm, batches, **kw).items()}
+    grads = gate_gradients(pm, batches, metric=metric, mode=mode, groups=groups, progress=progress)
+    return {n: g.square().sum(0) for n, g in grads.items()}
+
+
+GRADIENT_METRICS = ("loss", "logit_diff", "mse")
+GRADIENT_NOTE = ("gate gradients need a differentiable metric with a non-zero gradient at the intact model; "
+                 "for accuracy or kl use method='ablation'")
+_GRADIENT = dict(metrics=GRADIENT_METRICS, metric_note=GRADIENT_NOTE, modes=("zero", "mean"))
+register(ScorerSpec("taylor", "-dmetric/dgate at gate 1 (attribution patching), per example", taylor,
+                    per_example=True, effect=True, **_GRADIENT))
+register(ScorerSpec("taylor2", "taylor + 1/2 Gauss-Newton curvature of the loss along the gate", taylor2,
+                    metrics=("loss",), metric_note="it estimates the cross-entropy", modes=("zero", "mean"),
+                    per_example=True, effect=True))
+register(ScorerSpec("taylor-example", "mean over examples of |taylor| (effects of either sign add up)", taylor_example,
+                    per_example=True, **_GRADIENT))
+register(ScorerSpec("fisher", "sum over examples of (dmetric/dgate)^2", fisher, **_GRADIENT))

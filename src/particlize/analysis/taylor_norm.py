@@ -36,7 +36,8 @@ from ..particles import ParticleMap, token_weights
 from ._common import Batch, Progress, call, map_tensors, per_example_metric
 from ._norms import next_norm, norm_params, rank1_scales
 from .ablation import ExecutionTrace, _recording, _removal
-from .taylor import check_gradient_metric, gate_gradients
+from .registry import ScorerSpec, register
+from .taylor import GRADIENT_METRICS, GRADIENT_NOTE, check_gradient_metric, gate_gradients
 
 _CHUNK_ELEMENTS = 1 << 24  # floats of one [B, T, chunk, d] perturbed-norm evaluation
 
@@ -246,3 +247,8 @@ def taylor_norm(pm: ParticleMap, batches: Sequence[Batch], *, metric: str = "los
                     corr[:, c0:c0 + len(chunk)] = (exact - linear).double().sum(1).cpu()
             est_b += corr
     return {n: est[n] if n in est else torch.cat(parts[n]) for n in groups}
+
+
+register(ScorerSpec("taylor-norm", "taylor with the next LayerNorm/RMSNorm evaluated exactly", taylor_norm,
+                    metrics=GRADIENT_METRICS, metric_note=GRADIENT_NOTE, modes=("zero", "mean"), per_example=True,
+                    effect=True))

@@ -16,9 +16,10 @@ from torch import nn
 
 from ..errors import ParticlizeError
 from ..particles import ParticleMap
-from . import METHODS, _map, analyze, importance
+from . import _fitting, _map, analyze, importance
 from ._common import Progress, as_batches, select_groups
 from .ablation import _work_batches, ablation_effects
+from .registry import check_needs, get_scorer
 from .taylor_norm import perturbation_sizes
 
 
@@ -57,7 +58,8 @@ def validate_scores(
     ``analyze(..., method="ablation")`` with the same data, metric and mode) to reuse a sweep."""
     pm = _map(model_or_pm)
     batches = as_batches(data)
-    cheap = analyze(pm, batches, method, metric, mode, groups=groups, table=False, progress=progress)
+    cheap = analyze(pm, batches, method, *_fitting(get_scorer(method), metric, mode), groups=groups, table=False,
+                    progress=progress)
     if exact is None:
         exact = analyze(pm, batches, "ablation", metric, mode, groups=groups, table=False, progress=progress)
     both = cheap.merge(exact[["group", "index", "score"]], on=["group", "index"], suffixes=("_cheap", "_exact"))
@@ -66,7 +68,7 @@ def validate_scores(
     rows = []
     for kind, part in [*both.groupby("kind"), ("all", both)]:
         ci = importance(part.rename(columns={"score_cheap": "score"}), metric)
-        ei = importance(part.rename(columns={"score_exact": "score"}), metric)
+        ei = importance(part.rename(columns={"score_exact": "score"}).assign(method="ablation"), metric)
         kk = min(k, len(part))
         rows.append({
             "kind": kind, "particles": len(part), "method": method,
@@ -82,15 +84,17 @@ def _screen(pm: ParticleMap, batches: list, screen: str, metric: str, mode: str,
     the mean per-example magnitude of the estimate (its magnitude for scorers without per-example
     estimates), and ``size``, the mean squared size of the perturbation (`perturbation_sizes`; NaN where
     unknown)."""
+    spec = get_scorer(screen)
     if screen in PER_EXAMPLE_SCREENS:
-        per = METHODS[screen](pm, batches, metric=metric, mode=mode, groups=names, progress=progress)
+        check_needs(spec, metric, mode)
+        per = spec.fn(pm, batches, metric=metric, mode=mode, groups=names, progress=progress)
         sizes = perturbation_sizes(pm, batches, mode=mode, groups=names)
         rows = [pd.DataFrame({"group": n, "index": range(v.shape[1]), "screen_score": v.mean(0).numpy(),
                               "width": v.abs().mean(0).numpy(),
                               "size": sizes[n].mean(0).numpy() if n in sizes else float("nan")})
                 for n, v in per.items() if n in names]
         return pd.concat(rows, ignore_index=True)
-    df = analyze(pm, batches, screen, metric, mode, groups=names, table=False, progress=progress)
+    df = analyze(pm, batches, screen, *_fitting(spec, metric, mode), groups=names, table=False, progress=progress)
     return df.assign(screen_score=df["score"], width=df["score"].abs(), size=float("nan"))[
         ["group", "index", "screen_score", *SCALES]]
 
@@ -180,8 +184,8 @@ def _top_particles(pm: ParticleMap, batches: list, k: int, names: list[str], scr
     kinds = {g.name: g.kind for g in pm.groups}
     cand = _screen(pm, batches, screen, metric, mode, names, progress)
     cand["kind"] = cand.group.map(kinds)
-    sign = -1.0 if metric in ("accuracy", "logit_diff") else 1.0  # scores into importance (higher = matters more)
-    cand["est"] = sign * cand.screen_score
+    sign = -1.0 if metric in ("accuracy", "logit_diff") else 1.0  # effects into importance (higher = matters more)
+    cand["est"] = (sign if get_scorer(screen).effect else 1.0) * cand.screen_score
     cand["exact"] = float("nan")
     always = cand.kind.isin(list(exhaustive))
     rest = cand.loc[~always].sort_values("est", ascending=False)
