@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import ParticlizeError
+from ..adapters import decompose
 from ..particles import ParticleMap
 from . import ablation, activation, influence, magnitude, taylor, taylor_norm  # noqa: F401  (each registers its scorers)
 from ._common import METRICS, Batch, Progress, as_batches, frame, select_groups
@@ -40,8 +41,6 @@ from .registry import MODES, ScorerSpec, check_needs, get_scorer, register, scor
 def _map(model_or_pm: nn.Module | ParticleMap) -> ParticleMap:
     if isinstance(model_or_pm, ParticleMap):
         return model_or_pm
-    from ..adapters import decompose
-
     return decompose(model_or_pm)
 
 

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..particles import ParticleMap, token_weights
+from ..particles import ParticleMap, linear_reader_weight, token_weights
 from ._common import Batch, Progress, call, map_tensors, per_example_metric
 from ._norms import next_norm, norm_params, rank1_scales
 from .ablation import ExecutionTrace, _recording, _removal
@@ -44,8 +44,6 @@ _CHUNK_ELEMENTS = 1 << 24  # floats of one [B, T, chunk, d] perturbed-norm evalu
 
 def _reader_weight(pm: ParticleMap, name: str) -> tuple[str, Tensor] | None:
     """``(reader module path, weight as [features, outputs])`` for a linear reader of gated features."""
-    from ..surgery import linear_reader_weight
-
     g = pm[name]
     spec = linear_reader_weight(pm, g) if g.per_example else None
     if spec is None:
