@@ -50,7 +50,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import UnsupportedModelError
 from ..particles import InputGate, ParticleGroup, ResidualGate, Slice
-from . import AdapterResult, register
+from . import AdapterResult, claimed_by, register
 
 DEFAULT_SIZES = (32, 28, 64, 224, 16)
 
@@ -355,12 +355,6 @@ def _scope(model: nn.Module, path: str) -> str:
 # ---- the adapter ----------------------------------------------------------------------------------
 
 
-def _hf_layers(model: nn.Module) -> bool:
-    from .transformers_hf import HFTransformerAdapter
-
-    return HFTransformerAdapter().matches(model)
-
-
 def _first_conv(model: nn.Module) -> nn.Conv2d | None:
     return next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
 
@@ -418,9 +412,12 @@ class ConvAdapter:
     """Conv output channels (through BN, activations, pooling, depthwise convs) and residual blocks."""
 
     name = "conv"
+    # Adapters whose models often hold a Conv2d that is no CNN (a ViT's patch embedding): a model one
+    # of them matches is theirs, even when they are tried after this one or find no groups.
+    yields_to: tuple[str, ...] = ("transformers",)
 
     def matches(self, model: nn.Module) -> bool:
-        return _first_conv(model) is not None and not _hf_layers(model)
+        return _first_conv(model) is not None and claimed_by(model, self.yields_to) is None
 
     def build(self, model: nn.Module, *, seq_len: int, example_inputs: Any = None) -> AdapterResult:
         try:
@@ -547,4 +544,4 @@ class ConvAdapter:
         return groups
 
 
-register(ConvAdapter())
+register(ConvAdapter(), priority=10)  # any model with a Conv2d: the most generic, tried last

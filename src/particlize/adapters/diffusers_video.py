@@ -326,4 +326,4 @@ class DiffusersVideoAdapter:
         return groups, flops
 
 
-register(DiffusersVideoAdapter())
+register(DiffusersVideoAdapter(), priority=50)  # exact classes: before conv sees their patch-embedding Conv2d

@@ -99,4 +99,4 @@ def _blocks_pruned(model: nn.Module, keep: list[int]) -> None:
         cfg.depth = len(keep)  # informational; the recipe rebuilds the base and replays the plan
 
 
-register(DiTAdapter())
+register(DiTAdapter(), priority=40)  # an exact block structure: above the generic transformer matcher

@@ -499,6 +499,6 @@ class RecurrentAdapter:
         )
 
 
-register(RecurrentAdapter())
+register(RecurrentAdapter(), priority=20)  # any recurrent module: above conv, which a CRNN also matches
 
 __all__ = ["RecurrentAdapter", "StackedRNN"]

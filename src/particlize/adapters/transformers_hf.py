@@ -243,4 +243,4 @@ def _hf_recipe(model: nn.Module) -> dict[str, Any] | None:
     return {"kind": "hf", "class": f"{cls.__module__}.{cls.__qualname__}", "config": model.config.to_dict()}
 
 
-register(HFTransformerAdapter())
+register(HFTransformerAdapter(), priority=30)  # structural, anywhere in a model: below the exact DiT matchers
