@@ -13,7 +13,7 @@ diffusers-video    50        diffusers' CogVideoX / Latte classes (by class)
 dit                40        a ``blocks`` list of spacetime DiT blocks (``attn_s``, ``attn_t``, ``mlp``)
 transformers       30        stacks of Hugging Face style transformer layers, anywhere in the model
 recurrent          20        any ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` (or `StackedRNN`)
-conv               10        any model with a Conv2d, except those a generic adapter it yields to claims
+conv               10        any model with a Conv2d, unless an adapter it yields to (transformers) matches it
 =================  ========  ==========================================================================
 
 Shared group builders (attention heads, MLP neurons, blocks, biases) live in `particlize.adapters._builders`.

@@ -117,6 +117,7 @@ def _is_meta(node: fx.Node, memo: dict[fx.Node, bool]) -> bool:
 
 
 def shape_of(node: fx.Node) -> tuple[int, ...] | None:
+    """The output shape ShapeProp recorded for ``node`` (None where it recorded none)."""
     tm = node.meta.get("tensor_meta")
     return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
 
@@ -126,6 +127,7 @@ def _is_depthwise(m: nn.Module, c: int) -> bool:
 
 
 def tensor_slices(path: str, mod: nn.Module, names: Sequence[str]) -> list[Slice]:
+    """Dim-0 slices (one entry per channel) of those tensors ``names`` of ``mod`` that exist."""
     prefix = f"{path}." if path else ""
     return [Slice(f"{prefix}{n}", 0) for n in names if getattr(mod, n, None) is not None]
 
@@ -145,6 +147,8 @@ def _reduce_dims(node: fx.Node, ndim: int) -> list[int] | None:
 
 @dataclass
 class Chain:
+    """Where a conv's channels go: what else they write on the way, and the one consumer that reads them."""
+
     writers: list[Slice] = field(default_factory=list)
     depthwise: list[str] = field(default_factory=list)
     consumer: str = ""
@@ -152,6 +156,8 @@ class Chain:
 
 
 class Walker:
+    """Follows a conv's output channels through the traced graph (`walk`); ``calls`` counts module calls."""
+
     def __init__(self, gm: fx.GraphModule, modules: Mapping[str, nn.Module], calls: Mapping[str, int]):
         self.modules, self.calls = modules, calls
         self.meta: dict[fx.Node, bool] = {}
