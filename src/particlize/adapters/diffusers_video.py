@@ -61,8 +61,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import GateError, ParticlizeError
-from ..particles import GateSite, InputGate, ParticleGroup, ResidualGate, Slice, apply_gate
+from ..particles import GateSite, InputGate, ParticleGroup, ResidualGate, apply_gate
 from . import AdapterResult, register
+from ._builders import blocks, columns, heads, linear_flops, neurons, rows
 
 FLOPS_UNIT = "per token (transformer blocks)"
 CLASSES = ("CogVideoXTransformer3DModel", "LatteTransformer3DModel")
@@ -181,10 +182,6 @@ def _norm_width(norm: nn.Module | None) -> int | None:
     return int(shape[-1]) if shape is not None else -1
 
 
-def _bias(path: str, lin: nn.Linear, **kw: int) -> list[Slice]:
-    return [Slice(f"{path}.bias", 0, **kw)] if lin.bias is not None else []
-
-
 def _heads(attn: Any, ap: str, idx: int, scope: str, gate: Callable[[str], GateSite],
            ctx_len: int | None = None) -> ParticleGroup | None:
     """The heads of a diffusers ``Attention`` at ``ap`` (attending over ``ctx_len`` positions, or
@@ -203,19 +200,16 @@ def _heads(attn: Any, ap: str, idx: int, scope: str, gate: Callable[[str], GateS
         return None  # grouped key/value heads or an out_dim that is not heads * head_dim
     if any(_norm_width(getattr(attn, k, None)) not in (None, d) for k in ("norm_q", "norm_k")):
         return None  # a qk-norm across heads couples them
-    writers: list[Slice] = []
-    for k, lin in zip(("to_q", "to_k", "to_v"), lins):
-        writers += [Slice(f"{ap}.{k}.weight", 0, d), *_bias(f"{ap}.{k}", lin, width=d)]
-
     def heads_pruned(model: nn.Module, keep: list[int]) -> None:
         a = model.get_submodule(ap)
         h = len(keep)
         # everything diffusers' Attention and its processors read about the width
         a.heads, a.sliceable_head_dim, a.inner_dim, a.inner_kv_dim = h, h, h * d, h * d
 
-    return ParticleGroup(
-        f"{ap}.heads", "head", n, idx, gate(f"{ap}.to_out.0"), tuple(writers), (Slice(f"{ap}.to_out.0.weight", 1, d),),
-        flops_ctx=4.0 * d, ctx_len=ctx_len, scope=scope, on_prune=heads_pruned,
+    qkv = [(f"{ap}.{k}", lin) for k, lin in zip(("to_q", "to_k", "to_v"), lins)]
+    return heads(
+        ap, n, d, idx, gate(f"{ap}.to_out.0"), rows(qkv, width=d), (columns(f"{ap}.to_out.0", d),),
+        ctx_len=ctx_len, scope=scope, on_prune=heads_pruned,
     )
 
 
@@ -236,17 +230,10 @@ def _neurons(ff: Any, fp: str, idx: int, scope: str, gate: Callable[[str], GateS
         kw = {"repeat": 2, "stride": inner}  # neuron i owns value row i and gate row inner + i
     else:
         return None
-    pp = f"{fp}.net.0.proj"
-    return ParticleGroup(
-        f"{fp}.neurons", "neuron", inner, idx, gate(f"{fp}.net.2"),
-        (Slice(f"{pp}.weight", 0, **kw), *_bias(pp, proj, **kw)), (Slice(f"{fp}.net.2.weight", 1),), scope=scope,
+    return neurons(
+        fp, inner, idx, gate(f"{fp}.net.2"), rows([(f"{fp}.net.0.proj", proj)], **kw), (columns(f"{fp}.net.2"),),
+        scope=scope,
     )
-
-
-def _linear_flops(block: nn.Module, bp: str, zero: Callable[[str], bool]) -> dict[str, float]:
-    return {
-        f"{bp}.{n}.weight": 0.0 if zero(n) else 2.0 for n, m in block.named_modules() if isinstance(m, nn.Linear)
-    }
 
 
 def _recipe(model: nn.Module) -> dict[str, Any]:
@@ -292,13 +279,9 @@ class DiffusersVideoAdapter:
                       _neurons(block.ff, f"{bp}.ff", i, f"{bp}.", InputGate)):
                 if g is not None:
                     groups.append(g)
-            flops.update(_linear_flops(block, bp, lambda n: n.startswith("norm")))  # adaLN: once per video
+            flops.update(linear_flops(block, bp, zero=lambda n: n.startswith("norm")))  # adaLN: once per video
         if paths:
-            blocks = zip(paths, model.transformer_blocks)
-            owned = tuple(tuple(f"{p}.{n}" for n, _ in b.named_parameters()) for p, b in blocks)
-            groups.append(ParticleGroup(
-                "transformer_blocks.blocks", "block", len(paths), None, TwoStreamResidualGate(paths), owned=owned,
-            ))
+            groups.append(blocks("transformer_blocks.", model, paths, TwoStreamResidualGate(paths)))
         return groups, flops
 
     @staticmethod
@@ -321,9 +304,9 @@ class DiffusersVideoAdapter:
                 groups += [g for g in found if g is not None]
                 # adaLN Linears (if any) run once per frame or video; cross-attention keys and values run
                 # on the caption, not per video token
-                flops.update(_linear_flops(
-                    block, bp, lambda n: n.startswith("norm") or n in ("attn2.to_k", "attn2.to_v")))
+                flops.update(linear_flops(
+                    block, bp, zero=lambda n: n.startswith("norm") or n in ("attn2.to_k", "attn2.to_v")))
         return groups, flops
 
 
-register(DiffusersVideoAdapter())
+register(DiffusersVideoAdapter(), priority=50)  # exact classes: before conv sees their patch-embedding Conv2d

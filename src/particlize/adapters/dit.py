@@ -19,8 +19,9 @@ from typing import Any
 
 from torch import nn
 
-from ..particles import InputGate, ParticleGroup, ResidualGate, Slice
+from ..particles import InputGate, ParticleGroup, ResidualGate
 from . import AdapterResult, register
+from ._builders import blocks, columns, heads, linear_flops, mlp_neurons, rows
 
 FLOPS_UNIT = "per token (DiT blocks)"
 
@@ -69,27 +70,18 @@ class DiTAdapter:
             for an in ("attn_s", "attn_t"):
                 attn = getattr(block, an)
                 ap, d = f"{bp}.{an}", attn.head_dim
-                writers = []
-                for k in ("q", "k", "v"):
-                    writers += [Slice(f"{ap}.{k}.weight", 0, d), Slice(f"{ap}.{k}.bias", 0, d)]
-                groups.append(ParticleGroup(
-                    f"{ap}.heads", "head", attn.q.out_features // d, i, InputGate(f"{ap}.proj"), tuple(writers),
-                    (Slice(f"{ap}.proj.weight", 1, d),), flops_ctx=4.0 * d, ctx_len=ctx[an], scope=f"{bp}.",
-                    on_prune=_heads_pruned(ap),
+                qkv = [(f"{ap}.{k}", getattr(attn, k)) for k in ("q", "k", "v")]
+                groups.append(heads(
+                    ap, attn.q.out_features // d, d, i, InputGate(f"{ap}.proj"), rows(qkv, width=d),
+                    (columns(f"{ap}.proj", d),), ctx_len=ctx[an], scope=f"{bp}.", on_prune=_heads_pruned(ap),
                 ))
             mp = f"{bp}.mlp"
-            groups.append(ParticleGroup(
-                f"{mp}.neurons", "neuron", block.mlp.fc1.out_features, i, InputGate(f"{mp}.fc2"),
-                (Slice(f"{mp}.fc1.weight", 0), Slice(f"{mp}.fc1.bias", 0)), (Slice(f"{mp}.fc2.weight", 1),),
+            groups.append(mlp_neurons(
+                mp, block.mlp.fc1.out_features, i, InputGate(f"{mp}.fc2"), [(f"{mp}.fc1", block.mlp.fc1)], f"{mp}.fc2",
                 scope=f"{bp}.",
             ))
-            for n, m in block.named_modules():
-                if isinstance(m, nn.Linear):
-                    flops[f"{bp}.{n}.weight"] = 0.0 if n.startswith("adaLN") else 2.0
-        owned = tuple(tuple(f"{p}.{n}" for n, _ in b.named_parameters()) for p, b in zip(paths, model.blocks))
-        groups.append(ParticleGroup(
-            "blocks.blocks", "block", len(paths), None, ResidualGate(paths), owned=owned, on_prune=_blocks_pruned,
-        ))
+            flops.update(linear_flops(block, bp, zero=lambda n: n.startswith("adaLN")))  # adaLN: once per video
+        groups.append(blocks("blocks.", model, paths, ResidualGate(paths), on_prune=_blocks_pruned))
         return AdapterResult(groups, flops, FLOPS_UNIT, recipe=getattr(model, "particlize_recipe", None))
 
 
@@ -99,4 +91,4 @@ def _blocks_pruned(model: nn.Module, keep: list[int]) -> None:
         cfg.depth = len(keep)  # informational; the recipe rebuilds the base and replays the plan
 
 
-register(DiTAdapter())
+register(DiTAdapter(), priority=40)  # an exact block structure: above the generic transformer matcher

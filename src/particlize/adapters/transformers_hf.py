@@ -16,6 +16,7 @@ from torch import nn
 
 from ..particles import InputGate, ParticleGroup, ResidualGate, Slice
 from . import AdapterResult, register
+from ._builders import blocks, columns, heads, linear_flops, mlp_neurons, neurons, rows, set_present
 
 FLOPS_UNIT = "per token (transformer layers)"
 
@@ -24,14 +25,8 @@ def _is_conv1d(m: nn.Module) -> bool:
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and hasattr(m, "nx")
 
 
-def _bias(path: str, mod: nn.Module, dim: int = 0, **kw: int) -> list[Slice]:
-    return [Slice(f"{path}.bias", dim, **kw)] if getattr(mod, "bias", None) is not None else []
-
-
-def _set(obj: Any, **attrs: Any) -> None:
-    for k, v in attrs.items():
-        if hasattr(obj, k):
-            setattr(obj, k, v)
+def _is_matmul(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or _is_conv1d(m)
 
 
 # ---- per-layer recognisers: each returns the groups of one layer or None ------------------------
@@ -54,24 +49,18 @@ def _bert_like(layer: nn.Module, lp: str, idx: int) -> list[ParticleGroup] | Non
     d = sa.attention_head_size
     n = sa.query.out_features // d
     ap, sp = f"{lp}.attention", f"{lp}.attention.{inner_name}"
-    writers = []
-    for k in ("query", "key", "value"):
-        writers += [Slice(f"{sp}.{k}.weight", 0, d)] + _bias(f"{sp}.{k}", getattr(sa, k), width=d)
 
     def heads_pruned(model: nn.Module, keep: list[int], sp=sp, d=d) -> None:
-        _set(model.get_submodule(sp), num_attention_heads=len(keep), all_head_size=len(keep) * d)
+        set_present(model.get_submodule(sp), num_attention_heads=len(keep), all_head_size=len(keep) * d)
 
-    heads = ParticleGroup(
-        f"{ap}.heads", "head", n, idx, InputGate(f"{ap}.output.dense"), tuple(writers),
-        (Slice(f"{ap}.output.dense.weight", 1, d),), flops_ctx=4.0 * d, scope=f"{lp}.", on_prune=heads_pruned,
-    )
-    ip = f"{lp}.intermediate.dense"
-    neurons = ParticleGroup(
-        f"{lp}.intermediate.neurons", "neuron", inter.dense.out_features, idx, InputGate(f"{lp}.output.dense"),
-        (Slice(f"{ip}.weight", 0), *_bias(ip, inter.dense)), (Slice(f"{lp}.output.dense.weight", 1),),
-        scope=f"{lp}.",
-    )
-    return [heads, neurons]
+    qkv = [(f"{sp}.{k}", getattr(sa, k)) for k in ("query", "key", "value")]
+    out = f"{ap}.output.dense"
+    return [
+        heads(ap, n, d, idx, InputGate(out), rows(qkv, width=d), (columns(out, d),), scope=f"{lp}.",
+              on_prune=heads_pruned),
+        mlp_neurons(f"{lp}.intermediate", inter.dense.out_features, idx, InputGate(f"{lp}.output.dense"),
+                    [(f"{lp}.intermediate.dense", inter.dense)], f"{lp}.output.dense", scope=f"{lp}."),
+    ]
 
 
 _MLPS = (("gate_proj", "up_proj", "down_proj"), ("up_proj", "down_proj"), ("fc1", "fc2"))
@@ -90,38 +79,30 @@ def _qkvo(layer: nn.Module, lp: str, idx: int) -> list[ParticleGroup] | None:
     n_q, n_kv = attn.q_proj.out_features // d, attn.k_proj.out_features // d
     ap = f"{lp}.{an}"
 
-    def heads_pruned(model: nn.Module, keep: list[int], ap=ap, n_kv=n_kv) -> None:
+    def gqa_pruned(model: nn.Module, keep: list[int], ap=ap, n_kv=n_kv) -> None:
         a = model.get_submodule(ap)
-        _set(a, num_key_value_groups=len(keep) // n_kv, num_heads=len(keep), num_attention_heads=len(keep))
+        set_present(a, num_key_value_groups=len(keep) // n_kv, num_heads=len(keep), num_attention_heads=len(keep))
 
-    groups = [ParticleGroup(
-        f"{ap}.heads", "head", n_q, idx, InputGate(f"{ap}.o_proj"),
-        (Slice(f"{ap}.q_proj.weight", 0, d), *_bias(f"{ap}.q_proj", attn.q_proj, width=d)),
-        (Slice(f"{ap}.o_proj.weight", 1, d),), flops_ctx=4.0 * d, balanced=n_kv if n_kv < n_q else 1,
-        scope=f"{lp}.", on_prune=heads_pruned,
+    def mha_pruned(model: nn.Module, keep: list[int], ap=ap) -> None:
+        set_present(model.get_submodule(ap), num_key_value_groups=1, num_heads=len(keep),
+                    num_attention_heads=len(keep), num_key_value_heads=len(keep))
+
+    # under grouped-query attention a head owns only its query rows (its key/value head is shared);
+    # in plain multi-head attention it owns its key and value rows too
+    mha = n_kv == n_q
+    projs = ("q_proj", "k_proj", "v_proj") if mha else ("q_proj",)
+    groups = [heads(
+        ap, n_q, d, idx, InputGate(f"{ap}.o_proj"), rows([(f"{ap}.{k}", getattr(attn, k)) for k in projs], width=d),
+        (columns(f"{ap}.o_proj", d),), balanced=1 if mha else n_kv, scope=f"{lp}.",
+        on_prune=mha_pruned if mha else gqa_pruned,
     )]
-    if n_kv == n_q:  # plain multi-head attention: a head owns its key and value rows too
-        w = list(groups[0].writers)
-        for k in ("k_proj", "v_proj"):
-            w += [Slice(f"{ap}.{k}.weight", 0, d)] + _bias(f"{ap}.{k}", getattr(attn, k), width=d)
-        groups[0].writers = tuple(w)
-
-        def mha_pruned(model: nn.Module, keep: list[int], ap=ap) -> None:
-            _set(model.get_submodule(ap), num_key_value_groups=1, num_heads=len(keep),
-                 num_attention_heads=len(keep), num_key_value_heads=len(keep))
-
-        groups[0].on_prune = mha_pruned
     mlp = getattr(layer, "mlp", None)
     for names_ in _MLPS:
         if mlp is not None and all(isinstance(getattr(mlp, k, None), nn.Linear) for k in names_):
-            mp = f"{lp}.mlp"
-            writers = []
-            for k in names_[:-1]:
-                writers += [Slice(f"{mp}.{k}.weight", 0)] + _bias(f"{mp}.{k}", getattr(mlp, k))
-            down = getattr(mlp, names_[-1])
-            groups.append(ParticleGroup(
-                f"{mp}.neurons", "neuron", down.in_features, idx, InputGate(f"{mp}.{names_[-1]}"),
-                tuple(writers), (Slice(f"{mp}.{names_[-1]}.weight", 1),), scope=f"{lp}.",
+            mp, down = f"{lp}.mlp", names_[-1]
+            groups.append(mlp_neurons(
+                mp, getattr(mlp, down).in_features, idx, InputGate(f"{mp}.{down}"),
+                [(f"{mp}.{k}", getattr(mlp, k)) for k in names_[:-1]], f"{mp}.{down}", scope=f"{lp}.",
             ))
             break
     return groups
@@ -140,13 +121,14 @@ def _gpt2_like(layer: nn.Module, lp: str, idx: int) -> list[ParticleGroup] | Non
     def heads_pruned(model: nn.Module, keep: list[int], ap=ap, d=d) -> None:
         a = model.get_submodule(ap)
         w = len(keep) * d
-        _set(a, num_heads=len(keep), split_size=w)
+        set_present(a, num_heads=len(keep), split_size=w)
         a.c_attn.nf, a.c_proj.nx = 3 * w, w
 
-    groups = [ParticleGroup(
-        f"{ap}.heads", "head", n, idx, InputGate(f"{ap}.c_proj"),
+    # Conv1D stores weights as [in, out]: a head writes columns of c_attn and is read by rows of c_proj
+    groups = [heads(
+        ap, n, d, idx, InputGate(f"{ap}.c_proj"),
         (Slice(f"{ap}.c_attn.weight", 1, d, 3, e), Slice(f"{ap}.c_attn.bias", 0, d, 3, e)),
-        (Slice(f"{ap}.c_proj.weight", 0, d),), flops_ctx=4.0 * d, scope=f"{lp}.", on_prune=heads_pruned,
+        (Slice(f"{ap}.c_proj.weight", 0, d),), scope=f"{lp}.", on_prune=heads_pruned,
     )]
     if mlp is not None and _is_conv1d(getattr(mlp, "c_fc", None)) and _is_conv1d(getattr(mlp, "c_proj", None)):
         mp = f"{lp}.mlp"
@@ -155,8 +137,8 @@ def _gpt2_like(layer: nn.Module, lp: str, idx: int) -> list[ParticleGroup] | Non
             m = model.get_submodule(mp)
             m.c_fc.nf, m.c_proj.nx = len(keep), len(keep)
 
-        groups.append(ParticleGroup(
-            f"{mp}.neurons", "neuron", mlp.c_fc.nf, idx, InputGate(f"{mp}.c_proj"),
+        groups.append(neurons(
+            mp, mlp.c_fc.nf, idx, InputGate(f"{mp}.c_proj"),
             (Slice(f"{mp}.c_fc.weight", 1), Slice(f"{mp}.c_fc.bias", 0)), (Slice(f"{mp}.c_proj.weight", 0),),
             scope=f"{lp}.", on_prune=neurons_pruned,
         ))
@@ -204,17 +186,11 @@ class HFTransformerAdapter:
             if not found or not all(found):
                 continue
             paths = tuple(f"{lpath}.{i}" for i in range(len(layers)))
-            owned = tuple(tuple(f"{p}.{n}" for n, _ in layer.named_parameters()) for p, layer in zip(paths, layers))
             for f in found:
                 groups += f
-            groups.append(ParticleGroup(
-                f"{lpath}.blocks", "block", len(layers), None, ResidualGate(paths), owned=owned,
-                on_prune=_blocks_pruned,
-            ))
+            groups.append(blocks(f"{lpath}.", model, paths, ResidualGate(paths), on_prune=_blocks_pruned))
             for p, layer in zip(paths, layers):
-                for n, m in layer.named_modules():
-                    if isinstance(m, nn.Linear) or _is_conv1d(m):
-                        flops[f"{p}.{n}.weight"] = 2.0
+                flops.update(linear_flops(layer, p, is_matmul=_is_matmul))
         return AdapterResult(groups, flops, FLOPS_UNIT, recipe=_hf_recipe(model))
 
 
@@ -243,4 +219,4 @@ def _hf_recipe(model: nn.Module) -> dict[str, Any] | None:
     return {"kind": "hf", "class": f"{cls.__module__}.{cls.__qualname__}", "config": model.config.to_dict()}
 
 
-register(HFTransformerAdapter())
+register(HFTransformerAdapter(), priority=30)  # structural, anywhere in a model: below the exact DiT matchers
