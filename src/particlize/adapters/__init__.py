@@ -21,7 +21,6 @@ Shared group builders (attention heads, MLP neurons, blocks, biases) live in `pa
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -30,6 +29,7 @@ from torch import nn
 
 from ..errors import ParticlizeError, UnsupportedModelError
 from ..particles import ParticleGroup, ParticleMap
+from ..plan import provenance
 
 
 @dataclass
@@ -58,8 +58,6 @@ class Adapter(Protocol):
 _REGISTRY: dict[str, tuple[int, Adapter]] = {}
 
 # The modules of the built-in adapters; each registers its adapter (with its priority) on import.
-_BUILTIN_MODULES = ("conv", "diffusers_video", "dit", "recurrent", "transformers_hf")
-_LOADED = False
 
 
 def register(adapter: Adapter, *, priority: int = 0) -> Adapter:
@@ -79,7 +77,6 @@ def register(adapter: Adapter, *, priority: int = 0) -> Adapter:
 
 def unregister(name: str) -> Adapter:
     """Remove the adapter registered as ``name`` and return it (e.g. to undo a test's registration)."""
-    _load_builtin()
     if name not in _REGISTRY:
         raise _unknown(name)
     return _REGISTRY.pop(name)[1]
@@ -87,14 +84,12 @@ def unregister(name: str) -> Adapter:
 
 def adapters() -> list[Adapter]:
     """The registered adapters, in the order `decompose` tries them (highest priority first, ties by name)."""
-    _load_builtin()
     order = sorted(_REGISTRY.items(), key=lambda kv: (-kv[1][0], kv[0]))
     return [adapter for _, (_, adapter) in order]
 
 
 def get_adapter(name: str) -> Adapter:
     """The adapter registered as ``name``; `UnsupportedModelError` listing the names if there is none."""
-    _load_builtin()
     if name not in _REGISTRY:
         raise _unknown(name)
     return _REGISTRY[name][1]
@@ -106,22 +101,12 @@ def claimed_by(model: nn.Module, names: Iterable[str]) -> str | None:
     A generic adapter yields to the ones it names here instead of importing them: the conv adapter
     leaves a ViT (whose patch embedding is a Conv2d) to the ``transformers`` adapter.
     """
-    _load_builtin()
     return next((n for n in names if n in _REGISTRY and _REGISTRY[n][1].matches(model)), None)
 
 
 def _unknown(name: str) -> UnsupportedModelError:
     names = ", ".join(a.name for a in adapters())
     return UnsupportedModelError(f"no adapter is registered as {name!r}; registered adapters: {names}")
-
-
-def _load_builtin() -> None:
-    global _LOADED
-    if _LOADED:
-        return
-    _LOADED = True
-    for mod in _BUILTIN_MODULES:  # order is irrelevant: each registers with its own priority
-        importlib.import_module(f"{__name__}.{mod}")
 
 
 SUPPORTED = (
@@ -166,8 +151,6 @@ def decompose(
     counted in tables and costs; ``example_inputs`` (a tensor or dict) helps adapters that need shapes
     (convolutional models).
     """
-    from ..plan import provenance
-
     candidates = [_forced(model, adapter)] if adapter is not None else adapters()
     for ad in candidates:
         if adapter is None and not ad.matches(model):
@@ -190,6 +173,9 @@ def decompose(
         f"Supported: {SUPPORTED}"
     )
 
+
+# the built-in adapters register themselves (each with its priority: the order of these imports is irrelevant)
+from . import conv, diffusers_video, dit, recurrent, transformers_hf  # noqa: E402,F401
 
 __all__ = [
     "Adapter", "AdapterResult", "SUPPORTED", "adapters", "claimed_by", "decompose", "get_adapter", "register",
