@@ -71,7 +71,7 @@ def test_out_is_never_overwritten_without_force(setup, tmp_path):
 def test_resume_after_sigkill_gives_the_same_result(setup, tmp_path):
     work, *_ = setup
     script = [sys.executable, str(HERE / "loop_fixture.py"), str(work)]
-    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(Path(pz.__file__).parents[1])])}  # this particlize
     ref = tmp_path / "ref"
     subprocess.run([*script, str(ref)], check=True, env=env, capture_output=True)
     out = tmp_path / "killed"

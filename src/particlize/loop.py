@@ -27,8 +27,8 @@ from safetensors.torch import save_model
 from torch import nn
 
 from .adapters import decompose
-from .allocate import AllocationConfig, Allocator, Scorer, allocate, latency_prices, named_scorer, original_sizes, smallest_shares
-from .allocate import _shrink_plan
+from .allocate import (AllocationConfig, Allocator, Scorer, _shrink_plan, allocate, latency_prices, named_scorer,
+                       original_sizes, smallest_shares)
 from .errors import ParticlizeError
 from .io import load, save, write_folder_atomically
 from .measure import int8_report, latency_inputs, measure_latency
@@ -194,9 +194,9 @@ def compress(
 ) -> CompressResult:
     """Compress ``model`` on ``task`` until the target is met or the quality floor would break.
 
-    ``config`` (or keyword overrides of `CompressConfig` fields: ``target_flops=0.5``, ``granularity=
-    ("heads", "neurons", "blocks")``, ``min_quality=0.99``, ``recover_epochs=1``, ``round_to=8``, …) sets
-    the run. With ``out`` every round is checkpointed there and the final model is saved as a valid
+    ``config`` (or keyword overrides by flat option name, as `CompressConfig.from_options` takes them:
+    ``target_flops=0.5``, ``granularity=("heads", "neurons", "blocks")``, ``min_quality=0.99``,
+    ``recover_epochs=1``, ``round_to=8``, …) sets the run. With ``out`` every round is checkpointed there and the final model is saved as a valid
     MODEL folder (``pz.load(out)``, tokenizer included) with ``history.json``; ``resume=True``
     continues a killed run. Quality is the task's `Task.quality` on validation data (accuracy for
     classifiers, 1 / ε-MSE for video diffusion models) relative to the dense model's.
