@@ -15,7 +15,11 @@ import torch
 from torch import nn
 
 from .errors import ParticlizeError
+from .io import save
+from .models.text import TextClassifier, _quiet_hf
+from .models.vision import ResNet, SimpleCNN
 from .recover.classifier import DEFAULT_LR, Progress, train_classifier
+from .sources import load_tokenizer, minilm_path
 from .tasks import Task, get_task
 
 IMAGE_MODELS = ("simple-cnn", "resnet")
@@ -28,10 +32,6 @@ def build_classifier(model: str | nn.Module, task: Task, *, pooling: str = "mean
     (masked mean pooling + linear head) starting from the pretrained encoder. Images: ``"simple-cnn"``,
     ``"resnet"`` (particlize's reference CNNs) or an ``nn.Module`` with the right number of outputs.
     """
-    from .models.text import TextClassifier, _quiet_hf
-    from .models.vision import ResNet, SimpleCNN
-    from .sources import load_tokenizer, minilm_path
-
     if isinstance(model, nn.Module):
         return model, None
     if task.kind == "image":
@@ -72,8 +72,6 @@ def fine_tune(
     ``pz.load(out)`` then gives the classifier (text: ``model(input_ids=..., attention_mask=...)``) and
     ``AutoTokenizer.from_pretrained(out)`` its tokenizer. Returns the folder.
     """
-    from .io import save
-
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:  # fail before hours of training
         raise ParticlizeError(f"{out} already exists and is not empty; pass force=True (CLI: --force) to replace it")

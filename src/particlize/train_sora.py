@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import ParticlizeError
-from .io import save, write_folder_atomically
+from .io import load, save, write_folder_atomically
 from .models.sora import PRESETS, sora
 from .recover.dit import draw_batch, ema_step
 from .tasks.moving_digits import eps_mse, moving_digits
@@ -85,8 +85,6 @@ def train_sora(
     torch.manual_seed(seed)
     model = sora(preset, **overrides).to(device)
     if init is not None:
-        from .io import load
-
         start_from = load(init)
         if not isinstance(start_from, type(model)) or start_from.config != model.config:
             raise ParticlizeError(f"{init} is not a {preset!r} SpacetimeDiT with these settings; it cannot start this run")

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..io import load
+from ..models.vision import SimpleCNN
 from .base import SPLITS, Task, model_device, stratified_split
 
 TWO_DIGITS = 10  # label of a two-digit video
@@ -293,8 +295,6 @@ def temporal_consistency(videos: torch.Tensor) -> float:
 def train_frame_classifier(task: MovingDigitsTask | None = None, steps: int = 600, batch_size: int = 64,
                            seed: int = 0) -> tuple[nn.Module, float]:
     """A small CNN (`SimpleCNN`) recognising the digit in one 32x32 frame; returns it and its test accuracy."""
-    from ..models.vision import SimpleCNN
-
     task = task or moving_digits(seed=seed, n_train=10, n_eval=10)
     torch.manual_seed(seed)
     model = SimpleCNN(num_classes=10, in_channels=1, widths=(32, 64, 64))
@@ -319,8 +319,6 @@ def train_frame_classifier(task: MovingDigitsTask | None = None, steps: int = 60
 
 def load_frame_classifier() -> nn.Module:
     """The shipped frame classifier (``particlize/models/weights/frame-classifier``)."""
-    from ..io import load
-
     return load("frame-classifier")
 
 
