@@ -10,10 +10,7 @@ scorer. Used by ``compress_minilm.py --variants pz-oneshot-learned``; not a comp
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -81,18 +78,15 @@ def learned_importance(pm, batches, keep: float, kinds, seq_len: int, steps: int
     return {n: (la[n].detach() - hi).exp().double() * costs[n].double() for n in groups}
 
 
-@contextlib.contextmanager
-def learned_scorer(keep: float, steps: int) -> Iterator[None]:
-    """Inside: ``compress`` ranks particles by gates learned for ``keep`` of the FLOPs. The gates are learned
-    once and reused by every call (the cut without and with recovery start from the same dense model)."""
-    import particlize.loop as loop
-
+def learned_scorer(keep: float, steps: int, seq_len: int):
+    """A compress scorer (``compress(..., scorer=learned_scorer(...))``) ranking particles by gates learned for
+    ``keep`` of the FLOPs. The gates are learned once and reused by every call (the cut without and with recovery
+    start from the same dense model)."""
     cache: dict[str, dict[str, torch.Tensor]] = {}
 
-    def importance(pm, batches, cfg, kinds):
+    def importance(pm, batches, kinds):
         if "imp" not in cache:
-            cache["imp"] = learned_importance(pm, batches, keep, kinds, cfg.max_length, steps=steps)
+            cache["imp"] = learned_importance(pm, batches, keep, kinds, seq_len, steps=steps)
         return cache["imp"]
 
-    with mock.patch.object(loop, "_importance", importance):
-        yield
+    return importance

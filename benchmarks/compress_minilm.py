@@ -43,14 +43,12 @@ quoting), ``--variants`` picks a subset.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 import torch
 
@@ -59,10 +57,12 @@ from _common import machine_line, matmul_probe, setup_threads  # noqa: E402
 from _learned import learned_scorer  # noqa: E402
 
 import particlize as pz  # noqa: E402
-from particlize.loop import CompressConfig, compress, latency_inputs, measure_latency  # noqa: E402
+from particlize.allocate import allocate  # noqa: E402
+from particlize.loop import CompressConfig, compress  # noqa: E402
+from particlize.measure import latency_inputs, measure_latency  # noqa: E402
+from particlize.recover import RECOVER_LR, RecoveryConfig, recover, train_classifier  # noqa: E402
 from particlize.tasks import get_task  # noqa: E402
 from particlize.tasks.base import logits_of  # noqa: E402
-from particlize.train import RECOVER_LR, train_classifier  # noqa: E402
 
 VARIANTS = ("pz-loop", "pz-oneshot", "pz-oneshot-latency", "pz-oneshot-blocks", "pz-oneshot-blocks-latency",
             "pz-oneshot-hd", "pz-oneshot-blocks-hd", "pz-oneshot-uniform", "pz-iter3", "pz-steps3", "pz-steps8", "pz-oneshot-rw", "pz-oneshot-hd-rw",
@@ -116,21 +116,22 @@ def run(variant: str, dense, task, tok, budget: float, seed: int, args) -> dict:
     opts = dict(batch_size=32, max_length=64, limit=args.limit, seed=seed, lr=args.lr or RECOVER_LR["text"])
     if variant.startswith("pz-steps"):  # k cuts, rescored after each, no recovery between; then the whole budget
         k = int(variant.removeprefix("pz-steps"))
-        cfg = CompressConfig(target_flops=budget, recover_epochs=0, min_quality=0.0, calib_examples=args.calib,
+        cfg = CompressConfig.from_options(target_flops=budget, recover_epochs=0, min_quality=0.0, calib_examples=args.calib,
                              max_fraction=1 - budget ** (1 / k) + 0.01, round_to=args.round_to, min_width=args.min_width,
                              **opts)
         before = compress(copy.deepcopy(dense), task, tokenizer=tok, config=cfg).model
         model = copy.deepcopy(before)
-        task.recover(model, dense, tok, epochs=args.epochs, lr=opts["lr"], batch_size=32, max_length=64, seed=seed,
-                     limit=args.limit, kd_alpha=args.kd_alpha, temperature=args.temperature, val_every=args.val_every,
-                     patience=args.patience)
+        recover(model, dense, task, RecoveryConfig(epochs=args.epochs, lr=opts["lr"], kd_alpha=args.kd_alpha,
+                                                   temperature=args.temperature, val_every=args.val_every,
+                                                   patience=args.patience),
+                tokenizer=tok, batch_size=32, max_length=64, seed=seed, limit=args.limit)
         extra = {"rounds": k, "epochs": args.epochs}
     elif variant.startswith("pz"):
         reweight = variant.endswith("-rw")
         variant_core = variant.removesuffix("-rw")
         iters = 3 if variant_core == "pz-iter3" else 1
         fraction = 1.0 if "oneshot" in variant else (1 - budget ** (1 / 3) + 0.01 if iters == 3 else 1 / 3)
-        cfg = CompressConfig(target_flops=budget, recover_epochs=args.epochs / iters, min_quality=0.0,
+        cfg = CompressConfig.from_options(target_flops=budget, recover_epochs=args.epochs / iters, min_quality=0.0,
                              calib_examples=args.calib, max_fraction=fraction, round_to=args.round_to,
                              min_width=args.min_width,
                              cost="latency" if variant_core.endswith("-latency") else "flops",
@@ -141,11 +142,12 @@ def run(variant: str, dense, task, tok, budget: float, seed: int, args) -> dict:
                              patience=args.patience, **opts)
         learned = variant_core.endswith("-learned")
         hp = variant_core.removeprefix("pz-oneshot-hp") if variant_core.startswith("pz-oneshot-hp") else None
-        with (learned_scorer(budget, args.gate_steps) if learned else
-              head_price(int(hp) / 100) if hp else contextlib.nullcontext()):
-            before_cfg = CompressConfig(**{**cfg.__dict__, "recover_epochs": 0})
-            before = compress(copy.deepcopy(dense), task, tokenizer=tok, config=before_cfg).model
-            res = compress(dense, task, tokenizer=tok, config=cfg)
+        scorer = learned_scorer(budget, args.gate_steps, cfg.max_length) if learned else None
+        allocator = head_price(int(hp) / 100) if hp else None
+        before_cfg = copy.deepcopy(cfg)
+        before_cfg.recovery.epochs = 0
+        before = compress(copy.deepcopy(dense), task, tokenizer=tok, config=before_cfg, scorer=scorer, allocator=allocator).model
+        res = compress(dense, task, tokenizer=tok, config=cfg, scorer=scorer, allocator=allocator)
         model, rounds = res.model, res.history[-1]["round"]
         extra = {"rounds": rounds, "epochs": sum(e.get("recovery", {}).get("epochs", 0) for e in res.history)}
     else:
@@ -164,22 +166,17 @@ def run(variant: str, dense, task, tok, budget: float, seed: int, args) -> dict:
             "widths": layer_widths(model), "model": model, **extra}
 
 
-@contextlib.contextmanager
 def head_price(factor: float):
-    """Inside: global allocation prices a head at ``factor`` × its FLOPs (neurons at theirs), so heads are
-    removed later (``factor`` < 1) or sooner than fisher-per-FLOP says."""
-    import particlize.loop as loop
+    """A compress allocator: global allocation pricing a head at ``factor`` × its FLOPs (neurons at theirs), so
+    heads are removed later (``factor`` < 1) or sooner than fisher-per-FLOP says."""
 
-    original = loop.allocate
-
-    def allocate(pm, importance, flops_to_remove, cfg, seq_len, prices=None, base_sizes=None):
+    def allocator(pm, importance, flops_to_remove, cfg, seq_len, prices=None, base_sizes=None):
         table = pm.table(seq_len=seq_len)
         per = table.groupby("kind").flops.median()
         prices = {"head": float(per["head"]) * factor, "neuron": float(per["neuron"])}
-        return original(pm, importance, flops_to_remove, cfg, seq_len, prices, base_sizes)
+        return allocate(pm, importance, flops_to_remove, cfg, seq_len, prices, base_sizes)
 
-    with mock.patch.object(loop, "allocate", allocate):
-        yield
+    return allocator
 
 
 def layer_widths(model) -> list[list[int]]:

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import start  # noqa: E402
 
 import particlize as pz  # noqa: E402
+from particlize.recover import RecoveryConfig, recover  # noqa: E402
 from particlize.tasks import get_task  # noqa: E402
 
 
@@ -43,7 +44,7 @@ def main() -> int:
     for seed in args.seeds:
         student = copy.deepcopy(dense)
         torch.manual_seed(seed)
-        info = task.recover(student, dense, tok, epochs=args.epochs, seed=seed)
+        info = recover(student, dense, task, RecoveryConfig(epochs=args.epochs), tokenizer=tok, seed=seed)
         accs.append(task.evaluate(student, "test", tokenizer=tok)["accuracy"])
         print(f"seed {seed}: dense + recovery test accuracy {accs[-1]:.4f} ({info['steps']} steps, "
               f"{info['seconds']:.0f} s)", flush=True)

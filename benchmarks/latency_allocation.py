@@ -31,11 +31,12 @@ from _common import by_widths, machine_line, matmul_probe, setup_threads  # noqa
 from compress_minilm import encoder_flops, layer_widths, tp_prune  # noqa: E402
 
 import particlize as pz  # noqa: E402
-from particlize.loop import CompressConfig, _importance, allocate, latency_inputs, latency_prices, measure_latency  # noqa: E402
+from particlize.allocate import AllocationConfig, allocate, latency_prices, named_scorer  # noqa: E402
+from particlize.measure import latency_inputs, measure_latency  # noqa: E402
 from particlize.tasks import get_task  # noqa: E402
 
 HN, HNB = ("heads", "neurons"), ("heads", "neurons", "blocks")
-STRATEGIES: dict[str, dict] = {  # name: the CompressConfig settings of the cut (fisher scores throughout)
+STRATEGIES: dict[str, dict] = {  # name: the AllocationConfig settings of the cut (fisher scores throughout)
     "pz-global-flops": dict(granularity=HN),
     "pz-global-latency": dict(granularity=HN, cost="latency"),
     "pz-global-flops-r16": dict(granularity=HN, round_to=16),
@@ -99,7 +100,7 @@ def main() -> int:
             if s == "tp-taylor":
                 m, _ = tp_prune(copy.deepcopy(dense), task, tok, 1 - budget, "taylor", 256, 0)
             else:
-                cfg = CompressConfig(target_flops=budget, **STRATEGIES[s])
+                cfg = AllocationConfig(**STRATEGIES[s])
                 kinds = cfg.kinds
                 prices = None
                 if cfg.cost == "latency":
@@ -109,7 +110,7 @@ def main() -> int:
                         print(f"latency prices {sorted(kinds)}: "
                               + ", ".join(f"{k} {v:.4f} ms" for k, v in prices_cache[key].items()), flush=True)
                     prices = prices_cache[key]
-                imp = _importance(pm, calib, cfg, kinds)
+                imp = named_scorer(cfg.scorer)(pm, calib, kinds)
                 remove = allocate(pm, imp, pm.cost().flops * (1 - budget), cfg, 64, prices)
                 m = pm.prune(remove).eval()
             acc = task.evaluate(m, "test", tokenizer=tok)["accuracy"]

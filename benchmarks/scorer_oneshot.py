@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine_line, setup_threads  # noqa: E402
 
 import particlize as pz  # noqa: E402
-from particlize.loop import CompressConfig, _importance, allocate  # noqa: E402
+from particlize.allocate import AllocationConfig, allocate, named_scorer  # noqa: E402
 from particlize.tasks import get_task  # noqa: E402
 
 
@@ -40,9 +40,9 @@ def main() -> int:
     calib = task.batches("train", tokenizer=tok, batch_size=32, limit=args.calib, shuffle=True, seed=0)
     print(f"{'budget':>6} {'scorer':<15} {'allocation':<9} {'FLOPs kept':>10} {'val acc':>8} {'score s':>8}")
     for scorer in args.scorers:
-        cfg = CompressConfig(scorer=scorer)
+        cfg = AllocationConfig(scorer=scorer)
         t = time.perf_counter()
-        imp = _importance(pm, calib, cfg, {"head", "neuron"})
+        imp = named_scorer(scorer)(pm, calib, {"head", "neuron"})
         secs = time.perf_counter() - t
         for budget in args.budget:
             for allocation in ("global", "uniform"):

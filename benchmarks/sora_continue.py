@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/sora_continue.py MODEL_DIR --out PREFIX [--chunks 2] [--steps 2016] [--seed0 100]
         [--alpha 0.5] [--lr 3e-4] [--dense sora-tiny] [--focus LO HI [--focus-share 0.5]]
 
-Each chunk is one `particlize.train_sora.distill_dit` call on the model (``--steps`` steps, batch 32, a fresh cosine
+Each chunk is one `particlize.recover.dit.distill_dit` call on the model (``--steps`` steps, batch 32, a fresh cosine
 schedule, a fresh stream of training videos and a fresh pool of the teacher's sampling trajectories, seed
 ``--seed0 + k``): the same as `compress`'s ``final_recover_epochs`` chunks (seed 100 + k there), with the
 distillation weight ``--alpha`` (teacher term vs true noise) free to change. After chunk ``k`` the model is saved as
@@ -23,7 +23,7 @@ import _common as C
 import particlize as pz
 from particlize.io import save
 from particlize.tasks.moving_digits import eps_mse, moving_digits
-from particlize.train_sora import distill_dit
+from particlize.recover.dit import distill_dit
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ labels and starting noise): once with the dense model for the first k of ``--ste
 for the rest ("dense first"), once the other way round ("compressed first"). Each run's sample accuracy is paired
 with the dense model's own. A compressed model that loses nothing while it takes only the first k steps, and all
 of its loss while it takes only the steps after k', loses its digits between those noise levels: that is where its
-recovery should spend its batches (`particlize.train_sora.distill_dit(focus=...)`).
+recovery should spend its batches (`particlize.recover.dit.distill_dit(focus=...)`).
 """
 
 from __future__ import annotations

@@ -17,10 +17,55 @@ from test_train import sentiment_rows, tiny_config  # noqa: E402
 import particlize as pz  # noqa: E402
 from particlize.models.text import TextClassifier  # noqa: E402
 from particlize.tasks import get_task  # noqa: E402
-from particlize.train import train_classifier  # noqa: E402
+from particlize.recover import train_classifier  # noqa: E402
 
 OPTIONS = dict(target_flops=0.35, recover_epochs=1, lr=1e-3, batch_size=16, min_quality=0.5, calib_examples=64,
                max_fraction=0.4, latency_batch=4, latency_seq=8)
+
+# compress(model, task, tokenizer=tok, **OPTIONS) as main's code (before the loop was split up) ran it: the kept
+# indices of every cut (the model's plan) and every round's metrics, asserted by test_loop.py
+REFERENCE = {'reason': 'target met',
+             'plan': [{'encoder.encoder.layer.1.intermediate.neurons': [0, 1, 2, 7, 14, 16, 19, 21, 24, 27, 29, 31, 32, 34, 35,
+                                                                        37, 38, 43, 50, 54, 55, 56, 57, 59, 60, 62],
+                       'encoder.encoder.layer.0.intermediate.neurons': [0, 1, 6, 10, 11, 12, 22, 27, 29, 30, 33, 37, 39, 40, 45,
+                                                                        49, 54, 57, 60],
+                       'encoder.encoder.layer.1.attention.heads': [0, 1],
+                       'encoder.encoder.layer.0.attention.heads': [1, 2, 3]},
+                      {'encoder.encoder.layer.0.intermediate.neurons': [1, 2, 6, 9, 12, 16, 18],
+                       'encoder.encoder.layer.1.intermediate.neurons': [1, 3, 4, 5, 7, 9, 10, 13, 15, 17, 18, 19, 20, 22, 23, 24,
+                                                                        25],
+                       'encoder.encoder.layer.1.attention.heads': [0],
+                       'encoder.encoder.layer.0.attention.heads': [0, 1]}],
+             'history': [{'round': 0,
+                          'params': 19874,
+                          'flops': 49152.0,
+                          'flops_ratio': 1.0,
+                          'params_ratio': 1.0,
+                          'quality': 0.875,
+                          'val': {'accuracy': 0.875, 'loss': 0.6708920001983643, 'n': 24},
+                          'removed': {}},
+                         {'round': 1,
+                          'params': 11335,
+                          'flops': 26240.0,
+                          'flops_ratio': 0.5338541666666666,
+                          'params_ratio': 0.5703431619200966,
+                          'quality': 0.7916666666666666,
+                          'val': {'accuracy': 0.7916666666666666, 'loss': 0.664235512415568, 'n': 24},
+                          'removed': {'encoder.encoder.layer.1.intermediate.neurons': 38,
+                                      'encoder.encoder.layer.0.intermediate.neurons': 45,
+                                      'encoder.encoder.layer.1.attention.heads': 2,
+                                      'encoder.encoder.layer.0.attention.heads': 1}},
+                         {'round': 2,
+                          'params': 7874,
+                          'flops': 15360.0,
+                          'flops_ratio': 0.3125,
+                          'params_ratio': 0.39619603502062994,
+                          'quality': 0.6666666666666666,
+                          'val': {'accuracy': 0.6666666666666666, 'loss': 0.6598004102706909, 'n': 24},
+                          'removed': {'encoder.encoder.layer.0.intermediate.neurons': 12,
+                                      'encoder.encoder.layer.1.intermediate.neurons': 9,
+                                      'encoder.encoder.layer.1.attention.heads': 1,
+                                      'encoder.encoder.layer.0.attention.heads': 1}}]}
 
 
 def make(work: Path):

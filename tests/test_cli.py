@@ -183,9 +183,9 @@ def test_compress_command_end_to_end(tiny_text, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "target met; then 1 final recovery chunk" in printed and "(final recovery 1)" in printed
     h = json.loads((run / "history.json").read_text())
-    assert h["done"] and h["config"]["hidden_weight"] == 1.0 and h["history"][-1]["flops_ratio"] <= 0.6 + 1e-9
-    assert h["config"]["final_recover_epochs"] == 1 and h["history"][-1]["final_recovery"] == 1
-    assert h["config"]["val_every"] == 0.5 and all(e["recovery"]["validations"] in (1, 2) for e in h["history"][1:])
+    assert h["done"] and h["config"]["recovery"]["hidden_weight"] == 1.0 and h["history"][-1]["flops_ratio"] <= 0.6 + 1e-9
+    assert h["config"]["recovery"]["final_epochs"] == 1 and h["history"][-1]["final_recovery"] == 1
+    assert h["config"]["recovery"]["val_every"] == 0.5 and all(e["recovery"]["validations"] in (1, 2) for e in h["history"][1:])
     small = pz.load(run)
     assert sum(p.numel() for p in small.parameters()) == h["history"][-1]["params"]
     with pytest.raises(SystemExit) as e:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,10 @@ from hypothesis import strategies as st
 import torch
 
 import particlize as pz
-from loop_fixture import OPTIONS, make
-from particlize.loop import CompressConfig, allocate, compress
+from loop_fixture import OPTIONS, REFERENCE, make
+from particlize.allocate import AllocationConfig, allocate
+from particlize.loop import CompressConfig, Target, compress
+from particlize.recover import RecoveryConfig, recover
 
 HERE = Path(__file__).parent
 
@@ -68,7 +71,7 @@ def test_out_is_never_overwritten_without_force(setup, tmp_path):
 def test_resume_after_sigkill_gives_the_same_result(setup, tmp_path):
     work, *_ = setup
     script = [sys.executable, str(HERE / "loop_fixture.py"), str(work)]
-    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(Path(pz.__file__).parents[1])])}  # this particlize
     ref = tmp_path / "ref"
     subprocess.run([*script, str(ref)], check=True, env=env, capture_output=True)
     out = tmp_path / "killed"
@@ -113,33 +116,30 @@ def test_final_recovery_is_more_recovery_in_warm_restarted_chunks(setup, tmp_pat
     assert [e["recovery"]["epochs"] for e in finals] == [1, 0.5]  # chunks of recover_epochs, the last one partial
     # the same as compressing without it, then recovering by hand with the documented seeds (seed * 1000 + 100 + k)
     plain = compress(model, task, tokenizer=tok, **OPTIONS).model
-    cfg = CompressConfig(**OPTIONS)
+    cfg = CompressConfig.from_options(**OPTIONS)
     for k, epochs in enumerate((1, 0.5)):
-        task.recover(plain, model, tok, epochs=epochs, lr=cfg.lr, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                     seed=100 + k, kd_alpha=cfg.kd_alpha, temperature=cfg.temperature, patience=cfg.patience)
+        recover(plain, model, task, replace(cfg.recovery, epochs=epochs), tokenizer=tok, batch_size=cfg.batch_size,
+                max_length=cfg.max_length, seed=100 + k)
     assert _same_weights(plain, res.model) and _same_weights(plain, pz.load(tmp_path / "run"))
     assert not _same_weights(compress(model, task, tokenizer=tok, **OPTIONS).model, res.model)
 
 
-def test_final_recovery_resumes_at_the_chunk_it_was_killed_in(setup, tmp_path, monkeypatch):
+def test_final_recovery_resumes_at_the_chunk_it_was_killed_in(setup, tmp_path):
     work, model, task, tok = setup
     opts = {**OPTIONS, "final_recover_epochs": 2}
     ref = compress(model, task, tokenizer=tok, out=tmp_path / "ref", **opts)
-    import particlize.loop as loop
+    chunks = []
 
-    real = loop._recover
-
-    def dies_in_the_second_chunk(*a, seed=None, **kw):
-        if seed == 101:
+    def dies_in_the_second_chunk(event, info):  # killed as the second chunk's recovery starts
+        if event == "round" and info.get("final_recovery"):
+            chunks.append(info["final_recovery"])
+        if event == "recover" and chunks == [1]:
             raise KeyboardInterrupt
-        return real(*a, seed=seed, **kw)
 
-    monkeypatch.setattr(loop, "_recover", dies_in_the_second_chunk)
     with pytest.raises(KeyboardInterrupt):
-        compress(model, task, tokenizer=tok, out=tmp_path / "run", **opts)
+        compress(model, task, tokenizer=tok, out=tmp_path / "run", progress=dies_in_the_second_chunk, **opts)
     saved = json.loads((tmp_path / "run" / "history.json").read_text())
     assert not saved["done"] and [e.get("final_recovery") for e in saved["history"]][-1] == 1
-    monkeypatch.setattr(loop, "_recover", real)
     with pytest.raises(pz.ParticlizeError, match="other settings"):  # a resumed run must ask for the same
         compress(model, task, tokenizer=tok, out=tmp_path / "run", resume=True, **OPTIONS)
     res = compress(model, task, tokenizer=tok, out=tmp_path / "run", resume=True, **opts)
@@ -155,7 +155,7 @@ def test_final_recovery_that_fails_keeps_the_model_before_it(setup, tmp_path):
     assert not _same_weights(good, res.model)
     import particlize.loop as loop
 
-    cfg = CompressConfig(**{**OPTIONS, "lr": 1e30, "final_recover_epochs": 1})
+    cfg = CompressConfig.from_options(**{**OPTIONS, "lr": 1e30, "final_recover_epochs": 1})
     history = [{"round": 0}]
     kept, reason = loop._final_recovery(good, model, task, tok, cfg, history, None, None, None, "target met",
                                         lambda *a: None)
@@ -205,19 +205,20 @@ def test_impossible_or_bad_settings(setup, tmp_path, opts, match):
 def test_reachable_targets_match_the_smallest_model(setup):
     """The refusal's bound is exact: the smallest model the settings allow keeps that share, and a target at
     it is accepted (the loop then stops when nothing more can go)."""
-    from particlize.loop import _check_reachable, _shrink_plan, smallest_shares
+    from particlize.allocate import _shrink_plan, smallest_shares
+    from particlize.loop import _check_reachable
 
     work, model, task, tok = setup
     pm = pz.decompose(model, seq_len=64)
     for gran in [("heads", "neurons"), ("heads", "neurons", "blocks")]:
-        cfg = CompressConfig(granularity=gran, min_width=0.25)
+        cfg = AllocationConfig(granularity=gran, min_width=0.25)
         small = pz.decompose(pm.prune(_shrink_plan(pm, cfg, cfg.kinds)), seq_len=64).cost()
         share = small.flops / pm.cost().flops
         assert 0 < share < 1
         assert smallest_shares(pm, cfg) == pytest.approx((share, small.params / pm.cost().params))
-        _check_reachable(CompressConfig(granularity=gran, min_width=0.25, target_flops=share), pm)
+        _check_reachable(CompressConfig.from_options(granularity=gran, min_width=0.25, target_flops=share), pm)
         with pytest.raises(pz.ParticlizeError, match="target FLOPs"):
-            _check_reachable(CompressConfig(granularity=gran, min_width=0.25, target_flops=share * 0.99), pm)
+            _check_reachable(CompressConfig.from_options(granularity=gran, min_width=0.25, target_flops=share * 0.99), pm)
 
 
 def test_allocation_respects_widths_rounding_and_gqa():
@@ -227,7 +228,7 @@ def test_allocation_respects_widths_rounding_and_gqa():
     pm = pz.decompose(model)
     imp = {g.name: torch.rand(g.size, generator=torch.Generator().manual_seed(i)) for i, g in enumerate(pm.groups)
            if g.kind in ("head", "neuron")}
-    cfg = CompressConfig(round_to=8, min_width=0.25)
+    cfg = AllocationConfig(round_to=8, min_width=0.25)
     remove = allocate(pm, imp, 0.6 * pm.cost().flops, cfg, 16)
     assert remove
     for name, idx in remove.items():
@@ -260,7 +261,7 @@ def test_global_allocation_with_blocks_saves_what_it_was_asked(seed, share, bloc
     gen = torch.Generator().manual_seed(seed)
     imp = {g.name: torch.rand(g.size, generator=gen) * (block_bias if g.kind == "block" else 1.0)
            for g in pm.groups if g.kind in ("head", "neuron", "block")}
-    cfg = CompressConfig(granularity=("heads", "neurons", "blocks"), min_width=0.25)
+    cfg = AllocationConfig(granularity=("heads", "neurons", "blocks"), min_width=0.25)
     total = pm.cost(seq_len=16).flops
     table = pm.table(seq_len=16)
     biggest = float(table.flops.max())
@@ -285,7 +286,7 @@ def test_a_block_that_would_overshoot_the_goal_waits_for_smaller_particles():
     pm = pz.decompose(model)
     imp = {g.name: torch.full((g.size,), 1e-6) if g.kind == "block" else torch.rand(g.size, generator=torch.Generator().manual_seed(0))
            for g in pm.groups if g.kind in ("head", "neuron", "block")}
-    cfg = CompressConfig(granularity=("heads", "neurons", "blocks"), min_width=0.25)
+    cfg = AllocationConfig(granularity=("heads", "neurons", "blocks"), min_width=0.25)
     total = pm.cost(seq_len=16).flops
     block = pm.select("block")[0]
     one_block = total - pm.cost({block.name: [0]}, seq_len=16).flops
@@ -302,10 +303,10 @@ def test_a_block_that_would_overshoot_the_goal_waits_for_smaller_particles():
 def test_minimum_widths_are_shares_of_the_original_model_over_many_rounds(setup, tmp_path):
     """Five rounds of cuts without recovery: no layer goes below min_width of its *original* width (the
     floor of each round used to be a share of the previous round's width, so it shrank geometrically)."""
-    from particlize.loop import smallest_shares
+    from particlize.allocate import smallest_shares
 
     work, model, task, tok = setup
-    least = smallest_shares(pz.decompose(model, seq_len=64), CompressConfig(min_width=0.25))[0]  # every layer at its floor
+    least = smallest_shares(pz.decompose(model, seq_len=64), AllocationConfig(min_width=0.25))[0]  # every layer at its floor
     opts = {**OPTIONS, "target_flops": least, "recover_epochs": 0, "min_quality": 0.0, "max_fraction": 0.3, "min_width": 0.25}
     res = compress(model, task, tokenizer=tok, **opts)
     assert len(res.history) > 2  # several rounds of cuts
@@ -319,7 +320,7 @@ def test_minimum_widths_are_shares_of_the_original_model_over_many_rounds(setup,
 def test_original_sizes_follow_layers_that_moved_up():
     """With a block removed, layer 1 of the student is layer 2 of the teacher: it is measured against it."""
     from conftest import hf_model
-    from particlize.loop import original_sizes
+    from particlize.allocate import original_sizes
 
     model, _ = hf_model("bert")
     pm = pz.decompose(model)
@@ -338,12 +339,12 @@ def test_original_sizes_follow_layers_that_moved_up():
 def test_latency_prices_decide_what_global_allocation_takes_first(setup, tmp_path):
     """Priced by measured time, the kind that saves more milliseconds per particle goes first; a kind
     without a price goes last. ``cost="latency"`` measures the prices once, at round 0, and keeps them."""
-    from particlize.loop import latency_prices
+    from particlize.allocate import latency_prices
 
     work, model, task, tok = setup
     pm = pz.decompose(model)
     imp = {g.name: torch.ones(g.size) for g in pm.groups if g.kind in ("head", "neuron")}
-    cfg = CompressConfig(min_width=0.25)
+    cfg = AllocationConfig(min_width=0.25)
     small = 0.02 * pm.cost(seq_len=16).flops
 
     def kinds_taken(prices):
@@ -395,3 +396,98 @@ def test_reweight_refits_the_cut_readers_and_keeps_the_plan(setup, tmp_path):
     readers = {n for g in plain.history[-1]["removed"] for r in pm[g].readers
                for n in (r.name, r.name.removesuffix("weight") + "bias")}
     assert changed and changed <= readers, changed - readers
+
+
+def _close(a, b):
+    """Equal, floats within 1e-6 (relative), through nested dicts and lists."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, float):
+        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
+    return a == b
+
+
+def test_compress_gives_the_plan_and_metrics_it_gave_before_the_split(setup, tmp_path):
+    """The loop split into allocate / recover / loop cuts the same particles every round and measures the same
+    numbers as before (recorded from main's code in ``loop_fixture.REFERENCE``); a run saved with the old, flat
+    config still resumes."""
+    from particlize.surgery import provenance
+
+    work, model, task, tok = setup
+    res = compress(model, task, tokenizer=tok, out=tmp_path / "run", **OPTIONS)
+    assert res.reason == REFERENCE["reason"]
+    assert provenance(res.model)["plan"] == REFERENCE["plan"]
+    got = [{k: e[k] for k in REFERENCE["history"][0]} for e in res.history]
+    assert _close(got, REFERENCE["history"]), got
+    # history.json as main wrote it: the config flat
+    state = json.loads((tmp_path / "run" / "history.json").read_text())
+    nested = state["config"]
+    flat = {**{k: v for k, v in nested.items() if not isinstance(v, dict)}, **nested["allocation"],
+            "target_flops": nested["target"]["flops"], "target_params": nested["target"]["params"],
+            "target_latency_ms": nested["target"]["latency_ms"], "min_quality": nested["target"]["min_quality"],
+            **{k: v for k, v in nested["recovery"].items() if k not in ("epochs", "final_epochs", "focus")},
+            "recover_epochs": nested["recovery"]["epochs"], "final_recover_epochs": nested["recovery"]["final_epochs"],
+            "recover_focus": nested["recovery"]["focus"]}
+    assert len(flat) == 30  # every field of main's CompressConfig
+    (tmp_path / "run" / "history.json").write_text(json.dumps({**state, "config": flat}))
+    again = compress(model, task, tokenizer=tok, out=tmp_path / "run", resume=True, **OPTIONS)
+    assert again.reason == res.reason and _same_weights(again.model, res.model)
+    with pytest.raises(pz.ParticlizeError, match="other settings"):
+        compress(model, task, tokenizer=tok, out=tmp_path / "run", resume=True, **{**OPTIONS, "min_width": 0.2})
+
+
+def test_compress_takes_a_scorer_and_an_allocator(setup):
+    """A callable scorer decides what the default allocator cuts; a callable allocator decides the plan."""
+    from particlize.surgery import provenance
+
+    work, model, task, tok = setup
+    opts = {**OPTIONS, "recover_epochs": 0, "min_quality": 0.0, "max_rounds": 1, "max_fraction": 0.01}
+    heads = pz.decompose(model).select("head")[0]
+    for chosen in (1, 2):
+        calls = []
+
+        def scorer(pm, batches, kinds):
+            calls.append((len(batches), set(kinds)))
+            imp = {g.name: torch.ones(g.size) for g in pm.groups if g.kind in kinds}
+            imp[heads.name][chosen] = 0.0
+            return imp
+
+        res = compress(model, task, tokenizer=tok, scorer=scorer, **opts)
+        (plan,) = provenance(res.model)["plan"]
+        assert calls == [(4, {"head", "neuron"})]  # 64 calibration examples in batches of 16
+        assert plan == {heads.name: [i for i in range(heads.size) if i != chosen]}
+
+    seen = []
+
+    def allocator(pm, importance, flops_to_remove, cfg, seq_len, prices=None, base_sizes=None):
+        seen.append((cfg.min_width, seq_len, set(importance) == {g.name for g in pm.groups if g.kind in ("head", "neuron")}))
+        return {heads.name: [0, 3]}
+
+    res = compress(model, task, tokenizer=tok, allocator=allocator, scorer="magnitude", **opts)
+    assert seen == [(0.1, 64, True)] and provenance(res.model)["plan"] == [{heads.name: [1, 2]}]
+    assert res.history[1]["removed"] == {heads.name: 2}
+
+
+@pytest.mark.parametrize(
+    "part, match",
+    [
+        (Target(flops=None), "give a target"),
+        (Target(params=1.5), "target_params is the fraction"),
+        (Target(min_quality=2.0), "min_quality is relative"),
+        (AllocationConfig(scorer="guess"), "unknown scorer 'guess'"),
+        (AllocationConfig(allocation="random"), "allocation must be 'global' or 'uniform'"),
+        (AllocationConfig(max_fraction=0.0), "max_fraction must be in"),
+        (RecoveryConfig(epochs=-1), "recover_epochs must be 0 or more"),
+        (RecoveryConfig(focus=(5, 1)), "recover_focus is a window"),
+        (RecoveryConfig(patience=0), "patience counts validations"),
+    ],
+)
+def test_each_config_part_checks_itself(part, match):
+    """Each part of the config checks its own settings, alone and inside a `CompressConfig`."""
+    with pytest.raises(pz.ParticlizeError, match=match):
+        part.check()
+    composed = CompressConfig(**{type(part).__name__.removesuffix("Config").lower(): part})
+    with pytest.raises(pz.ParticlizeError, match=match):
+        composed.check()

@@ -330,22 +330,22 @@ def test_compress_recover_focus_reaches_the_distillation(task, tmp_path, monkeyp
     run); a bad window, or a focus for a task that is not video diffusion, is refused with a clear error."""
     from types import SimpleNamespace
 
-    import particlize.train_sora as ts
+    import particlize.recover.dit as dit
     from particlize.errors import ParticlizeError
     from particlize.loop import compress
     seen: list = []
-    real = ts.distill_dit
+    real = dit.distill_dit
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("focus"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ts, "distill_dit", spy)
+    monkeypatch.setattr(dit, "distill_dit", spy)
     res = compress(_model(), task, target_flops=0.7, min_quality=0.0, recover_epochs=1, batch_size=4, calib_examples=8,
                    recover_focus=(100, 900), out=tmp_path / "c")
     assert seen and all(f == (100, 900) for f in seen)
     assert res.history[-1]["flops_ratio"] <= 0.7 + 1e-9
-    assert json.loads((tmp_path / "c" / "history.json").read_text())["config"]["recover_focus"] == [100, 900]
+    assert json.loads((tmp_path / "c" / "history.json").read_text())["config"]["recovery"]["focus"] == [100, 900]
     with pytest.raises(ParticlizeError, match="recover_focus is a window"):
         compress(_model(), task, recover_focus=(900, 100))
     with pytest.raises(ParticlizeError, match="within the model's diffusion steps 0..999"):
@@ -371,7 +371,7 @@ def test_distilling_a_copy_of_the_teacher_changes_nothing(task):
     fresh rows, sampler-trajectory rows and their unconditional twins alike."""
     import copy
 
-    from particlize.train_sora import distill_dit
+    from particlize.recover.dit import distill_dit
 
     teacher = _model()
     student = copy.deepcopy(teacher)
@@ -388,7 +388,7 @@ def test_guidance_aware_distillation_runs_labelled_rows_twice(task):
     pool's class labels; plain distillation (no guidance, no trajectories) does neither."""
     import copy
 
-    from particlize.train_sora import distill_dit
+    from particlize.recover.dit import distill_dit
 
     teacher = _model()
     student = copy.deepcopy(teacher)
@@ -414,7 +414,7 @@ def test_on_policy_distillation_adds_the_students_own_sampling_states(task):
     teacher still has zero loss; a negative count is refused."""
     import copy
 
-    from particlize.train_sora import distill_dit
+    from particlize.recover.dit import distill_dit
 
     teacher = _model()
     student = copy.deepcopy(teacher)
@@ -451,7 +451,7 @@ def test_focused_distillation_spends_its_share_of_rows_on_the_window(task):
     fresh steps spread over the schedule; a window outside the schedule or between the sampler's steps is refused."""
     import copy
 
-    from particlize.train_sora import distill_dit
+    from particlize.recover.dit import distill_dit
 
     teacher = _model()
     student = copy.deepcopy(teacher)
@@ -477,7 +477,7 @@ def test_distillation_can_end_on_the_moving_average_of_the_weights(task, monkeyp
     optimizer step (as `train_sora` ships); without it, with the last step's weights."""
     import copy
 
-    from particlize.train_sora import distill_dit
+    from particlize.recover.dit import distill_dit
 
     teacher = _model()
     start = copy.deepcopy(teacher)
@@ -513,15 +513,15 @@ def test_distillation_can_end_on_the_moving_average_of_the_weights(task, monkeyp
 
 
 def test_dit_recovery_defaults_come_from_the_shared_tables(task, monkeypatch):
-    """The moving-digits task fills an unset lr / layer-wise weight from ``RECOVER_LR`` /
+    """Recovering on the moving-digits task fills an unset lr / layer-wise weight from ``RECOVER_LR`` /
     ``RECOVER_HIDDEN_WEIGHT`` of kind "video" (3e-4, off); given values pass through."""
-    import particlize.train_sora as TS
-    from particlize.train import RECOVER_HIDDEN_WEIGHT, RECOVER_LR
+    import particlize.recover.dit as dit
+    from particlize.recover import RECOVER_HIDDEN_WEIGHT, RECOVER_LR, RecoveryConfig, recover
 
     seen: list[dict] = []
-    monkeypatch.setattr(TS, "distill_dit", lambda *a, **kw: seen.append(kw) or {})
-    task.recover(None, None)
-    task.recover(None, None, lr=1e-3, hidden_weight=2.0)
+    monkeypatch.setattr(dit, "distill_dit", lambda *a, **kw: seen.append(kw) or {})
+    recover(None, None, task)
+    recover(None, None, task, RecoveryConfig(lr=1e-3, hidden_weight=2.0))
     assert (seen[0]["lr"], seen[0]["hidden_weight"]) == (RECOVER_LR["video"], RECOVER_HIDDEN_WEIGHT["video"]) == (3e-4, 0.0)
     assert (seen[1]["lr"], seen[1]["hidden_weight"]) == (1e-3, 2.0)
 
@@ -530,8 +530,8 @@ def test_layer_distillation_pulls_dit_blocks_to_the_teacher(task):
     """``hidden_weight`` (what ``compress(hidden_weight=...)`` passes to a video DiT's recovery): from the
     same cut, start and seed, the student's block outputs end closer to their teacher blocks than with
     noise-prediction distillation alone, and no hook is left behind on either model."""
-    from particlize.train import _layer_distillation
-    from particlize.train_sora import distill_dit
+    from particlize.recover.dit import distill_dit
+    from particlize.recover.layers import layer_distillation
 
     teacher = _model()
     pm = pz.decompose(teacher)
@@ -545,7 +545,7 @@ def test_layer_distillation_pulls_dit_blocks_to_the_teacher(task):
         student = pm.prune(cut)
         distill_dit(student, teacher, task, steps=12, batch_size=4, lr=3e-3, trajectory_fraction=0.0,
                     hidden_weight=weight)
-        with _layer_distillation(teacher, student) as gap, torch.no_grad():
+        with layer_distillation(teacher, student) as gap, torch.no_grad():
             teacher(xt, t, y), student(xt, t, y)
             gaps[weight] = float(gap(None))
         assert all(not m._forward_hooks for m in student.modules())

@@ -405,9 +405,10 @@ def test_real_fashion_mnist() -> None:
 
 
 def test_recovery_defaults_follow_the_tasks_kind(csv3: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``Task.recover`` (what compress calls) fills an unset learning rate and layer-wise weight from
-    ``RECOVER_LR`` / ``RECOVER_HIDDEN_WEIGHT`` of the task's kind; values it is given pass through."""
-    import particlize.train as T
+    """`particlize.recover.recover` (what compress calls) fills an unset learning rate and layer-wise weight
+    from ``RECOVER_LR`` / ``RECOVER_HIDDEN_WEIGHT`` of the task's kind; values it is given pass through."""
+    import particlize.recover.classifier as C
+    from particlize.recover import RECOVER_HIDDEN_WEIGHT, RECOVER_LR, RecoveryConfig, recover
 
     seen: list[dict] = []
 
@@ -415,12 +416,28 @@ def test_recovery_defaults_follow_the_tasks_kind(csv3: Path, monkeypatch: pytest
         seen.append(kw)
         return {"epochs_run": 1.0, "steps": 1, "best_epoch": 1, "epochs": [{}], "seconds": 0.0}
 
-    monkeypatch.setattr(T, "train_classifier", fake)
+    monkeypatch.setattr(C, "train_classifier", fake)
     task = get_task("text-csv", path=csv3)
-    task.recover(None, None)
-    task.recover(None, None, lr=1e-3, hidden_weight=0.0)
-    assert (seen[0]["lr"], seen[0]["hidden_weight"]) == (T.RECOVER_LR["text"], T.RECOVER_HIDDEN_WEIGHT["text"]) == (1.5e-4, 5.0)
+    recover(None, None, task)
+    recover(None, None, task, RecoveryConfig(lr=1e-3, hidden_weight=0.0))
+    assert (seen[0]["lr"], seen[0]["hidden_weight"]) == (RECOVER_LR["text"], RECOVER_HIDDEN_WEIGHT["text"]) == (1.5e-4, 5.0)
     assert (seen[1]["lr"], seen[1]["hidden_weight"]) == (1e-3, 0.0)
     task.kind = "image"
-    task.recover(None, None)
+    recover(None, None, task)
     assert (seen[2]["lr"], seen[2]["hidden_weight"]) == (1e-3, 0.0)
+
+
+def test_tasks_know_data_not_training() -> None:
+    """The tasks package imports no training, recovery, surgery or loop code (recovery dispatches on the task)."""
+    import ast
+
+    import particlize.tasks as T
+
+    banned = {"train", "train_sora", "recover", "surgery", "loop", "allocate"}
+    for f in Path(T.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level >= 2:
+                assert (node.module or "").split(".")[0] not in banned, (f.name, node.module)
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                assert not any(n.startswith("particlize.") and n.split(".")[1] in banned for n in names), (f.name, names)

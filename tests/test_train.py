@@ -17,7 +17,8 @@ from particlize import ParticlizeError
 from particlize.models.text import TextClassifier
 from particlize.models.vision import SimpleCNN
 from particlize.tasks import get_task
-from particlize.train import fine_tune, train_classifier
+from particlize.recover import train_classifier
+from particlize.train import fine_tune
 from test_tasks import tiny_tokenizer, write_csv, write_fashion
 
 NEUTRAL = ["the", "a", "movie", "film", "plot", "actor", "very", "quite"]
@@ -291,7 +292,7 @@ def test_block_correspondence_follows_the_plans(tok) -> None:
 def test_layer_distillation_pulls_block_outputs_to_the_teacher(sentiment_csv: Path, tok) -> None:
     """With ``hidden_weight`` the pruned student's blocks end closer to their teacher blocks (padding
     excluded) than with output distillation alone, from the same start and seed."""
-    from particlize.train import _layer_distillation
+    from particlize.recover.layers import layer_distillation
 
     task = get_task("text-csv", path=sentiment_csv)
     teacher = _model(tok)
@@ -304,7 +305,7 @@ def test_layer_distillation_pulls_block_outputs_to_the_teacher(sentiment_csv: Pa
         student = pm.prune(cut)
         train_classifier(student, task, tokenizer=tok, epochs=1, lr=1e-3, batch_size=16, seed=0, teacher=teacher,
                          hidden_weight=weight)
-        with _layer_distillation(teacher, student) as gap, torch.no_grad():
+        with layer_distillation(teacher, student) as gap, torch.no_grad():
             teacher(**inputs), student(**inputs)
             gaps[weight] = float(gap(inputs))
         assert not student._forward_hooks and all(not m._forward_hooks for m in student.modules())

@@ -16,8 +16,11 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
                            TimeRemainingColumn)
 from rich.table import Table
 
+from .allocate import SCORERS, AllocationConfig
 from .analysis.registry import help_text as scorer_help
 from .errors import ParticlizeError
+from .loop import Target
+from .recover import RecoveryConfig
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -31,11 +34,24 @@ MAX_LENGTH = typer.Option(64, "--max-length", min=1, help="tokens per text (long
 SEED = typer.Option(0, "--seed", help="random seed (data order, sampling)")
 TEXT_COLUMN = typer.Option("text", "--text-column", help="--task text-csv: column holding the text")
 LABEL_COLUMN = typer.Option("label", "--label-column", help="--task text-csv: column holding the label")
-SCORER = typer.Option("fisher", "--scorer", help="fisher, taylor, taylor-example, ablation, magnitude, activation")
-MIN_WIDTH = typer.Option(0.1, "--min-width", min=0.0, max=1.0,
+# the compress settings' options: defaults read from the config parts (particlize.loop.Target,
+# particlize.allocate.AllocationConfig, particlize.recover.RecoveryConfig), shared by compress and sweep
+_A, _R, _T = AllocationConfig(), RecoveryConfig(), Target()
+SCORER = typer.Option(_A.scorer, "--scorer", help=", ".join(SCORERS))
+MIN_WIDTH = typer.Option(_A.min_width, "--min-width", min=0.0, max=1.0,
                          help="smallest share of each layer's original heads / neurons / channels kept")
-RECOVER_LR = typer.Option(None, "--lr", help="recovery learning rate (default 1.5e-4 text / 1e-3 images / 3e-4 video DiTs)")
-
+RECOVER_EPOCHS = typer.Option(float(_R.epochs), "--recover-epochs", min=0.0,
+                              help="recovery passes over the training data per round (fractional: part of a pass)")
+FINAL_RECOVER_EPOCHS = typer.Option(float(_R.final_epochs), "--final-recover-epochs", min=0.0,
+                                    help="more recovery passes after the last round, in chunks of --recover-epochs (warm restarts, checkpointed)")
+RECOVER_LR = typer.Option(_R.lr, "--lr", help="recovery learning rate (default 1.5e-4 text / 1e-3 images / 3e-4 video DiTs)")
+HIDDEN_WEIGHT = typer.Option(_R.hidden_weight, "--hidden-weight", min=0.0,
+                             help="layer-wise distillation: weight of each block's output MSE to the original's (default 5 for text classifiers, 0 otherwise)")
+VAL_EVERY = typer.Option(_R.val_every, "--val-every", min=0.0, max=1.0,
+                         help="validate every this fraction of an epoch during recovery (e.g. 0.1), so early stopping (--patience) can act part-way")
+PATIENCE = typer.Option(_R.patience, "--patience", min=1, help="recovery stops after this many validations without a better one")
+RECOVER_FOCUS = typer.Option(_R.focus, "--recover-focus", metavar="LO HI",
+                             help="video diffusion: spend half of each recovery batch at diffusion steps LO..HI (sora-tiny: 490 795)")
 
 @app.callback()
 def _root() -> None:
@@ -262,25 +278,21 @@ def compress(
     target_latency_ms: Optional[float] = typer.Option(None, "--target-latency-ms", help="measured latency to reach (CPU, batch 32 × 64)"),
     granularity: str = typer.Option("heads,neurons", "--granularity", help="comma list of heads, neurons, channels, units, blocks, or all"),
     scorer: str = SCORER,
-    allocation: str = typer.Option("global", "--allocation", help="global (by importance per FLOP) or uniform per layer"),
-    cost: str = typer.Option("flops", "--cost", help="price of a particle in global allocation: flops, or latency (measured per kind on this machine)"),
-    min_quality: float = typer.Option(0.99, "--min-quality", help="floor: fraction of the dense model's validation quality (accuracy; 1/eps-MSE for video diffusion)"),
-    max_fraction: float = typer.Option(1 / 3, "--max-fraction", help="most of the remaining FLOPs removed per round",
+    allocation: str = typer.Option(_A.allocation, "--allocation", help="global (by importance per FLOP) or uniform per layer"),
+    cost: str = typer.Option(_A.cost, "--cost", help="price of a particle in global allocation: flops, or latency (measured per kind on this machine)"),
+    min_quality: float = typer.Option(_T.min_quality, "--min-quality", help="floor: fraction of the dense model's validation quality (accuracy; 1/eps-MSE for video diffusion)"),
+    max_fraction: float = typer.Option(_A.max_fraction, "--max-fraction", help="most of the remaining FLOPs removed per round",
                                        show_default="1/3"),
-    recover_epochs: float = typer.Option(1.0, "--recover-epochs", min=0.0, help="recovery passes over the training data per round (fractional: part of a pass)"),
-    final_recover_epochs: float = typer.Option(0.0, "--final-recover-epochs", min=0.0,
-                                               help="more recovery passes after the last round, in chunks of --recover-epochs (warm restarts, checkpointed)"),
-    hidden_weight: Optional[float] = typer.Option(None, "--hidden-weight", min=0.0,
-                                                  help="layer-wise distillation: weight of each block's output MSE to the original's (default 5 for text classifiers, 0 otherwise)"),
-    val_every: Optional[float] = typer.Option(None, "--val-every", min=0.0, max=1.0,
-                                              help="validate every this fraction of an epoch during recovery (e.g. 0.1), so early stopping (--patience) can act part-way"),
-    patience: int = typer.Option(1, "--patience", min=1, help="recovery stops after this many validations without a better one"),
-    recover_focus: Optional[tuple[int, int]] = typer.Option(None, "--recover-focus", metavar="LO HI",
-                                                         help="video diffusion: spend half of each recovery batch at diffusion steps LO..HI (sora-tiny: 490 795)"),
-    reweight: bool = typer.Option(False, "--reweight/--no-reweight",
+    recover_epochs: float = RECOVER_EPOCHS,
+    final_recover_epochs: float = FINAL_RECOVER_EPOCHS,
+    hidden_weight: Optional[float] = HIDDEN_WEIGHT,
+    val_every: Optional[float] = VAL_EVERY,
+    patience: int = PATIENCE,
+    recover_focus: Optional[tuple[int, int]] = RECOVER_FOCUS,
+    reweight: bool = typer.Option(_A.reweight, "--reweight/--no-reweight",
                                   help="refit the kept particles' reader weights by least squares on the calibration data after each cut"),
     min_width: float = MIN_WIDTH,
-    round_to: Optional[int] = typer.Option(None, "--round-to", min=1, help="keep each layer's width a multiple of this many features (a head is head_dim features wide)"),
+    round_to: Optional[int] = typer.Option(_A.round_to, "--round-to", min=1, help="keep each layer's width a multiple of this many features (a head is head_dim features wide)"),
     lr: Optional[float] = RECOVER_LR,
     batch_size: int = BATCH_SIZE,
     max_length: int = MAX_LENGTH,
@@ -304,12 +316,13 @@ def compress(
     if target_flops is None and target_params is None and target_latency_ms is None:
         target_flops = 0.5
     cfg = CompressConfig(
-        target_flops=target_flops, target_params=target_params, target_latency_ms=target_latency_ms,
-        granularity=tuple(g.strip() for g in granularity.split(",") if g.strip()), scorer=scorer, allocation=allocation,
-        cost=cost, min_quality=min_quality, max_fraction=max_fraction, recover_epochs=recover_epochs,
-        final_recover_epochs=final_recover_epochs, min_width=min_width, round_to=round_to, lr=lr,
-        hidden_weight=hidden_weight, val_every=val_every, patience=patience, recover_focus=recover_focus, reweight=reweight, batch_size=batch_size, max_length=max_length, limit=limit, seed=seed,
-        quantize=quantize,
+        target=Target(flops=target_flops, params=target_params, latency_ms=target_latency_ms, min_quality=min_quality),
+        allocation=AllocationConfig(granularity=tuple(g.strip() for g in granularity.split(",") if g.strip()),
+                                    scorer=scorer, allocation=allocation, cost=cost, max_fraction=max_fraction,
+                                    min_width=min_width, round_to=round_to, reweight=reweight),
+        recovery=RecoveryConfig(epochs=recover_epochs, final_epochs=final_recover_epochs, lr=lr, hidden_weight=hidden_weight,
+                                val_every=val_every, patience=patience, focus=recover_focus),
+        batch_size=batch_size, max_length=max_length, limit=limit, seed=seed, quantize=quantize,
     )
     cfg.check()
     t = _task(task, data, text_column, label_column)
@@ -357,7 +370,7 @@ def sweep(
     flops: list[str] = typer.Option(["0.9,0.7,0.5,0.3"], "--flops",
                                     help="FLOPs targets (repeat or comma list); a target a granularity cannot reach alone "
                                          "runs to the smallest model it allows"),
-    recover_epochs: float = typer.Option(1.0, "--recover-epochs", min=0.0, help="recovery passes over the training data per round (fractional: part of a pass)"),
+    recover_epochs: float = RECOVER_EPOCHS,
     scorer: str = SCORER,
     min_quality: float = typer.Option(0.0, "--min-quality", help="floor (default 0: reach every target)"),
     min_width: float = MIN_WIDTH,

@@ -14,7 +14,8 @@ from torch import nn
 from .adapters import decompose
 from .errors import ParticlizeError
 from .io import write_folder_atomically
-from .loop import GRANULARITIES, CompressConfig, compress, smallest_shares
+from .allocate import GRANULARITIES, smallest_shares
+from .loop import CompressConfig, compress
 from .tasks import Task
 
 Progress = Callable[[str, dict[str, Any]], None]
@@ -45,7 +46,7 @@ def sweep(
     if out.exists() and any(out.iterdir()) and not force:
         raise ParticlizeError(f"{out} already exists and is not empty; pass --force to replace it")
     emit = progress or (lambda e, i: None)
-    base = CompressConfig(**{**options, "target_flops": flops[0], "granularity": tuple(granularities)})
+    base = CompressConfig.from_options(**{**options, "target_flops": flops[0], "granularity": tuple(granularities)})
     base.check()
     pm = decompose(model, seq_len=base.max_length)
     rows = []
@@ -53,15 +54,15 @@ def sweep(
         # run target -> (row, why it stopped): the targets below the smallest model share one run
         done: dict[float, tuple[dict[str, Any], str]] = {}
         for f in sorted(flops, reverse=True):
-            cfg = CompressConfig(**{**options, "target_flops": f, "granularity": (g,)})
-            least = smallest_shares(pm, cfg)[0]
+            cfg = CompressConfig.from_options(**{**options, "target_flops": f, "granularity": (g,)})
+            least = smallest_shares(pm, cfg.allocation)[0]
             note = ""
             if f < least < 1:  # below what this granularity can reach: run to the smallest model it allows
-                cfg.target_flops = least
-                note = f"ran to {least:.3f} of the FLOPs instead, the least removing {g} allows (min_width {cfg.min_width:g}): "
-            emit("run", {"granularity": g, "target": f, "runs_to": cfg.target_flops})
-            if cfg.target_flops in done:
-                row, why = done[cfg.target_flops]
+                cfg.target.flops = least
+                note = f"ran to {least:.3f} of the FLOPs instead, the least removing {g} allows (min_width {cfg.allocation.min_width:g}): "
+            emit("run", {"granularity": g, "target": f, "runs_to": cfg.target.flops})
+            if cfg.target.flops in done:
+                row, why = done[cfg.target.flops]
                 rows.append({**row, "target_flops": f, "reached": row["flops_ratio"] <= f + 1e-9, "reason": note + why})
                 continue
             try:
@@ -77,10 +78,10 @@ def sweep(
                 "latency_ms": last["latency_ms"], "dense_latency_ms": first["latency_ms"],
                 "val_quality": last["quality"], "test_quality": test["quality"],
                 **({"val_accuracy": last["val_accuracy"], "test_accuracy": test["accuracy"]} if "accuracy" in test else {}),
-                "rounds": last["round"], "reached": last["flops_ratio"] <= f + 1e-9, "runs_to": cfg.target_flops,
+                "rounds": last["round"], "reached": last["flops_ratio"] <= f + 1e-9, "runs_to": cfg.target.flops,
                 "reason": note + res.reason,
             })
-            done[cfg.target_flops] = rows[-1], res.reason
+            done[cfg.target.flops] = rows[-1], res.reason
     df = pd.DataFrame(rows)
 
     def fill(tmp: Path) -> None:

@@ -270,30 +270,6 @@ class Task:
         return self.batches("train", tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
                             limit=limit, shuffle=True, seed=seed)
 
-    def recover(
-        self, student: nn.Module, teacher: nn.Module, tokenizer: Any = None, *, epochs: float = 1,
-        lr: float | None = None, batch_size: int = 32, max_length: int | None = 64, seed: int = 0,
-        limit: int | None = None, kd_alpha: float = 0.5, temperature: float = 2.0, hidden_weight: float | None = None,
-        val_every: float | None = None, patience: int = 1, progress: Callable[[int, int, dict], None] | None = None,
-    ) -> dict[str, Any]:
-        """Fine-tune a pruned ``student`` in place by distillation from ``teacher`` (KL on the outputs
-        plus the task loss, and with ``hidden_weight`` the blocks' outputs too), with early stopping on
-        validation accuracy (checked each epoch, or every ``val_every`` of an epoch: it stops after
-        ``patience`` validations without a better one, keeping the best weights); a summary of the run.
-        ``lr`` and ``hidden_weight`` default to `particlize.train.RECOVER_LR` / ``RECOVER_HIDDEN_WEIGHT`` of
-        the task's kind (text: 1.5e-4 and 5, chosen by measurement; images: 1e-3 and 0)."""
-        from ..train import recovery_settings, train_classifier
-
-        lr, hidden_weight = recovery_settings(self.kind, lr, hidden_weight)
-
-        hist = train_classifier(student, self, tokenizer=tokenizer, epochs=epochs, lr=lr, batch_size=batch_size,
-                                max_length=max_length, seed=seed, limit=limit, teacher=teacher, kd_alpha=kd_alpha,
-                                temperature=temperature, hidden_weight=hidden_weight, patience=patience, val_every=val_every,
-                                progress=progress)
-        # passes run (early stopping may end sooner), a fraction of one for a fractional budget
-        return {"epochs": round(hist["epochs_run"], 4), "steps": hist["steps"], "best_epoch": hist["best_epoch"],
-                "validations": len(hist["epochs"]), "seconds": hist["seconds"]}
-
     def latency_inputs(self, tokenizer: Any = None, batch: int = 32, seq: int = 64) -> Inputs:
         """A fixed-shape batch to time a forward on: text padded to ``seq`` tokens (real sentences),
         images as they are."""

@@ -15,7 +15,6 @@ Metrics for video diffusion models (`particlize.models.sora`):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..io import load
+from ..models.vision import SimpleCNN
 from .base import SPLITS, Task, model_device, stratified_split
 
 TWO_DIGITS = 10  # label of a two-digit video
@@ -86,7 +87,7 @@ class MovingDigitsTask(Task):
     ``split(name)`` gives ``(videos float [N, 1, T, H, W] in [0, 1], labels LongTensor[N])``;
     `stream` draws an endless seeded sequence of fresh training batches in ``[-1, 1]`` (what diffusion
     training wants); `frames` gives labelled single frames for the frame classifier.
-    ``distill_options`` are passed on to `particlize.train_sora.distill_dit` by `recover` (e.g.
+    ``distill_options`` are passed on to `particlize.recover.dit.distill_dit` by the recovery (e.g.
     ``{"guidance": None, "trajectory_fraction": 0.0}`` for plain noise-prediction distillation).
     """
 
@@ -156,24 +157,6 @@ class MovingDigitsTask(Task):
         xt = model.diffusion.add_noise(x0, t, noise)
         return [({"x": xt[i:i + batch_size], "t": t[i:i + batch_size], "y": y[i:i + batch_size]}, noise[i:i + batch_size])
                 for i in range(0, len(y), batch_size)]
-
-    def recover(self, student: nn.Module, teacher: nn.Module, tokenizer: Any = None, *, epochs: float = 1,
-                lr: float | None = None, batch_size: int = 32, seed: int = 0, kd_alpha: float = 0.5,
-                hidden_weight: float | None = None, focus: tuple[int, int] | None = None, progress: Any = None,
-                **_: Any) -> dict[str, Any]:
-        """Distil the pruned denoiser from the original: ``epochs`` passes' worth of training videos,
-        guidance-aware and partly on the original's sampling trajectories (`particlize.train_sora.distill_dit`,
-        with ``distill_options``); ``hidden_weight`` adds layer-wise distillation of the blocks' outputs and
-        ``focus=(lo, hi)`` spends half of every batch at those diffusion steps (distill_dit's ``focus``). Unset
-        ``lr`` / ``hidden_weight`` come from `particlize.train.RECOVER_LR` / ``RECOVER_HIDDEN_WEIGHT`` (3e-4, 0)."""
-        from ..train import recovery_settings
-        from ..train_sora import distill_dit
-
-        lr, hidden_weight = recovery_settings(self.kind, lr, hidden_weight)
-        steps = max(1, math.ceil(epochs * -(-self.sizes()["train"] // batch_size)))
-        return distill_dit(student, teacher, self, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-                           alpha=kd_alpha, progress=progress,
-                           **{"hidden_weight": hidden_weight, "focus": focus, **self.distill_options})
 
     def latency_inputs(self, tokenizer: Any = None, batch: int = 32, seq: int = 64) -> dict[str, torch.Tensor]:
         """One classifier-free-guided sampling step for ``batch`` videos (``2 * batch`` rows)."""
@@ -312,8 +295,6 @@ def temporal_consistency(videos: torch.Tensor) -> float:
 def train_frame_classifier(task: MovingDigitsTask | None = None, steps: int = 600, batch_size: int = 64,
                            seed: int = 0) -> tuple[nn.Module, float]:
     """A small CNN (`SimpleCNN`) recognising the digit in one 32x32 frame; returns it and its test accuracy."""
-    from ..models.vision import SimpleCNN
-
     task = task or moving_digits(seed=seed, n_train=10, n_eval=10)
     torch.manual_seed(seed)
     model = SimpleCNN(num_classes=10, in_channels=1, widths=(32, 64, 64))
@@ -338,8 +319,6 @@ def train_frame_classifier(task: MovingDigitsTask | None = None, steps: int = 60
 
 def load_frame_classifier() -> nn.Module:
     """The shipped frame classifier (``particlize/models/weights/frame-classifier``)."""
-    from ..io import load
-
     return load("frame-classifier")
 
 

@@ -1,0 +1,379 @@
+"""Allocation: targets and scores → which particles to remove.
+
+A *scorer* gives every particle a non-negative importance (`Scorer`; the named ones in `SCORERS` run
+`particlize.analyze`); an *allocator* turns importances and a FLOPs goal into a removal plan ``{group:
+[indices]}`` (`Allocator`; `allocate` is the default: `allocate_global` or `allocate_uniform` as the
+`AllocationConfig` says). Both are arguments of `particlize.loop.compress`, so an experiment swaps one in
+instead of patching the loop. Minimum widths (``min_width`` of each layer's original width), ``round_to``
+and grouped-query balance are kept by every plan `allocate` makes.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from .adapters import decompose
+from .analysis import analyze
+from .errors import ParticlizeError
+from .measure import measure_latency
+from .particles import ParticleGroup, ParticleMap
+from .surgery import block_correspondence
+
+GRANULARITIES = {"heads": "head", "neurons": "neuron", "channels": "channel", "units": "unit", "blocks": "block"}
+
+
+@dataclass
+class AllocationConfig:
+    """What may be removed and how it is chosen: particle kinds, scorer, allocation rule and its limits."""
+
+    granularity: tuple[str, ...] = ("heads", "neurons")
+    scorer: str = "fisher"  # chosen by measurement: benchmarks/scorer_oneshot.py, RESULTS.md
+    allocation: str = "global"
+    cost: str = "flops"  # what global allocation prices particles by: "flops" or measured "latency"
+    max_fraction: float = 1 / 3
+    min_width: float = 0.1
+    round_to: int | None = None  # kept widths in features (heads count head_dim each) are multiples of this
+    reweight: bool = False  # refit the cut readers by least squares on the calibration data before recovery
+
+    def check(self) -> None:
+        """Raise `ParticlizeError` for a setting out of range, naming what to use instead."""
+        bad = [g for g in self.granularity if g not in GRANULARITIES and g != "all"]
+        if bad:
+            raise ParticlizeError(f"unknown granularity {bad}; use {', '.join(GRANULARITIES)} or all")
+        if not 0.0 <= self.min_width <= 1.0:
+            raise ParticlizeError(f"min_width is the share of each layer's original width kept at least: in [0, 1], got {self.min_width}")
+        if self.round_to is not None and self.round_to < 1:
+            raise ParticlizeError(f"round_to must be a positive number of features, got {self.round_to}")
+        if not 0.0 < self.max_fraction <= 1.0:
+            raise ParticlizeError(f"max_fraction must be in (0, 1], got {self.max_fraction}")
+        if self.scorer not in SCORERS:
+            raise ParticlizeError(f"unknown scorer {self.scorer!r}; use one of {', '.join(SCORERS)}")
+        if self.allocation not in ("global", "uniform"):
+            raise ParticlizeError(f"allocation must be 'global' or 'uniform', got {self.allocation!r}")
+        if self.cost not in ("flops", "latency"):
+            raise ParticlizeError(f"cost must be 'flops' or 'latency', got {self.cost!r}")
+
+    @property
+    def kinds(self) -> set[str]:
+        """The particle kinds ``granularity`` names (``"all"``: every kind)."""
+        if "all" in self.granularity:
+            return set(GRANULARITIES.values())
+        return {GRANULARITIES[g] for g in self.granularity}
+
+
+#: ``(pm, calibration batches, kinds) -> {group name: importance per particle}`` (non-negative, low goes first)
+Scorer = Callable[[ParticleMap, list, set[str]], dict[str, torch.Tensor]]
+
+
+class Allocator(Protocol):
+    """``(pm, importance, flops_to_remove, cfg, seq_len, prices, base_sizes) -> {group: indices to remove}``.
+
+    ``importance`` is the scorer's output; ``prices`` (None: FLOPs) the measured milliseconds one particle of
+    each kind saves (`latency_prices`); ``base_sizes`` each group's width in the original model (floors are
+    shares of it). The plan must be physically valid for ``pm.prune``."""
+
+    def __call__(self, pm: ParticleMap, importance: dict[str, torch.Tensor], flops_to_remove: float,
+                 cfg: AllocationConfig, seq_len: int, prices: dict[str, float] | None = None,
+                 base_sizes: dict[str, int] | None = None) -> dict[str, list[int]]: ...
+
+
+# ---- scoring (one unit: the scorer registry in analysis/ can replace it) ---------------------------
+
+
+SCORERS = ("taylor", "taylor-example", "fisher", "ablation", "magnitude", "activation")
+
+
+def _importance(pm: ParticleMap, batches: list, scorer: str, kinds: set[str]) -> dict[str, torch.Tensor]:
+    """Non-negative importance per particle. ``taylor``: |mean first-order effect| over the calibration
+    examples (Molchanov et al.'s aggregated Taylor criterion); ``taylor-example``: mean of the per-example
+    |effect|; ``ablation``: |exact mean effect|; the others as `particlize.analyze` computes them."""
+    groups = [g.name for g in pm.groups if g.kind in kinds]
+    method = {"taylor-example": "taylor"}.get(scorer, scorer)
+    if scorer == "taylor-example":
+        df = analyze(pm, batches, method, "loss", by="example", groups=groups, table=False)
+        per = df.assign(score=df.score.abs()).groupby(["group", "index"]).score.mean()
+    else:
+        data = None if method == "magnitude" else batches
+        df = analyze(pm, data, method, "loss", groups=groups, table=False)
+        per = df.set_index(["group", "index"]).score.abs()
+    return {name: torch.tensor(per.loc[name].sort_index().to_numpy()) for name in groups}
+
+
+def named_scorer(name: str) -> Scorer:
+    """The `Scorer` registered as ``name`` (one of `SCORERS`)."""
+    if name not in SCORERS:
+        raise ParticlizeError(f"unknown scorer {name!r}; use one of {', '.join(SCORERS)} or pass a callable")
+
+    def score(pm: ParticleMap, batches: list, kinds: set[str]) -> dict[str, torch.Tensor]:
+        return _importance(pm, batches, name, kinds)
+
+    score.__name__ = score.__qualname__ = name
+    return score
+
+
+# ---- allocation -------------------------------------------------------------------------------------
+
+
+def _keep_step(g: ParticleGroup, cfg: AllocationConfig) -> int:
+    """The kept count of ``g`` must be a multiple of this: its grouped-query balance, and ``round_to`` applied
+    to the *features* the particles span (a head is ``head_dim`` wide, so 32-dim heads meet any ``round_to``
+    dividing 32 at every count; a neuron is one feature wide)."""
+    if g.kind == "block":
+        return 1
+    if not cfg.round_to:
+        return g.balanced
+    slices = g.readers or g.writers
+    w = slices[0].width if slices else 1
+    return math.lcm(g.balanced, cfg.round_to // math.gcd(cfg.round_to, w))
+
+
+def _keep_floor(g: ParticleGroup, cfg: AllocationConfig, base: int | None = None) -> int:
+    """The fewest particles ``g`` may keep: ``min_width`` of its original width ``base`` (default: its
+    width now), rounded up to a legal count (one block: none)."""
+    if g.kind == "block":
+        return 1
+    return _legal_keep(max(1, math.ceil(cfg.min_width * (base or g.size))), g, cfg)
+
+
+def original_sizes(teacher: nn.Module, current: nn.Module, pm: ParticleMap, teacher_pm: ParticleMap | None = None) -> dict[str, int]:
+    """``{group of pm: its width in teacher}`` for a ``current`` model pruned from ``teacher`` (through the
+    plans both carry: a layer that moved up when blocks before it were removed is matched to where it
+    came from), so minimum widths stay shares of the original model over many rounds, not of the last one."""
+    tpm = teacher_pm or decompose(teacher)
+    moved = sorted(block_correspondence(teacher, current), key=lambda p: -len(p[1]))
+    sizes = {}
+    for g in pm.groups:
+        name = g.name
+        for t_path, s_path in moved:
+            if name.startswith(s_path + "."):
+                name = t_path + name[len(s_path):]
+                break
+        sizes[g.name] = tpm[name].size if name in tpm else g.size
+    return sizes
+
+
+def _legal_keep(n_keep: int, g: ParticleGroup, cfg: AllocationConfig) -> int:
+    """Round a kept count up to what the hardware rounding and grouped-query balance allow."""
+    if n_keep >= g.size:
+        return g.size
+    step = _keep_step(g, cfg)
+    return min(g.size, math.ceil(n_keep / step) * step)
+
+
+def allocate(
+    pm: ParticleMap,
+    importance: dict[str, torch.Tensor],
+    flops_to_remove: float,
+    cfg: AllocationConfig,
+    seq_len: int,
+    prices: dict[str, float] | None = None,
+    base_sizes: dict[str, int] | None = None,
+) -> dict[str, list[int]]:
+    """The default `Allocator`: `allocate_global` or `allocate_uniform` as ``cfg.allocation`` says."""
+    return _allocate(pm, importance, flops_to_remove, cfg, seq_len, prices, base_sizes, cfg.allocation)
+
+
+def allocate_global(
+    pm: ParticleMap, importance: dict[str, torch.Tensor], flops_to_remove: float, cfg: AllocationConfig, seq_len: int,
+    prices: dict[str, float] | None = None, base_sizes: dict[str, int] | None = None,
+) -> dict[str, list[int]]:
+    """An `Allocator`: the lowest importance per unit of price anywhere in the model first (see `_allocate`)."""
+    return _allocate(pm, importance, flops_to_remove, cfg, seq_len, prices, base_sizes, "global")
+
+
+def allocate_uniform(
+    pm: ParticleMap, importance: dict[str, torch.Tensor], flops_to_remove: float, cfg: AllocationConfig, seq_len: int,
+    prices: dict[str, float] | None = None, base_sizes: dict[str, int] | None = None,
+) -> dict[str, list[int]]:
+    """An `Allocator`: the same fraction of every layer's group, its least important particles (see `_allocate`)."""
+    return _allocate(pm, importance, flops_to_remove, cfg, seq_len, prices, base_sizes, "uniform")
+
+
+def _allocate(
+    pm: ParticleMap, importance: dict[str, torch.Tensor], flops_to_remove: float, cfg: AllocationConfig, seq_len: int,
+    prices: dict[str, float] | None, base_sizes: dict[str, int] | None, mode: str,
+) -> dict[str, list[int]]:
+    """Choose particles to remove until ``flops_to_remove`` is saved: ``global`` allocation takes the
+    lowest importance per unit of price anywhere (price = the particle's FLOPs, or with ``prices`` the
+    measured milliseconds one particle of its kind saves, `latency_prices`); ``uniform`` removes the
+    same fraction of every layer's group, each time the least important particles of the group.
+
+    Per group at most ``size - floor`` particles go (``min_width`` of the group's width in ``base_sizes``,
+    the original model's, or else of its width now, rounded for
+    ``round_to`` and grouped-query balance); kept counts are rounded up to legal widths afterwards,
+    and when that rounding leaves the plan short of ``flops_to_remove`` (by `ParticleMap.cost`), the
+    shortfall is asked for again, so one round still reaches its goal when the widths allow it.
+    A removed block takes everything inside it along; a block that would overshoot the goal by more than
+    1% of the prunable FLOPs waits until nothing smaller down the ranking can meet it (asked for 25%, a
+    model is not cut to 19% because its cheapest particle was a sixth of it).
+    """
+    table = pm.table(seq_len=seq_len).set_index(["group", "index"])
+    before = pm.cost(seq_len=seq_len).flops
+    goal, remove = flops_to_remove, {}
+    for _ in range(8):
+        remove = _allocate_once(pm, importance, goal, cfg, table, prices, base_sizes, mode)
+        short = flops_to_remove - (before - pm.cost(remove, seq_len=seq_len).flops)
+        if short <= 1e-9 * before:
+            break
+        goal += short
+    return remove
+
+
+def _allocate_once(
+    pm: ParticleMap, importance: dict[str, torch.Tensor], flops_to_remove: float, cfg: AllocationConfig, table: Any,
+    prices: dict[str, float] | None = None, base_sizes: dict[str, int] | None = None, mode: str = "global",
+) -> dict[str, list[int]]:
+    costs = {name: table.loc[name].sort_index().flops.to_numpy() for name in importance}
+
+    def price(name: str, i: int) -> float:
+        return float(costs[name][i]) if prices is None else prices.get(pm[name].kind, 0.0)  # unpriced: last
+
+    floors = {n: _keep_floor(pm[n], cfg, (base_sizes or {}).get(n)) for n in importance}
+
+    def floor_of(g: ParticleGroup) -> int:
+        return floors[g.name]
+
+    counts: dict[str, int] = {}
+    if mode == "uniform":  # the same fraction of every (non-block) group, like per-layer pruning
+        layered = [n for n in importance if pm[n].kind != "block"]
+        total = sum(float(costs[n].sum()) for n in layered)
+        frac = min(1.0, flops_to_remove / total) if total else 0.0
+        for n in layered:
+            g = pm[n]
+            counts[n] = min(g.size - floor_of(g), round(frac * g.size))
+    else:  # global: cheapest importance per FLOP first, anywhere in the model
+        cand = sorted((float(importance[n][i]) / max(price(n, i), 1e-12), n, i)
+                      for n in importance for i in range(pm[n].size))
+        owner = _block_owners(pm, importance)
+        counted: dict[str, float] = {}  # FLOPs already counted as saved, per group
+        dead: set[tuple[str, int]] = set()
+        saved = 0.0
+        # a block far past the goal waits: smaller particles further down the ranking may meet it closely
+        tolerance = 0.01 * sum(float(costs[n].sum()) for n in importance if pm[n].kind != "block")
+        waiting: list[tuple[str, int]] = []
+
+        def gain_of(name: str, i: int) -> float | None:
+            g = pm[name]
+            if owner.get(name) in dead or g.size - counts.get(name, 0) - 1 < floor_of(g):
+                return None
+            gain = float(costs[name][i])
+            if g.kind == "block":  # it takes what is inside along: count only what is not counted yet
+                gain -= sum(v for n, v in counted.items() if owner.get(n) == (name, i))
+            return gain
+
+        def take(name: str, i: int, gain: float) -> None:
+            nonlocal saved
+            if pm[name].kind == "block":
+                dead.add((name, i))
+            counts[name] = counts.get(name, 0) + 1
+            counted[name] = counted.get(name, 0.0) + gain
+            saved += gain
+
+        for _, name, i in cand:
+            if saved >= flops_to_remove:
+                break
+            gain = gain_of(name, i)
+            if gain is None:
+                continue
+            if pm[name].kind == "block" and saved + gain - flops_to_remove > tolerance:
+                waiting.append((name, i))
+                continue
+            take(name, i, gain)
+        for name, i in waiting:  # nothing smaller could meet the goal: the best-ranked blocks after all
+            if saved >= flops_to_remove:
+                break
+            gain = gain_of(name, i)
+            if gain is not None:
+                take(name, i, gain)
+    remove: dict[str, list[int]] = {}
+    for name, count in counts.items():
+        g = pm[name]
+        keep_n = _legal_keep(g.size - count, g, cfg)
+        n_remove = g.size - keep_n
+        if n_remove <= 0:
+            continue
+        imp = importance[name]
+        if g.balanced > 1 and g.kind != "block":  # the same number from every key/value group
+            chunk, per = g.size // g.balanced, n_remove // g.balanced
+            sel = []
+            for c in range(g.balanced):
+                order = torch.argsort(imp[c * chunk : (c + 1) * chunk])[:per]
+                sel += [c * chunk + int(j) for j in order]
+        else:
+            sel = [int(j) for j in torch.argsort(imp)[:n_remove]]
+        remove[name] = sorted(sel)
+    owner = _block_owners(pm, remove)
+    for name in [n for n in remove if n in owner and owner[n][1] in remove.get(owner[n][0], [])]:
+        del remove[name]  # inside a removed block: goes with it
+    return remove
+
+
+def _block_owners(pm: ParticleMap, groups: Any) -> dict[str, tuple[str, int]]:
+    """``{group: (block group, block index)}`` for the groups that sit inside a block of ``groups``."""
+    owners: dict[str, tuple[str, int]] = {}
+    for bname in groups:
+        b = pm[bname]
+        if b.kind != "block":
+            continue
+        for i, path in enumerate(b.gate.modules):
+            for g in pm.groups:
+                if g.kind != "block" and (g.scope.startswith(path + ".") or g.name.startswith(path + ".")):
+                    owners[g.name] = (bname, i)
+    return owners
+
+
+# ---- minimum widths and measured prices ---------------------------------------------------------
+
+
+def _shrink_plan(pm: ParticleMap, cfg: AllocationConfig, kinds: set[str], fraction: float = 1.0) -> dict[str, list[int]]:
+    """Remove ``fraction`` of what may go (down to the minimum widths) from every group of ``kinds``,
+    the same number from every key/value group of a balanced one."""
+    remove = {}
+    for g in pm.groups:
+        if g.kind not in kinds:
+            continue
+        floor = _keep_floor(g, cfg)
+        if g.balanced == 1 or g.kind == "block":
+            n = round(fraction * (g.size - floor))
+            remove[g.name] = list(range(g.size - n, g.size))
+        else:
+            chunk = g.size // g.balanced
+            n = round(fraction * (chunk - floor // g.balanced))
+            remove[g.name] = [i for i in range(g.size) if i % chunk >= chunk - n]
+    return {k: v for k, v in remove.items() if v}
+
+
+def latency_prices(model: nn.Module, pm: ParticleMap, inputs: Any, cfg: AllocationConfig, kinds: set[str],
+                   rounds: int = 3) -> dict[str, float]:
+    """Measured milliseconds saved per removed particle, by kind: the model with half of what may go
+    removed from every group of that kind against the intact model, timed in ``rounds`` interleaved
+    pairs (median). What `allocate` prices particles by when ``cost="latency"``: on a real device a
+    head or a block can save more time per FLOP than a neuron (fixed per-op costs, small matmuls)."""
+    plans = {k: _shrink_plan(pm, cfg, {k}, 0.5) for k in sorted(kinds)}
+    smaller = {k: (pm.prune(p), sum(len(v) for v in p.values())) for k, p in plans.items() if p}
+    saved: dict[str, list[float]] = {k: [] for k in smaller}
+    for _ in range(rounds):
+        for k, (m, _n) in smaller.items():
+            full = measure_latency(model, inputs, warmup=1, reps=3)
+            saved[k].append(full - measure_latency(m, inputs, warmup=1, reps=3))
+    return {k: max(statistics.median(saved[k]), 1e-9) / smaller[k][1] for k in smaller}
+
+
+def smallest_shares(pm: ParticleMap, cfg: AllocationConfig) -> tuple[float, float]:
+    """(FLOPs, params) the smallest model ``cfg`` allows keeps, as shares of ``pm``'s model: every group of
+    the configured granularities at its minimum width (``min_width``, ``round_to``)."""
+    dense, least = pm.cost(), pm.cost(_shrink_plan(pm, cfg, cfg.kinds))
+    return least.flops / max(dense.flops, 1e-12), least.params / max(dense.params, 1e-12)
+
+
+__all__ = [
+    "AllocationConfig", "Allocator", "GRANULARITIES", "SCORERS", "Scorer", "allocate", "allocate_global",
+    "allocate_uniform", "latency_prices", "named_scorer", "original_sizes", "smallest_shares",
+]
