@@ -21,6 +21,7 @@ import particlize as pz
 from loop_fixture import OPTIONS, REFERENCE, make
 from particlize.allocate import AllocationConfig, allocate
 from particlize.loop import CompressConfig, Target, compress
+from particlize.plan import Step
 from particlize.recover import RecoveryConfig, recover
 
 HERE = Path(__file__).parent
@@ -413,12 +414,12 @@ def test_compress_gives_the_plan_and_metrics_it_gave_before_the_split(setup, tmp
     """The loop split into allocate / recover / loop cuts the same particles every round and measures the same
     numbers as before (recorded from main's code in ``loop_fixture.REFERENCE``); a run saved with the old, flat
     config still resumes."""
-    from particlize.surgery import provenance
+    from particlize.plan import Plan, model_plan
 
     work, model, task, tok = setup
     res = compress(model, task, tokenizer=tok, out=tmp_path / "run", **OPTIONS)
     assert res.reason == REFERENCE["reason"]
-    assert provenance(res.model)["plan"] == REFERENCE["plan"]
+    assert model_plan(res.model) == Plan.from_json(REFERENCE["plan"], format=1)  # recorded as {group: kept} rounds
     got = [{k: e[k] for k in REFERENCE["history"][0]} for e in res.history]
     assert _close(got, REFERENCE["history"]), got
     # history.json as main wrote it: the config flat
@@ -455,9 +456,9 @@ def test_compress_takes_a_scorer_and_an_allocator(setup):
             return imp
 
         res = compress(model, task, tokenizer=tok, scorer=scorer, **opts)
-        (plan,) = provenance(res.model)["plan"]
+        (step,) = provenance(res.model)["plan"]
         assert calls == [(4, {"head", "neuron"})]  # 64 calibration examples in batches of 16
-        assert plan == {heads.name: [i for i in range(heads.size) if i != chosen]}
+        assert step == Step("prune", heads.name, {"keep": [i for i in range(heads.size) if i != chosen]})
 
     seen = []
 
@@ -466,7 +467,7 @@ def test_compress_takes_a_scorer_and_an_allocator(setup):
         return {heads.name: [0, 3]}
 
     res = compress(model, task, tokenizer=tok, allocator=allocator, scorer="magnitude", **opts)
-    assert seen == [(0.1, 64, True)] and provenance(res.model)["plan"] == [{heads.name: [1, 2]}]
+    assert seen == [(0.1, 64, True)] and list(provenance(res.model)["plan"]) == [Step("prune", heads.name, {"keep": [1, 2]})]
     assert res.history[1]["removed"] == {heads.name: 2}
 
 

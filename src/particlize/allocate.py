@@ -1,7 +1,7 @@
 """Allocation: targets and scores → which particles to remove.
 
-A *scorer* gives every particle a non-negative importance (`Scorer`; the named ones in `SCORERS` run
-`particlize.analyze`); an *allocator* turns importances and a FLOPs goal into a removal plan ``{group:
+A *scorer* gives every particle a non-negative importance (`Scorer`; the named ones are
+`particlize.analysis`'s registered scorers); an *allocator* turns importances and a FLOPs goal into a removal plan ``{group:
 [indices]}`` (`Allocator`; `allocate` is the default: `allocate_global` or `allocate_uniform` as the
 `AllocationConfig` says). Both are arguments of `particlize.loop.compress`, so an experiment swaps one in
 instead of patching the loop. Minimum widths (``min_width`` of each layer's original width), ``round_to``
@@ -20,10 +20,11 @@ import torch
 from torch import nn
 
 from .adapters import decompose
-from .analysis import analyze
+from .analysis import get_scorer, importance_for, scorers
 from .errors import ParticlizeError
 from .measure import measure_latency
 from .particles import ParticleGroup, ParticleMap
+from .plan import compensations
 from .surgery import block_correspondence
 
 GRANULARITIES = {"heads": "head", "neurons": "neuron", "channels": "channel", "units": "unit", "blocks": "block"}
@@ -40,7 +41,7 @@ class AllocationConfig:
     max_fraction: float = 1 / 3
     min_width: float = 0.1
     round_to: int | None = None  # kept widths in features (heads count head_dim each) are multiples of this
-    reweight: bool = False  # refit the cut readers by least squares on the calibration data before recovery
+    compensate: str = "none"  # how the kept particles' readers absorb a cut: none, bias, merge or refit (pm.prune)
 
     def check(self) -> None:
         """Raise `ParticlizeError` for a setting out of range, naming what to use instead."""
@@ -53,12 +54,14 @@ class AllocationConfig:
             raise ParticlizeError(f"round_to must be a positive number of features, got {self.round_to}")
         if not 0.0 < self.max_fraction <= 1.0:
             raise ParticlizeError(f"max_fraction must be in (0, 1], got {self.max_fraction}")
-        if self.scorer not in SCORERS:
-            raise ParticlizeError(f"unknown scorer {self.scorer!r}; use one of {', '.join(SCORERS)}")
+        if self.scorer not in scorers():
+            raise ParticlizeError(f"unknown scorer {self.scorer!r}; use one of {', '.join(scorers())}")
         if self.allocation not in ("global", "uniform"):
             raise ParticlizeError(f"allocation must be 'global' or 'uniform', got {self.allocation!r}")
         if self.cost not in ("flops", "latency"):
             raise ParticlizeError(f"cost must be 'flops' or 'latency', got {self.cost!r}")
+        if self.compensate not in ("none", *compensations()):
+            raise ParticlizeError(f"compensate must be one of none, {', '.join(compensations())}; got {self.compensate!r}")
 
     @property
     def kinds(self) -> set[str]:
@@ -84,35 +87,16 @@ class Allocator(Protocol):
                  base_sizes: dict[str, int] | None = None) -> dict[str, list[int]]: ...
 
 
-# ---- scoring (one unit: the scorer registry in analysis/ can replace it) ---------------------------
-
-
-SCORERS = ("taylor", "taylor-example", "fisher", "ablation", "magnitude", "activation")
-
-
-def _importance(pm: ParticleMap, batches: list, scorer: str, kinds: set[str]) -> dict[str, torch.Tensor]:
-    """Non-negative importance per particle. ``taylor``: |mean first-order effect| over the calibration
-    examples (Molchanov et al.'s aggregated Taylor criterion); ``taylor-example``: mean of the per-example
-    |effect|; ``ablation``: |exact mean effect|; the others as `particlize.analyze` computes them."""
-    groups = [g.name for g in pm.groups if g.kind in kinds]
-    method = {"taylor-example": "taylor"}.get(scorer, scorer)
-    if scorer == "taylor-example":
-        df = analyze(pm, batches, method, "loss", by="example", groups=groups, table=False)
-        per = df.assign(score=df.score.abs()).groupby(["group", "index"]).score.mean()
-    else:
-        data = None if method == "magnitude" else batches
-        df = analyze(pm, data, method, "loss", groups=groups, table=False)
-        per = df.set_index(["group", "index"]).score.abs()
-    return {name: torch.tensor(per.loc[name].sort_index().to_numpy()) for name in groups}
+# ---- scoring: the named scorers are particlize.analysis's registry ----------------------------------
 
 
 def named_scorer(name: str) -> Scorer:
-    """The `Scorer` registered as ``name`` (one of `SCORERS`)."""
-    if name not in SCORERS:
-        raise ParticlizeError(f"unknown scorer {name!r}; use one of {', '.join(SCORERS)} or pass a callable")
+    """The `Scorer` registered as ``name`` in `particlize.analysis` (``|mean score|`` per particle:
+    `particlize.analysis.importance_for`)."""
+    get_scorer(name)
 
     def score(pm: ParticleMap, batches: list, kinds: set[str]) -> dict[str, torch.Tensor]:
-        return _importance(pm, batches, name, kinds)
+        return importance_for(pm, batches, name, kinds)
 
     score.__name__ = score.__qualname__ = name
     return score
@@ -374,6 +358,6 @@ def smallest_shares(pm: ParticleMap, cfg: AllocationConfig) -> tuple[float, floa
 
 
 __all__ = [
-    "AllocationConfig", "Allocator", "GRANULARITIES", "SCORERS", "Scorer", "allocate", "allocate_global",
+    "AllocationConfig", "Allocator", "GRANULARITIES", "Scorer", "allocate", "allocate_global",
     "allocate_uniform", "latency_prices", "named_scorer", "original_sizes", "smallest_shares",
 ]

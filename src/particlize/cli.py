@@ -16,11 +16,21 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColum
                            TimeRemainingColumn)
 from rich.table import Table
 
-from .allocate import SCORERS, AllocationConfig
+from .adapters import decompose
+from .allocate import AllocationConfig
+from .analysis import analyze as run_analysis
+from .analysis import check_options, get_scorer, importance, top_particles
 from .analysis.registry import help_text as scorer_help
+from .analysis.registry import scorers
 from .errors import ParticlizeError
-from .loop import Target
+from .loop import CompressConfig, Target
+from .loop import compress as run_compress
 from .recover import RecoveryConfig
+from .sources import load_model, load_tokenizer
+from .sweep import sweep as run_sweep
+from .tasks import get_task
+from .train import fine_tune
+from .train_sora import train_sora
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -37,7 +47,7 @@ LABEL_COLUMN = typer.Option("label", "--label-column", help="--task text-csv: co
 # the compress settings' options: defaults read from the config parts (particlize.loop.Target,
 # particlize.allocate.AllocationConfig, particlize.recover.RecoveryConfig), shared by compress and sweep
 _A, _R, _T = AllocationConfig(), RecoveryConfig(), Target()
-SCORER = typer.Option(_A.scorer, "--scorer", help=", ".join(SCORERS))
+SCORER = typer.Option(_A.scorer, "--scorer", help="how particles are ranked; " + ", ".join(scorers()))
 MIN_WIDTH = typer.Option(_A.min_width, "--min-width", min=0.0, max=1.0,
                          help="smallest share of each layer's original heads / neurons / channels kept")
 RECOVER_EPOCHS = typer.Option(float(_R.epochs), "--recover-epochs", min=0.0,
@@ -81,8 +91,6 @@ def inspect(
     trust_code: bool = typer.Option(False, "--trust-code", help="allow a saved model's own factory code to run"),
 ) -> None:
     """Show a model's particle groups (count, params share, FLOPs share) and write the particle table."""
-    from .adapters import decompose
-    from .sources import load_model
 
     if csv is not None and csv.exists() and not force:
         raise ParticlizeError(f"{csv} exists; pass --force to overwrite it")
@@ -138,7 +146,6 @@ def _progress_bar(description: str) -> Iterator[Callable[[int, int, str], None]]
 
 
 def _task(name: str, data: Optional[Path], text_column: str, label_column: str) -> Any:
-    from .tasks import get_task
 
     if name == "text-csv":
         if data is None:
@@ -173,10 +180,6 @@ def analyze(
     with --top K, the exact top K by ablation, found fast."""
     import torch
 
-    from .adapters import decompose
-    from .analysis import analyze as run_analysis
-    from .analysis import check_options, get_scorer, importance, top_particles
-    from .sources import load_model, load_tokenizer
 
     method = method or ("taylor-norm" if top else "taylor")
     # before anything is loaded or a progress bar is shown
@@ -248,7 +251,6 @@ def train(
     """Fine-tune a classifier on a task and save it (tokenizer included) with particlize's format."""
     import json
 
-    from .train import fine_tune
 
     _quiet_transformers()
     kwargs = {"path": data, "text_column": text_column, "label_column": label_column} if task == "text-csv" else None
@@ -289,8 +291,10 @@ def compress(
     val_every: Optional[float] = VAL_EVERY,
     patience: int = PATIENCE,
     recover_focus: Optional[tuple[int, int]] = RECOVER_FOCUS,
-    reweight: bool = typer.Option(_A.reweight, "--reweight/--no-reweight",
-                                  help="refit the kept particles' reader weights by least squares on the calibration data after each cut"),
+    compensate: str = typer.Option(_A.compensate, "--compensate",
+                                   help="how the kept particles' readers absorb each cut, from the calibration data: none; "
+                                        "bias (removed particles' mean output folded into the bias); merge (each removed "
+                                        "particle folded into its best-matching kept one); refit (least squares on all kept)"),
     min_width: float = MIN_WIDTH,
     round_to: Optional[int] = typer.Option(_A.round_to, "--round-to", min=1, help="keep each layer's width a multiple of this many features (a head is head_dim features wide)"),
     lr: Optional[float] = RECOVER_LR,
@@ -308,9 +312,6 @@ def compress(
     trust_code: bool = typer.Option(False, "--trust-code", help="allow a saved model's own factory code to run"),
 ) -> None:
     """Prune → recover (distillation) → evaluate → repeat until the target or the quality floor."""
-    from .loop import CompressConfig
-    from .loop import compress as run_compress
-    from .sources import load_model, load_tokenizer
 
     _quiet_transformers()
     if target_flops is None and target_params is None and target_latency_ms is None:
@@ -319,7 +320,7 @@ def compress(
         target=Target(flops=target_flops, params=target_params, latency_ms=target_latency_ms, min_quality=min_quality),
         allocation=AllocationConfig(granularity=tuple(g.strip() for g in granularity.split(",") if g.strip()),
                                     scorer=scorer, allocation=allocation, cost=cost, max_fraction=max_fraction,
-                                    min_width=min_width, round_to=round_to, reweight=reweight),
+                                    min_width=min_width, round_to=round_to, compensate=compensate),
         recovery=RecoveryConfig(epochs=recover_epochs, final_epochs=final_recover_epochs, lr=lr, hidden_weight=hidden_weight,
                                 val_every=val_every, patience=patience, focus=recover_focus),
         batch_size=batch_size, max_length=max_length, limit=limit, seed=seed, quantize=quantize,
@@ -387,8 +388,6 @@ def sweep(
     trust_code: bool = typer.Option(False, "--trust-code", help="allow a saved model's own factory code to run"),
 ) -> None:
     """Quality vs FLOPs (and latency) per particle granularity: one table and a Pareto plot."""
-    from .sources import load_model, load_tokenizer
-    from .sweep import sweep as run_sweep
 
     try:
         targets = [float(v) for item in flops for v in item.split(",") if v.strip()]
@@ -452,7 +451,6 @@ def train_sora_cmd(
     init: Optional[Path] = typer.Option(None, "--init", help="continue from this trained model folder (same preset)"),
 ) -> None:
     """Train the Sora-style spacetime diffusion transformer on moving digits."""
-    from .train_sora import train_sora
 
     folder = train_sora(preset, steps, out, batch_size=batch_size, lr=lr, seed=seed, max_seconds=max_seconds,
                         min_snr_gamma=min_snr_gamma or None, device=device, progress=True, force=force, init=init)

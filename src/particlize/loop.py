@@ -23,18 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_model
 from torch import nn
 
 from .adapters import decompose
 from .allocate import (AllocationConfig, Allocator, Scorer, _shrink_plan, allocate, latency_prices, named_scorer,
                        original_sizes, smallest_shares)
 from .errors import ParticlizeError
-from .io import load, save, write_folder_atomically
+from .io import load, save, write_folder_atomically, write_model
 from .measure import int8_report, latency_inputs, measure_latency
 from .particles import ParticleMap
 from .recover import RecoveryConfig, check_applicable, recover
-from .surgery import provenance
 from .tasks import Task
 
 HISTORY = "history.json"
@@ -112,6 +110,8 @@ class CompressConfig:
         """Change settings by their flat option names; an unknown name raises `ParticlizeError`."""
         top = {f.name for f in fields(self)} - set(_PARTS)
         for k, v in options.items():
+            if k == "reweight":  # before compensation verbs: reweight=True was the least-squares refit
+                k, v = "compensate", ("refit" if v else "none")
             part, name = _RENAMED.get(k, (None, k))
             if part is None:
                 part = next((p for p, c in _PARTS.items() if name in {f.name for f in fields(c)}), None)
@@ -131,6 +131,8 @@ class CompressConfig:
                 part = getattr(cfg, k)
                 known = {f.name for f in fields(part)}
                 for n, x in v.items():
+                    if n == "reweight":  # saved before compensation verbs
+                        n, x = "compensate", ("refit" if x else "none")
                     if n not in known:
                         raise ParticlizeError(f"unknown compress option {k}.{n} (saved by another particlize version?)")
                     setattr(part, n, tuple(x) if n in _TUPLES and x is not None else x)
@@ -207,7 +209,7 @@ def compress(
     the history with ``"final_recovery": k``). Short recoveries between cuts and a long one at the end
     cost less than long ones every round. The final model is the last chunk's.
 
-    ``scorer`` is a name in `particlize.allocate.SCORERS` (the config's ``scorer``) or a `Scorer` callable
+    ``scorer`` is a scorer registered in `particlize.analysis` (the config's ``scorer``) or a `Scorer` callable
     ``(pm, calibration batches, kinds) -> {group: importance}``; ``allocator`` an `Allocator` (default
     `particlize.allocate.allocate`) that turns importances and a FLOPs goal into the particles to remove. A
     callable is not saved with the run: resume a run with the same one.
@@ -288,7 +290,7 @@ def compress(
         if not remove:
             reason = "nothing more can be removed within the minimum widths"
             break
-        student = pm.prune(remove, reweight=calib if cfg.allocation.reweight else None)
+        student = pm.prune(remove, compensate=cfg.allocation.compensate, data=calib)
         emit("pruned", {"round": r, "removed": {k: len(v) for k, v in remove.items()}})
         try:
             rec = _recover(student, teacher, task, tokenizer, cfg, r, emit, seed=cfg.seed * 1000 + r)
@@ -353,15 +355,8 @@ def _keep_round(out_path: Path | None, cfg: CompressConfig, history: list[dict[s
     history.append(entry)
     emit("round", entry)
     if out_path is not None:
-        write_folder_atomically(_round_dir(out_path, entry["round"]), lambda d: _save_into(model, d), force=True)
+        write_folder_atomically(_round_dir(out_path, entry["round"]), lambda d: write_model(model, d), force=True)
     _save_state(out_path, cfg, history, done=False, pruned=pruned)
-
-
-def _save_into(model: nn.Module, d: Path) -> None:
-    prov = provenance(model)
-    save_model(model, str(d / "model.safetensors"))
-    (d / "particlize.json").write_text(json.dumps({"format": 1, "recipe": prov.get("recipe"), "plan": prov.get("plan", []),
-                                                   "torch": torch.__version__, "extra": {}}, indent=1))
 
 
 def _finish(out: Path, history: list, reason: str, cfg: CompressConfig, task: Task, tokenizer: Any,
