@@ -273,13 +273,14 @@ def compress(
     floor = cfg.target.min_quality * dense_q
 
     reason = pruned_reason or f"stopped after {cfg.max_rounds} rounds"
+    carried: ParticleMap | None = None  # the map of `current`, carried through surgery instead of decomposed again
     for r in range(start_round, cfg.max_rounds + 1) if not pruned_reason else ():
         if _met(cfg, history[-1], history[0]):
             reason = "target met"
             break
         torch.manual_seed(cfg.seed * 1000 + r)
         t0 = time.perf_counter()
-        pm = decompose(current, seq_len=cfg.max_length)
+        pm = carried if carried is not None else decompose(current, seq_len=cfg.max_length)
         calib = task.calibration(current, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length,
                                  limit=cfg.calib_examples, seed=cfg.seed * 1000 + r)
         importance = score(pm, calib, kinds)
@@ -290,7 +291,8 @@ def compress(
         if not remove:
             reason = "nothing more can be removed within the minimum widths"
             break
-        student = pm.prune(remove, compensate=cfg.allocation.compensate, data=calib)
+        spm = pm.pruned(remove, compensate=cfg.allocation.compensate, data=calib)
+        student = spm.model
         emit("pruned", {"round": r, "removed": {k: len(v) for k, v in remove.items()}})
         try:
             rec = _recover(student, teacher, task, tokenizer, cfg, r, emit, seed=cfg.seed * 1000 + r)
@@ -298,7 +300,6 @@ def compress(
             reason = f"recovery failed in round {r} ({e}); kept the model of round {r - 1}"
             break
         q = _quality(task, student, tokenizer, cfg)
-        spm = decompose(student, seq_len=cfg.max_length)
         entry = _entry(r, student, spm, dense_cost, q, measure_latency(student, lat_inputs),
                        {k: len(v) for k, v in remove.items()}, time.perf_counter() - t0, rec)
         if q["quality"] < floor:
@@ -307,7 +308,7 @@ def compress(
                       f"{floor:.4f}); kept the model of round {r - 1}")
             break
         _keep_round(out_path, cfg, history, entry, student, emit)
-        current = student
+        current, carried = student, spm  # recovery trains weights in place: the map still describes the model
     if _met(cfg, history[-1], history[0]):
         reason = "target met"
     if cfg.recovery.final_epochs > 0:

@@ -433,6 +433,11 @@ class ParticleMap:
             if compensate not in (None, "refit") or data is not None:
                 raise ParticlizeError("reweight=data means compensate='refit', data=data; pass only one of them")
             compensate, data = "refit", reweight
+        return self.pruned(remove, compensate=compensate, data=data).model
+
+    def pruned(self, remove: Remove, *, compensate: str | None = None, data: Iterable[Any] | None = None) -> "ParticleMap":
+        """`prune`, returning the particle map of the new model (``.model``): carried over from this map, with
+        the cut groups re-indexed, so the new model need not be decomposed again."""
         return _plan.prune_model(self, self.removed_sets(remove), compensate=compensate, data=data)
 
     # ---- carrying the map onto a changed model -------------------------------------------------

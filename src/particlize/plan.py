@@ -208,9 +208,10 @@ def run(pm: "ParticleMap", plan: Plan | Iterable[Step], *, replay: bool = False,
 
 
 def prune_model(pm: "ParticleMap", removed: Mapping[str, Sequence[int]], *,
-                compensate: "str | Compensation | None" = None, data: Iterable[Any] | None = None) -> nn.Module:
-    """A deep copy of ``pm.model`` without the ``removed`` particles (``{group: indices}``), after an
-    optional compensation computed on ``data``; the copy records the steps in its provenance.
+                compensate: "str | Compensation | None" = None, data: Iterable[Any] | None = None) -> "ParticleMap":
+    """The map of a deep copy of ``pm.model`` (its ``.model``) without the ``removed`` particles
+    (``{group: indices}``), after an optional compensation computed on ``data``; the copy records the steps in
+    its provenance. The map is carried from ``pm`` through the steps (decomposed again only where they require).
 
     Tensors about to be cut (or dropped with their block) are shared with the original instead of copied:
     verbs replace tensors and never write in place, so the original stays intact and is not copied twice."""
@@ -239,9 +240,9 @@ def prune_model(pm: "ParticleMap", removed: Mapping[str, Sequence[int]], *,
         for t in names:
             memo[id(pm._tensor(t))] = pm._tensor(t)
     small = copy.deepcopy(pm.model, memo)
-    run(pm.rebind(small), steps)
+    out = run(pm.rebind(small), steps)
     set_provenance(small, pm.recipe, model_plan(pm.model) + [Step(s.verb, s.group, s.args) for s in steps])
-    return small
+    return out
 
 
 def compensations() -> list[str]:
