@@ -227,3 +227,32 @@ def test_sweep_command_table_and_unreachable_targets(tmp_path, capsys):
               "--granularity", "neurons", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert e.value.code == 1 and "target FLOPs 0.3 is below" in err and not (tmp_path / "run").exists()
+
+
+def test_compress_compensate_records_the_verb_and_loads(tmp_path, capsys):
+    """`--compensate merge`: the saved run's plan holds merge steps before the prunes and loads back to the
+    same outputs; an unknown compensation is refused before anything is written."""
+    import json
+
+    import torch
+
+    import particlize as pz
+    from loop_fixture import make
+
+    make(tmp_path)
+    dense, csv = tmp_path / "dense", tmp_path / "s.csv"
+    base = ["compress", str(dense), "--task", "text-csv", "--data", str(csv), "--target-flops", "0.6", "--max-fraction", "1",
+            "--min-quality", "0", "--recover-epochs", "0", "--batch-size", "16"]
+    with pytest.raises(SystemExit) as e:
+        main([*base, "--compensate", "zip", "--out", str(tmp_path / "bad")])
+    assert e.value.code == 1 and "compensate must be one of none, bias, merge, refit" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    main([*base, "--compensate", "merge", "--out", str(tmp_path / "run")])
+    plan = json.loads((tmp_path / "run" / "particlize.json").read_text())["plan"]
+    verbs = [s["verb"] for s in plan]
+    assert "merge" in verbs and verbs.index("merge") < verbs.index("prune")
+    small = pz.load(tmp_path / "run")
+    assert [s.verb for s in pz.plan.model_plan(small)] == verbs
+    x = {"input_ids": torch.randint(1, 10, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    with torch.no_grad():
+        torch.testing.assert_close(small(**x), pz.load(tmp_path / "run")(**x))
