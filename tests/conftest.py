@@ -65,3 +65,15 @@ def output_of(model: torch.nn.Module, batch) -> torch.Tensor:
 @pytest.fixture(params=HF_FAMILIES)
 def hf(request):
     return hf_model(request.param)
+
+
+def reader_output(model: torch.nn.Module, path: str, batch: dict) -> torch.Tensor:
+    """The output of submodule ``path`` when ``model`` runs on ``batch`` (no grad)."""
+    seen = {}
+    h = model.get_submodule(path).register_forward_hook(lambda m, a, o: seen.setdefault("y", o.detach()))
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        h.remove()
+    return seen["y"]

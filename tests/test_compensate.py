@@ -6,22 +6,11 @@ import pytest
 import torch
 
 import particlize as pz
-from conftest import hf_model, output_of
+from conftest import hf_model, output_of, reader_output
 from particlize.plan import model_plan
 from particlize.surgery import Merge, linear_reader_weight
 
 FAMILIES = ["bert", "gpt2", "llama-gqa"]
-
-
-def _reader_io(model: torch.nn.Module, path: str, batch: dict) -> torch.Tensor:
-    seen = {}
-    h = model.get_submodule(path).register_forward_hook(lambda m, a, o: seen.setdefault("y", o.detach()))
-    try:
-        with torch.no_grad():
-            model(**batch)
-    finally:
-        h.remove()
-    return seen["y"]
 
 
 def _removal(pm: pz.ParticleMap) -> dict[str, list[int]]:
@@ -69,11 +58,11 @@ def test_bias_keeps_the_mean_reader_output(family):
     reader = pm[name].gate.module
     drop = list(range(0, pm[name].size, 2))
     small = pm.prune({name: drop}, compensate="bias", data=[batch])
-    intact = _reader_io(model, reader, batch).double()
+    intact = reader_output(model, reader, batch).double()
     intact = intact.reshape(-1, intact.shape[-1])
-    cut = _reader_io(small, reader, batch).double().reshape(intact.shape)
+    cut = reader_output(small, reader, batch).double().reshape(intact.shape)
     torch.testing.assert_close(cut.mean(0), intact.mean(0), atol=1e-5, rtol=1e-5)
-    plain = _reader_io(pm.prune({name: drop}), reader, batch).double().reshape(intact.shape)
+    plain = reader_output(pm.prune({name: drop}), reader, batch).double().reshape(intact.shape)
     assert (plain.mean(0) - intact.mean(0)).abs().max() > 1e-4
 
 
@@ -108,9 +97,9 @@ def test_merge_folds_a_duplicate_into_its_twin_exactly(family):
     (step,) = [s for s in model_plan(small) if s.verb == "merge"]
     assert step.args["into"] == {"5": 2}
     reader = pm[name].gate.module
-    intact = _reader_io(model, reader, batch)
-    torch.testing.assert_close(_reader_io(small, reader, batch), intact, atol=1e-5, rtol=1e-5)
-    assert (_reader_io(pm.prune({name: [5]}), reader, batch) - intact).abs().max() > 1e-3
+    intact = reader_output(model, reader, batch)
+    torch.testing.assert_close(reader_output(small, reader, batch), intact, atol=1e-5, rtol=1e-5)
+    assert (reader_output(pm.prune({name: [5]}), reader, batch) - intact).abs().max() > 1e-3
     with torch.no_grad():
         torch.testing.assert_close(output_of(small, batch), output_of(model, batch), atol=1e-5, rtol=1e-5)
 

@@ -8,21 +8,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import particlize as pz
-from conftest import hf_model, output_of
+from conftest import hf_model, output_of, reader_output
 from particlize.surgery import Refit, input_moments, linear_reader_weight
 
 FAMILIES = ["bert", "gpt2", "llama-gqa"]
-
-
-def _reader_output(model: torch.nn.Module, path: str, batch: dict) -> torch.Tensor:
-    seen = {}
-    h = model.get_submodule(path).register_forward_hook(lambda m, a, o: seen.setdefault("y", o.detach()))
-    try:
-        with torch.no_grad():
-            model(**batch)
-    finally:
-        h.remove()
-    return seen["y"]
 
 
 @st.composite
@@ -47,9 +36,9 @@ def test_refit_never_reconstructs_worse_than_plain_cut(family, data):
     pm = pz.decompose(model)
     name, drop = data.draw(one_group_removal(pm))
     reader = pm[name].gate.module
-    intact = _reader_output(model, reader, batch)
-    plain = _reader_output(pm.prune({name: drop}), reader, batch)
-    refit = _reader_output(pm.prune({name: drop}, reweight=[batch]), reader, batch)
+    intact = reader_output(model, reader, batch)
+    plain = reader_output(pm.prune({name: drop}), reader, batch)
+    refit = reader_output(pm.prune({name: drop}, reweight=[batch]), reader, batch)
     e_plain = (plain - intact).double().pow(2).sum()
     e_refit = (refit - intact).double().pow(2).sum()
     assert e_refit <= e_plain * (1 + 1e-6) + 1e-9
@@ -72,9 +61,9 @@ def test_a_removed_duplicate_neuron_is_folded_into_its_twin_exactly():
     small = pm.prune({name: [5]}, compensate=Refit(damp=0.0), data=[batch])
     assert [(s.verb, s.group) for s in pz.plan.model_plan(small)] == [("refit", name), ("prune", name)]
     reader = pm[name].gate.module
-    intact = _reader_output(model, reader, batch)
-    torch.testing.assert_close(_reader_output(small, reader, batch), intact, atol=1e-5, rtol=1e-5)
-    assert (_reader_output(pm.prune({name: [5]}), reader, batch) - intact).abs().max() > 1e-3
+    intact = reader_output(model, reader, batch)
+    torch.testing.assert_close(reader_output(small, reader, batch), intact, atol=1e-5, rtol=1e-5)
+    assert (reader_output(pm.prune({name: [5]}), reader, batch) - intact).abs().max() > 1e-3
     with torch.no_grad():
         torch.testing.assert_close(output_of(small, batch), output_of(model, batch), atol=1e-5, rtol=1e-5)
 
