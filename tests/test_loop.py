@@ -92,12 +92,84 @@ def test_resume_after_sigkill_gives_the_same_result(setup, tmp_path):
 
 
 def test_quality_floor_keeps_the_last_good_round(setup, tmp_path):
+    """The returned (and saved) model is never below the floor; every round below it is marked, and all the
+    rounds after the returned one are."""
     work, model, task, tok = setup
     opts = {**OPTIONS, "min_quality": 1.5 / 1.5, "target_flops": 0.25, "max_fraction": 0.9}
     res = compress(model, task, tokenizer=tok, out=tmp_path / "run", **opts)
     assert "quality floor" in res.reason or res.reason == "target met"
-    h = json.loads((tmp_path / "run" / "history.json").read_text())["history"]
-    assert all(e["val_accuracy"] >= h[0]["val_accuracy"] * 1.0 - 1e-12 for e in h)
+    saved = json.loads((tmp_path / "run" / "history.json").read_text())
+    h, floor = saved["history"], saved["history"][0]["val_accuracy"] * 1.0
+    kept = res.returned
+    assert kept["val_accuracy"] >= floor - 1e-12 and saved["outcome"]["returned_round"] == kept["round"]
+    assert all(e.get("below_floor", False) == (e["val_accuracy"] < floor) for e in h[1:])
+    assert all(e.get("below_floor") for e in h if e["round"] > kept["round"])
+    assert sum(p.numel() for p in pz.load(tmp_path / "run").parameters()) == kept["params"]
+
+
+# val accuracy by round, no floor: 0.875, 0.833, 0.542 (a dip after a quarter of the FLOPs went), 0.833 (recovered)
+DIP = {**OPTIONS, "max_fraction": 0.25, "recover_epochs": 0.5}
+
+
+def _floor_between(q, low, high):
+    """min_quality putting the floor halfway between two validation qualities (q[0]: the dense model's)."""
+    return (low + high) / 2 / q[0]
+
+
+def test_a_round_below_the_floor_does_not_stop_the_run(setup, tmp_path):
+    """Issue #32: the floor is judged on the model the user gets. A round that dips below it after its own share
+    of recovery is marked and the rounds go on (before, the run stopped there and kept the round before it); the
+    last round, recovered above the floor, meets the target and is returned. The floor no longer changes the
+    rounds, and a run killed after the dip resumes to the same model."""
+    work, model, task, tok = setup
+    free = compress(model, task, tokenizer=tok, **{**DIP, "min_quality": 0.0})
+    q = [e["quality"] for e in free.history]
+    assert len(q) >= 4 and min(q[1:-1]) < min(q[1], q[-1]), q  # what this test needs: a dip, then a recovery
+    dip = q.index(min(q[1:-1]))
+    opts = {**DIP, "min_quality": _floor_between(q, q[dip], min(q[1], q[-1]))}
+    res = compress(model, task, tokenizer=tok, out=tmp_path / "run", **opts)
+    assert res.reason == "target met" and res.outcome.target_met and res.outcome.returned_round == len(q) - 1
+    assert res.outcome.below_floor == (dip,) and res.history[dip]["below_floor"]
+    assert _stable([{k: v for k, v in e.items() if k != "below_floor"} for e in res.history]) == _stable(free.history)
+    assert _same_weights(res.model, free.model) and _same_weights(pz.load(tmp_path / "run"), free.model)
+    saved = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert saved["outcome"] == res.outcome.to_dict() and saved["reason"] == "target met"
+
+    def killed_after_the_dip(event, info):
+        if event == "pruned" and info["round"] == dip + 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        compress(model, task, tokenizer=tok, out=tmp_path / "killed", progress=killed_after_the_dip, **opts)
+    again = compress(model, task, tokenizer=tok, out=tmp_path / "killed", resume=True, **opts)
+    a, b = (json.loads((tmp_path / d / "history.json").read_text()) for d in ("run", "killed"))
+    assert _stable(a["history"]) == _stable(b["history"]) and a["test"] == b["test"] and a["outcome"] == b["outcome"]
+    assert _same_weights(again.model, res.model)
+
+
+def test_a_last_round_below_the_floor_rolls_back_and_says_the_target_was_not_met(setup, tmp_path):
+    """When the last model stays below the floor after its recovery, the last round that meets it is returned
+    (its checkpoint, with or without an output folder) and the reason says the target was not met, where the
+    run stopped and why."""
+    work, model, task, tok = setup
+    opts = {**OPTIONS, "max_fraction": 0.25, "recover_epochs": 0.25}
+    q = [e["quality"] for e in compress(model, task, tokenizer=tok, **{**opts, "min_quality": 0.0}).history]
+    assert max(q[1:-1]) > q[-1], q  # what this test needs: an earlier round better than the last
+    opts["min_quality"] = _floor_between(q, q[-1], max(q[1:-1]))
+    back = max(i for i in range(len(q)) if q[i] >= opts["min_quality"] * q[0])  # the last round that meets it
+    res = compress(model, task, tokenizer=tok, out=tmp_path / "run", **opts)
+    o = res.outcome
+    assert not o.target_met and o.returned_round == back and o.last_round == len(q) - 1 and o.stopped == "target met"
+    assert res.reason.startswith(f"target NOT met: stopped at {res.returned['flops_ratio']:.1%} of the FLOPs (target 35.0%) "
+                                 f"because round {len(q) - 1} ") and f"returned round {back}, the last that meets it" in res.reason
+    assert "below the quality floor after its recovery (val accuracy" in res.reason
+    assert _same_weights(res.model, pz.load(tmp_path / "run" / "rounds" / f"round-{back:03d}"))
+    assert _same_weights(res.model, pz.load(tmp_path / "run"))
+    saved = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert saved["reason"] == res.reason and saved["outcome"]["target_met"] is False and saved["outcome"]["returned_round"] == back
+    assert task.evaluate(pz.load(tmp_path / "run"), "test", tokenizer=tok)["accuracy"] == pytest.approx(saved["test"]["accuracy"])
+    held = compress(model, task, tokenizer=tok, **opts)  # no checkpoints: the rollback model was held in memory
+    assert held.reason == res.reason and _same_weights(held.model, res.model)
 
 
 def _same_weights(a, b):

@@ -4,9 +4,10 @@ Each round scores the particles on calibration data (a `Scorer`), removes at mos
 remaining FLOPs (an `Allocator`: by default globally, by importance per FLOP, with minimum widths per layer
 and optional ``round_to``; `particlize.allocate`), cuts them out physically, recovers the student by
 distillation from the original model (`particlize.recover`), evaluates it on held-out data and writes an
-atomic checkpoint. It stops at the target or when the next round would break the quality floor, and
-returns the best model that met it. A killed run resumes from its last checkpoint to the same result:
-every round reseeds from ``(seed, round)`` and checkpoints hold exact fp32 weights.
+atomic checkpoint until the target is met; a round below the quality floor does not stop it. The floor is
+judged on what the user gets (`particlize.outcome`): the last model if it meets it after all its recovery, else
+the last round that did. A killed run resumes from its last checkpoint to the same result: every round reseeds
+from ``(seed, round)`` and checkpoints hold exact fp32 weights.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .allocate import (AllocationConfig, Allocator, Scorer, _shrink_plan, alloca
 from .errors import ParticlizeError
 from .io import load, save, write_folder_atomically, write_model
 from .measure import int8_report, latency_inputs, measure_latency
+from .outcome import Outcome, decide, target_met
 from .particles import ParticleMap
 from .recover import RecoveryConfig, check_applicable, recover
 from .tasks import Task
@@ -42,7 +44,7 @@ Progress = Callable[[str, dict[str, Any]], None]  # (event, info)
 @dataclass
 class Target:
     """Where the loop stops: shares of the dense model's FLOPs / params or a measured latency to reach (all
-    given ones must be met), and the quality floor no kept round may fall below."""
+    given ones must be met), and the quality floor the returned model must meet after its recovery."""
 
     flops: float | None = 0.5
     params: float | None = None
@@ -147,13 +149,21 @@ class CompressConfig:
 
 @dataclass
 class CompressResult:
-    """The best model that met the floor, the round history and why the loop stopped."""
+    """The returned model, every round's history entry (``"below_floor": True`` on those below the floor), why
+    the run ended (``reason``) and its `Outcome` (target met or not, which round was returned)."""
 
     model: nn.Module
     history: list[dict[str, Any]]
     reason: str
     out: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    outcome: Outcome | None = None
+
+    @property
+    def returned(self) -> dict[str, Any]:
+        """The history entry of the returned model (FLOPs, params, quality …)."""
+        r = self.outcome.returned_round if self.outcome else self.history[-1]["round"]
+        return next(e for e in self.history if e["round"] == r)
 
 
 def _quality(task: Task, model: nn.Module, tokenizer: Any, cfg: CompressConfig, split: str = "val") -> dict[str, float]:
@@ -194,7 +204,7 @@ def compress(
     allocator: Allocator | None = None,
     **overrides: Any,
 ) -> CompressResult:
-    """Compress ``model`` on ``task`` until the target is met or the quality floor would break.
+    """Compress ``model`` on ``task`` until the target is met; return the last model that meets the quality floor.
 
     ``config`` (or keyword overrides by flat option name, as `CompressConfig.from_options` takes them:
     ``target_flops=0.5``, ``granularity=("heads", "neurons", "blocks")``, ``min_quality=0.99``,
@@ -203,11 +213,16 @@ def compress(
     continues a killed run. Quality is the task's `Task.quality` on validation data (accuracy for
     classifiers, 1 / ε-MSE for video diffusion models) relative to the dense model's.
 
+    The floor (``min_quality``) is judged on what the user gets: a round below it after its own recovery is
+    marked and the rounds go on; the last model is returned if it meets the floor after all its recovery, else
+    the last round that did (round 0: the dense model). The `Outcome` (``CompressResult.outcome``, ``"outcome"``
+    in ``history.json``) says if the target was met, which round was returned and why.
+
     ``final_recover_epochs`` > 0 recovers the last kept model that many more passes once the rounds are
     over, in chunks of ``recover_epochs`` passes (each a fresh learning-rate schedule, i.e. a warm
     restart, seeded ``seed * 1000 + 100 + k``; checkpointed and resumable like a round, and listed in
     the history with ``"final_recovery": k``). Short recoveries between cuts and a long one at the end
-    cost less than long ones every round. The final model is the last chunk's.
+    cost less than long ones every round. The final model is the last chunk's if it meets the floor.
 
     ``scorer`` is a scorer registered in `particlize.analysis` (the config's ``scorer``) or a `Scorer` callable
     ``(pm, calibration batches, kinds) -> {group: importance}``; ``allocator`` an `Allocator` (default
@@ -254,7 +269,9 @@ def compress(
             start_round = last + 1
             pruned_reason = saved.get("pruned", "")
             if saved.get("done"):
-                return _finish(out_path, history, saved["reason"], cfg, task, tokenizer, emit, teacher)
+                done = (Outcome.from_dict(saved["outcome"]) if "outcome" in saved  # saved before outcomes: the last round
+                        else decide(cfg.target, history, saved["reason"], task.quality_name))
+                return _finish(out_path, history, done, cfg, task, tokenizer, emit, teacher)
         elif out_path.exists() and any(out_path.iterdir()) and not (force or resume):
             raise ParticlizeError(f"{out_path} already exists and is not empty; pass --resume to continue it or --force to replace it")
         elif force and out_path.exists():
@@ -269,13 +286,11 @@ def compress(
             history[0]["latency_prices"] = latency_prices(teacher, pm0, lat_inputs, cfg.allocation, kinds)
         emit("round", history[-1])
         _save_state(out_path, cfg, history, done=False)
-    dense_q = history[0]["quality"]
-    floor = cfg.target.min_quality * dense_q
-
+    held: dict[int, nn.Module] | None = None if out_path is not None else {}  # no checkpoints: the rollback model
     reason = pruned_reason or f"stopped after {cfg.max_rounds} rounds"
     carried: ParticleMap | None = None  # the map of `current`, carried through surgery instead of decomposed again
     for r in range(start_round, cfg.max_rounds + 1) if not pruned_reason else ():
-        if _met(cfg, history[-1], history[0]):
+        if target_met(cfg.target, history[-1]):
             reason = "target met"
             break
         torch.manual_seed(cfg.seed * 1000 + r)
@@ -297,32 +312,30 @@ def compress(
         try:
             rec = _recover(student, teacher, task, tokenizer, cfg, r, emit, seed=cfg.seed * 1000 + r)
         except ParticlizeError as e:
-            reason = f"recovery failed in round {r} ({e}); kept the model of round {r - 1}"
+            reason = f"recovery failed in round {r} ({e})"
             break
         q = _quality(task, student, tokenizer, cfg)
         entry = _entry(r, student, spm, dense_cost, q, measure_latency(student, lat_inputs),
                        {k: len(v) for k, v in remove.items()}, time.perf_counter() - t0, rec)
-        if q["quality"] < floor:
-            emit("rejected", entry)
-            reason = (f"round {r} fell below the quality floor (val {task.quality_name} {q['quality']:.4f} < "
-                      f"{floor:.4f}); kept the model of round {r - 1}")
-            break
-        _keep_round(out_path, cfg, history, entry, student, emit)
+        _keep_round(out_path, cfg, history, entry, student, emit, held=held)  # below the floor too: judged at the end
         current, carried = student, spm  # recovery trains weights in place: the map still describes the model
-    if _met(cfg, history[-1], history[0]):
+    if target_met(cfg.target, history[-1]):
         reason = "target met"
     if cfg.recovery.final_epochs > 0:
         current, reason = _final_recovery(current, teacher, task, tokenizer, cfg, history, dense_cost, lat_inputs,
-                                          out_path, reason, emit)
+                                          out_path, reason, emit, held)
+    outcome = decide(cfg.target, history, reason, task.quality_name)
     if out_path is None:
-        return CompressResult(current, history, reason)
-    _save_state(out_path, cfg, history, done=True, reason=reason)
-    return _finish(out_path, history, reason, cfg, task, tokenizer, emit, teacher)
+        r = outcome.returned_round
+        best = current if r == history[-1]["round"] else teacher if r == 0 else (held or {})[r]
+        return CompressResult(best, history, outcome.reason, outcome=outcome)
+    _save_state(out_path, cfg, history, done=True, reason=outcome.reason, outcome=outcome)
+    return _finish(out_path, history, outcome, cfg, task, tokenizer, emit, teacher)
 
 
 def _final_recovery(current: nn.Module, teacher: nn.Module, task: Task, tokenizer: Any, cfg: CompressConfig,
                     history: list[dict[str, Any]], dense_cost: Any, lat_inputs: Any, out_path: Path | None, reason: str,
-                    emit: Progress) -> tuple[nn.Module, str]:
+                    emit: Progress, held: dict[int, nn.Module] | None = None) -> tuple[nn.Module, str]:
     """`compress`'s recovery after the rounds: chunks of ``recover_epochs`` passes, each checkpointed as a round."""
     chunk = cfg.recovery.epochs if cfg.recovery.epochs > 0 else cfg.recovery.final_epochs
     n_chunks = math.ceil(cfg.recovery.final_epochs / chunk - 1e-9)
@@ -346,13 +359,19 @@ def _final_recovery(current: nn.Module, teacher: nn.Module, task: Task, tokenize
         entry = _entry(r, current, decompose(current, seq_len=cfg.max_length), dense_cost, q,
                        measure_latency(current, lat_inputs), {}, time.perf_counter() - t0, rec)
         entry["final_recovery"] = k + 1
-        _keep_round(out_path, cfg, history, entry, current, emit, pruned=reason)
+        _keep_round(out_path, cfg, history, entry, current, emit, pruned=reason, held=held)
     return current, f"{reason}; then {n_chunks} final recovery chunk{'s' if n_chunks > 1 else ''}"
 
 
 def _keep_round(out_path: Path | None, cfg: CompressConfig, history: list[dict[str, Any]], entry: dict[str, Any],
-                model: nn.Module, emit: Progress, pruned: str = "") -> None:
-    """Record a finished round (or final-recovery chunk): history, progress, checkpoint, state file."""
+                model: nn.Module, emit: Progress, pruned: str = "", held: dict[int, nn.Module] | None = None) -> None:
+    """Record a finished round (or final-recovery chunk): history, progress, checkpoint, state file. A round
+    below the floor is marked; without checkpoints (``held``), a copy of the last one that meets it is kept."""
+    if entry["quality"] < cfg.target.min_quality * history[0]["quality"]:
+        entry["below_floor"] = True
+    elif held is not None:  # recovery trains in place (final chunks): a copy, not the model itself
+        held.clear()
+        held[entry["round"]] = copy.deepcopy(model)
     history.append(entry)
     emit("round", entry)
     if out_path is not None:
@@ -360,12 +379,13 @@ def _keep_round(out_path: Path | None, cfg: CompressConfig, history: list[dict[s
     _save_state(out_path, cfg, history, done=False, pruned=pruned)
 
 
-def _finish(out: Path, history: list, reason: str, cfg: CompressConfig, task: Task, tokenizer: Any,
+def _finish(out: Path, history: list, outcome: Outcome, cfg: CompressConfig, task: Task, tokenizer: Any,
             emit: Progress, teacher: nn.Module) -> CompressResult:
-    last = history[-1]["round"]
-    best = teacher if last == 0 else load(_round_dir(out, last), trust_code=True)
+    r, reason = outcome.returned_round, outcome.reason
+    best = teacher if r == 0 else load(_round_dir(out, r), trust_code=True)
     test = _quality(task, best, tokenizer, cfg, split="test")
-    extra: dict[str, Any] = {"compress": {"reason": reason, "rounds": last, "test": test, "config": cfg.to_dict()}}
+    extra: dict[str, Any] = {"compress": {"reason": reason, "rounds": r, "test": test, "config": cfg.to_dict(),
+                                          "outcome": outcome.to_dict()}}
     if cfg.quantize == "int8":
         inputs = latency_inputs(task, tokenizer, cfg.latency_batch, cfg.latency_seq)
         extra["compress"]["int8"] = int8_report(best, task, tokenizer, inputs, batch_size=max(64, cfg.batch_size),
@@ -384,16 +404,18 @@ def _finish(out: Path, history: list, reason: str, cfg: CompressConfig, task: Ta
     for f in staging.iterdir():
         f.replace(out / f.name)
     staging.rmdir()
-    _save_state(out, cfg, history, done=True, reason=reason, test=test)
-    emit("done", {"reason": reason, "test": test})
-    return CompressResult(best, history, reason, out, extra)
+    _save_state(out, cfg, history, done=True, reason=reason, test=test, outcome=outcome)
+    emit("done", {"reason": reason, "test": test, "outcome": outcome.to_dict()})
+    return CompressResult(best, history, reason, out, extra, outcome)
 
 
 def _save_state(out: Path | None, cfg: CompressConfig, history: list, *, done: bool, reason: str = "",
-                test: dict | None = None, pruned: str = "") -> None:
+                test: dict | None = None, pruned: str = "", outcome: Outcome | None = None) -> None:
     if out is None:
         return
-    data = {"config": cfg.to_dict(), "history": history, "done": done, "reason": reason}
+    data: dict[str, Any] = {"config": cfg.to_dict(), "history": history, "done": done, "reason": reason}
+    if outcome is not None:
+        data["outcome"] = outcome.to_dict()
     if pruned:
         data["pruned"] = pruned
     if test is not None:
@@ -422,17 +444,6 @@ def _entry(r: int, model: nn.Module, pm: ParticleMap, dense, q: dict, latency: f
         "particles": counts, "removed": removed, "seconds": seconds, "recovery": recovery or {},
         **({"val_accuracy": q["accuracy"]} if "accuracy" in q else {}),
     }
-
-
-def _met(cfg: CompressConfig, last: dict, dense: dict) -> bool:
-    ok = True
-    if cfg.target.flops is not None:
-        ok &= last["flops_ratio"] <= cfg.target.flops + 1e-9
-    if cfg.target.params is not None:
-        ok &= last["params_ratio"] <= cfg.target.params + 1e-9
-    if cfg.target.latency_ms is not None:
-        ok &= last["latency_ms"] <= cfg.target.latency_ms
-    return bool(ok)
 
 
 def _flops_goal(cfg: CompressConfig, history: list, dense_flops: float, cur_flops: float) -> float:
@@ -486,4 +497,4 @@ def _recover(student: nn.Module, teacher: nn.Module, task: Task, tokenizer: Any,
                    max_length=cfg.max_length, limit=cfg.limit, seed=seed, progress=prog)
 
 
-__all__ = ["CompressConfig", "CompressResult", "Target", "compress"]
+__all__ = ["CompressConfig", "CompressResult", "Outcome", "Target", "compress"]
