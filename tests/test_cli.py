@@ -256,3 +256,30 @@ def test_compress_compensate_records_the_verb_and_loads(tmp_path, capsys):
     x = {"input_ids": torch.randint(1, 10, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
     with torch.no_grad():
         torch.testing.assert_close(small(**x), pz.load(tmp_path / "run")(**x))
+
+
+def test_compress_says_when_the_target_is_not_met_and_exits_3(tmp_path, capsys):
+    """A run that ends short of its target (here: no round meets a floor above the dense model's quality) saves the
+    model it returns, says `target NOT met: stopped at … because …` and exits with status 3, apart from errors (1)
+    and usage errors (2); `history.json` records the outcome."""
+    import json
+
+    import particlize as pz
+    from loop_fixture import make
+
+    make(tmp_path)
+    dense, csv = tmp_path / "dense", tmp_path / "s.csv"
+    args = ["compress", str(dense), "--task", "text-csv", "--data", str(csv), "--target-flops", "0.6", "--max-fraction", "1",
+            "--recover-epochs", "0", "--batch-size", "16", "--min-quality", "1.5", "--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    printed = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 3
+    assert "target NOT met: stopped at 100.0% of the FLOPs (target 60.0%) because round 1 (" in printed
+    assert "no round met it, so the dense model (round 0) is returned" in printed and "(below the floor)" in printed
+    h = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert h["done"] and h["outcome"]["target_met"] is False and h["outcome"]["returned_round"] == 0
+    assert h["outcome"]["below_floor"] == [1] and h["reason"].startswith("target NOT met")
+    assert sum(p.numel() for p in pz.load(tmp_path / "run").parameters()) == h["history"][0]["params"]
+    main([*args[:-4], "--min-quality", "0", "--out", str(tmp_path / "met")])  # met: status 0, no exception
+    assert "target met. Test:" in capsys.readouterr().out

@@ -44,6 +44,7 @@ MAX_LENGTH = typer.Option(64, "--max-length", min=1, help="tokens per text (long
 SEED = typer.Option(0, "--seed", help="random seed (data order, sampling)")
 TEXT_COLUMN = typer.Option("text", "--text-column", help="--task text-csv: column holding the text")
 LABEL_COLUMN = typer.Option("label", "--label-column", help="--task text-csv: column holding the label")
+TARGET_NOT_MET = 3  # exit status of `compress` when it stopped short of its target (1: errors, 2: usage errors)
 # the compress settings' options: defaults read from the config parts (particlize.loop.Target,
 # particlize.allocate.AllocationConfig, particlize.recover.RecoveryConfig), shared by compress and sweep
 _A, _R, _T = AllocationConfig(), RecoveryConfig(), Target()
@@ -311,7 +312,8 @@ def compress(
     force: bool = typer.Option(False, "--force", help="replace an existing --out"),
     trust_code: bool = typer.Option(False, "--trust-code", help="allow a saved model's own factory code to run"),
 ) -> None:
-    """Prune → recover (distillation) → evaluate → repeat until the target or the quality floor."""
+    """Prune → recover (distillation) → evaluate → repeat until the target; return the last model that meets the
+    quality floor after its recovery. Exit status 3 when the target was not met (the model returned is saved)."""
 
     _quiet_transformers()
     if target_flops is None and target_params is None and target_latency_ms is None:
@@ -336,16 +338,14 @@ def compress(
         def progress(event: str, info: dict) -> None:
             if event == "recover":
                 bar(info["step"], info["total"], f"round {info['round']}: recovering, loss {info.get('loss', 0):.3f}")
-            elif event in ("round", "rejected"):
+            elif event == "round":
                 removed = sum(info["removed"].values())
-                note = " (rejected: below the floor)" if event == "rejected" else ""
-                if info.get("final_recovery"):
-                    note = f" (final recovery {info['final_recovery']})"
+                note = f" (final recovery {info['final_recovery']})" if info.get("final_recovery") else ""
+                below = " (below the floor)" if info.get("below_floor") else ""
                 console.print(f"round {info['round']}{note}: "
-                              f"FLOPs {info['flops_ratio']:.1%}, val {t.quality_name} {info['quality']:.4f}, "
+                              f"FLOPs {info['flops_ratio']:.1%}, val {t.quality_name} {info['quality']:.4f}{below}, "
                               f"latency {info['latency_ms']:.1f} ms, {removed:,} particles removed")
-                table.add_row(str(info["round"]) + (" (rejected)" if event == "rejected" else
-                                                    " (final recovery)" if info.get("final_recovery") else ""),
+                table.add_row(str(info["round"]) + (" (final recovery)" if info.get("final_recovery") else "") + below,
                               f"{info['flops_ratio']:.1%}", f"{info['params']:,}", f"{info['latency_ms']:.1f}",
                               f"{info['quality']:.4f}", f"{removed:,}")
             elif event == "pruned":
@@ -355,11 +355,14 @@ def compress(
     console.print(table)
     test = result.extra.get("compress", {}).get("test", {})
     shown = ", ".join(f"{k} {v:.4f}" for k, v in test.items() if k != "n" and isinstance(v, float))
-    console.print(f"{result.reason}. Test: {shown}. Model and history.json in [bold]{out}[/bold]")
+    console.print(f"{escape(result.reason)}. Test: {shown}. Model (round {result.returned['round']}) and history.json "
+                  f"in [bold]{escape(str(out))}[/bold]")
     if "int8" in result.extra.get("compress", {}):
         q = result.extra["compress"]["int8"]
         console.print(f"int8 dynamic: test accuracy {q['test']['accuracy']:.4f}, latency {q['latency_ms']:.1f} ms "
                       f"(fp32 {q['fp32_latency_ms']:.1f} ms)")
+    if result.outcome is not None and not result.outcome.target_met:
+        raise typer.Exit(TARGET_NOT_MET)
 
 
 @app.command()
@@ -462,9 +465,10 @@ def _to(x: Any, device: str) -> Any:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: errors become one line on stderr and exit status 1."""
+    """Console entry point. Exit status: 0 done; 1 an error (one line on stderr); 2 a usage error (bad option);
+    3 (`TARGET_NOT_MET`) `compress` finished without meeting its target (its model is saved); 130 interrupted."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except ParticlizeError as e:
         Console(stderr=True).print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(1)
@@ -475,6 +479,8 @@ def main(argv: list[str] | None = None) -> None:
             e.show()
             sys.exit(e.exit_code)
         raise
+    if code:  # a command's typer.Exit(code): standalone_mode=False returns it instead of exiting
+        sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover
