@@ -1,7 +1,7 @@
 """Compress the Sora-style reference (`sora-tiny`) by width and by depth at equal FLOPs (issue 6).
 
     .venv/bin/python benchmarks/compress_sora.py [--model sora-tiny] [--target-flops 0.5]
-        [--recover-epochs 4] [--final-recover-epochs 0] [--per-class 50] [--steps 50] [--out bench-out/sora] [--reweight] [--max-fraction 0.34] [--lr 3e-4]
+        [--recover-epochs 4] [--final-recover-epochs 0] [--per-class 50] [--steps 50] [--out bench-out/sora] [--compensate none|bias|merge|refit] [--max-fraction 0.34] [--lr 3e-4]
         [--focus LO HI]
 
 Three models, the same sampler (DDIM, ``--steps`` steps, the default guidance 5) and the same seeds:
@@ -70,7 +70,8 @@ def main() -> None:
     ap.add_argument("--target-flops-width", type=float, default=None,
                     help="FLOPs target of the width and mixed variants (default: --target-flops)")
     ap.add_argument("--variants", nargs="+", default=["width", "depth"], choices=list(VARIANTS))
-    ap.add_argument("--reweight", action="store_true", help="refit the cut readers by least squares before recovery")
+    ap.add_argument("--compensate", default="none", choices=["none", "bias", "merge", "refit"],
+                    help="how the kept particles' readers absorb each cut (particlize.surgery.compensate)")
     ap.add_argument("--max-fraction", type=float, default=1 / 3, help="most of the remaining FLOPs removed per round")
     ap.add_argument("--allocation", default="global", choices=["global", "uniform"],
                     help="how compress spreads the cut over the blocks (uniform: the same fraction of every group)")
@@ -111,7 +112,7 @@ def main() -> None:
         gran = VARIANTS[name]
         t = time.perf_counter()
         flops = args.target_flops_width if name != "depth" and args.target_flops_width else args.target_flops
-        res = compress(dense, task, target_flops=flops, granularity=gran, min_quality=0.0, reweight=args.reweight,
+        res = compress(dense, task, target_flops=flops, granularity=gran, min_quality=0.0, compensate=args.compensate,
                        max_fraction=args.max_fraction, allocation=args.allocation, hidden_weight=args.hidden_weight,
                        recover_epochs=args.recover_epochs, final_recover_epochs=args.final_recover_epochs,
                        lr=args.lr, batch_size=32, recover_focus=tuple(args.focus) if args.focus else None,

@@ -71,7 +71,7 @@ def sweep(
             except ParticlizeError as e:  # e.g. a granularity with nothing to prune in this model
                 rows.append({"granularity": g, "target_flops": f, "error": str(e)})
                 continue
-            last, first = res.history[-1], res.history[0]
+            last, first = res.returned, res.history[0]  # the returned model (a run below its floor rolls back)
             test = task.quality(res.model, "test", tokenizer=tokenizer, max_length=cfg.max_length)
             rows.append({
                 "granularity": g, "target_flops": f, "flops_ratio": last["flops_ratio"], "params": last["params"],
