@@ -1,0 +1,186 @@
+"""MoEfication (issue #26): the expert FFN, the ``moefy`` verb, save/load, costs, expert particles,
+clustering and router training, and the CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import particlize as pz
+from conftest import hf_model, output_of
+from particlize.errors import PlanError, UnsupportedModelError
+from particlize.models.sora import SoraConfig, SpacetimeDiT
+from particlize.plan import Step, model_plan
+from particlize.surgery import ExpertFFN, moefy_model
+
+DIT = dict(frames=4, size=16, patch=(1, 4, 4), dim=32, depth=2, heads=4, mlp_ratio=2.0)
+FAMILIES = ["bert", "llama-gqa", "dit"]
+
+
+def _dit() -> tuple[SpacetimeDiT, dict]:
+    torch.manual_seed(0)
+    m = SpacetimeDiT(SoraConfig(**DIT))
+    with torch.no_grad():  # adaLN-Zero starts as the identity: give every weight a value so the MLPs matter
+        for p in m.parameters():
+            p.normal_(0, 0.1)
+    g = torch.Generator().manual_seed(1)
+    batch = {"x": torch.randn((3, 1, 4, 16, 16), generator=g), "t": torch.randint(0, 1000, (3,), generator=g),
+             "y": torch.tensor([0, 7, 10])}
+    return m.eval(), batch
+
+
+def _model(family: str):
+    return _dit() if family == "dit" else hf_model(family)
+
+
+def _out(model, batch):
+    return output_of(model, batch) if "input_ids" in batch else model(**batch)
+
+
+def _strided(pm, experts: int) -> dict[str, list[list[int]]]:
+    """Expert e = neurons e, e + E, e + 2E, ... of every FFN (a partition that is not contiguous)."""
+    return {g.name: [list(range(e, g.size, experts)) for e in range(experts)] for g in pm.select("neuron")}
+
+
+def _ffns(model) -> list[ExpertFFN]:
+    return [m for m in model.modules() if isinstance(m, ExpertFFN)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_all_experts_active_is_the_original(family):
+    model, batch = _model(family)
+    pm = pz.decompose(model)
+    moe = moefy_model(pm, _strided(pm, 4), active=4).model
+    assert len(_ffns(moe)) == len(pm.select("neuron"))
+    with torch.no_grad():
+        assert torch.allclose(_out(moe, batch), _out(model, batch), atol=1e-5, rtol=0)
+    assert model_plan(moe).verbs() == ["moefy"] * len(pm.select("neuron"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_grouped_path_equals_the_dense_masked_reference(family):
+    model, batch = _model(family)
+    pm = pz.decompose(model)
+    moe = moefy_model(pm, _strided(pm, 4), active=2).model
+    torch.manual_seed(3)
+    for ffn in _ffns(moe):
+        x = torch.randn(3, 7, ffn.linear("up").in_features)
+        with torch.no_grad():
+            fast, ref = ffn.grouped(x), ffn.masked(x)
+            dense = ffn.linear("down")(ffn.hidden(x))
+        assert torch.allclose(fast, ref, atol=1e-5, rtol=0)
+        assert not torch.allclose(fast, dense, atol=1e-3)  # half the experts really are skipped
+    with torch.no_grad():  # the whole model runs the grouped path
+        assert not torch.allclose(_out(moe, batch), _out(model, batch), atol=1e-4)
+
+
+def test_each_token_runs_its_top_k_experts():
+    model, _ = hf_model("bert")
+    pm = pz.decompose(model)
+    ffn = _ffns(moefy_model(pm, _strided(pm, 4), active=1).model)[0]
+    x = torch.randn(5, ffn.linear("up").in_features)
+    with torch.no_grad():
+        best = ffn.router(x).argmax(-1)
+        y = ffn(x)
+        for t in range(5):
+            rows = slice(int(best[t]) * ffn.expert_size, (int(best[t]) + 1) * ffn.expert_size)
+            h = ffn.hidden(x[t:t + 1], rows)
+            want = torch.nn.functional.linear(h, ffn.linear("down").weight[:, rows], ffn.linear("down").bias)
+            assert torch.allclose(y[t], want[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_load_round_trip(family, tmp_path):
+    model, batch = _model(family)
+    pm = pz.decompose(model)
+    moe = moefy_model(pm, _strided(pm, 4), active=2).model
+    with torch.no_grad():
+        for f in _ffns(moe):  # router weights that differ from a fresh init: they must come from the file
+            f.router.out.weight.normal_()
+    pz.save(moe, tmp_path / "m")
+    back = pz.load(tmp_path / "m")
+    assert [f.active for f in _ffns(back)] == [2] * len(_ffns(moe))
+    with torch.no_grad():
+        assert torch.equal(_out(back, batch), _out(moe, batch))
+    assert model_plan(back) == model_plan(moe)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ffn_flops_are_k_over_e_plus_the_router(family):
+    model, _ = _model(family)
+    pm = pz.decompose(model)
+    E, k = 4, 1
+    mm = moefy_model(pm, _strided(pm, E), active=k)
+    ffn_flops = sum(2.0 * g.size * sum(pm._tensor(s.name).shape[1] for s in g.writers if s.name.endswith(".weight"))
+                    + 2.0 * g.size * pm._tensor(g.readers[0].name).shape[0] for g in pm.select("neuron"))
+    router = sum(2.0 * f.router.out.weight.numel() for f in _ffns(mm.model))
+    assert mm.cost().flops == pytest.approx(pm.cost().flops - ffn_flops * (1 - k / E) + router)
+    assert mm.cost().params == pm.cost().params + sum(sum(p.numel() for p in f.router.parameters()) for f in _ffns(mm.model))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decompose_shows_experts_and_ablating_them_equals_pruning(family):
+    model, batch = _model(family)
+    pm = pz.decompose(model)
+    mm = moefy_model(pm, _strided(pm, 4), active=2)
+    kinds = {g.kind for g in mm.groups}
+    assert "expert" in kinds and "neuron" not in kinds and "head" in kinds and "block" in kinds
+    experts = mm.select("expert")
+    assert [g.size for g in experts] == [4] * len(pm.select("neuron"))
+    remove = {experts[0].name: [1], experts[-1].name: [0, 3]}
+    with torch.no_grad():
+        full = _out(mm.model, batch)
+        with mm.ablate(remove):
+            gated = _out(mm.model, batch)
+        small = mm.prune(remove)
+        assert not torch.allclose(gated, full, atol=1e-5)
+        assert torch.allclose(_out(small, batch), gated, atol=1e-5, rtol=0)
+    assert [f.num_experts for f in _ffns(small)][0] == 3
+    assert _ffns(small)[-1].active == 2  # two of the two experts left
+
+
+def test_pruned_experts_save_and_load(tmp_path):
+    model, batch = hf_model("llama-gqa")
+    pm = pz.decompose(model)
+    mm = moefy_model(pm, _strided(pm, 4), active=2)
+    small = mm.prune({mm.select("expert")[1].name: [2]})
+    pz.save(small, tmp_path / "s")
+    back = pz.load(tmp_path / "s")
+    assert model_plan(back).verbs()[-1] == "prune"
+    with torch.no_grad():
+        assert torch.equal(_out(back, batch), _out(small, batch))
+
+
+def test_expert_gates_per_example_and_gradients():
+    model, batch = hf_model("bert")
+    pm = pz.decompose(model)
+    mm = moefy_model(pm, _strided(pm, 4), active=2)
+    name = mm.select("expert")[0].name
+    per = torch.zeros(3, 4)
+    per[1, 2] = 1  # ablate expert 2 for example 1 only
+    with torch.no_grad():
+        full = _out(mm.model, batch)
+        with mm.ablate({name: per}):
+            mixed = _out(mm.model, batch)
+        with mm.ablate({name: [2]}):
+            all_off = _out(mm.model, batch)
+    assert torch.allclose(mixed[[0, 2]], full[[0, 2]], atol=1e-6)
+    assert torch.allclose(mixed[1], all_off[1], atol=1e-6)
+    g = torch.ones(4, requires_grad=True)
+    with mm.gates({name: g}):
+        _out(mm.model, batch).sum().backward()
+    assert g.grad is not None and g.grad.abs().sum() > 0
+    rec = mm.record([name], [batch])[name][0]
+    assert rec.shape == (3, 7, 4 * 32)
+
+
+def test_bad_moefy_steps_are_refused():
+    model, _ = hf_model("bert")
+    pm = pz.decompose(model)
+    name = pm.select("neuron")[0].name
+    with pytest.raises(PlanError, match="partition"):
+        moefy_model(pm, {name: [[0, 1], [2]]}, active=1)
+    with pytest.raises(PlanError, match="active"):
+        moefy_model(pm, {name: [list(range(0, 48, 2)), list(range(1, 48, 2))]}, active=3)
+    with pytest.raises(UnsupportedModelError, match="neurons of a feed-forward"):
+        pz.plan.run(pm.rebind(model), [Step("moefy", pm.select("head")[0].name, {"experts": [[0, 1, 2, 3]]})])
