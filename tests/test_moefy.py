@@ -3,6 +3,7 @@ clustering and router training, and the CLI."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,6 +11,7 @@ import particlize as pz
 from conftest import hf_model, output_of
 from particlize.errors import PlanError, UnsupportedModelError
 from particlize.models.sora import SoraConfig, SpacetimeDiT
+from particlize.moe import balanced_clusters, fit_routers, train_router
 from particlize.plan import Step, model_plan
 from particlize.surgery import ExpertFFN, moefy_model
 
@@ -184,3 +186,114 @@ def test_bad_moefy_steps_are_refused():
         moefy_model(pm, {name: [list(range(0, 48, 2)), list(range(1, 48, 2))]}, active=3)
     with pytest.raises(UnsupportedModelError, match="neurons of a feed-forward"):
         pz.plan.run(pm.rebind(model), [Step("moefy", pm.select("head")[0].name, {"experts": [[0, 1, 2, 3]]})])
+
+
+# ---- clustering, routers, pz.moefy ------------------------------------------------------------------
+
+
+def test_balanced_clusters_recover_planted_groups_in_equal_sizes():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(4, 30))
+    truth = np.repeat(np.arange(4), 6)
+    # an unbalanced cloud: k-means alone would give group 0 the stragglers of group 1
+    x = base[truth] + 0.05 * rng.normal(size=(24, 30))
+    perm = rng.permutation(24)
+    got = balanced_clusters(x[perm], 4, seed=0)
+    assert sorted(len(c) for c in got) == [6, 6, 6, 6]
+    assert sorted(sorted(int(perm[i]) for i in c) for c in got) == [list(range(6 * g, 6 * g + 6)) for g in range(4)]
+    skew = np.concatenate([base[0] + 0.05 * rng.normal(size=(16, 30)), base[1] + 0.05 * rng.normal(size=(8, 30))])
+    assert sorted(len(c) for c in balanced_clusters(skew, 4, seed=0)) == [6, 6, 6, 6]
+    with pytest.raises(pz.ParticlizeError, match="divisor of 24"):
+        balanced_clusters(x, 5)
+
+
+def _calibration(n: int = 4, seed: int = 1) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(8, 12, dtype=torch.long)
+    mask[:, 9:] = 0  # padding is left out of the statistics
+    return [{"input_ids": torch.randint(0, 97, (8, 12), generator=g), "attention_mask": mask} for _ in range(n)]
+
+
+def test_trained_router_predicts_the_experts_that_matter():
+    model, _ = hf_model("bert")
+    pm = pz.decompose(model)
+    ffn = _ffns(moefy_model(pm, _strided(pm, 4), active=1, router_hidden=64).model)[0]
+    torch.manual_seed(0)
+    x = torch.randn(2000, 32)
+    with torch.no_grad():
+        norms = ffn.expert_norms(x)[1500:]
+
+        def scores() -> tuple[float, float]:  # top-1 hits, share of the best expert's norm captured
+            pick = ffn.router(x[1500:]).argmax(-1)
+            hits = float((pick == norms.argmax(-1)).float().mean())
+            return hits, float(norms.gather(1, pick[:, None]).sum() / norms.max(-1).values.sum())
+
+        before = scores()
+    loss = train_router(ffn, x[:1500], steps=300, seed=0)
+    with torch.no_grad():
+        after = scores()
+    assert loss < 0.02 and after[0] > 0.6 and after[0] > before[0] + 0.3 and after[1] > 0.95
+
+
+@pytest.mark.parametrize("family", ["bert", "llama-gqa"])
+def test_moefy_end_to_end(family, tmp_path):
+    model, batch = hf_model(family)
+    data = _calibration()
+    moe = pz.moefy(model, data, experts=4, active=2, router_steps=100, seed=0)
+    again = pz.moefy(model, data, experts=4, active=2, router_steps=100, seed=0)
+    pm = pz.decompose(moe)
+    assert {g.kind for g in pm.groups} >= {"expert", "head", "block"}
+    steps = list(model_plan(moe))
+    assert [s.verb for s in steps] == ["moefy"] * 3 and steps == list(model_plan(again))  # deterministic
+    for s in steps:
+        assert sorted(i for e in s.args["experts"] for i in e) == list(range(pz.decompose(model)[s.group].size))
+    with torch.no_grad():
+        assert torch.equal(_out(moe, batch), _out(again, batch))
+        for f in _ffns(moe):
+            f.active = f.num_experts
+        assert torch.allclose(_out(moe, batch), _out(model, batch), atol=1e-5, rtol=0)
+        for f in _ffns(moe):
+            f.active = 2
+    pz.save(moe, tmp_path / "moe")
+    with torch.no_grad():
+        assert torch.equal(_out(pz.load(tmp_path / "moe"), batch), _out(moe, batch))
+
+
+def test_moefy_clusters_beat_a_random_partition():
+    """Co-activating neurons grouped, with trained routers: closer to the dense FFN than strided experts
+    with the same router training."""
+    model, _ = hf_model("bert")
+    data = _calibration(6)
+    moe = pz.moefy(model, data, experts=4, active=2, router_steps=200, seed=0)
+    pm = pz.decompose(model)
+    strided = moefy_model(pm, _strided(pm, 4), active=2).model
+    fit_routers(strided, data, steps=200, seed=0)
+
+    def ffn_error(m) -> float:
+        err = 0.0
+        for ffn in _ffns(m):
+            x = torch.randn(500, 32, generator=torch.Generator().manual_seed(0))
+            with torch.no_grad():
+                err += float((ffn(x) - ffn.linear("down")(ffn.hidden(x))).square().mean())
+        return err
+
+    assert ffn_error(moe) < ffn_error(strided)
+
+
+def test_moefy_dit_and_errors():
+    model, batch = _dit()
+    data = [batch, {**batch, "t": batch["t"].flip(0)}]
+    moe = pz.moefy(model, data, experts=4, active=1, router_steps=50)
+    assert len(_ffns(moe)) == 2
+    with torch.no_grad():
+        for f in _ffns(moe):
+            f.active = 4
+        assert torch.allclose(moe(**batch), model(**batch), atol=1e-5, rtol=0)
+    with pytest.raises(pz.ParticlizeError, match="do not split into 5"):
+        pz.moefy(model, data, experts=5, active=1)
+    with pytest.raises(pz.ParticlizeError, match="between 1 and"):
+        pz.moefy(model, data, experts=4, active=5)
+    with pytest.raises(pz.ParticlizeError, match="needs task"):
+        pz.moefy(model, data, experts=4, active=1, recover_epochs=1)
+    with pytest.raises(pz.ParticlizeError, match="calibration batches"):
+        pz.moefy(model, [], experts=4, active=1)
