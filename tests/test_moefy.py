@@ -297,3 +297,31 @@ def test_moefy_dit_and_errors():
         pz.moefy(model, data, experts=4, active=1, recover_epochs=1)
     with pytest.raises(pz.ParticlizeError, match="calibration batches"):
         pz.moefy(model, [], experts=4, active=1)
+
+
+def test_moefy_command(tmp_path, capsys):
+    """`particlize moefy` on a trained classifier folder: a saved mixture of experts that loads back, its
+    FLOPs and validation quality printed; refuses a non-empty --out."""
+    import json
+
+    from loop_fixture import make
+    from particlize.cli import main
+
+    make(tmp_path)
+    dense, csv = tmp_path / "dense", tmp_path / "s.csv"
+    args = ["moefy", str(dense), "--task", "text-csv", "--data", str(csv), "--experts", "4", "--active", "1",
+            "--calib-examples", "32", "--batch-size", "16", "--out", str(tmp_path / "moe")]
+    main(args)
+    printed = capsys.readouterr().out
+    assert "4 experts per FFN, 1 active per token" in printed and "val quality" in printed
+    meta = json.loads((tmp_path / "moe" / "particlize.json").read_text())
+    assert [s["verb"] for s in meta["plan"]] == ["moefy", "moefy"] and meta["extra"]["moefy"]["flops_ratio"] < 1
+    moe = pz.load(tmp_path / "moe")
+    assert [f.active for f in _ffns(moe)] == [1, 1]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 1 and "already exists" in capsys.readouterr().err
+    main([*args, "--recover-epochs", "1", "--force"])  # distilled from the dense model, routers refitted
+    recovered = pz.load(tmp_path / "moe")
+    assert not torch.equal(recovered.state_dict()[next(k for k in moe.state_dict() if "router" in k)],
+                           moe.state_dict()[next(k for k in moe.state_dict() if "router" in k)])
