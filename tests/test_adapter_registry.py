@@ -18,7 +18,7 @@ from particlize.models.recurrent import RNNClassifier
 from particlize.models.sora import SoraConfig, SpacetimeDiT
 from particlize.models.vision import ResNet, SimpleCNN
 
-BUILTIN_ORDER = ["diffusers-video", "dit", "transformers", "recurrent", "conv"]
+BUILTIN_ORDER = ["moe", "diffusers-video", "dit", "transformers", "recurrent", "conv"]  # moe: moefy's experts, first
 TESTS = Path(__file__).parent
 
 
@@ -109,7 +109,7 @@ def test_unknown_name_lists_the_registered_adapters():
     msg = "no adapter is registered as 'cnn'; registered adapters: " + ", ".join(BUILTIN_ORDER)
     with pytest.raises(pz.UnsupportedModelError, match=msg):
         pz.decompose(SimpleCNN(), adapter="cnn")
-    with pytest.raises(pz.UnsupportedModelError, match="registered adapters: diffusers-video"):
+    with pytest.raises(pz.UnsupportedModelError, match="registered adapters: moe, diffusers-video"):
         get_adapter("cnn")
     with pytest.raises(pz.UnsupportedModelError, match="no adapter is registered as 'cnn'"):
         unregister("cnn")
@@ -157,7 +157,7 @@ class _HeadsOnly:
 def test_a_user_adapter_is_tried_at_its_priority(registry):
     bert = _hf("bert")
     register(_HeadsOnly(), priority=35)  # between dit (40) and transformers (30)
-    assert [a.name for a in adapters()] == ["diffusers-video", "dit", "heads-only", "transformers", "recurrent", "conv"]
+    assert [a.name for a in adapters()] == ["moe", "diffusers-video", "dit", "heads-only", "transformers", "recurrent", "conv"]
     pm = pz.decompose(bert)
     assert pm.adapter == "heads-only" and {g.kind for g in pm} == {"head"} and len(list(pm)) == 3
     assert pz.decompose(_dit()).adapter == "dit"  # above it: untouched

@@ -131,7 +131,7 @@ def test_compensation_errors():
     remove = {"bert.encoder.layer.0.attention.heads": [1]}
     with pytest.raises(pz.PlanError, match="needs data="):
         pm.prune(remove, compensate="merge")
-    with pytest.raises(pz.PlanError, match=r"unknown plan verb 'zip'.*bias, merge, prune, refit"):
+    with pytest.raises(pz.PlanError, match=r"unknown plan verb 'zip'.*bias, merge, moefy, prune, refit"):
         pm.prune(remove, compensate="zip", data=[batch])
     with pytest.raises(pz.PlanError, match="not a compensation verb; use one of bias, merge, refit"):
         pm.prune(remove, compensate="prune", data=[batch])

@@ -7,6 +7,7 @@
         y = model(x)                               # gated forward
     small = pm.prune({"encoder.layer.3.attention.heads": [0, 5]})   # a new, smaller dense model
     small = pm.prune(remove, compensate="merge", data=batches)      # ... kept particles absorb the cut ones
+    moe = pz.moefy(model, batches, experts=32, active=4)           # each token runs 4 of 32 FFN experts
     pz.save(small, "out/"); again = pz.load("out/")
 """
 
@@ -16,11 +17,12 @@ from .adapters import decompose
 from .analysis import analyze, top_particles, validate_scores
 from .errors import CheckpointError, GateError, ParticlizeError, PlanError, UnsupportedModelError
 from .io import load, save
+from .moe import moefy
 from .particles import Cost, InputGate, ParticleGroup, ParticleMap, ResidualGate, Slice, WeightMaskGate
 from .plan import Plan, Step
 
 __all__ = [
     "CheckpointError", "Cost", "GateError", "InputGate", "ParticleGroup", "ParticleMap", "ParticlizeError",
-    "Plan", "PlanError", "ResidualGate", "Slice", "Step", "UnsupportedModelError", "WeightMaskGate", "analyze", "decompose", "load", "save",
+    "Plan", "PlanError", "ResidualGate", "Slice", "Step", "UnsupportedModelError", "WeightMaskGate", "analyze", "decompose", "load", "moefy", "save",
     "top_particles", "validate_scores",
 ]

@@ -25,6 +25,7 @@ from .analysis.registry import scorers
 from .errors import ParticlizeError
 from .loop import CompressConfig, Target
 from .loop import compress as run_compress
+from .moe_cli import moefy_command
 from .recover import RecoveryConfig
 from .sources import load_model, load_tokenizer
 from .sweep import sweep as run_sweep
@@ -458,6 +459,9 @@ def train_sora_cmd(
     folder = train_sora(preset, steps, out, batch_size=batch_size, lr=lr, seed=seed, max_seconds=max_seconds,
                         min_snr_gamma=min_snr_gamma or None, device=device, progress=True, force=force, init=init)
     console.print(f"saved to [bold]{folder}[/bold]; sample with pz.load({str(folder)!r}).sample(labels)")
+
+
+app.command("moefy")(moefy_command)  # MoEfication (particlize.moe); the command's options live with it
 
 
 def _to(x: Any, device: str) -> Any:

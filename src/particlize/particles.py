@@ -33,8 +33,8 @@ from .gates import (  # noqa: F401  (re-exported: the gate sites are part of the
 )
 from .record import particle_table
 
-Kind = Literal["head", "neuron", "channel", "unit", "block"]
-KINDS: tuple[str, ...] = ("head", "neuron", "channel", "unit", "block")
+Kind = Literal["head", "neuron", "channel", "unit", "block", "expert"]
+KINDS: tuple[str, ...] = ("head", "neuron", "channel", "unit", "block", "expert")
 Remove = Mapping[str, "Sequence[int] | Tensor"]
 
 

@@ -4,6 +4,8 @@
 - `prune` (``surgery/prune.py``): cut particles out; a genuinely smaller dense model.
 - `bias`, `merge`, `refit` (``surgery/compensate.py``): before a prune, let the kept particles' reader
   absorb what is cut (``pm.prune(remove, compensate=..., data=...)``).
+- `moefy` (``surgery/moefy.py``): a dense FFN becomes a mixture of experts (`ExpertFFN`) whose tokens run
+  only their top-k experts.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from ..gates import ResidualGate
 from ..particles import ParticleMap, Remove
 from ..plan import PROVENANCE, model_plan, provenance
 from ._tensors import input_moments, linear_reader_weight
+from ._experts import ExpertFFN, Router
 from .compensate import BIAS, MERGE, REFIT, Bias, Merge, Refit
+from .moefy import MOEFY, Moefy, moefy_model
 from .prune import PRUNE, Prune
 
 
@@ -53,6 +57,6 @@ def block_correspondence(teacher: nn.Module, student: nn.Module) -> list[tuple[s
 
 
 __all__ = [
-    "BIAS", "Bias", "MERGE", "Merge", "PROVENANCE", "PRUNE", "Prune", "REFIT", "Refit", "block_correspondence",
+    "BIAS", "Bias", "ExpertFFN", "MERGE", "MOEFY", "Merge", "Moefy", "Router", "moefy_model", "PROVENANCE", "PRUNE", "Prune", "REFIT", "Refit", "block_correspondence",
     "input_moments", "linear_reader_weight", "plan_step", "provenance",
 ]
