@@ -32,7 +32,7 @@ def test_groups_found(family):
     kinds = {g.kind for g in pm.groups}
     assert kinds == {"head", "neuron", "block"}
     heads = pm.select("head")
-    assert len(heads) == 3 if family != "llama-mha" else 2
+    assert len(heads) == (2 if family == "llama-mha" else 3)  # one head group per layer
     assert all(g.name.endswith(".heads") for g in heads)
     gqa = {"llama-gqa": 4, "qwen2-gqa": 2}.get(family, 1)
     assert all(g.balanced == (heads[0].size // gqa if gqa > 1 else 1) for g in heads)
