@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -329,6 +330,21 @@ def test_validate_and_top_particles():
     v = pz.validate_scores(pm, data, "taylor", k=5, groups=["head", "neuron"], exact=exact)
     assert set(v.summary.kind) == {"head", "neuron", "all"}
     assert v.summary.spearman.between(-1, 1).all() and v.summary.top_k_overlap.between(0, 1).all()
+    # the numbers themselves: scipy's correlations and the top-5 overlap on the same scores (loss: higher = more)
+    from scipy import stats
+
+    summary = v.summary.set_index("kind")
+    for kind, part in [*v.scores.groupby("kind"), ("all", v.scores)]:
+        c, e = part.score_cheap.to_numpy(), part.score_exact.to_numpy()
+        assert summary.loc[kind, "spearman"] == pytest.approx(stats.spearmanr(c, e).statistic, abs=1e-12)
+        assert summary.loc[kind, "kendall"] == pytest.approx(stats.kendalltau(c, e).statistic, abs=1e-12)
+        top = lambda x: set(np.argsort(-x, kind="stable")[:5].tolist())  # noqa: E731
+        assert summary.loc[kind, "top_k_overlap"] == len(top(c) & top(e)) / 5
+    # known data: an "exact" ranking that is the cheap one reversed correlates -1 and shares none of its top 5
+    cheap = v.scores[["group", "index", "score_cheap"]].rename(columns={"score_cheap": "score"})
+    flipped = pz.validate_scores(pm, data, "taylor", k=5, groups=["head", "neuron"], exact=cheap.assign(score=-cheap.score))
+    assert flipped.summary.spearman.tolist() == pytest.approx([-1.0] * 3) and flipped.summary.kendall.tolist() == pytest.approx([-1.0] * 3)
+    assert (flipped.summary.top_k_overlap == 0).all()
     # with a shortlist covering everything, screening returns exactly the exact top-k
     top = pz.top_particles(pm, data, k=10, shortlist=10_000, groups=["head", "neuron"])
     want = exact.nlargest(10, "score")
