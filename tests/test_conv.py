@@ -265,8 +265,33 @@ def test_mean_mode_ablation() -> None:
         y = model(x)
     assert torch.isfinite(y_mean).all() and y_mean.shape == y.shape
     assert not torch.allclose(y_mean, y_zero)
+    # by hand: the clean per-channel means (over examples and positions) of conv2's input and of block 1's update
+    conv2, block = model.layers[0][0].conv2, model.layers[0][1]
+    seen = {}
+    hooks = [conv2.register_forward_pre_hook(lambda m, a: seen.__setitem__("c", a[0].mean((0, 2, 3)))),
+             block.register_forward_hook(lambda m, a, o: seen.__setitem__("b", (o - a[0]).mean((0, 2, 3))))]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
     means = pm.mean_activations(["layers.0.0.conv1.channels"], [x])["layers.0.0.conv1.channels"][0]
     assert means.shape == (8,)
+    torch.testing.assert_close(means, seen["c"], atol=1e-6, rtol=1e-6)
+
+    def patch_channels(m, a):
+        a = a[0].clone()
+        a[:, :2] = seen["c"][:2, None, None]
+        return (a,)
+
+    hooks = [conv2.register_forward_pre_hook(patch_channels),
+             block.register_forward_hook(lambda m, a, o: a[0] + seen["b"][None, :, None, None])]
+    try:
+        with torch.no_grad():
+            want = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    torch.testing.assert_close(y_mean, want, atol=1e-5, rtol=0)
 
 
 # ---- table and costs -------------------------------------------------------------------------------
