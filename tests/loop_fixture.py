@@ -1,5 +1,5 @@
 """A tiny, quickly trained text classifier and task for the compress-loop tests (also run as a script by
-the SIGKILL test: ``python loop_fixture.py WORKDIR OUT [--resume]``)."""
+the SIGKILL test: ``python loop_fixture.py WORKDIR OUT [--resume] [--kill-at EVENT ROUND [halfway]]``)."""
 
 from __future__ import annotations
 
@@ -84,9 +84,26 @@ def make(work: Path):
     return pz.load(work / "dense"), task, tok
 
 
+def sigkill_at(event: str, round_: int, halfway: bool = False):
+    """A progress callback that SIGKILLs this process at ``event`` of round ``round_`` (``halfway``: at the middle
+    step of a recovery), so a test kills a run at a known point instead of after a guessed wall-clock time."""
+    import os
+    import signal
+
+    def progress(ev, info):
+        if ev == event and info.get("round") == round_ and (not halfway or info["step"] == info["total"] // 2):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return progress
+
+
 if __name__ == "__main__":
     from particlize.loop import compress
 
     work, out = Path(sys.argv[1]), Path(sys.argv[2])
     model, task, tok = make(work)
-    compress(model, task, tokenizer=tok, out=out, resume="--resume" in sys.argv, **OPTIONS)
+    kill = None
+    if "--kill-at" in sys.argv:  # --kill-at EVENT ROUND [halfway]
+        i = sys.argv.index("--kill-at")
+        kill = sigkill_at(sys.argv[i + 1], int(sys.argv[i + 2]), "halfway" in sys.argv[i + 3:])
+    compress(model, task, tokenizer=tok, out=out, resume="--resume" in sys.argv, progress=kill, **OPTIONS)

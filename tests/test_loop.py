@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -70,25 +69,29 @@ def test_out_is_never_overwritten_without_force(setup, tmp_path):
 
 
 def test_resume_after_sigkill_gives_the_same_result(setup, tmp_path):
-    work, *_ = setup
+    """SIGKILLed on events, not after guessed delays: once right after round 1's checkpoint is written (as round 2's
+    cut is made) and, resumed from it, once in the middle of round 2's recovery. Each kill leaves round 1's
+    checkpoint and no partial one; the resumed run ends with the history, test result and model of a run never
+    killed."""
+    work, model, task, tok = setup
+    ref = compress(model, task, tokenizer=tok, out=tmp_path / "ref", **OPTIONS)
+    assert len(ref.history) == 3  # what this test needs: a round 2 to be killed in
     script = [sys.executable, str(HERE / "loop_fixture.py"), str(work)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(Path(pz.__file__).parents[1])])}  # this particlize
-    ref = tmp_path / "ref"
-    subprocess.run([*script, str(ref)], check=True, env=env, capture_output=True)
     out = tmp_path / "killed"
-    for delay in (2.5, 4.0, 3.0):  # kill at different points, resume each time
-        p = subprocess.Popen([*script, str(out), "--resume"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(delay)
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        for d in (out / "rounds").glob("*") if (out / "rounds").exists() else []:  # no partial checkpoint visible
-            if not d.name.startswith("."):
-                assert (d / "model.safetensors").is_file() and (d / "particlize.json").is_file()
-    subprocess.run([*script, str(out), "--resume"], check=True, env=env, capture_output=True)
-    a, b = (json.loads((d / "history.json").read_text()) for d in (ref, out))
-    assert _stable(a["history"]) == _stable(b["history"]) and a["test"] == b["test"]
-    pa, pb = (json.loads((d / "particlize.json").read_text())["plan"] for d in (ref, out))
-    assert pa == pb
+    for kill in (["pruned", "2"], ["recover", "2", "halfway"]):
+        p = subprocess.run([*script, str(out), "--resume", "--kill-at", *kill], env=env, capture_output=True)
+        assert p.returncode == -signal.SIGKILL, p.stderr.decode()[-2000:]
+        saved = json.loads((out / "history.json").read_text())
+        assert not saved["done"] and [e["round"] for e in saved["history"]] == [0, 1]
+        assert (out / "rounds" / "round-001" / "model.safetensors").is_file()
+        assert (out / "rounds" / "round-001" / "particlize.json").is_file()
+        assert [d.name for d in (out / "rounds").iterdir() if not d.name.startswith(".")] == ["round-001"]
+    res = compress(model, task, tokenizer=tok, out=out, resume=True, **OPTIONS)
+    a, b = (json.loads((d / "history.json").read_text()) for d in (tmp_path / "ref", out))
+    assert _stable(a["history"]) == _stable(b["history"]) and a["test"] == b["test"] and a["outcome"] == b["outcome"]
+    pa, pb = (json.loads((d / "particlize.json").read_text())["plan"] for d in (tmp_path / "ref", out))
+    assert pa == pb and _same_weights(res.model, ref.model) and _same_weights(pz.load(out), ref.model)
 
 
 def test_quality_floor_keeps_the_last_good_round(setup, tmp_path):
