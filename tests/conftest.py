@@ -38,6 +38,15 @@ def hf_model(family: str) -> tuple[torch.nn.Module, dict]:
     elif family == "qwen2-gqa":
         m = T.Qwen2ForCausalLM(T.Qwen2Config(vocab_size=97, hidden_size=48, num_hidden_layers=3, num_attention_heads=6,
                                              num_key_value_heads=3, intermediate_size=40, max_position_embeddings=32))
+    elif family == "mistral-gqa":
+        m = T.MistralForCausalLM(T.MistralConfig(vocab_size=97, hidden_size=64, num_hidden_layers=3, num_attention_heads=8,
+                                                 num_key_value_heads=4, intermediate_size=40, max_position_embeddings=32,
+                                                 sliding_window=None))
+    elif family == "roberta":
+        m = T.RobertaForSequenceClassification(T.RobertaConfig(
+            vocab_size=97, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
+            num_labels=3, max_position_embeddings=40, pad_token_id=1))
+        ids = {"input_ids": torch.randint(2, 97, (3, 7))}  # RoBERTa counts positions from pad_token_id + 1
     elif family == "llama-mha":
         m = T.LlamaModel(T.LlamaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                        num_key_value_heads=4, intermediate_size=40, max_position_embeddings=32))
@@ -50,7 +59,7 @@ def hf_model(family: str) -> tuple[torch.nn.Module, dict]:
     return m.eval(), ids
 
 
-HF_FAMILIES = ["bert", "gpt2", "llama-gqa", "qwen2-gqa", "llama-mha", "vit"]
+HF_FAMILIES = ["bert", "roberta", "gpt2", "llama-gqa", "qwen2-gqa", "mistral-gqa", "llama-mha", "vit"]
 
 
 def output_of(model: torch.nn.Module, batch) -> torch.Tensor:

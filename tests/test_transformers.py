@@ -34,7 +34,7 @@ def test_groups_found(family):
     heads = pm.select("head")
     assert len(heads) == (2 if family == "llama-mha" else 3)  # one head group per layer
     assert all(g.name.endswith(".heads") for g in heads)
-    gqa = {"llama-gqa": 4, "qwen2-gqa": 2}.get(family, 1)
+    gqa = {"llama-gqa": 4, "qwen2-gqa": 2, "mistral-gqa": 2}.get(family, 1)
     assert all(g.balanced == (heads[0].size // gqa if gqa > 1 else 1) for g in heads)
 
 
@@ -61,7 +61,7 @@ def test_masked_equals_pruned(family, data, tmp_path_factory):
         torch.testing.assert_close(output_of(again, batch), pruned, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["bert", "gpt2", "llama-gqa", "vit"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "gpt2", "llama-gqa", "mistral-gqa", "vit"])
 @SETTINGS
 @given(data=st.data())
 def test_flops_match_costs(family, data):
