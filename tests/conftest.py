@@ -86,3 +86,13 @@ def reader_output(model: torch.nn.Module, path: str, batch: dict) -> torch.Tenso
     finally:
         h.remove()
     return seen["y"]
+
+
+@pytest.fixture(scope="session")
+def trained_text(tmp_path_factory):
+    """(work folder, model, task, tokenizer): the quickly trained text classifier of `loop_fixture`, trained once
+    per session and shared by the compress-loop tests."""
+    from loop_fixture import make
+
+    work = tmp_path_factory.mktemp("loop")
+    return (work, *make(work))

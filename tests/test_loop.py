@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import torch
 
 import particlize as pz
-from loop_fixture import OPTIONS, REFERENCE, make
+from loop_fixture import OPTIONS, REFERENCE
 from particlize.allocate import AllocationConfig, allocate
 from particlize.loop import CompressConfig, Target, compress
 from particlize.plan import Step
@@ -26,10 +26,9 @@ from particlize.recover import RecoveryConfig, recover
 HERE = Path(__file__).parent
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    work = tmp_path_factory.mktemp("loop")
-    return (work, *make(work))
+@pytest.fixture
+def setup(trained_text):
+    return trained_text
 
 
 def _stable(history):
