@@ -441,3 +441,18 @@ def test_tasks_know_data_not_training() -> None:
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
                 assert not any(n.startswith("particlize.") and n.split(".")[1] in banned for n in names), (f.name, names)
+
+
+def test_train_frame_classifier_returns_its_model_and_that_model_s_test_accuracy():
+    """40 steps on a tiny moving-digits task: the accuracy returned is the returned model's on the task's test
+    frames (computed again here), already above chance (1 in 10) after so few steps, and the run is seeded."""
+    from particlize.models.vision import SimpleCNN
+    from particlize.tasks.moving_digits import moving_digits, train_frame_classifier
+
+    task = moving_digits(seed=0, n_train=10, n_eval=10)
+    model, acc = train_frame_classifier(task, steps=40, batch_size=32, seed=0)
+    assert isinstance(model, SimpleCNN) and not model.training
+    x, y = task.frames_of("test", 1000, seed=0)
+    with torch.no_grad():
+        assert acc == (model(x).argmax(-1) == y).float().mean().item()
+    assert acc > 0.15, acc
