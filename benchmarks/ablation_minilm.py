@@ -178,6 +178,9 @@ def main() -> int:
             tot[fast] = one[(fast, "heads")] + sum(per_particle(one, fast, g) * pm[g].size for g in neurons)
         paired.append(tot[False] / tot[True])
     log(f"paired ratio per round (all 9,288): {', '.join(f'{x:.2f}×' for x in paired)}")
+    if worst > 1e-4:  # the speed above means nothing if the two sides disagree: fail the run
+        log(f"FAIL: the two sides' effects differ by {worst:.2e} > 1e-4")
+        return 1
     return 0
 
 

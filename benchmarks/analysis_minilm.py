@@ -202,6 +202,7 @@ def main() -> int:
     run(False, heads[:1], batches[:1], only={heads[0]: [0, 1]})
 
     # ---- 1. heads ------------------------------------------------------------------------------
+    failed: list[str] = []  # equality checks that did not hold: the run exits 1
     exact_heads = None
     if "heads" not in skip:
         log(f"\n## 1. all {sum(pm[g].size for g in heads)} heads, exact zero-ablation, {len(texts)} sentences, "
@@ -221,6 +222,8 @@ def main() -> int:
         de = max(d[1] for d in diffs)
         log(f"identical scores: max |Δ mean effect| = {dm:.2e}, max |Δ per-example effect| = {de:.2e} "
             f"({'PASS' if dm <= 1e-4 else 'FAIL'} at 1e-4)")
+        if dm > 1e-4:
+            failed.append(f"heads: fast and naive mean effects differ by {dm:.2e}")
         rows = [["naive loop (fast=False): 1 full forward per head", f"{statistics.median(tn):.1f}",
                  f"{min(tn):.1f}–{max(tn):.1f}", f"{statistics.median(tn) / 72:.2f}", "1.00×"],
                 ["particlize fast engine (fast=True)", f"{statistics.median(tf):.1f}", f"{min(tf):.1f}–{max(tf):.1f}",
@@ -271,6 +274,8 @@ def main() -> int:
         dm, de, same = max_diff(eff_f, eff_n)
         log(f"identical scores: max |Δ mean effect| = {dm:.2e}, per-example {de:.2e}, same particles run: {same} "
             f"({'PASS' if dm <= 1e-4 and same else 'FAIL'} at 1e-4)")
+        if not (dm <= 1e-4 and same):
+            failed.append(f"neurons: fast and naive mean effects differ by {dm:.2e} (same particles run: {same})")
         exact_neurons = eff_f
         # extrapolation to all 9,216 neurons
         clean = f_sorted  # one clean forward over the batches: done once per call by both engines
@@ -452,7 +457,9 @@ def main() -> int:
     drift = abs(probe1 - probe0) / max(probe0, 1e-9)
     log(f"\nmatmul probe: {probe0:.0f} → {probe1:.0f} GFLOP/s ({'moved ' + format(drift, '.0%') if drift > 0.25 else 'stable within 25%'}); "
         f"total wall {(time.perf_counter() - T0) / 60:.1f} min")
-    return 0
+    for f in failed:
+        log(f"FAIL: {f}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -280,6 +280,11 @@ def main() -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"probe": [probe0, probe1], "results": results}, indent=1))
+    unequal = [x for x in results if x.get("tool") == "particlize" and "error" not in x and not x.get("masked_equal")]
+    if unequal:  # a pruned model that differs from the masked one fails the run, whatever the timings
+        print(f"FAIL: {len(unequal)} particlize run(s) differ from the masked model "
+              f"(max abs diff {max(x['max_abs_diff_vs_masked'] for x in unequal):.1e})")
+        return 1
     return 0
 
 
