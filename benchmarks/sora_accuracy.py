@@ -14,16 +14,20 @@ at 95% on an accuracy near 0.75; the issue's "at most 2 points lower" needs seve
 A model chosen among several by these videos is best confirmed on others (``--first-seed 5`` with the
 default 500: seeds 5–9, none of the default's 0–4); ``--first-seed 0 5 10`` pools three such sets (1,500 videos).
 
-Per-video hits are cached in ``--cache`` under a hash of the model's weights and every setting that
-changes the samples (threads included), so the dense model is sampled once, not on every call.
+Per-video hits are cached in ``--cache`` under a content hash (`cache_key`): the weights of the model and of the
+frame classifier that judges it, the source of the code that samples and judges, and every setting that changes
+the samples (threads included), so the dense model is sampled once, not on every call, and a changed judge or
+sampler is never served old hits.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import math
+import sys
 from pathlib import Path
 
 import _common as C
@@ -45,20 +49,46 @@ def sample_trials(model: torch.nn.Module, clf: torch.nn.Module, labels: torch.Te
     return torch.cat(hits), change / len(labels)
 
 
-def cached_trials(model: torch.nn.Module, clf: torch.nn.Module, labels: torch.Tensor, steps: int, guidance: float,
-                  chunk: int, cache: Path | None, first_seed: int = 0) -> torch.Tensor:
-    """`sample_trials`' hits, read from ``cache`` when this model (by its weights) was sampled the same way before."""
-    if cache is None:
-        return sample_trials(model, clf, labels, steps, guidance, chunk, first_seed)[0]
-    h = hashlib.sha256()
+def _hash_weights(h: "hashlib._Hash", model: torch.nn.Module) -> None:
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
+        h.update(str(t.dtype).encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
+
+
+def _code_files(model: torch.nn.Module) -> list[Path]:
+    """The source files whose code decides the hits: every file of the package that defines the model's class
+    (its ``sample`` and noise schedule with their helpers), the judge's (`classify_videos`), and this script
+    (`sample_trials`). Broader than needed, never narrower: a change there only costs a fresh sampling."""
+    package = Path(inspect.getfile(type(model))).parent
+    judge = Path(inspect.getfile(sys.modules[classify_videos.__module__]))  # the function itself is wrapped by no_grad
+    files = set(package.glob("*.py")) | {judge, Path(__file__)}
+    return sorted(f.resolve() for f in files)
+
+
+def cache_key(model: torch.nn.Module, clf: torch.nn.Module, labels: torch.Tensor, steps: int, guidance: float,
+              chunk: int, first_seed: int = 0) -> str:
+    """The content hash the hits of ``model`` judged by ``clf`` are cached under: both models' weights, the source
+    of the code that samples and judges (`_code_files`), the labels and every setting that changes the samples."""
+    h = hashlib.sha256()
+    _hash_weights(h, model)
+    h.update(b"judge")
+    _hash_weights(h, clf)
+    for f in _code_files(model):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
     h.update(labels.numpy().tobytes())
-    h.update(f"{steps} {guidance} {chunk} {torch.__version__} {torch.get_num_threads()}".encode())
-    if first_seed:  # (keys written before seeds could move stay valid)
-        h.update(f" first seed {first_seed}".encode())
-    f = cache / f"{h.hexdigest()[:32]}.json"
+    h.update(f"{steps} {guidance} {chunk} {first_seed} {torch.__version__} {torch.get_num_threads()}".encode())
+    return h.hexdigest()[:32]
+
+
+def cached_trials(model: torch.nn.Module, clf: torch.nn.Module, labels: torch.Tensor, steps: int, guidance: float,
+                  chunk: int, cache: Path | None, first_seed: int = 0) -> torch.Tensor:
+    """`sample_trials`' hits, read from ``cache`` when the same model was sampled and judged the same way before
+    (`cache_key`: weights of both models, the code, the settings)."""
+    if cache is None:
+        return sample_trials(model, clf, labels, steps, guidance, chunk, first_seed)[0]
+    f = cache / f"{cache_key(model, clf, labels, steps, guidance, chunk, first_seed)}.json"
     if f.is_file():
         return torch.tensor(json.loads(f.read_text()))
     hits = sample_trials(model, clf, labels, steps, guidance, chunk, first_seed)[0]
@@ -105,7 +135,7 @@ def main() -> None:
                          "several values: their sets pooled)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--cache", type=Path, default=Path("bench-out/sora-accuracy-cache"),
-                    help="folder of per-video hits by model weights and settings")
+                    help="folder of per-video hits by content hash (weights of model and judge, code, settings)")
     ap.add_argument("--no-cache", action="store_true", help="sample every model again")
     args = ap.parse_args()
     if args.per_class < 1 or args.chunk < 1:
