@@ -12,7 +12,7 @@ import torch
 import particlize as pz
 from conftest import hf_model, output_of
 from particlize.errors import CheckpointError
-from particlize.parallel import ParallelError, analyze, check_shard, launch, shard, unshard
+from particlize.parallel import ParallelError, analyze, check_rank, check_shard, launch, shard, unshard
 from particlize.plan import model_plan
 from particlize.surgery import layout, shard_model
 from test_moefy import _dit
@@ -160,3 +160,31 @@ def test_shard_needs_a_process_group_and_a_shard_cannot_be_saved(tmp_path):
     with pytest.raises(CheckpointError, match="unshard"):
         pz.save(part, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+FACTORY = """
+import torch
+from transformers import BertConfig, BertModel
+
+def small_bert():
+    torch.manual_seed(0)
+    return BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=24, max_position_embeddings=16))
+"""
+
+
+def test_check_rank_reports_the_match_throughput_and_memory_of_each_rank(tmp_path):
+    (tmp_path / "models.py").write_text(FACTORY)
+    rows = launch(check_rank, 2, f"{tmp_path}/models.py:small_bert", None, 4, 16, 2, True, **FORK)
+    assert [r["rank"] for r in rows] == [0, 1] and all(r["world_size"] == 2 for r in rows)
+    assert all(r["max_abs_diff"] <= 1e-5 and r["examples_per_s"] > 0 and r["peak_rss_mb"] > 0 for r in rows)
+    assert rows[0]["sharded_groups"] == 4  # 2 head groups and 2 neuron groups; blocks replicated
+
+
+@pytest.mark.slow
+def test_the_parallel_command_spawns_ranks_and_checks_them(tmp_path, capsys):
+    from particlize.cli import main
+
+    (tmp_path / "models.py").write_text(FACTORY)
+    main(["parallel", f"{tmp_path}/models.py:small_bert", "--nproc", "2", "--trust-code", "--max-length", "16"])
+    assert "outputs match the whole model" in capsys.readouterr().out
