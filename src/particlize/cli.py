@@ -26,6 +26,7 @@ from .errors import ParticlizeError
 from .loop import CompressConfig, Target
 from .loop import compress as run_compress
 from .moe_cli import moefy_command
+from .parallel_cli import parallel_command
 from .recover import RecoveryConfig
 from .sources import load_model, load_tokenizer
 from .sweep import sweep as run_sweep
@@ -462,6 +463,7 @@ def train_sora_cmd(
 
 
 app.command("moefy")(moefy_command)  # MoEfication (particlize.moe); the command's options live with it
+app.command("parallel")(parallel_command)  # particle-parallel check (particlize.parallel)
 
 
 def _to(x: Any, device: str) -> Any:

@@ -142,6 +142,8 @@ def save(
     weights (``AutoTokenizer.from_pretrained(path)`` then works). ``extra`` is stored as is in the JSON
     (JSON-serialisable values). Returns the folder.
     """
+    if "shard" in model_plan(model).verbs():  # one rank's share of the particles, not a model
+        raise CheckpointError("this model is one rank's shard; gather it with particlize.parallel.unshard(model) and save that")
     return write_folder_atomically(Path(path), lambda tmp: write_model(model, tmp, tokenizer=tokenizer, extra=extra),
                                    force=force)
 

@@ -21,6 +21,7 @@ from ._experts import ExpertFFN, Router
 from .compensate import BIAS, MERGE, REFIT, Bias, Merge, Refit
 from .moefy import MOEFY, Moefy, moefy_model
 from .prune import PRUNE, Prune
+from .shard import SHARD, Shard, is_sharded, layout, shard_model  # noqa: F401  (the shard verb: particlize.parallel)
 
 
 def plan_step(pm: ParticleMap, remove: Remove) -> dict[str, list[int]]:
