@@ -18,11 +18,12 @@ from .analysis import analyze, top_particles, validate_scores
 from .errors import CheckpointError, GateError, ParticlizeError, PlanError, UnsupportedModelError
 from .io import load, save
 from .moe import moefy
+from .parallel import shard, unshard
 from .particles import Cost, InputGate, ParticleGroup, ParticleMap, ResidualGate, Slice, WeightMaskGate
 from .plan import Plan, Step
 
 __all__ = [
     "CheckpointError", "Cost", "GateError", "InputGate", "ParticleGroup", "ParticleMap", "ParticlizeError",
-    "Plan", "PlanError", "ResidualGate", "Slice", "Step", "UnsupportedModelError", "WeightMaskGate", "analyze", "decompose", "load", "moefy", "save",
+    "Plan", "PlanError", "ResidualGate", "Slice", "Step", "UnsupportedModelError", "WeightMaskGate", "analyze", "decompose", "load", "moefy", "save", "shard", "unshard",
     "top_particles", "validate_scores",
 ]
