@@ -11,7 +11,8 @@ Why plain collectives and not DTensor ``parallelize_module`` (``ColwiseParallel`
 that API shards a Linear into equal pieces on a ``DeviceMesh`` and expects the attention module to be told
 its local head count; it fits an unpruned model whose widths divide the world size. particlize's models are
 pruned to uneven widths (7 heads here, 5 there) that need not divide it, grouped-query heads must stay
-with their key/value head, and the adapters already know how to cut a module and fix its head counts
+balanced over their key/value heads (each rank takes an equal share of every key/value group's query heads;
+the key/value projections are replicated), and the adapters already know how to cut a module and fix its head counts
 (`prune`). So each rank keeps its own particles as a genuinely smaller dense module and one
 ``all_reduce`` per reader (the row-parallel sum) restores the whole output: the same communication as
 Megatron/DTensor tensor parallelism (one all-reduce after ``o_proj`` and one after ``fc2`` per layer),
