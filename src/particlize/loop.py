@@ -32,38 +32,13 @@ from .allocate import (AllocationConfig, Allocator, Scorer, _shrink_plan, alloca
 from .errors import ParticlizeError
 from .io import load, save, write_folder_atomically, write_model
 from .measure import int8_report, latency_inputs, measure_latency
-from .outcome import Outcome, decide, target_met
+from .outcome import Outcome, Target, decide, target_met
 from .particles import ParticleMap
 from .recover import RecoveryConfig, check_applicable, recover
 from .tasks import Task
 
 HISTORY = "history.json"
 Progress = Callable[[str, dict[str, Any]], None]  # (event, info)
-
-
-@dataclass
-class Target:
-    """Where the loop stops: shares of the dense model's FLOPs / params or a measured latency to reach (all
-    given ones must be met), and the quality floor the returned model must meet after its recovery."""
-
-    flops: float | None = 0.5
-    params: float | None = None
-    latency_ms: float | None = None
-    min_quality: float = 0.99  # relative to the dense model's quality, e.g. its accuracy; 0: no floor
-
-    def check(self) -> None:
-        """Raise `ParticlizeError` for a missing or out-of-range target (named as the compress option)."""
-        if self.flops is None and self.params is None and self.latency_ms is None:
-            raise ParticlizeError("give a target: target_flops, target_params (fractions) or target_latency_ms")
-        for name, v in (("target_flops", self.flops), ("target_params", self.params)):
-            if v is not None and not 0.0 < v < 1.0:
-                raise ParticlizeError(f"{name} is the fraction of the dense model to keep: it must be in (0, 1), got {v}")
-        if self.latency_ms is not None and self.latency_ms <= 0:
-            raise ParticlizeError(f"target_latency_ms must be positive, got {self.latency_ms}")
-        if not 0.0 <= self.min_quality <= 1.5:
-            raise ParticlizeError(
-                f"min_quality is relative to the dense model's quality, e.g. its accuracy (0.99; 0 for no floor), got {self.min_quality}"
-            )
 
 
 # the flat option names (compress keywords, CLI options, runs saved before the split) → (part, field)

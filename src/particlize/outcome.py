@@ -10,10 +10,35 @@ all the recovery it ships with.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .loop import Target
+from .errors import ParticlizeError
+
+
+@dataclass
+class Target:
+    """Where the loop stops: shares of the dense model's FLOPs / params or a measured latency to reach (all
+    given ones must be met), and the quality floor the returned model must meet after its recovery."""
+
+    flops: float | None = 0.5
+    params: float | None = None
+    latency_ms: float | None = None
+    min_quality: float = 0.99  # relative to the dense model's quality, e.g. its accuracy; 0: no floor
+
+    def check(self) -> None:
+        """Raise `ParticlizeError` for a missing or out-of-range target (named as the compress option)."""
+        if self.flops is None and self.params is None and self.latency_ms is None:
+            raise ParticlizeError("give a target: target_flops, target_params (fractions) or target_latency_ms")
+        for name, v in (("target_flops", self.flops), ("target_params", self.params)):
+            if v is not None and not 0.0 < v < 1.0:
+                raise ParticlizeError(f"{name} is the fraction of the dense model to keep: it must be in (0, 1), got {v}")
+        if self.latency_ms is not None and self.latency_ms <= 0:
+            raise ParticlizeError(f"target_latency_ms must be positive, got {self.latency_ms}")
+        if not 0.0 <= self.min_quality <= 1.5:
+            raise ParticlizeError(
+                f"min_quality is relative to the dense model's quality, e.g. its accuracy (0.99; 0 for no floor), got {self.min_quality}"
+            )
+
 
 
 @dataclass(frozen=True)
@@ -41,7 +66,7 @@ class Outcome:
 
 
 def target_met(target: Target, entry: dict[str, Any]) -> bool:
-    """Whether a round's entry meets every given part of a `particlize.loop.Target` (FLOPs, params, latency)."""
+    """Whether a round's entry meets every given part of a `Target` (FLOPs, params, latency)."""
     ok = True
     if target.flops is not None:
         ok &= entry["flops_ratio"] <= target.flops + 1e-9
