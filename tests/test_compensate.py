@@ -8,7 +8,7 @@ import torch
 import particlize as pz
 from conftest import hf_model, output_of, reader_output
 from particlize.plan import model_plan
-from particlize.surgery import Merge, linear_reader_weight
+from particlize.surgery import Merge, Refit, linear_reader_weight
 
 FAMILIES = ["bert", "gpt2", "llama-gqa"]
 
@@ -81,9 +81,10 @@ def test_bias_gives_a_reader_without_bias_one_and_load_rebuilds_it(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
-def test_merge_folds_a_duplicate_into_its_twin_exactly(family):
-    """A removed neuron whose activation equals a kept one's is merged into that twin (scale 1): the
-    pruned model computes exactly what the intact one did."""
+@pytest.mark.parametrize("verb", [Merge(damp=0.0), Refit(damp=0.0)], ids=["merge", "refit"])
+def test_a_removed_duplicate_is_folded_into_its_twin_exactly(family, verb):
+    """A removed neuron whose activation equals a kept one's is folded into that twin (merge: scale 1 onto it;
+    refit: least squares on all kept ones): the pruned model computes exactly what the intact one did."""
     model, batch = hf_model(family)
     pm = pz.decompose(model)
     name = next(g.name for g in pm.groups if g.kind == "neuron" and g.layer == 1)
@@ -93,9 +94,10 @@ def test_merge_folds_a_duplicate_into_its_twin_exactly(family):
     with torch.no_grad():  # neuron 5 becomes a copy of neuron 2
         w.index_copy_(writer.dim, torch.tensor([5]), w.index_select(writer.dim, torch.tensor([2])))
         b[5] = b[2]
-    small = pm.prune({name: [5]}, compensate=Merge(damp=0.0), data=[batch])
-    (step,) = [s for s in model_plan(small) if s.verb == "merge"]
-    assert step.args["into"] == {"5": 2}
+    small = pm.prune({name: [5]}, compensate=verb, data=[batch])
+    assert [(s.verb, s.group) for s in model_plan(small)] == [(verb.name, name), ("prune", name)]
+    if verb.name == "merge":
+        assert model_plan(small)[0].args["into"] == {"5": 2}
     reader = pm[name].gate.module
     intact = reader_output(model, reader, batch)
     torch.testing.assert_close(reader_output(small, reader, batch), intact, atol=1e-5, rtol=1e-5)

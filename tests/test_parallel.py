@@ -24,18 +24,25 @@ def _model(family: str):
     return _dit() if family == "dit" else hf_model(family)
 
 
+def _round_trip(model, batch):
+    """On this rank: shard ``model``, the largest difference of its outputs from the whole model's, gather it
+    back; ``(part, whole, reference output, diff, whether the gathered weights equal the original exactly)``."""
+    with torch.no_grad():
+        ref = output_of(model, batch)
+        part = shard(model)
+        diff = float((output_of(part, batch) - ref).abs().max())
+        whole = unshard(part)
+    sd, sw = model.state_dict(), whole.state_dict()
+    exact = list(sd) == list(sw) and all(torch.equal(sd[k], sw[k]) for k in sd)
+    return part, whole, ref, diff, exact
+
+
 def _shard_check(families: list[str]) -> dict:
     """On each rank: sharded outputs vs the whole model's, unshard vs the original weights."""
     out = {}
     for fam in families:
         model, batch = _model(fam)
-        with torch.no_grad():
-            ref = output_of(model, batch)
-            part = shard(model)
-            diff = float((output_of(part, batch) - ref).abs().max())
-            whole = unshard(part)
-        sd, sw = model.state_dict(), whole.state_dict()
-        exact = list(sd) == list(sw) and all(torch.equal(sd[k], sw[k]) for k in sd)
+        part, whole, ref, diff, exact = _round_trip(model, batch)
         with torch.no_grad():
             again = float((output_of(whole, batch) - ref).abs().max())
         try:
@@ -71,13 +78,8 @@ def _pruned_bert():
 
 def _uneven() -> dict:
     model, batch = _pruned_bert()
-    with torch.no_grad():
-        ref = output_of(model, batch)
-        part = shard(model)
-        diff = float((output_of(part, batch) - ref).abs().max())
-        whole = unshard(part)
-    sd, sw = model.state_dict(), whole.state_dict()
-    return dict(diff=diff, exact=all(torch.equal(sd[k], sw[k]) for k in sd),
+    part, _, _, diff, exact = _round_trip(model, batch)
+    return dict(diff=diff, exact=exact,
                 widths={n: len(p[torch.distributed.get_rank()]) for n, p in part._particlize_shard["layout"].items()})
 
 
