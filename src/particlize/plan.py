@@ -215,12 +215,9 @@ def prune_model(pm: "ParticleMap", removed: Mapping[str, Sequence[int]], *,
 
     Tensors about to be cut (or dropped with their block) are shared with the original instead of copied:
     verbs replace tensors and never write in place, so the original stays intact and is not copied twice."""
-    keep: dict[str, list[int]] = {}
-    for name, r in removed.items():
-        if r:
-            gone = set(r)
-            keep[name] = [i for i in range(pm[name].size) if i not in gone]
-            pm[name].check_keep(keep[name])
+    keep = kept_indices(pm, removed)
+    for name, idx in keep.items():
+        pm[name].check_keep(idx)
     steps: list[Step] = []
     if compensate not in (None, "none") and keep:
         comp = get_verb(compensate) if isinstance(compensate, str) else compensate
@@ -242,6 +239,16 @@ def prune_model(pm: "ParticleMap", removed: Mapping[str, Sequence[int]], *,
     small = copy.deepcopy(pm.model, memo)
     out = run(pm.rebind(small), steps)
     set_provenance(small, pm.recipe, model_plan(pm.model) + [Step(s.verb, s.group, s.args) for s in steps])
+    return out
+
+
+def kept_indices(pm: "ParticleMap", removed: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    """``{group: removed indices}`` → ``{group: kept indices}``, groups that lose nothing left out."""
+    out = {}
+    for name, r in removed.items():
+        if r:
+            gone = set(r)
+            out[name] = [i for i in range(pm[name].size) if i not in gone]
     return out
 
 
@@ -274,5 +281,5 @@ def set_provenance(model: nn.Module, recipe: Mapping[str, Any] | None, plan: Pla
 
 __all__ = [
     "FORMAT", "PROVENANCE", "Compensation", "Plan", "Step", "Verb", "compensations", "get_verb", "model_plan",
-    "provenance", "prune_model", "prune_steps", "register_verb", "run", "set_provenance", "verbs",
+    "kept_indices", "provenance", "prune_model", "prune_steps", "register_verb", "run", "set_provenance", "verbs",
 ]

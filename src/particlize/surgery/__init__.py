@@ -15,7 +15,7 @@ from torch import nn
 from ..adapters import decompose
 from ..gates import ResidualGate
 from ..particles import ParticleMap, Remove
-from ..plan import PROVENANCE, model_plan, provenance
+from ..plan import PROVENANCE, kept_indices, model_plan, provenance
 from ._tensors import input_moments, linear_reader_weight
 from ._experts import ExpertFFN, Router
 from .compensate import BIAS, MERGE, REFIT, Bias, Merge, Refit
@@ -26,12 +26,7 @@ from .shard import SHARD, Shard, is_sharded, layout, shard_model  # noqa: F401  
 
 def plan_step(pm: ParticleMap, remove: Remove) -> dict[str, list[int]]:
     """``{group: removed indices}`` → ``{group: kept indices}`` (groups losing nothing left out)."""
-    step = {}
-    for name, r in pm.removed_sets(remove).items():
-        if r:
-            gone = set(r)
-            step[name] = [i for i in range(pm[name].size) if i not in gone]
-    return step
+    return kept_indices(pm, pm.removed_sets(remove))
 
 
 def block_correspondence(teacher: nn.Module, student: nn.Module) -> list[tuple[str, str]]:
