@@ -121,6 +121,27 @@ def test_ffn_flops_are_k_over_e_plus_the_router(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("cut", [[1], [0, 2], [0, 1, 3]])
+def test_cost_of_removing_experts_is_the_cost_of_the_pruned_model(family, cut):
+    """Each token still runs min(k, kept) experts: removing experts saves their parameters, and FLOPs only where
+    fewer than k experts are left (plus the router rows)."""
+    model, _ = _model(family)
+    mm = moefy_model(pz.decompose(model), _strided(pz.decompose(model), 4), active=2)
+    remove = {mm.select("expert")[0].name: cut}
+    predicted, actual = mm.cost(remove), pz.decompose(mm.prune(remove)).cost()
+    assert predicted.params == actual.params
+    assert predicted.flops == pytest.approx(actual.flops, rel=1e-9)
+    saved = mm.cost().flops - predicted.flops
+    ffn = _ffns(mm.model)[0]
+    router_rows = 2.0 * len(cut) * ffn.router.out.weight.shape[1]
+    if len(cut) <= 2:  # two or more experts left: a token runs two experts as before
+        assert saved == pytest.approx(router_rows)
+    else:  # one expert left: the token's FFN FLOPs halve
+        expert_flops = 2.0 * sum(getattr(ffn, r).weight.numel() for r in ffn.roles.values()) / 4
+        assert saved == pytest.approx(router_rows + expert_flops)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_decompose_shows_experts_and_ablating_them_equals_pruning(family):
     model, batch = _model(family)
     pm = pz.decompose(model)

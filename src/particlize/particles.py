@@ -52,7 +52,9 @@ class ParticleGroup:
     ``ctx_len`` fixes that context length where the architecture does, whatever the sequence length
     (a video DiT's spatial attention sees one frame's patches, its temporal attention one patch's frames).
     ``balanced`` > 1 means the particles come in that many equal chunks which must keep equal counts
-    (query heads sharing a key/value head under grouped-query attention).
+    (query heads sharing a key/value head under grouped-query attention). ``active`` marks a conditional
+    group (mixture-of-experts): each token runs only ``active`` of its kept particles, so the FLOPs of the
+    tensors named in ``routed`` scale with ``min(active, kept) / kept`` of their kept size, not with it.
     """
 
     name: str
@@ -67,6 +69,8 @@ class ParticleGroup:
     ctx_len: int | None = None
     balanced: int = 1
     scope: str = ""
+    active: int | None = None
+    routed: tuple[str, ...] = ()
     on_prune: Callable[[nn.Module, list[int]], None] | None = field(default=None, repr=False)
 
     def ctx_flops(self, seq_len: int) -> float:
@@ -243,6 +247,7 @@ class ParticleMap:
                     if isinstance(g.gate, ResidualGate):
                         dead_scopes.add(g.gate.modules[i] + ".")
         kept: dict[str, dict[int, int]] = {}  # tensor -> dim -> removed count
+        routing: dict[str, float] = {}  # tensor -> FLOPs factor of a conditional group after the removal
         ctx_total = 0.0  # attention FLOPs per token of the kept particles
         for g in self.groups:
             if g.kind == "block":
@@ -250,6 +255,9 @@ class ParticleMap:
             gone = removed.get(g.name, [])
             alive = not any(g.scope.startswith(s) or g.name.startswith(s) for s in dead_scopes)
             ctx_total += g.ctx_flops(seq_len) * (g.size - len(gone) if alive else 0)
+            if g.active is not None and len(gone) < g.size:
+                now, was = min(g.active, g.size - len(gone)) / (g.size - len(gone)), min(g.active, g.size) / g.size
+                routing.update((name, now / was) for name in g.routed)
             for s in (*g.writers, *g.readers):
                 t = self._tensor(s.name)
                 dim = s.dim % t.ndim
@@ -265,7 +273,7 @@ class ParticleMap:
             numel = math.prod(t.shape[d] - kept.get(name, {}).get(d, 0) for d in range(t.ndim))
             if self._is_param(name):
                 params += numel
-            flops += numel * self.tensor_flops.get(name, 0.0)
+            flops += numel * self.tensor_flops.get(name, 0.0) * routing.get(name, 1.0)
         return Cost(params, flops)
 
     # ---- gates ---------------------------------------------------------------------------------

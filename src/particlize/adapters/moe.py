@@ -108,8 +108,9 @@ def expert_group(path: str, m: nn.Module, layer: int | None, scope: str = "") ->
         writers += [Slice(f"{path}.{name}.weight", 0, w), *bias(f"{path}.{name}", getattr(m, name), width=w)]
     writers += [Slice(f"{path}.router.out.weight", 0), *bias(f"{path}.router.out", m.router.out)]
     readers = (Slice(f"{path}.{m.roles['down']}.weight", 1, w),)
+    routed = tuple(f"{path}.{role}.weight" for role in m.roles.values())  # the router runs for every expert
     return ParticleGroup(f"{path}.experts", "expert", m.num_experts, layer, ExpertGate(path), tuple(writers), readers,
-                         scope=scope, on_prune=_expert_pruned(path))
+                         scope=scope, active=m.active, routed=routed, on_prune=_expert_pruned(path))
 
 
 class MoEAdapter:
