@@ -92,9 +92,12 @@ def load_any(
     trust_code: bool = False,
     device: str | torch.device = "cpu",
 ) -> nn.Module:
-    """`particlize.load` for every MODEL the CLI accepts (``pz.load``): a folder written by `save` or a
-    shipped model's name go to `particlize.io.load`; ``"minilm"``, a Hugging Face folder and
-    ``path/to/file.py:factory`` to `load_model` (the module as the CLI would build it, in eval mode)."""
+    """``pz.load``: every MODEL the CLI accepts, as an ``nn.Module`` in eval mode on ``device``.
+
+    A folder written by `save` or a shipped model's name (``"sora-tiny"``) goes to `particlize.io.load` (rebuild,
+    replay the plan, load the weights; ``base`` and ``trust_code`` as there); ``"minilm"`` (the real
+    all-MiniLM-L6-v2 encoder), a Hugging Face model folder and ``path/to/file.py:factory`` to `load_model`.
+    """
     spec = os.fspath(path)
     p = resolve(spec)
     foreign = (spec == "minilm" and not p.exists()) or (p.is_dir() and not (p / META).is_file()
