@@ -1,8 +1,8 @@
 """The README's measured numbers against the summary table at the top of benchmarks/RESULTS.md.
 
 A measured number in README.md is followed by an HTML comment naming its row, ``0.856<!--n:recover-25-->``
-(invisible when rendered). The summary table before RESULTS.md's first ``##`` has one row per headline number:
-``| key | value | how measured | command | date |``. A README number must equal its row's value, rounded to the
+(invisible when rendered). The summary tables before RESULTS.md's first ``##`` (one per capability) have one row per headline
+number: ``| key | value | how measured | command | machine | date |``. A README number must equal its row's value, rounded to the
 digits the README shows, with the same unit (× or %); a marker without a row, and a speedup (``2.5×``) without a
 marker, fail. So the two cannot drift apart again.
 """
@@ -22,6 +22,7 @@ _NUM = r"[−+\-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:e[−+\-]?\d+)?"
 _VALUE = re.compile(rf"\[?{_NUM}(?:\s*(?:–|to|,)\s*{_NUM})?\]?\s?[×%]?$")
 _MARKER = re.compile(r"<!--n:([\w.-]+)-->")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+HEADER = ["key", "value", "how measured", "command", "machine", "date"]
 
 
 def _numbers(value: str) -> tuple[list[tuple[float, int]], str]:
@@ -49,19 +50,31 @@ def matches(readme_value: str, results_value: str) -> bool:
 
 
 def summary_rows() -> dict[str, dict[str, str]]:
-    """The summary table before RESULTS.md's first ``##`` section, by key."""
+    """The summary tables before RESULTS.md's first ``##`` section (one per capability), by key.
+
+    Each table starts with the header ``| key | value | how measured | command | machine | date |``."""
     head = RESULTS.read_text(encoding="utf-8").split("\n## ", 1)[0]
     lines = [ln for ln in head.splitlines() if ln.startswith("|")]
-    assert lines and [c.strip() for c in lines[0].strip("|").split("|")] == [
-        "key", "value", "how measured", "command", "date"], "RESULTS.md needs its summary table before the first ##"
+    assert lines, "RESULTS.md needs its summary tables before the first ##"
     rows: dict[str, dict[str, str]] = {}
-    for ln in lines[2:]:
+    cols: list[str] = []
+    for ln in lines:
         cells = [c.strip() for c in ln.strip().strip("|").split(" | ")]
-        assert len(cells) == 5, f"summary row needs 5 cells: {ln}"
-        key, value, how, command, date = cells
+        if cells[0] == "key":
+            cols = cells
+            assert cols == HEADER, f"summary table header must be {' | '.join(HEADER)}: {ln}"
+            continue
+        if set(ln) <= set("|-: "):
+            continue
+        assert cols, f"summary row before any table header: {ln}"
+        assert len(cells) == len(cols), f"summary row needs {len(cols)} cells: {ln}"
+        row = dict(zip(cols, cells))
+        key = row.pop("key")
         assert key not in rows, f"summary key {key} twice"
-        assert re.search(_NUM, value) and how and command and _DATE.match(date), f"bad summary row: {ln}"
-        rows[key] = {"value": value, "how": how, "command": command, "date": date}
+        assert re.search(_NUM, row["value"]) and row["how measured"] and row["command"] and row["machine"] \
+            and _DATE.match(row["date"]), f"bad summary row: {ln}"
+        rows[key] = {"value": row["value"], "how": row["how measured"], "command": row["command"],
+                     "machine": row["machine"], "date": row["date"]}
     return rows
 
 
@@ -120,3 +133,11 @@ def test_matches_rounds_but_catches_drift(readme, results, ok):
     v = _VALUE.search(readme)
     assert v is not None
     assert matches(v.group(0), results) is ok
+
+
+def test_results_links_point_at_files():
+    text = RESULTS.read_text(encoding="utf-8")
+    links = re.findall(r"\]\((results/[\w.-]+\.md)\)", text)
+    assert len(set(links)) >= 8
+    missing = [ln for ln in sorted(set(links)) if not (RESULTS.parent / ln).is_file()]
+    assert not missing, f"RESULTS.md links to missing detail files: {missing}"

@@ -16,11 +16,12 @@ from ._version import __version__
 from .adapters import decompose
 from .analysis import analyze, top_particles, validate_scores
 from .errors import CheckpointError, GateError, ParticlizeError, PlanError, UnsupportedModelError
-from .io import load, save
+from .io import save
 from .moe import moefy
 from .parallel import shard, unshard
 from .particles import Cost, InputGate, ParticleGroup, ParticleMap, ResidualGate, Slice, WeightMaskGate
 from .plan import Plan, Step
+from .sources import load_any as load
 
 __all__ = [
     "CheckpointError", "Cost", "GateError", "InputGate", "ParticleGroup", "ParticleMap", "ParticlizeError",

