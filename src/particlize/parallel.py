@@ -7,16 +7,24 @@ several processes.
     part = shard(model)                          # this rank's heads and neurons; outputs equal model's
     whole = unshard(part)                        # every rank: the original weights, exactly
 
-Why plain collectives and not DTensor ``parallelize_module`` (``ColwiseParallel`` / ``RowwiseParallel``):
-that API shards a Linear into equal pieces on a ``DeviceMesh`` and expects the attention module to be told
-its local head count; it fits an unpruned model whose widths divide the world size. particlize's models are
-pruned to uneven widths (7 heads here, 5 there) that need not divide it, grouped-query heads must stay
-balanced over their key/value heads (each rank takes an equal share of every key/value group's query heads;
-the key/value projections are replicated), and the adapters already know how to cut a module and fix its head counts
-(`prune`). So each rank keeps its own particles as a genuinely smaller dense module and one
-``all_reduce`` per reader (the row-parallel sum) restores the whole output: the same communication as
-Megatron/DTensor tensor parallelism (one all-reduce after ``o_proj`` and one after ``fc2`` per layer),
-without the divisibility constraint.
+Grouped-query attention: whole key/value groups per rank (their key/value projections cut too) when the world
+size divides the number of key/value heads, otherwise the rule in `particlize.surgery.shard`.
+
+Which engine does what:
+
+- **plain collectives** (``torch.distributed.all_reduce`` as a forward hook on each reader, the `shard` verb
+  cutting writers and readers like `prune`) carry every layout: widths that do not divide the world size (a
+  pruned model: 7 heads here, 5 there, split 3 + 2 + 2), query heads split inside each key/value group with
+  replicated key/value rows, GPT-2's fused ``Conv1D`` ``c_attn``, a DiT's heads. Each rank's share is an ordinary
+  smaller dense module whose head counts the adapter fixes, so the shard runs, is counted and is gathered
+  (`unshard`) like any particlize model. The communication is Megatron's: one all-reduce of the hidden state
+  after ``o_proj`` and one after ``down_proj``/``fc2`` per layer.
+- **DTensor** (``torch.distributed.tensor.parallel.parallelize_module`` with ``ColwiseParallel`` on the
+  writers and ``RowwiseParallel`` on the reader) shards a Linear into equal contiguous pieces on a
+  ``DeviceMesh``; it cannot express uneven widths, interleaved shares of each key/value group or ``Conv1D``.
+  ``shard(..., engine="dtensor")`` uses it for the groups where the layout is exactly that (every rank the
+  same contiguous range, ``nn.Linear`` writers and reader, whole key/value groups) and plain collectives for
+  the rest; it runs on gloo/CPU in torch 2.13 and gives the same outputs (tested).
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ from .plan import Plan, model_plan, provenance, set_provenance
 from .sources import load_model, load_tokenizer
 from .surgery import is_sharded, layout, shard_model
 from .surgery._tensors import refresh_shapes, set_tensor
-from .surgery.shard import SHARDED, _all_reduce_output, full_slice
+from .surgery.shard import SHARDED, _all_reduce_output, full_slice, set_head_counts
 from .tasks import get_task
 
 
@@ -83,20 +91,13 @@ def unshard(model: nn.Module) -> nn.Module:
     whole = copy.deepcopy(model)
     for name, parts in info["layout"].items():
         g = info["groups"][name]
-        mine = parts[info["rank"]]
         for s in (*g.writers, *g.readers):
-            t = _tensor(whole, s.name).detach()
-            pieces: list[Any] = [None] * info["world_size"]
-            dist.all_gather_object(pieces, t.cpu(), group=pg)
-            full_s = full_slice(s, g.size)
-            dim = s.dim % t.ndim
-            shape = list(t.shape)
-            shape[dim] += (g.size - len(mine)) * s.width * s.repeat
-            full = t.new_empty(shape)
-            for p, piece in zip(parts, pieces):
-                full.index_copy_(dim, full_s.indices(p).to(t.device), piece.to(t.device))
-            set_tensor(whole, s.name, full)
-            refresh_shapes(whole.get_submodule(s.name.rpartition(".")[0]))
+            _gather(whole, full_slice(s, g.size), parts, info["rank"], g.size, pg)
+        kv, heads = info.get("kv", {}).get(name, ((), None))
+        for s in kv:  # whole key/value groups: their key/value rows too
+            _gather(whole, s, heads, info["rank"], g.balanced, pg)
+        if heads is not None:
+            set_head_counts(whole, g, g.size, g.balanced)
         reader = whole.get_submodule(g.gate.module)
         bias = getattr(reader, "bias", None)
         if isinstance(bias, torch.Tensor):
@@ -114,6 +115,21 @@ def unshard(model: nn.Module) -> nn.Module:
     plan = model_plan(whole)
     set_provenance(whole, provenance(whole).get("recipe"), Plan(tuple(s for s in plan if s.verb != "shard")))
     return whole
+
+
+def _gather(whole: nn.Module, s: Any, parts: Sequence[Sequence[int]], rank: int, count: int, pg: Any) -> None:
+    """Put back the whole tensor of slice ``s`` (``count`` particles in all) from every rank's cut of it."""
+    t = _tensor(whole, s.name).detach()
+    pieces: list[Any] = [None] * len(parts)
+    dist.all_gather_object(pieces, t.cpu(), group=pg)
+    dim = s.dim % t.ndim
+    shape = list(t.shape)
+    shape[dim] += (count - len(parts[rank])) * s.width * s.repeat
+    full = t.new_empty(shape)
+    for p, piece in zip(parts, pieces):
+        full.index_copy_(dim, s.indices(p).to(t.device), piece.to(t.device))
+    set_tensor(whole, s.name, full)
+    refresh_shapes(whole.get_submodule(s.name.rpartition(".")[0]))
 
 
 def _tensor(model: nn.Module, name: str) -> torch.Tensor:
