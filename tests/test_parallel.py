@@ -8,11 +8,12 @@ import socket
 
 import pytest
 import torch
+from torch.distributed.tensor import DTensor
 
 import particlize as pz
 from conftest import hf_model, output_of
 from particlize.errors import CheckpointError, PlanError
-from particlize.parallel import ParallelError, analyze, check_rank, check_shard, launch, shard, unshard
+from particlize.parallel import ParallelError, analyze, check_rank, check_shard, launch, local_numel, shard, unshard
 from particlize.plan import model_plan
 from particlize.surgery import layout, shard_model
 from test_moefy import _dit
@@ -43,37 +44,53 @@ def _kv_rows(model) -> list[int]:
 
 
 def _shard_check(families: list[str]) -> dict:
-    """On each rank: sharded outputs vs the whole model's, unshard vs the original weights."""
+    """On each rank: sharded outputs vs the whole model's, unshard vs the original weights; the same with
+    DTensor's ``parallelize_module`` on the groups it fits (its outputs vs the plain collectives')."""
     out = {}
     for fam in families:
         model, batch = _model(fam)
         part, whole, ref, diff, exact = _round_trip(model, batch)
         with torch.no_grad():
             again = float((output_of(whole, batch) - ref).abs().max())
+            dt = shard(model, engine="dtensor")
+            dt_diff = float((output_of(dt, batch) - output_of(part, batch)).abs().max())
+            dt_whole = unshard(dt)
+            dt_again = float((output_of(dt_whole, batch) - ref).abs().max())
         try:
             pz.save(part, f"/nonexistent/{fam}")
             refused = ""
         except CheckpointError as e:
             refused = str(e)
         steps = [s for s in model_plan(part) if s.verb == "shard"]
+        sd, sw = model.state_dict(), dt_whole.state_dict()
         out[fam] = dict(diff=diff, exact=exact, again=again, refused=refused, steps=len(steps), kv=_kv_rows(part),
                         small=sum(p.numel() for p in part.parameters()) < sum(p.numel() for p in model.parameters()),
-                        whole_plan=model_plan(whole).verbs())
+                        whole_plan=model_plan(whole).verbs(), dt_diff=dt_diff, dt_again=dt_again,
+                        dt_exact=list(sd) == list(sw) and all(torch.equal(sd[k], sw[k]) for k in sd),
+                        dt_split=sum(isinstance(p, DTensor) for p in dt.parameters()), dt_params=local_numel(dt),
+                        params=local_numel(part), dt_steps=len([s for s in model_plan(dt) if s.verb == "shard"]))
     return out
 
 
 def test_two_ranks_equal_the_whole_model_and_gather_back_exactly():
-    res = launch(_shard_check, 2, ["bert", "llama-gqa", "mistral-gqa", "qwen2-gqa", "dit"], **FORK)
+    res = launch(_shard_check, 2, ["bert", "llama-gqa", "mistral-gqa", "qwen2-gqa", "gpt2", "dit"], **FORK)
     for rank in res:
         for fam, r in rank.items():
             assert r["diff"] <= 1e-5, fam
             assert r["exact"] and r["again"] == 0.0, fam
             assert r["steps"] > 0 and r["small"] and "shard" not in r["whole_plan"], fam
             assert "unshard" in r["refused"], fam
+            # DTensor where it fits: the same outputs as plain collectives, the same weights held and gathered
+            assert r["dt_diff"] <= 1e-6 and r["dt_exact"] and r["dt_again"] == 0.0, fam
+            assert r["dt_params"] == r["params"] and r["dt_steps"] == r["steps"], fam
         # whole key/value groups: 4 (mistral) and 2 (llama) key/value heads of 8 rows split over 2 ranks; qwen2's 3
         # do not divide 2, so its query heads are split inside each group and its key/value rows replicated
         assert rank["mistral-gqa"]["kv"] == [16] * 3 and rank["llama-gqa"]["kv"] == [8] * 3
         assert rank["qwen2-gqa"]["kv"] == [24] * 3
+        # DTensor takes q, k, v, o and the MLP's linears (weights + BERT's biases); not qwen2's split heads, not
+        # GPT-2's Conv1D
+        assert rank["mistral-gqa"]["dt_split"] == 3 * 7 and rank["qwen2-gqa"]["dt_split"] == 3 * 3
+        assert rank["bert"]["dt_split"] == 2 * 18 and rank["gpt2"]["dt_split"] == 0
 
 
 def _pruned_bert():
@@ -199,6 +216,8 @@ def test_shard_needs_a_process_group_and_a_shard_cannot_be_saved(tmp_path):
     model, batch = hf_model("bert")
     with pytest.raises(ParallelError, match="process group"):
         shard(model)
+    with pytest.raises(ParallelError, match="engine must be one of"):
+        shard(model, engine="megatron")
     with pytest.raises(ParallelError, match="process group"):
         check_shard(model, batch)
     part = shard_model(pz.decompose(model), 1, 2).model  # rank 1 of 2: built without running it
