@@ -89,7 +89,8 @@ def shard(model: nn.Module, pm: ParticleMap | None = None, *, process_group: Any
     pm = decompose(model) if pm is None else pm
     parts = layout(pm, world)
     dt = {n: p for n, p in parts.items() if engine == "dtensor" and dtensor_fits(pm, n, p)}
-    part = shard_model(pm, rank, world, {n: p for n, p in parts.items() if n not in dt}, process_group=process_group).model
+    plain = {n: p for n, p in parts.items() if n not in dt}
+    part = shard_model(pm, rank, world, plain, process_group=process_group, share=list(dt)).model
     if dt:
         _parallelize(part, pm, dt, rank, process_group)
         steps = [Step("shard", n, {"world_size": world, "rank": rank, "parts": [list(x) for x in p], "engine": "dtensor"})

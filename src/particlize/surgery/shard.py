@@ -254,15 +254,16 @@ def layout(pm: ParticleMap, world_size: int) -> dict[str, list[list[int]]]:
 
 
 def shard_model(pm: ParticleMap, rank: int, world_size: int, parts: Mapping[str, Sequence[Sequence[int]]] | None = None,
-                process_group: Any = None) -> ParticleMap:
+                process_group: Any = None, share: Sequence[str] = ()) -> ParticleMap:
     """The map of a copy of ``pm.model`` (its ``.model``) holding rank ``rank``'s share of ``parts`` (default
     `layout`); the copy records the shard steps in its provenance and sums partial reader outputs over
-    ``process_group`` (default: the world). Tensors about to be cut are shared, not copied (as `prune` does)."""
+    ``process_group`` (default: the world). Tensors about to be cut are shared, not copied (as `prune` does),
+    and so are those of the groups named in ``share`` (which the caller distributes otherwise)."""
     parts = layout(pm, world_size) if parts is None else parts
     steps = [Step("shard", n, {"world_size": world_size, "rank": rank, "parts": [list(p) for p in ps]})
              for n, ps in parts.items()]
     memo: dict[int, Any] = {}
-    for n in parts:
+    for n in (*parts, *share):
         for s in (*pm[n].writers, *pm[n].readers, *kv_slices(pm, pm[n])):
             memo[id(pm._tensor(s.name))] = pm._tensor(s.name)
     model = copy.deepcopy(pm.model, memo)
