@@ -8,11 +8,12 @@ import socket
 
 import pytest
 import torch
+from torch.distributed.tensor import DTensor
 
 import particlize as pz
 from conftest import hf_model, output_of
-from particlize.errors import CheckpointError
-from particlize.parallel import ParallelError, analyze, check_rank, check_shard, launch, shard, unshard
+from particlize.errors import CheckpointError, PlanError
+from particlize.parallel import ParallelError, analyze, check_rank, check_shard, launch, local_numel, shard, unshard
 from particlize.plan import model_plan
 from particlize.surgery import layout, shard_model
 from test_moefy import _dit
@@ -37,34 +38,59 @@ def _round_trip(model, batch):
     return part, whole, ref, diff, exact
 
 
+def _kv_rows(model) -> list[int]:
+    """Rows of each layer's key projection (grouped-query models; empty for the others)."""
+    return [m.k_proj.out_features for m in model.modules() if hasattr(m, "k_proj")]
+
+
 def _shard_check(families: list[str]) -> dict:
-    """On each rank: sharded outputs vs the whole model's, unshard vs the original weights."""
+    """On each rank: sharded outputs vs the whole model's, unshard vs the original weights; the same with
+    DTensor's ``parallelize_module`` on the groups it fits (its outputs vs the plain collectives')."""
     out = {}
     for fam in families:
         model, batch = _model(fam)
         part, whole, ref, diff, exact = _round_trip(model, batch)
         with torch.no_grad():
             again = float((output_of(whole, batch) - ref).abs().max())
+            dt = shard(model, engine="dtensor")
+            dt_diff = float((output_of(dt, batch) - output_of(part, batch)).abs().max())
+            dt_whole = unshard(dt)
+            dt_again = float((output_of(dt_whole, batch) - ref).abs().max())
         try:
             pz.save(part, f"/nonexistent/{fam}")
             refused = ""
         except CheckpointError as e:
             refused = str(e)
         steps = [s for s in model_plan(part) if s.verb == "shard"]
-        out[fam] = dict(diff=diff, exact=exact, again=again, refused=refused, steps=len(steps),
+        sd, sw = model.state_dict(), dt_whole.state_dict()
+        out[fam] = dict(diff=diff, exact=exact, again=again, refused=refused, steps=len(steps), kv=_kv_rows(part),
                         small=sum(p.numel() for p in part.parameters()) < sum(p.numel() for p in model.parameters()),
-                        whole_plan=model_plan(whole).verbs())
+                        whole_plan=model_plan(whole).verbs(), dt_diff=dt_diff, dt_again=dt_again,
+                        dt_exact=list(sd) == list(sw) and all(torch.equal(sd[k], sw[k]) for k in sd),
+                        dt_split=sum(isinstance(p, DTensor) for p in dt.parameters()), dt_params=local_numel(dt),
+                        params=local_numel(part), dt_steps=len([s for s in model_plan(dt) if s.verb == "shard"]))
     return out
 
 
 def test_two_ranks_equal_the_whole_model_and_gather_back_exactly():
-    res = launch(_shard_check, 2, ["bert", "llama-gqa", "dit"], **FORK)
+    res = launch(_shard_check, 2, ["bert", "llama-gqa", "mistral-gqa", "qwen2-gqa", "gpt2", "dit"], **FORK)
     for rank in res:
         for fam, r in rank.items():
             assert r["diff"] <= 1e-5, fam
             assert r["exact"] and r["again"] == 0.0, fam
             assert r["steps"] > 0 and r["small"] and "shard" not in r["whole_plan"], fam
             assert "unshard" in r["refused"], fam
+            # DTensor where it fits: the same outputs as plain collectives, the same weights held and gathered
+            assert r["dt_diff"] <= 1e-6 and r["dt_exact"] and r["dt_again"] == 0.0, fam
+            assert r["dt_params"] == r["params"] and r["dt_steps"] == r["steps"], fam
+        # whole key/value groups: 4 (mistral) and 2 (llama) key/value heads of 8 rows split over 2 ranks; qwen2's 3
+        # do not divide 2, so its query heads are split inside each group and its key/value rows replicated
+        assert rank["mistral-gqa"]["kv"] == [16] * 3 and rank["llama-gqa"]["kv"] == [8] * 3
+        assert rank["qwen2-gqa"]["kv"] == [24] * 3
+        # DTensor takes q, k, v, o and the MLP's linears (weights + BERT's biases); not qwen2's split heads, not
+        # GPT-2's Conv1D
+        assert rank["mistral-gqa"]["dt_split"] == 3 * 7 and rank["qwen2-gqa"]["dt_split"] == 3 * 3
+        assert rank["bert"]["dt_split"] == 2 * 18 and rank["gpt2"]["dt_split"] == 0
 
 
 def _pruned_bert():
@@ -77,21 +103,33 @@ def _pruned_bert():
 
 
 def _uneven() -> dict:
-    model, batch = _pruned_bert()
-    part, _, _, diff, exact = _round_trip(model, batch)
-    return dict(diff=diff, exact=exact,
-                widths={n: len(p[torch.distributed.get_rank()]) for n, p in part._particlize_shard["layout"].items()})
+    out = {}
+    for fam in ["pruned-bert", "mistral-gqa", "qwen2-gqa", "llama-gqa"]:
+        model, batch = _pruned_bert() if fam == "pruned-bert" else hf_model(fam)
+        part, _, _, diff, exact = _round_trip(model, batch)
+        out[fam] = dict(diff=diff, exact=exact, kv=_kv_rows(part),
+                        widths={n: len(p[torch.distributed.get_rank()]) for n, p in part._particlize_shard["layout"].items()})
+    return out
 
 
-def test_three_ranks_on_a_pruned_model_with_uneven_widths():
+def test_three_ranks_on_uneven_widths_and_key_value_groups():
     res = launch(_uneven, 3, **FORK)
-    assert all(r["diff"] <= 1e-5 and r["exact"] for r in res)
+    assert all(r[fam]["diff"] <= 1e-5 and r[fam]["exact"] for r in res for fam in r)
     # 31 neurons over 3 ranks: 11 + 10 + 10, and every rank holds a share of every group
-    widths = [r["widths"]["bert.encoder.layer.1.intermediate.neurons"] for r in res]
+    widths = [r["pruned-bert"]["widths"]["bert.encoder.layer.1.intermediate.neurons"] for r in res]
     assert sorted(widths) == [10, 10, 11]
+    # mistral: 4 key/value groups of 2 query heads over 3 ranks, whole groups 2 + 1 + 1 (k rows 16 or 8 per layer)
+    # with the extra group on a different rank in each layer; qwen2: 3 groups, one each
+    kv = [r["mistral-gqa"]["kv"] for r in res]
+    assert all(sorted(col) == [8, 8, 16] for col in zip(*kv)) and len({tuple(k) for k in kv}) == 3
+    assert all(r["qwen2-gqa"]["kv"] == [8] * 3 for r in res)
+    # llama: 2 key/value groups (fewer than ranks) of 4 query heads: the query heads of each group are split
+    # 2 + 1 + 1 and the key/value rows (2 heads x 8) replicated
+    assert all(r["llama-gqa"]["kv"] == [16] * 3 for r in res)
+    assert sorted(r["llama-gqa"]["widths"]["model.layers.0.self_attn.heads"] for r in res) == [2, 2, 4]
 
 
-def test_layout_is_balanced_by_cost_and_keeps_query_heads_with_their_kv_head():
+def test_layout_is_balanced_by_cost():
     model, _ = _pruned_bert()
     pm = pz.decompose(model)
     lay = layout(pm, 3)
@@ -103,13 +141,38 @@ def test_layout_is_balanced_by_cost_and_keeps_query_heads_with_their_kv_head():
     load = [sum(len(parts[k]) * (pm.cost().flops - pm.cost({n: [0]}).flops) for n, parts in lay.items()) for k in range(3)]
     worst = max(pm.cost().flops - pm.cost({n: [0]}).flops for n in lay)
     assert max(load) - min(load) <= worst + 1e-6
-    gqa = pz.decompose(hf_model("llama-gqa")[0])
-    lay = layout(gqa, 2)
-    heads = [n for n in lay if gqa[n].kind == "head"]
-    assert heads and all(lay[n] == [[0, 1, 4, 5], [2, 3, 6, 7]] for n in heads)  # 2 query heads of each kv head
-    assert all(sorted(map(len, p)) == [2, 2, 4] for n, p in layout(gqa, 3).items() if gqa[n].kind == "head")
-    qwen = pz.decompose(hf_model("qwen2-gqa")[0])  # 2 query heads per kv head: not split over 3 ranks
-    assert not any(qwen[n].kind == "head" for n in layout(qwen, 3)) and any(qwen[n].kind == "head" for n in layout(qwen, 2))
+
+
+def _head_parts(family: str, world: int) -> list:
+    pm = pz.decompose(hf_model(family)[0])
+    lay = layout(pm, world)
+    return [lay.get(g.name) for g in pm.groups if g.kind == "head"]
+
+
+def test_the_grouped_query_rule_whole_groups_when_the_world_divides_them_else_shares_of_each():
+    # llama: 8 query heads, 2 key/value heads (4 query heads each)
+    assert _head_parts("llama-gqa", 2) == [[[0, 1, 2, 3], [4, 5, 6, 7]]] * 3  # rule 1: whole groups
+    assert _head_parts("llama-gqa", 3)[0] == [[0, 1, 4, 5], [2, 6], [3, 7]]  # rule 2: 2 + 1 + 1 of each group
+    # qwen2: 6 query heads, 3 key/value heads (2 each)
+    assert _head_parts("qwen2-gqa", 3) == [[[0, 1], [2, 3], [4, 5]]] * 3  # rule 1
+    assert _head_parts("qwen2-gqa", 2) == [[[0, 2, 4], [1, 3, 5]]] * 3  # rule 2: 1 query head of each group
+    # mistral: 8 query heads, 4 key/value heads (2 each): over 3 ranks only whole groups split (rule 3), the
+    # extra group going to the rank with the least so far
+    assert [sorted(map(len, p)) for p in _head_parts("mistral-gqa", 3)] == [[2, 2, 4]] * 3
+    assert _head_parts("mistral-gqa", 5) == [None] * 3  # rule 4: replicated
+    assert _head_parts("llama-gqa", 5) == [None] * 3
+
+
+def test_whole_group_parts_need_key_value_projections_and_shares_must_be_even():
+    model, _ = hf_model("llama-gqa")
+    pm = pz.decompose(model)
+    name = next(g.name for g in pm.groups if g.kind == "head")
+    with pytest.raises(PlanError, match="same number of query heads"):
+        shard_model(pm, 0, 2, {name: [[0, 1, 2], [3, 4, 5, 6, 7]]})
+    attn = model.model.layers[0].self_attn  # the map still names the heads; no key/value layers beside them
+    attn.k_proj, attn.v_proj = torch.nn.Identity(), torch.nn.Identity()
+    with pytest.raises(PlanError, match="no key/value projections"):
+        shard_model(pm, 0, 2, {name: [[0, 1, 2, 3], [4, 5, 6, 7]]})
 
 
 def _analysis() -> object:
@@ -153,6 +216,8 @@ def test_shard_needs_a_process_group_and_a_shard_cannot_be_saved(tmp_path):
     model, batch = hf_model("bert")
     with pytest.raises(ParallelError, match="process group"):
         shard(model)
+    with pytest.raises(ParallelError, match="engine must be one of"):
+        shard(model, engine="megatron")
     with pytest.raises(ParallelError, match="process group"):
         check_shard(model, batch)
     part = shard_model(pz.decompose(model), 1, 2).model  # rank 1 of 2: built without running it

@@ -7,16 +7,24 @@ several processes.
     part = shard(model)                          # this rank's heads and neurons; outputs equal model's
     whole = unshard(part)                        # every rank: the original weights, exactly
 
-Why plain collectives and not DTensor ``parallelize_module`` (``ColwiseParallel`` / ``RowwiseParallel``):
-that API shards a Linear into equal pieces on a ``DeviceMesh`` and expects the attention module to be told
-its local head count; it fits an unpruned model whose widths divide the world size. particlize's models are
-pruned to uneven widths (7 heads here, 5 there) that need not divide it, grouped-query heads must stay
-balanced over their key/value heads (each rank takes an equal share of every key/value group's query heads;
-the key/value projections are replicated), and the adapters already know how to cut a module and fix its head counts
-(`prune`). So each rank keeps its own particles as a genuinely smaller dense module and one
-``all_reduce`` per reader (the row-parallel sum) restores the whole output: the same communication as
-Megatron/DTensor tensor parallelism (one all-reduce after ``o_proj`` and one after ``fc2`` per layer),
-without the divisibility constraint.
+Grouped-query attention: whole key/value groups per rank (their key/value projections cut too) when the world
+size divides the number of key/value heads, otherwise the rule in `particlize.surgery.shard`.
+
+Which engine does what:
+
+- **plain collectives** (``torch.distributed.all_reduce`` as a forward hook on each reader, the `shard` verb
+  cutting writers and readers like `prune`) carry every layout: widths that do not divide the world size (a
+  pruned model: 7 heads here, 5 there, split 3 + 2 + 2), query heads split inside each key/value group with
+  replicated key/value rows, GPT-2's fused ``Conv1D`` ``c_attn``, a DiT's heads. Each rank's share is an ordinary
+  smaller dense module whose head counts the adapter fixes, so the shard runs, is counted and is gathered
+  (`unshard`) like any particlize model. The communication is Megatron's: one all-reduce of the hidden state
+  after ``o_proj`` and one after ``down_proj``/``fc2`` per layer.
+- **DTensor** (``torch.distributed.tensor.parallel.parallelize_module`` with ``ColwiseParallel`` on the
+  writers and ``RowwiseParallel`` on the reader) shards a Linear into equal contiguous pieces on a
+  ``DeviceMesh``; it cannot express uneven widths, interleaved shares of each key/value group or ``Conv1D``.
+  ``shard(..., engine="dtensor")`` uses it for the groups where the layout is exactly that (every rank the
+  same contiguous range, ``nn.Linear`` writers and reader, whole key/value groups) and plain collectives for
+  the rest; it runs on gloo/CPU in torch 2.13 and gives the same outputs (tested).
 """
 
 from __future__ import annotations
@@ -36,17 +44,20 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from .adapters import decompose
 from .analysis import analyze as _analyze
 from .batches import batch_inputs, run_batch
 from .errors import ParticlizeError
-from .particles import ParticleMap
-from .plan import Plan, model_plan, provenance, set_provenance
+from .particles import ParticleMap, linear_reader_weight
+from .plan import Plan, Step, model_plan, provenance, set_provenance
 from .sources import load_model, load_tokenizer
 from .surgery import is_sharded, layout, shard_model
 from .surgery._tensors import refresh_shapes, set_tensor
-from .surgery.shard import SHARDED, _all_reduce_output, full_slice
+from .surgery.shard import SHARDED, _all_reduce_output, full_slice, kv_heads, kv_slices, set_head_counts
 from .tasks import get_task
 
 
@@ -61,14 +72,93 @@ def _need_group(process_group: Any = None) -> tuple[int, int]:
     return dist.get_world_size(process_group), dist.get_rank(process_group)
 
 
-def shard(model: nn.Module, pm: ParticleMap | None = None, *, process_group: Any = None) -> nn.Module:
+ENGINES = ("collectives", "dtensor")
+
+
+def shard(model: nn.Module, pm: ParticleMap | None = None, *, process_group: Any = None,
+          engine: str = "collectives") -> nn.Module:
     """This rank's share of ``model``: each head/neuron group split across the ranks by cost, its writers
     and reader cut to this rank's particles, the reader's partial output all-reduced (bias on rank 0 only);
     everything else replicated. Needs an initialised process group; ``model`` is left as it is. The layout
-    is recorded as ``shard`` steps in the model's plan (``particlize.plan.model_plan``)."""
+    is recorded as ``shard`` steps in the model's plan (``particlize.plan.model_plan``). ``engine="dtensor"``
+    hands the groups whose layout is DTensor's (equal contiguous ranges of ``nn.Linear`` rows/columns) to
+    ``parallelize_module`` and the rest to plain collectives (see the module doc); same layout, same outputs."""
+    if engine not in ENGINES:
+        raise ParallelError(f"engine must be one of {ENGINES}, got {engine!r}")
     world, rank = _need_group(process_group)
     pm = decompose(model) if pm is None else pm
-    return shard_model(pm, rank, world, process_group=process_group).model
+    parts = layout(pm, world)
+    dt = {n: p for n, p in parts.items() if engine == "dtensor" and dtensor_fits(pm, n, p)}
+    plain = {n: p for n, p in parts.items() if n not in dt}
+    part = shard_model(pm, rank, world, plain, process_group=process_group, share=list(dt)).model
+    if dt:
+        _parallelize(part, pm, dt, rank, process_group)
+        steps = [Step("shard", n, {"world_size": world, "rank": rank, "parts": [list(x) for x in p], "engine": "dtensor"})
+                 for n, p in dt.items()]
+        set_provenance(part, pm.recipe, model_plan(part) + steps)  # replays as plain shard steps: same layout
+    return part
+
+
+def _modules_of(pm: ParticleMap, name: str) -> tuple[list[str], str]:
+    """The modules a group's writers (with its key/value projections, when cut whole) and its reader live in."""
+    g = pm[name]
+    writers = [s.name.rpartition(".")[0] for s in (*g.writers, *kv_slices(pm, g))]
+    return list(dict.fromkeys(writers)), g.gate.module
+
+
+def dtensor_fits(pm: ParticleMap, name: str, parts: Sequence[Sequence[int]]) -> bool:
+    """Whether DTensor's ``ColwiseParallel`` (writers) / ``RowwiseParallel`` (reader) expresses this group's
+    layout: equal contiguous ranges per rank in rank order, whole key/value groups under grouped-query
+    attention, every writer an ``nn.Linear`` whose rows are all this group's, the reader an ``nn.Linear``."""
+    g, world = pm[name], len(parts)
+    n = g.size // world
+    if g.size % world or any(list(p) != list(range(k * n, (k + 1) * n)) for k, p in enumerate(parts)):
+        return False
+    if g.balanced > 1 and kv_heads(g, parts) is None:
+        return False
+    writers, reader = _modules_of(pm, name)
+    mods = [pm.model.get_submodule(m) for m in (*writers, reader)]
+    if not all(isinstance(m, nn.Linear) for m in mods) or linear_reader_weight(pm, g) is None:
+        return False
+    rows = {s.name.rpartition(".")[0]: s for s in g.writers}
+    return all(s.dim % 2 == 0 and s.repeat == 1 and pm.model.get_submodule(m).out_features == g.size * s.width
+               for m, s in rows.items())
+
+
+def _parallelize(part: nn.Module, pm: ParticleMap, groups: dict[str, Any], rank: int, pg: Any) -> None:
+    mesh = DeviceMesh.from_group(pg or dist.group.WORLD, next(part.parameters()).device.type)
+    plan: dict[str, Any] = {}
+    for name in groups:
+        writers, reader = _modules_of(pm, name)
+        plan.update({w: ColwiseParallel() for w in writers})
+        plan[reader] = RowwiseParallel()
+    before = {m: (set(part.get_submodule(m)._forward_pre_hooks), set(part.get_submodule(m)._forward_hooks)) for m in plan}
+    parallelize_module(part, mesh, plan)
+    hooks = {m: (set(part.get_submodule(m)._forward_pre_hooks) - a, set(part.get_submodule(m)._forward_hooks) - b)
+             for m, (a, b) in before.items()}
+    for m in plan:  # a Linear keeps its global in/out_features under DTensor; modules that read them need the local
+        lin = part.get_submodule(m)
+        lin.out_features, lin.in_features = lin.weight.to_local().shape
+    for name, parts in groups.items():  # the attention modules' head counts: this rank's
+        g = pm[name]
+        heads = kv_heads(g, parts)
+        if heads is not None:
+            set_head_counts(part, g, len(parts[rank]), len(heads[rank]))
+        elif g.on_prune is not None:
+            g.on_prune(part, list(parts[rank]))
+    info = getattr(part, SHARDED)
+    info["dtensor"] = {"groups": {n: pm[n] for n in groups}, "parts": dict(groups), "hooks": hooks}
+
+
+def local_numel(model: nn.Module) -> int:
+    """Parameters this rank holds (a DTensor counts its local shard, not its global shape)."""
+    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
+
+
+def local_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters and buffers this rank holds (DTensors: the local shard)."""
+    ts = [*model.parameters(), *model.buffers()]
+    return sum((t.to_local() if isinstance(t, DTensor) else t).numel() * t.element_size() for t in ts)
 
 
 def unshard(model: nn.Module) -> nn.Module:
@@ -83,20 +173,13 @@ def unshard(model: nn.Module) -> nn.Module:
     whole = copy.deepcopy(model)
     for name, parts in info["layout"].items():
         g = info["groups"][name]
-        mine = parts[info["rank"]]
         for s in (*g.writers, *g.readers):
-            t = _tensor(whole, s.name).detach()
-            pieces: list[Any] = [None] * info["world_size"]
-            dist.all_gather_object(pieces, t.cpu(), group=pg)
-            full_s = full_slice(s, g.size)
-            dim = s.dim % t.ndim
-            shape = list(t.shape)
-            shape[dim] += (g.size - len(mine)) * s.width * s.repeat
-            full = t.new_empty(shape)
-            for p, piece in zip(parts, pieces):
-                full.index_copy_(dim, full_s.indices(p).to(t.device), piece.to(t.device))
-            set_tensor(whole, s.name, full)
-            refresh_shapes(whole.get_submodule(s.name.rpartition(".")[0]))
+            _gather(whole, full_slice(s, g.size), parts, info["rank"], g.size, pg)
+        kv, heads = info.get("kv", {}).get(name, ((), None))
+        for s in kv:  # whole key/value groups: their key/value rows too
+            _gather(whole, s, heads, info["rank"], g.balanced, pg)
+        if heads is not None:
+            set_head_counts(whole, g, g.size, g.balanced)
         reader = whole.get_submodule(g.gate.module)
         bias = getattr(reader, "bias", None)
         if isinstance(bias, torch.Tensor):
@@ -108,12 +191,50 @@ def unshard(model: nn.Module) -> nn.Module:
                 del reader._forward_hooks[k]
         if g.on_prune is not None:
             g.on_prune(whole, list(range(g.size)))
+    _undistribute(whole, info.get("dtensor"))
     if info.get("after_prune") is not None:
         info["after_prune"](whole)
     delattr(whole, SHARDED)
     plan = model_plan(whole)
     set_provenance(whole, provenance(whole).get("recipe"), Plan(tuple(s for s in plan if s.verb != "shard")))
     return whole
+
+
+def _undistribute(whole: nn.Module, dt: dict[str, Any] | None) -> None:
+    """DTensor groups back to whole tensors: each sharded parameter's ``full_tensor()``, the hooks
+    ``parallelize_module`` added removed, the head counts of the whole model."""
+    if not dt:
+        return
+    for m, (pre, post) in dt["hooks"].items():
+        mod = whole.get_submodule(m)
+        for k in pre:
+            del mod._forward_pre_hooks[k]
+        for k in post:
+            del mod._forward_hooks[k]
+        for tname, t in list(mod._parameters.items()):
+            if isinstance(t, DTensor):
+                mod._parameters[tname] = nn.Parameter(t.full_tensor().detach().clone(), requires_grad=t.requires_grad)
+        refresh_shapes(mod)
+    for name, g in dt["groups"].items():
+        if kv_heads(g, dt["parts"][name]) is not None:
+            set_head_counts(whole, g, g.size, g.balanced)
+        if g.on_prune is not None:
+            g.on_prune(whole, list(range(g.size)))
+
+
+def _gather(whole: nn.Module, s: Any, parts: Sequence[Sequence[int]], rank: int, count: int, pg: Any) -> None:
+    """Put back the whole tensor of slice ``s`` (``count`` particles in all) from every rank's cut of it."""
+    t = _tensor(whole, s.name).detach()
+    pieces: list[Any] = [None] * len(parts)
+    dist.all_gather_object(pieces, t.cpu(), group=pg)
+    dim = s.dim % t.ndim
+    shape = list(t.shape)
+    shape[dim] += (count - len(parts[rank])) * s.width * s.repeat
+    full = t.new_empty(shape)
+    for p, piece in zip(parts, pieces):
+        full.index_copy_(dim, s.indices(p).to(t.device), piece.to(t.device))
+    set_tensor(whole, s.name, full)
+    refresh_shapes(whole.get_submodule(s.name.rpartition(".")[0]))
 
 
 def _tensor(model: nn.Module, name: str) -> torch.Tensor:
@@ -197,14 +318,16 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
-def check_shard(model: nn.Module, batch: Any, iters: int = 5) -> dict[str, Any]:
+def check_shard(model: nn.Module, batch: Any, iters: int = 5, engine: str = "collectives") -> dict[str, Any]:
     """On each rank: the whole model's and the sharded model's outputs on ``batch``, compared; the sharded
-    forward's throughput; the shard's parameter count and the process's peak resident memory."""
+    forward's throughput (examples/s); memory: ``param_mb``, the bytes of the parameters and buffers the shard
+    holds (counted, not measured), and ``peak_rss_mb``, the process's peak resident set size (``getrusage``
+    max RSS: it includes the whole model every rank loads before sharding, and the activations)."""
     world, rank = _need_group()
     model.eval()
     with torch.no_grad():
         ref = main_output(run_batch(model, batch))
-        part = shard(model)
+        part = shard(model, engine=engine)
         out = main_output(run_batch(part, batch))
         t0 = time.perf_counter()
         for _ in range(iters):
@@ -212,8 +335,13 @@ def check_shard(model: nn.Module, batch: Any, iters: int = 5) -> dict[str, Any]:
         dt = (time.perf_counter() - t0) / iters
     n = _batch_size(batch)
     return {"rank": rank, "world_size": world, "max_abs_diff": float((out - ref).abs().max()),
-            "examples_per_s": n / dt, "params": sum(p.numel() for p in part.parameters()),
-            "peak_rss_mb": _peak_rss_mb(), "sharded_groups": len(getattr(part, SHARDED)["layout"])}
+            "examples_per_s": n / dt, "params": local_numel(part), "param_mb": local_bytes(part) / 2**20,
+            "peak_rss_mb": _peak_rss_mb(), "sharded_groups": _split_count(part)}
+
+
+def _split_count(part: nn.Module) -> int:
+    info = getattr(part, SHARDED)
+    return len(info["layout"]) + len((info.get("dtensor") or {}).get("groups", {}))
 
 
 def _batch_size(batch: Any) -> int:
@@ -237,10 +365,10 @@ def example_batch(model: nn.Module, spec: str, task: str | None, batch_size: int
 
 
 def check_rank(spec: str, task: str | None, batch_size: int = 8, max_length: int = 64, iters: int = 5,
-               trust_code: bool = False) -> dict[str, Any]:
+               trust_code: bool = False, engine: str = "collectives") -> dict[str, Any]:
     """`check_shard` of model ``spec`` (as `particlize.sources.load_model` reads it) on `example_batch`."""
     model = load_model(spec, trust_code=trust_code).eval()
-    return check_shard(model, example_batch(model, spec, task, batch_size, max_length), iters)
+    return check_shard(model, example_batch(model, spec, task, batch_size, max_length), iters, engine)
 
 
 def analyze(model_or_pm: nn.Module | ParticleMap, data: Any, method: str = "ablation", *,
@@ -306,5 +434,5 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["ParallelError", "analyze", "check_rank", "check_shard", "example_batch", "free_port", "is_sharded",
+__all__ = ["ENGINES", "ParallelError", "analyze", "dtensor_fits", "local_bytes", "local_numel", "check_rank", "check_shard", "example_batch", "free_port", "is_sharded",
            "launch", "layout", "main", "main_output", "shard", "unshard"]

@@ -13,10 +13,24 @@ the step records the whole layout, so a launch is reproducible, and which part t
 Layout (`layout`): particles are split **by cost**. Within a group particles cost the same, so the ranks'
 counts differ by at most one; which ranks take the remainder is chosen by the cost each rank holds so far,
 so that uneven widths (a pruned model: 7 heads here, 5 there, widths that do not divide the world size)
-still balance over the whole model. Grouped-query heads are split inside every key/value group alike (the
-same number of query heads of each key/value head per rank), so the adapter's own fix-up keeps every query
-head with its key/value head; the key/value projections are replicated (the particle map does not name them,
-so cutting whole key/value groups per rank would need the adapter to expose those rows).
+still balance over the whole model.
+
+Grouped-query attention (``n_kv`` key/value heads, each shared by ``c`` query heads). The unit dealt to a
+rank is chosen per layer, by this rule (no warning: the layout says which was taken):
+
+1. ``world_size`` divides ``n_kv``: **whole key/value groups** — each rank takes ``n_kv / world_size`` key/value
+   heads with all their query heads, so the key and value projections are split too (no replicated k/v
+   compute or memory) and every rank does the same work;
+2. otherwise, if ``c >= world_size``: the query heads of *every* key/value group are split across the ranks
+   (the same share of each group per rank, counts differing by one), the k/v projections replicated — what
+   Megatron does when there are fewer key/value heads than ranks;
+3. otherwise, if ``n_kv >= world_size``: whole key/value groups, counts differing by one (the remainder to the
+   ranks holding the least cost so far);
+4. otherwise the layer's attention is replicated.
+
+A part that is a union of whole key/value groups is cut as such (`kv_slices` names the key/value rows: the
+linear layers beside the query projection with one head-width block per key/value head); any other part
+must hold the same number of query heads of each key/value group, and the adapter's fix-up applies.
 """
 
 from __future__ import annotations
@@ -31,14 +45,17 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dfn  # collectives that autograd differentiates
 from torch import nn
 
+from ..adapters import decompose
 from ..errors import PlanError
+from ..gates import Slice
 from ..particles import ParticleGroup, ParticleMap, linear_reader_weight
 from ..plan import Step, model_plan, register_verb, run, set_provenance
-from ._tensors import set_tensor
+from ._tensors import refresh_shapes, set_tensor
 from .prune import PRUNE
 
 # attribute on a sharded model: world_size, rank, layout ({group: parts}), groups (as in the whole model),
-# after_prune (the adapter's fix-up), process_group
+# kv ({group: (key/value slices, key/value heads of each rank)} for whole-group attention), after_prune (the
+# adapter's fix-up), process_group
 SHARDED = "_particlize_shard"
 
 
@@ -55,7 +72,12 @@ class Shard:
 
     def apply(self, pm: ParticleMap, steps: Sequence[Step], *, replay: bool = False) -> nn.Module:
         world, rank = _world_rank(steps[0])
-        model = PRUNE.apply(pm, _prune_steps(pm, steps), replay=replay)
+        parts = {s.group: _parts(pm, s) for s in steps}
+        kv = {n: (kv_slices(pm, pm[n]), heads) for n, p in parts.items() if (heads := kv_heads(pm[n], p)) is not None}
+        for n, (slices, heads) in kv.items():  # whole key/value groups: cut here (the prune fix-up assumes shares)
+            _cut_whole_groups(pm, pm[n], slices, parts[n][rank], heads[rank])
+        model = PRUNE.apply(pm, [Step("prune", s.group, {"keep": parts[s.group][rank]}) for s in steps
+                                 if s.group not in kv], replay=replay)
         for s in steps:
             reader = pm[s.group].gate.module  # linear reader on the gated input (checked by _parts)
             mod = model.get_submodule(reader)
@@ -63,15 +85,20 @@ class Shard:
             if rank > 0 and isinstance(bias, torch.Tensor) and not replay:
                 set_tensor(model, f"{reader}.bias", torch.zeros_like(bias.detach()))
             mod.register_forward_hook(_all_reduce_output)
-        info = getattr(model, SHARDED, None) or {"world_size": world, "rank": rank, "layout": {}, "groups": {}}
-        info["layout"].update({s.group: _parts(pm, s, check=False) for s in steps})
+        info = getattr(model, SHARDED, None) or {"world_size": world, "rank": rank, "layout": {}, "groups": {}, "kv": {}}
+        info["layout"].update(parts)
         info["groups"].update({s.group: pm[s.group] for s in steps})  # as in the whole model, to gather it back
+        info["kv"].update(kv)
         info["after_prune"] = pm.after_prune
         setattr(model, SHARDED, info)
         return model
 
     def carry(self, pm: ParticleMap, steps: Sequence[Step], model: nn.Module) -> ParticleMap:
-        return PRUNE.carry(pm, _prune_steps(pm, steps, check=False), model)  # pm.model is cut already
+        # pm.model is cut already; whole key/value groups change the key/value head count: read the map anew
+        if any(pm[s.group].name in getattr(model, SHARDED, {}).get("kv", {}) for s in steps):
+            return decompose(model, recipe=pm.recipe, seq_len=pm.seq_len)
+        return PRUNE.carry(pm, [Step("prune", s.group, {"keep": _parts(pm, s, check=False)[_world_rank(s)[1]]})
+                                for s in steps], model)
 
 
 def _all_reduce_output(mod: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
@@ -104,13 +131,65 @@ def _parts(pm: ParticleMap, step: Step, check: bool = True) -> list[list[int]]:
     if check and not shardable(pm, g):
         raise PlanError(f"{step.group!r} cannot be sharded (its reader is not a linear layer on its particles); "
                         "leave it out of the layout (it is replicated)")
-    for p in parts:
-        g.check_keep(p)
+    if kv_heads(g, parts) is None:
+        for p in parts:
+            g.check_keep(p)
+    elif check and not kv_slices(pm, g):
+        raise PlanError(f"{step.group!r}: no key/value projections found beside the query projection, so whole "
+                        "key/value groups cannot be cut; give each rank the same number of query heads of every group")
     return parts
 
 
-def _prune_steps(pm: ParticleMap, steps: Sequence[Step], check: bool = True) -> list[Step]:
-    return [Step("prune", s.group, {"keep": _parts(pm, s, check)[_world_rank(s)[1]]}) for s in steps]
+def kv_heads(g: ParticleGroup, parts: Sequence[Sequence[int]]) -> list[list[int]] | None:
+    """The key/value heads of each rank when every part of grouped-query head group ``g`` is a non-empty union
+    of whole key/value groups (all ``size / balanced`` query heads of each); None otherwise."""
+    if g.kind != "head" or g.balanced <= 1:
+        return None
+    chunk = g.size // g.balanced
+    kv = [sorted({i // chunk for i in p}) for p in parts]
+    whole = all(p and len(p) == len(k) * chunk for p, k in zip(parts, kv))
+    return kv if whole else None
+
+
+def kv_slices(pm: ParticleMap, g: ParticleGroup) -> tuple[Slice, ...]:
+    """The key and value rows of grouped-query head group ``g`` (one head-width block per key/value head): the
+    weights and biases of the two linear layers beside its query projection with ``balanced`` such blocks
+    (``k_proj``, ``v_proj``); empty when ``g`` is not grouped-query or they are not found."""
+    q = [s for s in g.writers if s.name.endswith(".weight") and s.dim % 2 == 0 and s.repeat == 1]
+    if g.kind != "head" or g.balanced <= 1 or len(q) != 1:
+        return ()
+    qmod, width = q[0].name.rpartition(".")[0], q[0].width
+    parent = qmod.rpartition(".")[0]
+    out: list[Slice] = []
+    for child, m in pm.model.get_submodule(parent).named_children():
+        path = f"{parent}.{child}" if parent else child
+        if path not in (qmod, g.gate.module) and isinstance(m, nn.Linear) and m.out_features == g.balanced * width:
+            out.append(Slice(f"{path}.weight", 0, width))
+            if isinstance(m.bias, torch.Tensor):
+                out.append(Slice(f"{path}.bias", 0, width))
+    return tuple(out) if sum(s.name.endswith(".weight") for s in out) == 2 else ()
+
+
+def set_head_counts(model: nn.Module, g: ParticleGroup, heads: int, kv: int) -> None:
+    """Set the query and key/value head counts on the attention module of grouped-query group ``g``
+    (those of ``num_heads``, ``num_attention_heads``, ``num_key_value_heads`` it records); its
+    ``num_key_value_groups`` (query heads per key/value head) is unchanged by whole-group cuts."""
+    q = next(s for s in g.writers if s.name.endswith(".weight"))
+    attn = model.get_submodule(q.name.rpartition(".")[0].rpartition(".")[0])
+    for k, v in {"num_heads": heads, "num_attention_heads": heads, "num_key_value_heads": kv}.items():
+        if hasattr(attn, k):
+            setattr(attn, k, v)
+
+
+def _cut_whole_groups(pm: ParticleMap, g: ParticleGroup, kv: Sequence[Slice], keep: list[int], heads: list[int]) -> None:
+    touched = set()
+    for s, idx in [*((s, keep) for s in (*g.writers, *g.readers)), *((s, heads) for s in kv)]:
+        t = pm._tensor(s.name)
+        set_tensor(pm.model, s.name, t.detach().index_select(s.dim % t.ndim, s.indices(idx).to(t.device)).contiguous())
+        touched.add(s.name.rpartition(".")[0])
+    for path in touched:
+        refresh_shapes(pm.model.get_submodule(path))
+    set_head_counts(pm.model, g, len(keep), len(heads))
 
 
 def shardable(pm: ParticleMap, g: ParticleGroup) -> bool:
@@ -127,28 +206,47 @@ def _particle_flops(pm: ParticleMap, g: ParticleGroup) -> float:
     return max(pm.cost().flops - pm.cost({g.name: [0]}).flops, 1e-9)
 
 
+def _units(pm: ParticleMap, g: ParticleGroup, world: int) -> tuple[int, Any] | None:
+    """How group ``g`` is dealt: ``(units, particles)``, ``particles(start, count)`` being the particles of
+    units ``start .. start + count - 1``; None when it is replicated (the GQA rule in the module doc)."""
+    n_kv = max(g.balanced, 1)
+    chunk = g.size // n_kv
+    whole = (n_kv, lambda a, c: list(range(a * chunk, (a + c) * chunk)))
+    split = (chunk, lambda a, c: [kv * chunk + i for kv in range(n_kv) for i in range(a, a + c)])
+    if n_kv == 1:
+        return split if chunk >= world else None
+    can_whole = bool(kv_slices(pm, g)) and n_kv >= world
+    if can_whole and n_kv % world == 0:
+        return whole
+    if chunk >= world:
+        return split
+    return whole if can_whole else None
+
+
 def layout(pm: ParticleMap, world_size: int) -> dict[str, list[list[int]]]:
     """``{group: [particles of rank 0, ..., of rank N-1]}``: each shardable group split across the ranks by
-    cost (see the module doc). Groups left out are replicated: blocks, groups whose reader is not linear on
-    them, groups with fewer particles (per key/value group) than ranks, and groups whose modules another
-    split group already cuts (a conv channel chain: its reader would be the next group's writer)."""
+    cost (see the module doc, also for grouped-query attention). Groups left out are replicated: blocks,
+    groups whose reader is not linear on them, groups with fewer particles (or key/value groups) than ranks,
+    and groups whose modules another split group already cuts (a conv channel chain: its reader would be
+    the next group's writer)."""
     if world_size < 1:
         raise PlanError(f"world_size must be at least 1, got {world_size}")
     load = [0.0] * world_size
     taken: set[str] = set()
     out: dict[str, list[list[int]]] = {}
     for g in pm.groups:
-        chunk = g.size // max(g.balanced, 1)
         w, r = _modules(g)
-        if world_size == 1 or not shardable(pm, g) or chunk < world_size or (w | r) & taken:
+        deal = None if world_size == 1 or not shardable(pm, g) or (w | r) & taken else _units(pm, g, world_size)
+        if deal is None:
             continue
+        units, particles = deal
         taken |= w | r
-        extra = set(sorted(range(world_size), key=lambda k: (load[k], k))[: chunk % world_size])
-        counts = [chunk // world_size + (k in extra) for k in range(world_size)]
+        extra = set(sorted(range(world_size), key=lambda k: (load[k], k))[: units % world_size])
         cost = _particle_flops(pm, g)
         parts, start = [], 0
-        for k, c in enumerate(counts):
-            parts.append([kv * chunk + i for kv in range(max(g.balanced, 1)) for i in range(start, start + c)])
+        for k in range(world_size):
+            c = units // world_size + (k in extra)
+            parts.append(sorted(particles(start, c)))
             load[k] += cost * len(parts[-1])
             start += c
         out[g.name] = parts
@@ -156,16 +254,17 @@ def layout(pm: ParticleMap, world_size: int) -> dict[str, list[list[int]]]:
 
 
 def shard_model(pm: ParticleMap, rank: int, world_size: int, parts: Mapping[str, Sequence[Sequence[int]]] | None = None,
-                process_group: Any = None) -> ParticleMap:
+                process_group: Any = None, share: Sequence[str] = ()) -> ParticleMap:
     """The map of a copy of ``pm.model`` (its ``.model``) holding rank ``rank``'s share of ``parts`` (default
     `layout`); the copy records the shard steps in its provenance and sums partial reader outputs over
-    ``process_group`` (default: the world). Tensors about to be cut are shared, not copied (as `prune` does)."""
+    ``process_group`` (default: the world). Tensors about to be cut are shared, not copied (as `prune` does),
+    and so are those of the groups named in ``share`` (which the caller distributes otherwise)."""
     parts = layout(pm, world_size) if parts is None else parts
     steps = [Step("shard", n, {"world_size": world_size, "rank": rank, "parts": [list(p) for p in ps]})
              for n, ps in parts.items()]
     memo: dict[int, Any] = {}
-    for n in parts:
-        for s in (*pm[n].writers, *pm[n].readers):
+    for n in (*parts, *share):
+        for s in (*pm[n].writers, *pm[n].readers, *kv_slices(pm, pm[n])):
             memo[id(pm._tensor(s.name))] = pm._tensor(s.name)
     model = copy.deepcopy(pm.model, memo)
     if steps:
@@ -174,7 +273,8 @@ def shard_model(pm: ParticleMap, rank: int, world_size: int, parts: Mapping[str,
         out = run(pm.rebind(model), steps)
     else:
         out = pm.rebind(model)
-        setattr(model, SHARDED, {"world_size": world_size, "rank": rank, "layout": {}, "groups": {}, "after_prune": None})
+        setattr(model, SHARDED, {"world_size": world_size, "rank": rank, "layout": {}, "groups": {}, "kv": {},
+                                 "after_prune": None})
     getattr(model, SHARDED)["process_group"] = process_group
     set_provenance(model, pm.recipe, model_plan(pm.model) + steps)
     return out
