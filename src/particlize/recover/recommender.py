@@ -31,7 +31,9 @@ WEIGHT_DECAY = 1e-3  # Adam L2 on the other parameters (the MLP tower), idem
 
 
 def _row_l2(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean squared norm of the embedding rows a batch looks up (user tables by ``users``, item tables by ``items``)."""
+    """Sum over embedding tables of the mean squared norm of the rows a batch looks up: tables whose name
+    starts with ``user`` are looked up by ``users``, the others by ``items`` (the naming of
+    `particlize.models.recommender`)."""
     total = torch.zeros(())
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Embedding):

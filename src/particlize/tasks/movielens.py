@@ -145,7 +145,7 @@ class RatingTask:
 
     ``ratings[split]`` is ``(users LongTensor[N], items LongTensor[N], stars FloatTensor[N])`` with
     0-based ids; ``rank[split]`` is ``(users [U], candidates LongTensor[U, 1 + 99])`` whose column 0 is
-    the held-out positive.
+    the held-out positive (``"train"`` ranks the validation positives: training ratings hold none).
     """
 
     kind = "rating"
