@@ -35,7 +35,7 @@ import torch
 from particlize.adapters import decompose
 from particlize.loop import compress
 from particlize.models.recommender import MatrixFactorization, NeuMF
-from particlize.recover import train_recommender
+from particlize.recover import RecoveryConfig, recover_recommender, train_recommender
 from particlize.tasks import get_task
 
 ANCHORS = {"Surprise SVD (published, 5-fold)": 0.934, "Surprise SVD++ (published, 5-fold)": 0.920}
@@ -130,6 +130,13 @@ def main() -> None:
           + ", ".join(f"{g.name} ({g.kind}) {g.size}" for g in pm.groups))
     results = {"dense": {"params": cost.params, "flops": cost.flops, **trained["NeuMF (GMF 32 + MLP 32x2→64→32→16)"][2]}}
     models = {"dense": dense}
+    # control: the dense model given as many recovery epochs as the longest FLOPs run below (distilled from itself)
+    control = copy.deepcopy(dense)
+    summary = recover_recommender(control, dense, task, RecoveryConfig(epochs=8, patience=8), batch_size=1024, seed=args.seed)
+    results["dense + 8 recovery epochs"] = {"params": cost.params, "flops": cost.flops, "recovery": summary,
+                                            **_metrics(task, control)}
+    models["dense + 8 recovery epochs"] = control
+    print(f"control: {results['dense + 8 recovery epochs']}", flush=True)
     for what, share in (("flops", 0.5), ("flops", 0.25), ("params", 0.5), ("params", 0.25)):
         key = f"{what}-{share:g}"
         t0 = time.perf_counter()
