@@ -18,7 +18,7 @@ from particlize.models.recurrent import RNNClassifier
 from particlize.models.sora import SoraConfig, SpacetimeDiT
 from particlize.models.vision import ResNet, SimpleCNN
 
-BUILTIN_ORDER = ["moe", "diffusers-video", "dit", "transformers", "recurrent", "conv"]  # moe: moefy's experts, first
+BUILTIN_ORDER = ["moe", "diffusers-video", "recommender", "dit", "transformers", "recurrent", "conv"]  # moe: moefy's experts, first
 TESTS = Path(__file__).parent
 
 
@@ -157,7 +157,7 @@ class _HeadsOnly:
 def test_a_user_adapter_is_tried_at_its_priority(registry):
     bert = _hf("bert")
     register(_HeadsOnly(), priority=35)  # between dit (40) and transformers (30)
-    assert [a.name for a in adapters()] == ["moe", "diffusers-video", "dit", "heads-only", "transformers", "recurrent", "conv"]
+    assert [a.name for a in adapters()] == ["moe", "diffusers-video", "recommender", "dit", "heads-only", "transformers", "recurrent", "conv"]
     pm = pz.decompose(bert)
     assert pm.adapter == "heads-only" and {g.kind for g in pm} == {"head"} and len(list(pm)) == 3
     assert pz.decompose(_dit()).adapter == "dit"  # above it: untouched

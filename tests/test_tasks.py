@@ -181,7 +181,7 @@ def test_text_csv_errors_are_clear(tmp_path: Path, content: str, kwargs: dict, m
 
 
 def test_task_registry_errors(tmp_path: Path) -> None:
-    assert set(TASKS) == {"vader-sentiment", "text-csv", "fashion-mnist", "moving-digits"}
+    assert set(TASKS) == {"vader-sentiment", "text-csv", "fashion-mnist", "moving-digits", "movielens-100k"}
     with pytest.raises(ParticlizeError, match="unknown task 'imdb'.*vader-sentiment"):
         get_task("imdb")
     with pytest.raises(ParticlizeError, match="unexpected keyword argument 'txt_column'.*options are: path"):

@@ -27,7 +27,8 @@ from .particles import ParticleGroup, ParticleMap
 from .plan import compensations
 from .surgery import block_correspondence
 
-GRANULARITIES = {"heads": "head", "neurons": "neuron", "channels": "channel", "units": "unit", "blocks": "block"}
+GRANULARITIES = {"heads": "head", "neurons": "neuron", "channels": "channel", "units": "unit", "blocks": "block",
+                 "factors": "factor"}
 
 
 @dataclass

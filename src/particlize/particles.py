@@ -33,8 +33,9 @@ from .gates import (  # noqa: F401  (re-exported: the gate sites are part of the
 )
 from .record import particle_table
 
-Kind = Literal["head", "neuron", "channel", "unit", "block", "expert"]
-KINDS: tuple[str, ...] = ("head", "neuron", "channel", "unit", "block", "expert")
+# factor: one latent dimension of embedding tables that meet (a recommender's user and item factors)
+Kind = Literal["head", "neuron", "channel", "unit", "block", "expert", "factor"]
+KINDS: tuple[str, ...] = ("head", "neuron", "channel", "unit", "block", "expert", "factor")
 Remove = Mapping[str, "Sequence[int] | Tensor"]
 
 

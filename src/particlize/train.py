@@ -16,13 +16,16 @@ from torch import nn
 
 from .errors import ParticlizeError
 from .io import save
+from .models.recommender import RECOMMENDERS
 from .models.text import TextClassifier, _quiet_hf
 from .models.vision import ResNet, SimpleCNN
 from .recover.classifier import DEFAULT_LR, Progress, train_classifier
+from .recover.recommender import TRAIN_LR, train_recommender
 from .sources import load_tokenizer, minilm_path
-from .tasks import Task, get_task
+from .tasks import RatingTask, Task, get_task
 
 IMAGE_MODELS = ("simple-cnn", "resnet")
+RATING_MODELS = tuple(RECOMMENDERS)
 
 
 def build_classifier(model: str | nn.Module, task: Task, *, pooling: str = "mean") -> tuple[nn.Module, Any]:
@@ -77,6 +80,9 @@ def fine_tune(
         raise ParticlizeError(f"{out} already exists and is not empty; pass force=True (CLI: --force) to replace it")
     task = get_task(task_name, **(task_kwargs or {}))
     torch.manual_seed(seed)
+    if isinstance(task, RatingTask):
+        return _fine_tune_rating(task, out, model, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, limit=limit,
+                                 progress=progress, force=force, task_kwargs=task_kwargs)
     net, tokenizer = build_classifier(model, task, pooling=pooling)
     lr = DEFAULT_LR[task.kind] if lr is None else lr
     t0 = time.perf_counter()
@@ -98,4 +104,32 @@ def fine_tune(
     return save(net, out, tokenizer=tokenizer, force=force, extra=extra)
 
 
-__all__ = ["IMAGE_MODELS", "build_classifier", "fine_tune"]
+def _fine_tune_rating(task: RatingTask, out: Path, model: str | nn.Module, *, epochs: int, lr: float | None,
+                      batch_size: int, seed: int, limit: int | None, progress: Progress | None, force: bool,
+                      task_kwargs: dict[str, Any] | None) -> Path:
+    """`fine_tune` for a rating task: a fresh recommender (``"neumf"`` or ``"mf"``, or a module you pass) trained
+    on the ratings with `train_recommender` (the best validation RMSE kept), evaluated on the test split."""
+    if isinstance(model, str):
+        if model not in RECOMMENDERS:
+            raise ParticlizeError(f"rating tasks train {', '.join(RATING_MODELS)} (or a module you pass); got {model!r}")
+        net: nn.Module = RECOMMENDERS[model](task.num_users, task.num_items, mean=task.mean_rating)
+    else:
+        net = model
+    lr = TRAIN_LR if lr is None else lr
+    batch_size = max(batch_size, 256)  # rating pairs are tiny: the CLI's text default of 32 would crawl
+    history = train_recommender(net, task, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, limit=limit,
+                                progress=progress)
+    test = task.evaluate(net, "test")
+    best = history["epochs"][history["best_epoch"] - 1] if history["best_epoch"] else {}
+    extra = {
+        "task": task.name,
+        "task_kwargs": {k: str(v) for k, v in (task_kwargs or {}).items()},
+        "metrics": {"test": test, "val": best},
+        "train": {"base": model if isinstance(model, str) else type(model).__name__, "epochs": epochs, "lr": lr,
+                  "seed": seed, "batch_size": batch_size, "limit": limit, "seconds": history["seconds"],
+                  "sizes": task.sizes(), "history": history["epochs"], "best_epoch": history["best_epoch"]},
+    }
+    return save(net, out, force=force, extra=extra)
+
+
+__all__ = ["IMAGE_MODELS", "RATING_MODELS", "build_classifier", "fine_tune"]

@@ -10,6 +10,7 @@ never matters. The built-in order, most specific first:
 name               priority  claims
 =================  ========  ==========================================================================
 diffusers-video    50        diffusers' CogVideoX / Latte classes (by class)
+recommender        45        embedding recommenders by attribute names (``user_gmf``/``gmf_out``, ``user_factors``/``dot``)
 dit                40        a ``blocks`` list of spacetime DiT blocks (``attn_s``, ``attn_t``, ``mlp``)
 transformers       30        stacks of Hugging Face style transformer layers, anywhere in the model
 recurrent          20        any ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` (or `StackedRNN`)
@@ -112,7 +113,8 @@ def _unknown(name: str) -> UnsupportedModelError:
 SUPPORTED = (
     "Hugging Face BERT-family encoders (incl. MiniLM), GPT-2, Llama/Qwen2/Mistral (GQA), ViT; "
     "CNNs of Conv2d+BatchNorm+activations (residual blocks too); multi-layer nn.LSTM/nn.GRU with a Linear on top; "
-    "spacetime DiTs (particlize.models.sora) and diffusers' CogVideoX / Latte video transformers"
+    "spacetime DiTs (particlize.models.sora) and diffusers' CogVideoX / Latte video transformers; "
+    "embedding recommenders (particlize.models.recommender: NeuMF, biased MF)"
 )
 
 
@@ -175,7 +177,7 @@ def decompose(
 
 
 # the built-in adapters register themselves (each with its priority: the order of these imports is irrelevant)
-from . import conv, diffusers_video, dit, recurrent, transformers_hf  # noqa: E402,F401
+from . import conv, diffusers_video, dit, recommender, recurrent, transformers_hf  # noqa: E402,F401
 
 __all__ = [
     "Adapter", "AdapterResult", "SUPPORTED", "adapters", "claimed_by", "decompose", "get_adapter", "register",

@@ -4,7 +4,7 @@
     summary = recover(student, teacher, task, RecoveryConfig(epochs=1), tokenizer=tok, batch_size=32)
 
 `recover` dispatches on the task's ``kind`` through `RECOVERERS` (text and image classifiers:
-`classifier.recover_classifier`; video diffusion: `dit.recover_dit`); `register` adds a kind. Tasks know
+`classifier.recover_classifier`; video diffusion: `dit.recover_dit`; ratings: `recommender.recover_recommender`); `register` adds a kind. Tasks know
 data and metrics only; what recovering a model of their kind means lives here.
 """
 
@@ -19,10 +19,13 @@ from ..errors import ParticlizeError
 from .classifier import recover_classifier, train_classifier
 from .config import RECOVER_HIDDEN_WEIGHT, RECOVER_LR, RecoveryConfig, recovery_settings
 from .dit import check_focus, distill_dit, recover_dit
+from .recommender import recover_recommender, train_recommender
 
 #: ``(student, teacher, task, cfg, *, tokenizer, batch_size, max_length, limit, seed, progress) -> summary``
 Recoverer = Callable[..., dict[str, Any]]
-RECOVERERS: dict[str, Recoverer] = {"text": recover_classifier, "image": recover_classifier, "video": recover_dit}
+RECOVERERS: dict[str, Recoverer] = {
+    "text": recover_classifier, "image": recover_classifier, "video": recover_dit, "rating": recover_recommender,
+}
 
 
 def register(kind: str, recoverer: Recoverer) -> None:
@@ -54,5 +57,6 @@ def check_applicable(cfg: RecoveryConfig, task: Any, model: nn.Module) -> None:
 
 __all__ = [
     "RECOVERERS", "RECOVER_HIDDEN_WEIGHT", "RECOVER_LR", "Recoverer", "RecoveryConfig", "check_applicable",
-    "distill_dit", "recover", "recover_classifier", "recover_dit", "recovery_settings", "register", "train_classifier",
+    "distill_dit", "recover", "recover_classifier", "recover_dit", "recover_recommender", "recovery_settings", "register", "train_classifier",
+    "train_recommender",
 ]

@@ -5,6 +5,7 @@
     task = get_task("text-csv", path="my.csv", text_column="text", label_column="label")
     task = get_task("fashion-mnist")                         # apt-get install -y dataset-fashion-mnist
     task = get_task("moving-digits")                         # seeded videos of bouncing sklearn digits
+    task = get_task("movielens-100k")                        # 100k star ratings (cached download; kind "rating")
     texts, labels = task.split("train")
     for inputs, targets in task.batches("train", tokenizer=tok, batch_size=32): ...
     task.evaluate(model, "test", tokenizer=tok)              # {"accuracy", "loss", "n"}
@@ -22,6 +23,7 @@ from typing import Any
 from ..errors import ParticlizeError
 from .base import SPLITS, DataError, Task, cache_dir, stratified_split
 from .fashion_mnist import load_fashion_mnist
+from .movielens import RatingTask, load_movielens
 from .moving_digits import moving_digits
 from .text_csv import load_text_csv
 from .vader import load_vader
@@ -31,6 +33,7 @@ TASKS: dict[str, Callable[..., Task]] = {
     "text-csv": load_text_csv,
     "fashion-mnist": load_fashion_mnist,
     "moving-digits": moving_digits,
+    "movielens-100k": load_movielens,
 }
 
 
@@ -50,4 +53,4 @@ def get_task(name: str, **kwargs: Any) -> Task:
     return factory(**kwargs)
 
 
-__all__ = ["DataError", "SPLITS", "TASKS", "Task", "cache_dir", "get_task", "stratified_split"]
+__all__ = ["DataError", "RatingTask", "SPLITS", "TASKS", "Task", "cache_dir", "get_task", "stratified_split"]
