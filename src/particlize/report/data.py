@@ -72,16 +72,16 @@ def gather(source: str | Path, *, task: str | Task | None = None, limit: int = 6
         if p.suffix.lower() != ".csv":
             raise ParticlizeError(f"{p} is not a CSV, compress run or sweep folder, or model; "
                                   "give a particlize run/sweep folder, a model folder, or an analyze --csv file")
-        return _from_csv(p)
+        return tidy(_from_csv(p))
     if p.is_dir() and (p / HISTORY).is_file():
-        return _from_run(p, task, limit, say)
+        return tidy(_from_run(p, task, limit, say))
     if p.is_dir() and (p / SWEEP).is_file():
         return _from_sweep(p)
     if not p.exists() and str(source) not in shipped() and str(source) != "minilm":
         raise ParticlizeError(f"{source} not found: give a compress run or sweep folder, a saved model, or an analyze CSV")
     if p.is_dir() and not (p / META).is_file() and not (p / "config.json").is_file():
         raise ParticlizeError(f"{p} is neither a compress run ({HISTORY}), a sweep ({SWEEP}) nor a model folder ({META})")
-    return _from_model(str(source), task, limit, say)
+    return tidy(_from_model(str(source), task, limit, say))
 
 
 # ---- the four sources ---------------------------------------------------------------------------------
@@ -170,8 +170,8 @@ def _from_run(path: Path, task: str | Task | None, limit: int, say: Note) -> Rep
         _analyse(d, model, load_tokenizer(str(path)), task, limit, say)
         if hasattr(model, "sample"):
             dense = _shipped_dense(read_meta(path))
-            d.frames_after = _frames(model, say, "compressed")
-            d.frames_before = _frames(dense, say, "dense") if dense is not None else None
+            d.frames_after = _frames(model, say, "the compressed model")
+            d.frames_before = _frames(dense, say, "the dense model") if dense is not None else None
     elif model is not None:
         d.notes["maps"] = d.notes["validation"] = (
             "No analysis in a run folder: add --task TASK to score the compressed model's particles.")
@@ -199,13 +199,31 @@ def _from_model(spec: str, task: str | Task | None, limit: int, say: Note) -> Re
     d.notes["loop"] = "A single model has no rounds; report a compress run folder or a sweep folder for this."
     _analyse(d, model, load_tokenizer(spec), task, limit, say, pm)
     if hasattr(model, "sample"):
-        d.frames_after = _frames(model, say, "this model")
+        d.frames_after = _frames(model, say, "the model")
         if not plan:
             d.notes["frames"] = "Samples of this (unpruned) model; a compress run of it shows them before and after."
     return d
 
 
 # ---- helpers --------------------------------------------------------------------------------------------
+
+
+def _layers(df: pd.DataFrame | None) -> pd.DataFrame | None:
+    """Blocks form one group whose particle ``index`` is the layer: give them that layer (the table says -1)."""
+    if df is None or "kind" not in df or "layer" not in df:
+        return df
+    blocks = (df["kind"] == "block") & (df["layer"] < 0)
+    if blocks.any():
+        df = df.copy()
+        df.loc[blocks, "layer"] = df.loc[blocks, "index"]
+    return df
+
+
+def tidy(d: ReportData) -> ReportData:
+    """``d`` with block rows placed at their layers in every particle frame."""
+    for name in ("before", "after", "scores", "by_class", "validation"):
+        setattr(d, name, _layers(getattr(d, name)))
+    return d
 
 
 def _kind_of_name(name: str) -> str:
@@ -238,7 +256,7 @@ def _shipped_dense(meta: dict[str, Any]) -> nn.Module | None:
 
 @torch.no_grad()
 def _frames(model: nn.Module, say: Note, what: str) -> torch.Tensor:
-    say(f"sampling videos from the {what} model")
+    say(f"sampling videos from {what}")
     return model.sample(SAMPLE_LABELS, steps=25, seed=0).cpu()
 
 

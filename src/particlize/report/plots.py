@@ -31,6 +31,7 @@ class Figure:
     caption: str
     uri: str
     alt: str = ""
+    half: bool = False  # drawn half the page wide (side by side with the next one)
 
 
 def _plt() -> Any:
@@ -89,12 +90,18 @@ def overview_kinds(before: pd.DataFrame, after: pd.DataFrame | None) -> Figure |
             for r, v, v0 in zip(bars, ta, tb):
                 ax.annotate(f"{v / v0:.0%}" if v0 else "", (r.get_x() + r.get_width() / 2, r.get_height()),
                             ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
+        if after is not None:
+            from matplotlib.patches import Patch
+
+            ax.legend(handles=[Patch(color=BEFORE, label="dense"), Patch(color="#555", label="compressed (colour: kind)")],
+                      fontsize=8, loc="upper left")
         ax.set_xticks(x, [k + "s" for k in kinds])
         ax.set_ylabel(label)
         ax.set_xlabel("particle kind")
     axes[0].set_title("Parameters per kind")
     axes[1].set_title("FLOPs per kind")
-    axes[0].legend()
+    if after is None:
+        axes[0].legend()
     cap = ("How the prunable cost splits between kinds; the percentage over each compressed bar is what was kept."
            if after is not None else "Where the prunable cost sits: the kinds with the tallest bars have the most to give.")
     return _embed(fig, "Cost by particle kind", cap)
@@ -151,12 +158,14 @@ def head_heatmap(scores: pd.DataFrame, what: str) -> Figure | None:
     for i, g in enumerate(groups["group"]):
         part = h[h["group"] == g]
         grid[i, part["index"].to_numpy()] = part["score"].to_numpy()
-    fig, ax = plt.subplots(figsize=(min(2 + 0.45 * grid.shape[1], 10), 1.2 + 0.38 * grid.shape[0]))
+    shared = groups["layer"].duplicated(keep=False)  # several head groups per layer (e.g. spatial, temporal)
+    labels = [f"{_label(r)} {r.group.split('.')[-2]}" if dup else _label(r) for r, dup in zip(groups.itertuples(), shared)]
+    fig, ax = plt.subplots(figsize=(min(2.6 + 0.45 * grid.shape[1], 10), 1.2 + 0.38 * grid.shape[0]))
     lim = np.nanmax(np.abs(grid)) or 1.0
     im = ax.imshow(grid, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
     ax.set_xticks(range(grid.shape[1]))
-    ax.set_yticks(range(len(groups)), [_label(r) for r in groups.itertuples()])
-    ax.set_xlabel("head index")
+    ax.set_yticks(range(len(groups)), labels)
+    ax.set_xlabel("head index (as numbered in this model)")
     ax.set_ylabel("layer")
     ax.grid(False)
     if grid.size <= 200:
@@ -358,14 +367,17 @@ def kept_widths(before: pd.DataFrame, after: pd.DataFrame) -> Figure | None:
         if len(layers) * len(kinds) <= 36:
             for rect, k, n in zip(bars, kept, full):
                 if n:
-                    ax.annotate(f"{int(k)}/{int(n)}", (rect.get_x() + rect.get_width() / 2, rect.get_height()),
-                                ha="center", va="bottom", fontsize=6.5, xytext=(0, 1), textcoords="offset points")
+                    text = f"{int(k):,}/{int(n):,}"
+                    ax.annotate(text, (rect.get_x() + rect.get_width() / 2, rect.get_height()), ha="center",
+                                va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points",
+                                rotation=90 if len(text) > 6 else 0)
     ax.set_xticks(range(len(layers)), [str(layer) for layer in layers])
-    ax.set_ylim(0, 112)
+    ax.set_ylim(0, 135)
+    ax.set_yticks(range(0, 101, 25))
     ax.set_xlabel("layer")
     ax.set_ylabel("particles kept (% of dense)")
     ax.set_title("Kept width per layer")
-    ax.legend(ncol=len(kinds), fontsize=8, loc="upper right")
+    ax.legend(ncol=len(kinds), fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _embed(fig, "The kept structure",
                   "Each bar is how much of a layer's heads or neurons survived; uneven bars show where the model had slack.")
 
@@ -375,4 +387,4 @@ def video_frames(videos: Any, title: str, caption: str) -> Figure:
     with tempfile.TemporaryDirectory() as d:
         path = video_grid(videos, Path(d) / "v.png", row_labels=[f"digit {i}" for i in range(len(videos))], title=title)
         uri = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
-    return Figure(title, caption, uri, alt=title)
+    return Figure(title, caption, uri, alt=title, half=True)
