@@ -186,3 +186,13 @@ def test_out_must_be_html_and_a_file_source_needs_out(tmp_path, reports):
         write_report(src, tmp_path / "r.txt")
     with pytest.raises(pz.ParticlizeError, match="give an output file"):
         write_report(src)
+
+
+@pytest.mark.slow
+def test_sora_tiny_report_samples_videos(tmp_path):
+    """The shipped video DiT on moving digits: sample frames in the kept-structure section, no per-class maps."""
+    page = write_report("sora-tiny", tmp_path / "s.html", limit=16).read_text()
+    s = sections(page)
+    assert s["structure"] == s["maps"] == s["validation"] == s["overview"] == "no" and s["loop"] == "yes"
+    assert "<h3>Samples</h3>" in page and "has no class labels" in page and "ε-MSE" in page
+    assert check_self_contained(page) >= 6

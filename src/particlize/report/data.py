@@ -61,11 +61,12 @@ class ReportData:
     notes: dict[str, str] = field(default_factory=dict)  # section id -> why it has no (or partial) data
 
 
-def gather(source: str | Path, *, task: str | Task | None = None, limit: int = 64, note: Note | None = None) -> ReportData:
+def gather(source: str | Path, *, task: str | Task | None = None, limit: int = 64, trust_code: bool = False,
+           note: Note | None = None) -> ReportData:
     """Read (and, for a model, analyse) ``source``: a compress run folder, a sweep folder, a saved model (a
     folder, a shipped name such as ``sora-tiny``, or ``minilm``) or a CSV written by ``analyze`` / ``inspect``.
     ``task`` (a task name or a `Task`) is needed to analyse a model (a saved classifier names its own task);
-    ``limit`` examples are used."""
+    ``limit`` examples are used; ``trust_code`` allows a saved model's own factory code to run."""
     say = note or (lambda s: None)
     p = Path(source)
     if p.is_file():
@@ -74,14 +75,14 @@ def gather(source: str | Path, *, task: str | Task | None = None, limit: int = 6
                                   "give a particlize run/sweep folder, a model folder, or an analyze --csv file")
         return tidy(_from_csv(p))
     if p.is_dir() and (p / HISTORY).is_file():
-        return tidy(_from_run(p, task, limit, say))
+        return tidy(_from_run(p, task, limit, say, trust_code))
     if p.is_dir() and (p / SWEEP).is_file():
         return _from_sweep(p)
     if not p.exists() and str(source) not in shipped() and str(source) != "minilm":
         raise ParticlizeError(f"{source} not found: give a compress run or sweep folder, a saved model, or an analyze CSV")
     if p.is_dir() and not (p / META).is_file() and not (p / "config.json").is_file():
         raise ParticlizeError(f"{p} is neither a compress run ({HISTORY}), a sweep ({SWEEP}) nor a model folder ({META})")
-    return tidy(_from_model(str(source), task, limit, say))
+    return tidy(_from_model(str(source), task, limit, say, trust_code))
 
 
 # ---- the four sources ---------------------------------------------------------------------------------
@@ -137,7 +138,7 @@ def _from_sweep(path: Path) -> ReportData:
     return d
 
 
-def _from_run(path: Path, task: str | Task | None, limit: int, say: Note) -> ReportData:
+def _from_run(path: Path, task: str | Task | None, limit: int, say: Note, trust_code: bool) -> ReportData:
     try:
         state = json.loads((path / HISTORY).read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -159,9 +160,9 @@ def _from_run(path: Path, task: str | Task | None, limit: int, say: Note) -> Rep
     if (path / META).is_file():
         say("reading the compressed model")
         meta = read_meta(path)
-        model = load_model(str(path), trust_code=True)
+        model = load_model(str(path), trust_code=trust_code)
         d.after = decompose(model).table()
-        d.before = _base_table(meta)
+        d.before = _base_table(meta, trust_code)
         if d.before is None:
             d.notes["overview"] = "The dense model's architecture could not be rebuilt from the saved recipe."
     else:
@@ -178,9 +179,9 @@ def _from_run(path: Path, task: str | Task | None, limit: int, say: Note) -> Rep
     return d
 
 
-def _from_model(spec: str, task: str | Task | None, limit: int, say: Note) -> ReportData:
+def _from_model(spec: str, task: str | Task | None, limit: int, say: Note, trust_code: bool) -> ReportData:
     say(f"loading {spec}")
-    model = load_model(spec, trust_code=False)
+    model = load_model(spec, trust_code=trust_code)
     meta = read_meta(spec) if Path(spec).is_dir() and (Path(spec) / META).is_file() or spec in shipped() else {}
     task = task or meta.get("extra", {}).get("task") or ("moving-digits" if hasattr(model, "sample") else None)
     if task is None:
@@ -193,7 +194,7 @@ def _from_model(spec: str, task: str | Task | None, limit: int, say: Note) -> Re
                ("FLOPs", f"{pm.cost().flops:,.0f} {pm.flops_unit}")]
     plan = meta.get("plan") or []
     if plan:
-        base = _base_table(meta)
+        base = _base_table(meta, trust_code)
         if base is not None:
             d.before, d.after = base, d.before
     d.notes["loop"] = "A single model has no rounds; report a compress run folder or a sweep folder for this."
@@ -233,13 +234,13 @@ def _kind_of_name(name: str) -> str:
     return "other"
 
 
-def _base_table(meta: dict[str, Any]) -> pd.DataFrame | None:
+def _base_table(meta: dict[str, Any], trust_code: bool) -> pd.DataFrame | None:
     """The particle table of the dense architecture a saved model started from (random weights: only the
     structure and costs are read)."""
     if not meta.get("recipe"):
         return None
     try:
-        base = build(meta["recipe"], trust_code=True)
+        base = build(meta["recipe"], trust_code=trust_code)
     except ParticlizeError:
         return None
     return decompose(base).table()[["group", "kind", "layer", "index", "params", "flops", "flops_unit"]]

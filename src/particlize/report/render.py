@@ -163,13 +163,15 @@ def render(d: ReportData) -> str:
 
 
 def write_report(source: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *, task: str | Task | None = None,
-                 force: bool = False, limit: int = 64, note: Callable[[str], None] | None = None) -> Path:
+                 force: bool = False, limit: int = 64, trust_code: bool = False,
+                 note: Callable[[str], None] | None = None) -> Path:
     """Write the HTML report of ``source`` (a compress run folder, a sweep folder, a saved model or shipped
     model name, or an ``analyze`` CSV) to ``out`` (default ``source/report.html`` for a folder) and return its path.
 
     ``task`` (a name or a `Task`) is the task to analyse a model on (a saved classifier names its own; the shipped video DiT
     defaults to moving-digits); ``limit`` examples are used. The page is self-contained (figures embedded, no
-    network) and written atomically; an existing ``out`` is replaced only with ``force=True``.
+    network) and written atomically; an existing ``out`` is replaced only with ``force=True``. ``trust_code``
+    allows a saved model's own factory code (outside particlize and transformers) to run.
     """
     src = Path(source)
     if out is None:
@@ -181,7 +183,7 @@ def write_report(source: str | os.PathLike[str], out: str | os.PathLike[str] | N
         raise ParticlizeError(f"{out} already exists; pass --force (force=True) to replace it")
     if out.suffix.lower() not in (".html", ".htm"):
         raise ParticlizeError(f"the report is an HTML page: name it *.html, got {out.name}")
-    page = render(gather(source, task=task, limit=limit, note=note))
+    page = render(gather(source, task=task, limit=limit, trust_code=trust_code, note=note))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
