@@ -52,6 +52,7 @@ class ReportData:
     by_class: pd.DataFrame | None = None  # group, kind, layer, index, class_name, score
     validation: pd.DataFrame | None = None  # group, kind, index, score_cheap, score_exact
     validation_summary: pd.DataFrame | None = None
+    influence: pd.DataFrame | None = None  # blocks: group, index, layer, score = 1 - cos(block input, output)
     method: str = "taylor"
     metric: str = "loss"
     history: list[dict[str, Any]] | None = None
@@ -222,7 +223,7 @@ def _layers(df: pd.DataFrame | None) -> pd.DataFrame | None:
 
 def tidy(d: ReportData) -> ReportData:
     """``d`` with block rows placed at their layers in every particle frame."""
-    for name in ("before", "after", "scores", "by_class", "validation"):
+    for name in ("before", "after", "scores", "by_class", "validation", "influence"):
         setattr(d, name, _layers(getattr(d, name)))
     return d
 
@@ -311,6 +312,9 @@ def _analyse(d: ReportData, model: nn.Module, tokenizer: Any, task: str | Task, 
         d.by_class = by
     else:
         d.notes["classes"] = "A video denoiser has no class labels to attribute its loss to (its targets are noise)."
+    if any(g.kind == "block" for g in pm.groups):
+        say("block influence")
+        d.influence = analyze(pm, batches, "influence", groups="block")
     groups, left = _exact_groups(pm)
     if groups:
         say(f"exact ablation of {sum(pm[g].size for g in groups):,} particles")

@@ -203,21 +203,32 @@ def neuron_distributions(scores: pd.DataFrame, what: str) -> Figure | None:
                   "Boxes span the middle half of each layer's neurons; layers whose boxes sit low hold the most removable neurons.")
 
 
-def block_influence(scores: pd.DataFrame, what: str) -> Figure | None:
-    """One bar per residual block."""
+def block_influence(scores: pd.DataFrame, what: str, influence: pd.DataFrame | None = None,
+                    exact: pd.DataFrame | None = None) -> Figure | None:
+    """One bar per residual block: ShortGPT's influence (how much it changes the residual stream) and its
+    effect on the loss (exact ablation where it was run, else the cheap score)."""
     b = scores[scores["kind"] == "block"].sort_values(["layer", "index"])
     if b.empty:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(9, 2.8))
-    labels = [f"L{r.layer}" if r.layer >= 0 else f"{r.index}" for r in b.itertuples()]
-    ax.bar(range(len(b)), b["score"], color=KIND_COLORS["block"])
-    ax.set_xticks(range(len(b)), labels)
-    ax.set_xlabel("block (layer)")
-    ax.set_ylabel(what)
-    ax.axhline(0, color="#444", lw=0.8)
-    ax.set_title("Block influence")
-    return _embed(fig, "Whole blocks", "Tall bars are blocks the model cannot do without; near-zero ones could be dropped whole.")
+    panels = []
+    if influence is not None and not influence.empty:
+        panels.append((influence.sort_values("index"), "1 − cos(block input, output)", "Influence on the residual stream"))
+    ex = exact[exact["kind"] == "block"].sort_values("index") if exact is not None else None
+    if ex is not None and not ex.empty:
+        panels.append((ex.rename(columns={"score_exact": "score"}), f"exact {what}", "Effect on the loss (exact)"))
+    else:
+        panels.append((b, what, "Effect on the loss"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(9, 2.9), squeeze=False)
+    for ax, (part, label, title) in zip(axes[0], panels):
+        ax.bar(range(len(part)), part["score"], color=KIND_COLORS["block"])
+        ax.set_xticks(range(len(part)), [f"L{i}" for i in part["index"]])
+        ax.set_xlabel("block (layer)")
+        ax.set_ylabel(label)
+        ax.axhline(0, color="#444", lw=0.8)
+        ax.set_title(title)
+    return _embed(fig, "Whole blocks",
+                  "Tall bars are blocks the model cannot do without; short ones could be dropped whole.")
 
 
 def class_heatmap(by_class: pd.DataFrame, what: str) -> Figure | None:

@@ -90,7 +90,7 @@ def _sections(d: ReportData) -> list[Section]:
     s["overview"].note = n.get("overview", "" if d.before is not None else "This source holds no particle table.")
     if d.scores is not None:
         for f in (plots.head_heatmap(d.scores, what), plots.neuron_distributions(d.scores, what),
-                  plots.block_influence(d.scores, what)):
+                  plots.block_influence(d.scores, what, d.influence, d.validation)):
             if f:
                 s["maps"].figures.append(f)
     if d.by_class is not None:
@@ -122,7 +122,7 @@ def _sections(d: ReportData) -> list[Section]:
             s["structure"].figures.append(f)
     if d.frames_before is not None:
         s["structure"].figures.append(plots.video_frames(d.frames_before, "Samples: dense model",
-                                                         "One row per digit class, one column per frame (same noise as below)."))
+                                                         "One row per digit class, one column per frame; the compressed model starts from the same noise."))
     if d.frames_after is not None:
         title = "Samples: compressed model" if d.frames_before is not None or d.after is not None else "Samples"
         s["structure"].figures.append(plots.video_frames(d.frames_after, title,
