@@ -51,7 +51,6 @@ import typer  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from particlize.report import write_report  # noqa: E402
-from particlize.report.render import SECTIONS  # noqa: E402
 from particlize.report_cli import report_command  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))

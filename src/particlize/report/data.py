@@ -10,7 +10,6 @@ seconds to a minute on a CPU, not the hours of a full exact sweep.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -324,7 +323,3 @@ def _analyse(d: ReportData, model: nn.Module, tokenizer: Any, task: str | Task, 
         d.notes["validation"] = (f"Not ablated exactly here (too many to ablate one by one in a report): {', '.join(left)}. "
                                  "`particlize analyze --top K` finds their exact top K fast.")
 
-
-def finite(x: float) -> bool:
-    """Whether ``x`` is a finite number (not NaN/inf/None)."""
-    return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
