@@ -37,6 +37,9 @@ class Prune:
         model = pm.model
         for name, idx in keep.items():
             pm[name].check_keep(idx)
+            if pm[name].kind == "block" and not idx:
+                raise PlanError(f"removing every block of {name} would leave a model with no layers; keep at least "
+                                "one block (or prune heads and neurons instead)")
         touched: set[str] = set()
         for name, idx in keep.items():
             g = pm[name]
