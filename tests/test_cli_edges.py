@@ -57,6 +57,16 @@ def _exit(args: list[str]) -> int:
 # ---- 1. Ctrl-C ------------------------------------------------------------------------------------------------
 
 
+def test_a_real_sigint_exits_130_with_one_line_and_no_output(tmp_path, capsys):
+    """SIGINT sent to this process while the model loads (in-process: the suite stays fast)."""
+    (tmp_path / "models.py").write_text(FACTORY)
+    out = tmp_path / "table.csv"
+    assert _exit(["inspect", f"{tmp_path / 'models.py'}:interrupted", "--out", str(out)]) == INTERRUPTED == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["interrupted"]
+    assert not out.exists() and not list(tmp_path.glob(".table.csv*"))
+
+
+@pytest.mark.slow
 def test_sigint_exits_130_with_one_line_and_no_output(tmp_path):
     """A real SIGINT (sent while the model loads): exit status 130, one line, no output file."""
     (tmp_path / "models.py").write_text(FACTORY)
@@ -173,7 +183,7 @@ def test_granularity_comma_or_repeated_singular_or_plural():
 def test_every_model_command_has_device_out_and_the_same_scorer_set():
     runner = CliRunner()
     helps = {c: " ".join(runner.invoke(app, [c, "--help"], terminal_width=400).output.split()) for c in COMMANDS}
-    for c in ("inspect", "analyze", "train", "compress", "sweep", "train-sora", "moefy"):
+    for c in ("analyze", "train", "compress", "sweep", "train-sora", "moefy"):  # inspect only counts, runs nothing
         assert "--device" in helps[c], c
     for c in ("inspect", "analyze", "train", "compress", "sweep", "train-sora", "moefy"):
         assert "--out PATH" in helps[c], c
@@ -354,3 +364,12 @@ def test_analyze_nproc_command_writes_the_single_process_table(dense, tmp_path):
                        capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 0, r.stderr
     _same_table(pd.read_csv(tmp_path / "one.csv"), pd.read_csv(tmp_path / "two.csv"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["compress", "minilm", "--task", "nope", "--device", "cuda", "--out", "{out}"], "compress runs on the CPU for now"),
+    (["analyze", "minilm", "--task", "nope", "--top", "3", "--nproc", "2", "--out", "{out}"], "drop --nproc"),
+])
+def test_options_that_cannot_go_together_say_so_first(tmp_path, capsys, args, message):
+    assert _exit([a.replace("{out}", str(tmp_path / "o")) for a in args]) == 1
+    assert message in capsys.readouterr().err and not (tmp_path / "o").exists()

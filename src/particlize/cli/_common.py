@@ -194,6 +194,13 @@ def check_device(device: str) -> None:
         raise ParticlizeError(f"--device {device} was asked for but no CUDA GPU is available; use --device cpu")
 
 
+def cpu_only(device: str, command: str) -> None:
+    """``--device`` of a command whose library path does not move its data to a GPU yet: CPU, or a clear error."""
+    if device != "cpu":
+        raise ParticlizeError(f"{command} runs on the CPU for now (its calibration data is not moved to a GPU yet); "
+                              "use --device cpu, or analyze/train on the GPU")
+
+
 def task_for(name: str, data: Optional[Path], text_column: str, label_column: str) -> Any:
     if name == "text-csv":
         if data is None:

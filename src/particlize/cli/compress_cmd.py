@@ -19,7 +19,7 @@ from ..recover import RecoveryConfig
 from ..sources import load_model, load_tokenizer
 from ..sweep import sweep as run_sweep
 from ._common import BATCH_SIZE, DATA, DEVICE, GRANULARITY, JSON, LABEL_COLUMN, LIMIT, MAX_LENGTH, MODEL, SCORER, SEED, \
-    TASK, TEXT_COLUMN, TRUST_CODE, check_device, console, kinds_list, print_json, progress_bar, quiet_transformers, \
+    TASK, TEXT_COLUMN, TRUST_CODE, console, cpu_only, kinds_list, print_json, progress_bar, quiet_transformers, \
     refuse_existing, task_for
 
 TARGET_NOT_MET = 3  # exit status of `compress` when it stopped short of its target (1: errors, 2: usage errors)
@@ -97,7 +97,7 @@ def compress_command(
     cfg.check()
     if resume:
         _check_same_settings(out, cfg)
-    check_device(device)
+    cpu_only(device, "compress")
     quiet_transformers()
     t = task_for(task, data, text_column, label_column)
     m = load_model(model, trust_code=trust_code).to(device)
@@ -210,7 +210,7 @@ def sweep_command(
         raise ParticlizeError(f"--flops takes numbers in (0, 1), e.g. --flops 0.9,0.5; got {','.join(flops)}") from None
     kinds = kinds_list(granularity)
     refuse_existing(out, force)
-    check_device(device)
+    cpu_only(device, "sweep")
     quiet_transformers()
     t = task_for(task, data, text_column, label_column)
     m = load_model(model, trust_code=trust_code).to(device)

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ..adapters import decompose
 from ..sources import load_model
-from ._common import DEVICE, JSON, MODEL, TRUST_CODE, check_device, console, pick, print_json, quiet_transformers, \
+from ._common import JSON, MODEL, TRUST_CODE, console, pick, print_json, quiet_transformers, \
     refuse_existing, write_csv
 
 
@@ -23,7 +23,6 @@ def inspect_command(
     model: str = MODEL,
     out: Optional[Path] = typer.Option(None, "--out", help="write the per-particle table to this CSV file"),
     seq_len: int = typer.Option(128, "--seq-len", min=1, help="sequence length for attention FLOPs"),
-    device: str = DEVICE,
     json_out: bool = JSON,
     force: bool = typer.Option(False, "--force", help="overwrite an existing --out file"),
     trust_code: bool = TRUST_CODE,
@@ -33,11 +32,10 @@ def inspect_command(
     out = pick(out, csv, "--csv", "--out")
     if out is not None:
         refuse_existing(out, force)
-    check_device(device)
     quiet_transformers()
     say = console(json_out)
     with say.status(f"loading {model}…"):
-        m = load_model(model, trust_code=trust_code).to(device)
+        m = load_model(model, trust_code=trust_code)
         pm = decompose(m, seq_len=seq_len)
         df = pm.table()
     total = pm.cost()

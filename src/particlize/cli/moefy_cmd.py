@@ -17,7 +17,7 @@ from ..io import save
 from ..moe import moefy
 from ..sources import load_model, load_tokenizer
 from ._common import BATCH_SIZE, DATA, DEVICE, LABEL_COLUMN, LIMIT, MAX_LENGTH, MODEL, TASK, TEXT_COLUMN, TRUST_CODE, \
-    check_device, console, refuse_existing, task_for
+    console, cpu_only, refuse_existing, task_for
 
 
 def moefy_command(
@@ -43,7 +43,7 @@ def moefy_command(
 ) -> None:
     """Make each FFN a mixture of experts: every token runs only --active of --experts (MoEfication)."""
     refuse_existing(out, force)
-    check_device(device)
+    cpu_only(device, "moefy")
     t = task_for(task, data, text_column, label_column)
     dense = load_model(model, trust_code=trust_code).to(device)
     tok = load_tokenizer(model)
