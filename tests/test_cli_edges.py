@@ -284,6 +284,15 @@ def test_python_api_errors_are_particlize_errors():
     with pytest.raises(pz.PlanError, match="no layers; keep at least one block"):
         pm.prune({blocks.name: list(range(blocks.size))})
     assert len(pm.prune({blocks.name: [0]}).encoder.layer) == 1
+    from particlize.models.vision import ResNet  # a stage may lose all its residual blocks: its downsampling one stays
+
+    net = ResNet(num_classes=3, widths=(4, 8), blocks_per_stage=(2, 2)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    pm = pz.decompose(net, example_inputs=x)
+    stage = next(g for g in pm.groups if g.kind == "block")
+    small = pm.prune({stage.name: list(range(stage.size))})
+    with torch.no_grad(), pm.ablate({stage.name: list(range(stage.size))}):
+        torch.testing.assert_close(small(x), net(x))
 
 
 # ---- 10. progress and --json ----------------------------------------------------------------------------------
