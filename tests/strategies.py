@@ -8,9 +8,10 @@ from particlize import ParticleMap
 
 
 @st.composite
-def removal_sets(draw, pm: ParticleMap, allow_all_blocks: bool = True) -> dict[str, list[int]]:
-    """A random removal mapping valid for physical pruning: groups are never emptied (blocks may be),
-    grouped-query heads are removed evenly across key/value groups."""
+def removal_sets(draw, pm: ParticleMap, allow_all_blocks: bool = False) -> dict[str, list[int]]:
+    """A random removal mapping valid for physical pruning: groups are never emptied (a block group too, unless
+    ``allow_all_blocks``: removing every block of a model is refused), grouped-query heads are removed evenly
+    across key/value groups."""
     remove: dict[str, list[int]] = {}
     for g in pm.groups:
         if not draw(st.booleans()):

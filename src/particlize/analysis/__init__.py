@@ -34,7 +34,8 @@ from ..errors import ParticlizeError
 from ..adapters import decompose
 from ..particles import ParticleMap
 from . import ablation, activation, influence, magnitude, taylor, taylor_norm  # noqa: F401  (each registers its scorers)
-from ._common import METRICS, Batch, Progress, as_batches, frame, select_groups
+from ._common import METRICS, Batch, as_batches, frame, select_groups
+from ._progress import ProgressArg, progress_for
 from .registry import MODES, ScorerSpec, check_needs, get_scorer, register, scorers
 
 
@@ -66,7 +67,7 @@ def analyze(
     groups: Sequence[str] | str | None = None,
     max_rows: int | None = None,
     table: bool = True,
-    progress: Progress | None = None,
+    progress: ProgressArg = None,
     **options: Any,
 ) -> pd.DataFrame:
     """Score every particle of a model by what it does to the output.
@@ -81,6 +82,8 @@ def analyze(
     method's own kinds only). ``max_rows`` and ``options``: the method's own options (e.g. ``seed``).
     Everything is checked against the method's declared needs before it runs; the defaults
     ``metric="loss"``, ``mode="zero"`` count as not asked for by methods that take no metric or mode.
+    ``progress``: None (a bar on stderr when it is a terminal), True (a bar), False (silent) or a callable
+    ``(done, total, description)`` for the methods that run long (the data-driven ones).
     Returns one row per particle (and example/class) with ``group, index, method, score`` joined onto
     ``pm.table()`` when ``table``.
     """
@@ -96,12 +99,13 @@ def analyze(
         kw["metric"] = metric
     if spec.modes:
         kw["mode"] = mode
-    if spec.takes_progress:
-        kw["progress"] = progress
     was_training = pm.model.training
     pm.model.eval()
     try:
-        scores = spec.fn(pm, batches, **kw)
+        with progress_for(progress if spec.takes_progress else False, method) as update:
+            if spec.takes_progress:
+                kw["progress"] = update
+            scores = spec.fn(pm, batches, **kw)
     finally:
         pm.model.train(was_training)
     scores = {n: s for n, s in scores.items() if n in names}
@@ -160,7 +164,8 @@ def importance_for(
         plural = lambda kinds: ", ".join(k + "s" for k in kinds)  # noqa: E731
         raise ParticlizeError(f"scorer {scorer!r} scores {plural(spec.kinds)}, not {plural(other)}; "
                               "pick another scorer or granularity")
-    df = analyze(pm, batches if spec.data else None, scorer, *_fitting(spec, metric, mode), groups=groups, table=False)
+    df = analyze(pm, batches if spec.data else None, scorer, *_fitting(spec, metric, mode), groups=groups, table=False,
+                 progress=False)
     per = df.set_index(["group", "index"]).score.abs()
     missing = [n for n in groups if n not in per.index.get_level_values(0)]
     if missing:

@@ -37,6 +37,9 @@ class Prune:
         model = pm.model
         for name, idx in keep.items():
             pm[name].check_keep(idx)
+        if _no_layers_left(pm, keep):
+            raise PlanError(f"removing every block ({', '.join(n for n in keep if pm[n].kind == 'block')}) would leave "
+                            "a model with no layers; keep at least one block (or prune heads and neurons instead)")
         touched: set[str] = set()
         for name, idx in keep.items():
             g = pm[name]
@@ -99,6 +102,24 @@ def _names_survive(pm: ParticleMap, model: nn.Module) -> bool:
     may have replaced modules, e.g. uneven recurrent layers become a stack of single-layer ones)."""
     have = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {n for n, _ in model.named_buffers(remove_duplicate=False)}
     return all(s.name in have for g in pm.groups for s in (*g.writers, *g.readers))
+
+
+def _no_layers_left(pm: ParticleMap, keep: dict[str, list[int]]) -> bool:
+    """Whether removing the blocks ``keep`` leaves out would empty every layer stack (ModuleList / Sequential)
+    that holds the map's blocks: a model with no layers at all."""
+    removed = {g.gate.modules[i] for n, idx in keep.items() if (g := pm[n]).kind == "block"
+               and isinstance(g.gate, ResidualGate) for i in set(range(g.size)) - set(idx)}
+    if not removed:
+        return False
+    stacks = {m.rpartition(".")[0] for g in pm.groups if g.kind == "block" and isinstance(g.gate, ResidualGate)
+              for m in g.gate.modules}
+    left = 0
+    for parent in stacks:
+        container = pm.model.get_submodule(parent) if parent else pm.model
+        if not isinstance(container, (nn.ModuleList, nn.Sequential)):
+            return False
+        left += sum((f"{parent}.{k}" if parent else k) not in removed for k in container._modules)
+    return left == 0
 
 
 def _remove_blocks(model: nn.Module, gate: object, removed: list[int]) -> None:

@@ -1,0 +1,5 @@
+"""``python -m particlize.cli``: the command line."""
+
+from . import main
+
+main()

@@ -1,0 +1,77 @@
+"""``particlize train`` (a classifier on a task) and ``particlize train-sora`` (the Sora-style video DiT)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+
+from ..errors import ParticlizeError
+from ..train import fine_tune
+from ..train_sora import train_sora
+from ._common import BATCH_SIZE, DATA, DEVICE, LABEL_COLUMN, LIMIT, MAX_LENGTH, SEED, TASK, TEXT_COLUMN, TRUST_CODE, \
+    check_device, console, progress_bar, quiet_transformers, refuse_existing
+
+
+def train_command(
+    model: str = typer.Argument(..., metavar="MODEL", help="what to train: 'minilm' or a Hugging Face encoder folder "
+                                "(text; a classifier head is added), 'simple-cnn' or 'resnet' (images), or any other "
+                                "MODEL as it is (a particlize folder, e.g. a compressed model to fine-tune; file.py:factory)"),
+    task: str = TASK,
+    out: Path = typer.Option(..., "--out", help="folder to save the trained classifier to (a valid MODEL afterwards)"),
+    epochs: int = typer.Option(2, "--epochs", min=1, help="passes over the training split"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="default 5e-5 (text) / 1e-3 (images)"),
+    batch_size: int = BATCH_SIZE,
+    max_length: int = MAX_LENGTH,
+    seed: int = SEED,
+    limit: Optional[int] = LIMIT,
+    data: Optional[Path] = DATA,
+    text_column: str = TEXT_COLUMN,
+    label_column: str = LABEL_COLUMN,
+    device: str = DEVICE,
+    force: bool = typer.Option(False, "--force", help="replace an existing --out folder"),
+    trust_code: bool = TRUST_CODE,
+) -> None:
+    """Fine-tune a classifier on a task and save it (tokenizer included) with particlize's format."""
+    if task == "text-csv" and data is None:
+        raise ParticlizeError("--task text-csv needs --data FILE.csv (with --text-column/--label-column)")
+    refuse_existing(out, force)
+    check_device(device)
+    quiet_transformers()
+    kwargs = {"path": data, "text_column": text_column, "label_column": label_column} if task == "text-csv" else None
+    with progress_bar("training") as bar:
+        def progress(step: int, total: int, info: dict) -> None:
+            what = f"epoch {info.get('epoch')} loss {info.get('loss', float('nan')):.3f}"
+            if "val_accuracy" in info:
+                what += f" val acc {info['val_accuracy']:.3f}"
+            bar(step, total, what)
+
+        folder = fine_tune(task, out, model=model, epochs=epochs, lr=lr, batch_size=batch_size,
+                           max_length=max_length, seed=seed, limit=limit, progress=progress, force=force,
+                           task_kwargs=kwargs, device=device, trust_code=trust_code)
+    test = json.loads((folder / "particlize.json").read_text())["extra"]["metrics"]["test"]
+    console().print(f"test accuracy {test['accuracy']:.4f} (loss {test['loss']:.4f}, {test['n']} examples); "
+                    f"saved to [bold]{escape(str(folder))}[/bold]")
+
+
+def train_sora_command(
+    preset: str = typer.Option("tiny", "--preset", help="tiny (CPU) or small (GPU)"),
+    steps: int = typer.Option(2000, "--steps", min=1, help="optimizer steps"),
+    out: Path = typer.Option(..., "--out", help="folder to save the EMA weights to (a valid MODEL afterwards)"),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="videos per training batch"),
+    lr: float = typer.Option(6e-4, "--lr", help="AdamW learning rate"),
+    seed: int = SEED,
+    min_snr_gamma: float = typer.Option(5.0, "--min-snr-gamma", min=0.0, help="Min-SNR loss weighting (0 turns it off)"),
+    max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="stop early and save after this long"),
+    device: str = DEVICE,
+    force: bool = typer.Option(False, "--force", help="replace an existing --out"),
+    init: Optional[Path] = typer.Option(None, "--init", help="continue from this trained model folder (same preset)"),
+) -> None:
+    """Train the Sora-style spacetime diffusion transformer on moving digits."""
+    check_device(device)
+    folder = train_sora(preset, steps, out, batch_size=batch_size, lr=lr, seed=seed, max_seconds=max_seconds,
+                        min_snr_gamma=min_snr_gamma or None, device=device, progress=True, force=force, init=init)
+    console().print(f"saved to [bold]{escape(str(folder))}[/bold]; sample with pz.load({str(folder)!r}).sample(labels)")
