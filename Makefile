@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/particlize inspect minilm --csv out/minilm-particles.csv --force
+	HF_HUB_OFFLINE=1 $(VENV)/bin/particlize demo --out out/demo --force
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

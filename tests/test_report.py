@@ -51,7 +51,7 @@ import typer  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from particlize.report import write_report  # noqa: E402
-from particlize.report_cli import report_command  # noqa: E402
+from particlize.cli.report_cmd import report_command  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 TINY = dict(recover_epochs=0, min_quality=0, batch_size=16, calib_examples=32, latency_batch=4, latency_seq=8)

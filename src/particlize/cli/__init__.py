@@ -19,9 +19,11 @@ from ..errors import ParticlizeError
 from ._common import Command, Interrupted
 from .analyze_cmd import analyze_command
 from .compress_cmd import TARGET_NOT_MET, compress_command, sweep_command
+from .demo_cmd import demo_command
 from .inspect_cmd import inspect_command
 from .moefy_cmd import moefy_command
 from .parallel_cmd import parallel_command
+from .report_cmd import report_command
 from .train_cmd import train_command, train_sora_command
 
 COMMANDS: dict[str, Callable[..., Any]] = {
@@ -33,6 +35,8 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "train-sora": train_sora_command,
     "moefy": moefy_command,  # MoEfication (particlize.moe)
     "parallel": parallel_command,  # particle-parallel check (particlize.parallel)
+    "report": report_command,  # the HTML report (particlize.report)
+    "demo": demo_command,  # the whole job on the embedded default (particlize.demo)
 }
 INTERRUPTED = 130  # exit status after Ctrl-C, as shells report a SIGINT
 

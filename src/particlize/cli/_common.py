@@ -230,7 +230,7 @@ def kinds_list(values: Sequence[str]) -> tuple[str, ...]:
 # ---- options shared by several commands (one spelling, one help text) ----------------------------------------
 
 MODEL = typer.Argument(..., metavar="MODEL", help=MODEL_HELP)
-TASK = typer.Option(..., "--task", help="vader-sentiment, text-csv (with --data), fashion-mnist, moving-digits")
+TASK = typer.Option(..., "--task", help="vader-sentiment, text-csv (with --data), fashion-mnist, moving-digits, movielens-100k")
 DATA = typer.Option(None, "--data", help="CSV file for --task text-csv")
 TEXT_COLUMN = typer.Option("text", "--text-column", help="--task text-csv: column holding the text")
 LABEL_COLUMN = typer.Option("label", "--label-column", help="--task text-csv: column holding the label")
@@ -240,7 +240,8 @@ SEED = typer.Option(0, "--seed", help="random seed (data order, sampling)")
 LIMIT = typer.Option(None, "--limit", help="use only the first N train/val examples")
 DEVICE = typer.Option("cpu", "--device", help="where the model runs: cpu, cuda or cuda:N")
 TRUST_CODE = typer.Option(False, "--trust-code", help="allow a saved model's own factory code to run")
+REPORT = typer.Option(True, "--report/--no-report", help="write report.html into --out at the end (particlize report)")
 JSON = typer.Option(False, "--json", help="print a machine-readable JSON summary on stdout (and nothing else there)")
 SCORER = "how particles are ranked (analyze --scorer and compress --scorer take the same ones): " + scorer_help()
-GRANULARITY = "particle kinds to prune: heads, neurons, channels, units, blocks or all (repeat or comma list)"
+GRANULARITY = "particle kinds to prune: heads, neurons, channels, units, factors, blocks or all (repeat or comma list)"
 METRIC = typer.Option("loss", "--metric", help="loss, accuracy, logit_diff, kl or mse")

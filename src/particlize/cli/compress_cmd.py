@@ -16,9 +16,10 @@ from ..errors import ParticlizeError
 from ..loop import HISTORY, CompressConfig, Target
 from ..loop import compress as run_compress
 from ..recover import RecoveryConfig
+from ..report import write_report
 from ..sources import load_model, load_tokenizer
 from ..sweep import sweep as run_sweep
-from ._common import BATCH_SIZE, DATA, DEVICE, GRANULARITY, JSON, LABEL_COLUMN, LIMIT, MAX_LENGTH, MODEL, SCORER, SEED, \
+from ._common import BATCH_SIZE, DATA, DEVICE, GRANULARITY, JSON, LABEL_COLUMN, REPORT, LIMIT, MAX_LENGTH, MODEL, SCORER, SEED, \
     TASK, TEXT_COLUMN, TRUST_CODE, console, cpu_only, kinds_list, print_json, progress_bar, quiet_transformers, \
     refuse_existing, task_for
 
@@ -71,6 +72,7 @@ def compress_command(
     device: str = DEVICE,
     out: Path = typer.Option(..., "--out", help="run folder: checkpoints, history.json, and the final model"),
     json_out: bool = JSON,
+    report: bool = REPORT,
     resume: bool = typer.Option(False, "--resume", help="continue a killed run in --out (with the same options)"),
     force: bool = typer.Option(False, "--force", help="replace an existing --out"),
     trust_code: bool = TRUST_CODE,
@@ -119,10 +121,11 @@ def compress_command(
     extra = result.extra.get("compress", {})
     test = {k: v for k, v in extra.get("test", {}).items() if isinstance(v, (int, float))}
     met = result.outcome is None or result.outcome.target_met
+    page = _report(out, t, say) if report else None
     if json_out:
         keys = ("round", "flops_ratio", "params", "params_ratio", "latency_ms", "quality", "removed", "final_recovery", "below_floor")
         print_json({"target_met": met, "reason": result.reason, "returned_round": result.returned["round"],
-                    "out": str(out), "test": test, "int8": extra.get("int8"),
+                    "out": str(out), "report": None if page is None else str(page), "test": test, "int8": extra.get("int8"),
                     "rounds": [{k: e[k] for k in keys if k in e} for e in result.history]})
     else:
         say.print(_rounds_table(result.history, f"compressing {model} on {t.name}", t.quality_name))
@@ -135,6 +138,15 @@ def compress_command(
                       f"(fp32 {q['fp32_latency_ms']:.1f} ms)")
     if not met:
         raise typer.Exit(TARGET_NOT_MET)
+
+
+def _report(out: Path, task: Any, say: Any) -> Path:
+    """The run's report.html (replaced on a resumed run), analysed on the run's task."""
+    with progress_bar("report") as bar:
+        bar(0, None, "analysing the particles for the report")
+        page = write_report(out, task=task, force=True)
+    say.print(f"report: [bold]{escape(str(page))}[/bold]")
+    return page
 
 
 def _rounds_table(history: list[dict[str, Any]], title: str, quality: str) -> Table:
@@ -199,7 +211,8 @@ def sweep_command(
     text_column: str = TEXT_COLUMN,
     label_column: str = LABEL_COLUMN,
     device: str = DEVICE,
-    out: Path = typer.Option(..., "--out", help="folder for sweep.csv and pareto.png"),
+    out: Path = typer.Option(..., "--out", help="folder for sweep.csv, pareto.png and report.html"),
+    report: bool = REPORT,
     force: bool = typer.Option(False, "--force", help="replace an existing --out"),
     trust_code: bool = TRUST_CODE,
 ) -> None:
@@ -230,6 +243,8 @@ def sweep_command(
                        batch_size=batch_size, max_length=max_length, limit=limit, lr=lr, seed=seed, min_width=min_width)
     say.print(_sweep_table(df, t.quality_name))
     say.print(f"full table (sweep.csv) and Pareto plot (pareto.png) in [bold]{escape(str(out))}[/bold]")
+    if report:
+        say.print(f"report: [bold]{escape(str(write_report(out, force=True)))}[/bold]")
 
 
 def _sweep_table(df: Any, quality: str) -> Table:

@@ -30,10 +30,11 @@ def parallel_command(
     """Shard MODEL's heads and neurons over --nproc processes; check outputs against the whole model; report
     throughput and memory per rank. ``torchrun -m particlize.parallel MODEL`` does the same under torchrun."""
     rows = launch(check_rank, nproc, model, task, batch_size, max_length, iters, trust_code, timeout=timeout)
-    table = Table("rank", "max |Δ| vs whole", "examples/s", "params (M)", "peak RSS (MB)")
+    table = Table("rank", "max |Δ| vs whole", "examples/s", "params (M)", "params (MB)",
+                  "peak RSS (MB, incl. the whole model loaded first)")
     for r in rows:
         table.add_row(str(r["rank"]), f"{r['max_abs_diff']:.2e}", f"{r['examples_per_s']:.1f}",
-                      f"{r['params'] / 1e6:.2f}", f"{r['peak_rss_mb']:.0f}")
+                      f"{r['params'] / 1e6:.2f}", f"{r['param_mb']:.1f}", f"{r['peak_rss_mb']:.0f}")
     console().print(table)
     worst = max(r["max_abs_diff"] for r in rows)
     if worst > tol:

@@ -19,7 +19,8 @@ from ._common import BATCH_SIZE, DATA, DEVICE, LABEL_COLUMN, LIMIT, MAX_LENGTH, 
 def train_command(
     model: str = typer.Argument(..., metavar="MODEL", help="what to train: 'minilm' or a Hugging Face encoder folder "
                                 "(text; a classifier head is added), 'simple-cnn' or 'resnet' (images), or any other "
-                                "MODEL as it is (a particlize folder, e.g. a compressed model to fine-tune; file.py:factory)"),
+                                "MODEL as it is (a particlize folder, e.g. a compressed model to fine-tune; file.py:factory); "
+                                "'neumf' or 'mf' (rating tasks: movielens-100k)"),
     task: str = TASK,
     out: Path = typer.Option(..., "--out", help="folder to save the trained classifier to (a valid MODEL afterwards)"),
     epochs: int = typer.Option(2, "--epochs", min=1, help="passes over the training split"),
@@ -53,8 +54,11 @@ def train_command(
                            max_length=max_length, seed=seed, limit=limit, progress=progress, force=force,
                            task_kwargs=kwargs, device=device, trust_code=trust_code)
     test = json.loads((folder / "particlize.json").read_text())["extra"]["metrics"]["test"]
-    console().print(f"test accuracy {test['accuracy']:.4f} (loss {test['loss']:.4f}, {test['n']} examples); "
-                    f"saved to [bold]{escape(str(folder))}[/bold]")
+    if "accuracy" in test:
+        shown = f"test accuracy {test['accuracy']:.4f} (loss {test['loss']:.4f}, {test['n']} examples)"
+    else:  # rating tasks
+        shown = f"test RMSE {test['rmse']:.4f}, HR@10 {test['hr@10']:.4f}, NDCG@10 {test['ndcg@10']:.4f} ({test['n']} ratings)"
+    console().print(f"{shown}; saved to [bold]{escape(str(folder))}[/bold]")
 
 
 def train_sora_command(

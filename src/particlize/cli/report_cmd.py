@@ -1,4 +1,4 @@
-"""`particlize report`: the command's options live here; cli.py registers `report_command`."""
+"""`particlize report`: the command's options live here; `particlize.cli` registers `report_command`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .report import write_report
+from ..report import write_report
 
 
 def report_command(
