@@ -17,12 +17,12 @@ from torch import nn
 from .errors import ParticlizeError
 from .io import save
 from .models.text import TextClassifier, _quiet_hf
-from .models.vision import ResNet, SimpleCNN
+from .models.vision import ResNet, SimpleCNN, resnet_small
 from .recover.classifier import DEFAULT_LR, Progress, train_classifier
 from .sources import load_tokenizer, minilm_path
 from .tasks import Task, get_task
 
-IMAGE_MODELS = ("simple-cnn", "resnet")
+IMAGE_MODELS = ("simple-cnn", "resnet", "resnet-small")
 
 
 def build_classifier(model: str | nn.Module, task: Task, *, pooling: str = "mean") -> tuple[nn.Module, Any]:
@@ -30,14 +30,15 @@ def build_classifier(model: str | nn.Module, task: Task, *, pooling: str = "mean
 
     Text: ``model`` is ``"minilm"`` or a Hugging Face encoder folder; the result is a `TextClassifier`
     (masked mean pooling + linear head) starting from the pretrained encoder. Images: ``"simple-cnn"``,
-    ``"resnet"`` (particlize's reference CNNs) or an ``nn.Module`` with the right number of outputs.
+    ``"resnet"``, ``"resnet-small"`` (particlize's reference CNNs; the last sized for 28×28 on a CPU) or an
+    ``nn.Module`` with the right number of outputs.
     """
     if isinstance(model, nn.Module):
         return model, None
     if task.kind == "image":
         if model not in IMAGE_MODELS:
             raise ParticlizeError(f"image tasks train {', '.join(IMAGE_MODELS)} (or a module you pass); got {model!r}")
-        cls = SimpleCNN if model == "simple-cnn" else ResNet
+        cls = {"simple-cnn": SimpleCNN, "resnet": ResNet, "resnet-small": resnet_small}[model]
         return cls(num_classes=task.num_classes, in_channels=1), None
     path = minilm_path() if model == "minilm" else Path(model)
     if not (path / "config.json").is_file():
