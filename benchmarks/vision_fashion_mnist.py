@@ -7,7 +7,7 @@ What it measures, all in one run (BENCHMARKING.md):
    lowest FLOPs a plan can reach, with the conv adapter's residual-stream groups off and on;
 3. per target and seed: particlize (`compress`, channel granularity, its default scorer, one round:
    ``max_fraction=1``) vs Torch-Pruning 1.6.1 (`BasePruner`, dependency graph, Taylor and magnitude
-   importance, uniform per-layer ratio stepped up until the FLOPs target is met), each recovered with the
+   importance, one shot at the smallest uniform per-layer ratio that meets the FLOPs target), each recovered with the
    same `particlize.recover.recover` call (distillation from the dense model, the same epochs, data,
    optimiser and lr); test accuracy on the 10,000 official test images;
 4. CPU latency (2 threads, batch ``--latency-batch`` fixed): every model interleaved, several rounds, the
@@ -103,31 +103,43 @@ def pz_compress(teacher: nn.Module, task: Any, target: float, seed: int, args: a
 
 def tp_compress(teacher: nn.Module, task: Any, target: float, seed: int, importance: str,
                 args: argparse.Namespace) -> nn.Module:
-    """Torch-Pruning: uniform per-layer ratio raised step by step until FLOPs <= target, then the same recovery."""
+    """Torch-Pruning, one shot: the smallest uniform per-layer channel ratio whose pruned model has FLOPs <=
+    target (bisection, 8 tries, each a fresh `BasePruner` on a copy), then the same recovery as particlize."""
     torch.manual_seed(seed)
-    model = copy.deepcopy(teacher).eval()
-    imp = tp.importance.TaylorImportance() if importance == "taylor" else tp.importance.MagnitudeImportance(p=2)
-    steps = 40
-    pruner = tp.pruner.BasePruner(model, torch.zeros(SHAPE), importance=imp, pruning_ratio=1 - args.min_width,
-                                  iterative_steps=steps, ignored_layers=[model.fc], global_pruning=False)
     calib = task.calibration(teacher, batch_size=args.batch, limit=args.calib, seed=seed * 1000 + 1)
     dense = flops(teacher)
-    for _ in range(steps):
-        if flops(model) <= target * dense:
-            break
-        if importance == "taylor":
-            model.zero_grad()
+
+    def prune(ratio: float) -> nn.Module:
+        model = copy.deepcopy(teacher).eval()
+        imp = tp.importance.TaylorImportance() if importance == "taylor" else tp.importance.MagnitudeImportance(p=2)
+        pruner = tp.pruner.BasePruner(model, torch.zeros(SHAPE), importance=imp, pruning_ratio=ratio,
+                                      ignored_layers=[model.fc], global_pruning=False)
+        if importance == "taylor":  # Taylor importance reads the weights' gradients of the task loss
             for x, y in calib:
                 F.cross_entropy(model(x), y).backward()
         pruner.step()
-    model.zero_grad()
+        model.zero_grad(set_to_none=True)
+        return model
+
+    lo, hi, best = 0.0, 1.0 - args.min_width, None
+    for _ in range(8):
+        mid = (lo + hi) / 2
+        model = prune(mid)
+        if flops(model) <= target * dense:
+            hi, best = mid, model
+        else:
+            lo = mid
+    model = best if best is not None else prune(hi)
     recover(model, teacher, task, RecoveryConfig(epochs=args.recover_epochs), batch_size=args.batch,
             limit=args.recover_limit, seed=seed * 1000 + 1)
     return model.eval()
 
 
+TEST_LIMIT: int | None = None  # --test-limit: the first N official test images (all 10,000 by default)
+
+
 def accuracy(model: nn.Module, task: Any) -> float:
-    return float(task.evaluate(model, "test", batch_size=500)["accuracy"])
+    return float(task.evaluate(model, "test", batch_size=500, limit=TEST_LIMIT)["accuracy"])
 
 
 # ---- 4. latency -----------------------------------------------------------------------------------
@@ -166,10 +178,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--calib", type=int, default=256)
     ap.add_argument("--min-width", type=float, default=0.1)
+    ap.add_argument("--test-limit", type=int, default=None, help="first N test images (default: all 10,000)")
     ap.add_argument("--latency-batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "vision-fashion-mnist.json")
     args = ap.parse_args()
+    global TEST_LIMIT
+    TEST_LIMIT = args.test_limit
     start()
     t_start = time.perf_counter()
     probe0 = matmul_probe()

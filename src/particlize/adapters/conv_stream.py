@@ -155,7 +155,7 @@ class StreamFinder:
         if kind is None or not node.args or not isinstance(node.args[0], fx.Node):
             raise _Coupled
         src = node.args[0]
-        if not self.walker._only_input(node, src, scalar=kind == "scalar"):
+        if not self.walker.only_input(node, src, scalar=kind == "scalar"):
             raise _Coupled
         if kind == "scalar":
             others = [a for a in (*node.args, *node.kwargs.values()) if a is not src]
@@ -182,7 +182,7 @@ class StreamFinder:
         on = []
         shape = shape_of(node)
         flat = None if shape is None or len(shape) == 4 else shape[1] // self.c
-        for u in self.walker._users(node):
+        for u in self.walker.data_users(node):
             if u.op == "output":
                 raise _Coupled
             if u.op == "call_module":
