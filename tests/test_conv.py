@@ -202,7 +202,8 @@ def test_root_sequential_blocks_and_emptied_container(tmp_path) -> None:
     x = torch.randn(2, 3, 16, 16)
     pm = pz.decompose(model, example_inputs=x[:1])
     assert _blocks(pm) == {"blocks": ("3", "4")}
-    assert _channels(pm) == {"3.body.0.channels": 8, "4.body.0.channels": 8}
+    # the stem conv and both blocks' last convs write one residual stream
+    assert _channels(pm) == {"0.stream": 4, "3.body.0.channels": 8, "4.body.0.channels": 8}
     assert pm["3.body.0.channels"].scope == "3."
     for remove in ({"blocks": [0], "4.body.0.channels": [1, 2]}, {"blocks": [0, 1]}):
         with torch.no_grad():
