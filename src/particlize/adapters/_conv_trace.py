@@ -162,10 +162,11 @@ class Walker:
         self.modules, self.calls = modules, calls
         self.meta: dict[fx.Node, bool] = {}
 
-    def _users(self, node: fx.Node) -> list[fx.Node]:
+    def data_users(self, node: fx.Node) -> list[fx.Node]:
+        """``node``'s users that read its data (not only its shape, as ``x.size(0)`` does)."""
         return [u for u in node.users if not _is_meta(u, self.meta)]
 
-    def _only_input(self, u: fx.Node, cur: fx.Node, scalar: bool = False) -> bool:
+    def only_input(self, u: fx.Node, cur: fx.Node, scalar: bool = False) -> bool:
         """``cur`` is ``u``'s one data input (its first argument unless ``scalar``); every other input
         node only carries shape information."""
         count = sum(a is cur for a in u.args) + sum(v is cur for v in u.kwargs.values())
@@ -180,7 +181,7 @@ class Walker:
         cur = start
         flat: int | None = None  # width of one channel after flattening, None while [B, C, H, W]
         for _ in range(10_000):
-            users = self._users(cur)
+            users = self.data_users(cur)
             if len(users) != 1:
                 return None
             u = users[0]
@@ -225,7 +226,7 @@ class Walker:
                 cur = u
                 continue
             kind = _fn_kind(u)
-            if kind is None or not self._only_input(u, cur, scalar=kind == "scalar"):
+            if kind is None or not self.only_input(u, cur, scalar=kind == "scalar"):
                 return None
             if kind == "scalar":
                 others = [a for a in (*u.args, *u.kwargs.values()) if a is not cur]

@@ -22,9 +22,14 @@ Writers are ``P``'s out-channels (+ bias) and every BN / depthwise conv / PReLU 
 is the consumer's input dimension (``width = H*W`` for a Linear reading a flattened ``C×H×W`` map). The
 gate is `InputGate(consumer, dim=1)`: zeroing a consumer's input channel is exactly removing it, so
 elementwise functions with ``f(0) != 0`` on the way do not matter.
-Channels that reach anything else — a residual ``add``, ``cat``, ``mul`` of two tensors, a second
-consumer, the output — are coupled with other channels (across a residual stream, a concatenation) and
-are left alone: they are never broken, and no group is made for them (their producers are listed in
+Channels that reach a residual ``add`` are coupled with every other conv writing into the same sum.
+
+*stream* (``streams=True``, the default) — the channels of one residual stream, written by several convs
+and summed by the adds between them (a ResNet stage: the stem or downsampling shortcut and each block's
+last conv + BN), as one group of kind ``channel`` named ``<first writer>.stream``
+(`particlize.adapters.conv_stream`). ``ConvAdapter(streams=False)`` leaves them alone as before.
+Channels that reach anything else — ``cat``, ``mul`` of two tensors, the output, a module called twice
+— are never broken and no group is made for them (their producers are listed in
 ``AdapterResult.unplaced``).
 
 *block* — children of an ``nn.Sequential`` / ``nn.ModuleList`` whose traced sub-graph adds the block's
@@ -46,6 +51,7 @@ from ..errors import UnsupportedModelError
 from ..particles import InputGate, ParticleGroup, ResidualGate
 from . import AdapterResult, claimed_by, register
 from ._builders import blocks
+from .conv_stream import Stream, StreamFinder, StreamGate
 from ._conv_trace import (
     Walker, conv_flops, is_identity_residual, module_nodes, positional, propagate, shape_of, tensor_slices,
 )
@@ -82,13 +88,24 @@ def _depthwise_pruned(paths: tuple[str, ...]):
     return fix
 
 
+def _stream_group(model: nn.Module, s: Stream, layer: int) -> ParticleGroup:
+    return ParticleGroup(
+        f"{s.entry}.stream", "channel", s.channels, layer, StreamGate(tuple(s.reader_modules), dim=1),
+        tuple(s.writers), tuple(s.readers), on_prune=_depthwise_pruned(tuple(s.depthwise)) if s.depthwise else None,
+    )
+
+
 class ConvAdapter:
-    """Conv output channels (through BN, activations, pooling, depthwise convs) and residual blocks."""
+    """Conv output channels (through BN, activations, pooling, depthwise convs), residual streams (unless
+    ``streams=False``) and residual blocks."""
 
     name = "conv"
     # Adapters whose models often hold a Conv2d that is no CNN (a ViT's patch embedding): a model one
     # of them matches is theirs, even when they are tried after this one or find no groups.
     yields_to: tuple[str, ...] = ("transformers",)
+
+    def __init__(self, *, streams: bool = True) -> None:
+        self.streams = streams
 
     def matches(self, model: nn.Module) -> bool:
         return _first_conv(model) is not None and claimed_by(model, self.yields_to) is None
@@ -114,6 +131,8 @@ class ConvAdapter:
         groups: list[ParticleGroup] = []
         unplaced: list[str] = []
         walker = Walker(gm, modules, calls)
+        finder = StreamFinder(gm, modules, calls) if self.streams else None
+        in_stream: set[str] = set()
         for node in gm.graph.nodes:
             if node.op != "call_module":
                 continue
@@ -122,10 +141,18 @@ class ConvAdapter:
                 continue
             shape = shape_of(node)
             chain = None
-            if calls[node.target] == 1 and shape is not None and len(shape) == 4:
+            placeable = calls[node.target] == 1 and shape is not None and len(shape) == 4
+            if placeable:
                 chain = walker.walk(node, m.out_channels)
             if chain is None:
-                unplaced.append(node.target)
+                if node.target in in_stream:
+                    continue
+                stream = finder.find(node) if finder is not None and placeable else None
+                if stream is None:
+                    unplaced.append(node.target)
+                else:  # the first writer of a stream in graph order: the stream's group goes here
+                    in_stream.update(stream.convs)
+                    groups.append(_stream_group(model, stream, len(groups)))
                 continue
             path = node.target
             writers = tensor_slices(path, m, ("weight", "bias")) + chain.writers

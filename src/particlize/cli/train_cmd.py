@@ -18,7 +18,7 @@ from ._common import BATCH_SIZE, DATA, DEVICE, LABEL_COLUMN, LIMIT, MAX_LENGTH, 
 
 def train_command(
     model: str = typer.Argument(..., metavar="MODEL", help="what to train: 'minilm' or a Hugging Face encoder folder "
-                                "(text; a classifier head is added), 'simple-cnn' or 'resnet' (images), or any other "
+                                "(text; a classifier head is added), 'simple-cnn', 'resnet' or 'resnet-small' (images), or any other "
                                 "MODEL as it is (a particlize folder, e.g. a compressed model to fine-tune; file.py:factory); "
                                 "'neumf' or 'mf' (rating tasks: movielens-100k)"),
     task: str = TASK,
