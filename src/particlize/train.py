@@ -1,4 +1,5 @@
-"""Training a classifier from scratch on a task, and the reference recipe: MiniLM fine-tuned on VADER sentences.
+"""Training a classifier from scratch on a task, and the reference recipes: MiniLM fine-tuned on VADER sentences,
+and a 2-layer LSTM trained from scratch on them (``model="lstm"``, MiniLM's WordPiece vocabulary).
 
 `fine_tune` builds a classifier (`build_classifier`), trains it with `particlize.recover.classifier.train_classifier`
 (the same loop that recovers a pruned one), evaluates it on the test split and saves it.
@@ -16,20 +17,25 @@ from torch import nn
 
 from .errors import ParticlizeError
 from .io import save
+from .models.recurrent import TextRNNClassifier
 from .models.text import TextClassifier, _quiet_hf
 from .models.vision import ResNet, SimpleCNN
 from .recover.classifier import DEFAULT_LR, Progress, train_classifier
-from .sources import load_tokenizer, minilm_path
+from .sources import TEXT_RNN_MODELS, load_tokenizer, minilm_path
 from .tasks import Task, get_task
 
 IMAGE_MODELS = ("simple-cnn", "resnet")
+# Training a recurrent text classifier from scratch: AdamW at this peak lr (not the 5e-5 of fine-tuning MiniLM).
+RNN_LR = 2e-3
 
 
 def build_classifier(model: str | nn.Module, task: Task, *, pooling: str = "mean") -> tuple[nn.Module, Any]:
     """A fresh classifier for ``task`` and its tokenizer (None for images).
 
     Text: ``model`` is ``"minilm"`` or a Hugging Face encoder folder; the result is a `TextClassifier`
-    (masked mean pooling + linear head) starting from the pretrained encoder. Images: ``"simple-cnn"``,
+    (masked mean pooling + linear head) starting from the pretrained encoder. ``"lstm"`` / ``"gru"``: a
+    randomly initialised 2-layer `TextRNNClassifier` (embedding 128, hidden 256) over MiniLM's WordPiece
+    vocabulary, with MiniLM's tokenizer. Images: ``"simple-cnn"``,
     ``"resnet"`` (particlize's reference CNNs) or an ``nn.Module`` with the right number of outputs.
     """
     if isinstance(model, nn.Module):
@@ -39,6 +45,12 @@ def build_classifier(model: str | nn.Module, task: Task, *, pooling: str = "mean
             raise ParticlizeError(f"image tasks train {', '.join(IMAGE_MODELS)} (or a module you pass); got {model!r}")
         cls = SimpleCNN if model == "simple-cnn" else ResNet
         return cls(num_classes=task.num_classes, in_channels=1), None
+    if model in TEXT_RNN_MODELS and not Path(model).exists():
+        with _quiet_hf():
+            tokenizer = load_tokenizer(model)
+        net = TextRNNClassifier(vocab_size=len(tokenizer), num_classes=task.num_classes, cell=model,
+                                pad_id=tokenizer.pad_token_id or 0)
+        return net, tokenizer
     path = minilm_path() if model == "minilm" else Path(model)
     if not (path / "config.json").is_file():
         raise ParticlizeError(f"{model!r} is not 'minilm' or a Hugging Face encoder folder (no config.json)")
@@ -78,7 +90,8 @@ def fine_tune(
     task = get_task(task_name, **(task_kwargs or {}))
     torch.manual_seed(seed)
     net, tokenizer = build_classifier(model, task, pooling=pooling)
-    lr = DEFAULT_LR[task.kind] if lr is None else lr
+    if lr is None:
+        lr = RNN_LR if isinstance(net, TextRNNClassifier) else DEFAULT_LR[task.kind]
     t0 = time.perf_counter()
     history = train_classifier(net, task, tokenizer=tokenizer, epochs=epochs, lr=lr, batch_size=batch_size,
                                max_length=max_length, seed=seed, progress=progress, limit=limit)
@@ -98,4 +111,4 @@ def fine_tune(
     return save(net, out, tokenizer=tokenizer, force=force, extra=extra)
 
 
-__all__ = ["IMAGE_MODELS", "build_classifier", "fine_tune"]
+__all__ = ["IMAGE_MODELS", "RNN_LR", "build_classifier", "fine_tune"]
