@@ -159,9 +159,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--train-threads", type=int, default=1)
     ap.add_argument("--cut-only", action="store_true", help="also the accuracy right after the cut (seed 0)")
+    ap.add_argument("--latency-only", action="store_true", help="re-measure latency into an existing --out")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     C.start()
+    if args.latency_only:
+        return latency_only(pz.load(args.dense).eval(), args)
     t_start = time.perf_counter()
     probe0 = C.matmul_probe()
     torch.set_num_threads(args.train_threads)
@@ -198,9 +201,7 @@ def main() -> None:
                   f" widths {info['widths']}, {info['seconds']:.0f} s)", flush=True)
         if i == 0:  # the first seed's models: latency and Torch-Pruning now, more seeds after
             C.setup_threads()
-            models = {"dense": dense, **{f"{t:.0%}": m for t, m in kept.items()}}
-            data["latency"] = {f"batch{b}": latency(models, b, args.seq, args.rounds, reps=5 if b == 1 else 3)
-                               for b in (1, 32)}
+            data["latency"] = measure_all(dense, kept, args)
             ids = torch.randint(1000, 30000, (2, 16), generator=torch.Generator().manual_seed(1))
             data["torch_pruning"] = torch_pruning_try(dense, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
             torch.set_num_threads(args.train_threads)
@@ -213,6 +214,39 @@ def main() -> None:
           f"wall {data['wall_seconds']:.0f} s")
     _write(Path(args.out), data)
     print(f"wrote {args.out}")
+
+
+def measure_all(dense: nn.Module, kept: dict[float, nn.Module], args: Any) -> dict[str, Any]:
+    """Latency of dense (as ``nn.LSTM`` and as the same weights in a `StackedRNN`, what a cut model runs on),
+    and of the cut models; ratios are to the ``nn.LSTM`` dense model, ``vs_stacked`` to the StackedRNN one."""
+    stacked = copy.deepcopy(dense)
+    stacked.rnn = StackedRNN.from_rnn(stacked.rnn)
+    models = {"dense": dense, "dense-stacked": stacked, **{f"{t:.0%}": m for t, m in kept.items()}}
+    out = {f"batch{b}": latency(models, b, args.seq, args.rounds, reps=5 if b == 1 else 3) for b in (1, 32)}
+    for lat in out.values():
+        for k, v in lat.items():
+            ratios = [a / b for a, b in zip(lat["dense-stacked"]["raw"], v["raw"])]
+            v["speedup_vs_stacked"] = statistics.median(ratios)
+            v["rounds_faster_vs_stacked"] = sum(r > 1 for r in ratios)
+    return out
+
+
+def latency_only(dense: nn.Module, args: Any) -> None:
+    """Re-measure latency into an existing results file: cut models rebuilt at the widths its first seed got
+    (latency depends on the shapes only)."""
+    data = json.loads(Path(args.out).read_text())
+    kept = {}
+    for target in args.targets:
+        run = next(r for r in data["runs"] if r["target"] == target and not r.get("no_recovery"))
+        pm = pz.decompose(dense)
+        kept[target] = pm.prune({f"rnn.l{l}.units": list(range(w, pm[f"rnn.l{l}.units"].size))
+                                 for l, w in enumerate(run["widths"])}).eval()
+    probe0 = C.matmul_probe()
+    data["latency"] = measure_all(dense, kept, args)
+    data["latency_probe_gflops"] = [probe0, C.matmul_probe()]
+    data["latency_machine"] = C.machine_line()
+    _write(Path(args.out), data)
+    print_table(data, dense, data["dense"]["test"], args.rounds)
 
 
 def summarize(runs: list[dict[str, Any]], targets: list[float]) -> list[dict[str, Any]]:
@@ -231,13 +265,18 @@ def print_table(data: dict[str, Any], dense: nn.Module, dense_test: dict[str, An
     print("|---|---|---|---|---|---|")
     print(f"| dense | 1.000 | {n_params(dense, 'rnn.'):,} | {dense_test['accuracy']:.4f} | {b1['dense']['ms_per_seq']:.3f} "
           f"| {b32['dense']['ms_per_seq']:.3f} |")
+    if "dense-stacked" in b1:
+        s1, s32 = b1["dense-stacked"], b32["dense-stacked"]
+        print(f"| dense as StackedRNN | 1.000 | same | same | {s1['ms_per_seq']:.3f} ({s1['speedup_median']:.2f}×) "
+              f"| {s32['ms_per_seq']:.3f} ({s32['speedup_median']:.2f}×) |")
     for s in data["summary"]:
         k = f"{s['target']:.0%}"
         first = next(r for r in data["runs"] if r["target"] == s["target"] and not r.get("no_recovery"))
         print(f"| {k} units | {first['flops_ratio']:.3f} | {first['rnn_params']:,} | {s['test_mean']:.4f} ± "
               f"{s['test_std']:.4f} ({s['seeds']} seeds) | {b1[k]['ms_per_seq']:.3f} ({b1[k]['speedup_median']:.2f}×, "
-              f"{b1[k]['rounds_faster']}/{rounds}) | {b32[k]['ms_per_seq']:.3f} ({b32[k]['speedup_median']:.2f}×, "
-              f"{b32[k]['rounds_faster']}/{rounds}) |")
+              f"{b1[k]['rounds_faster']}/{rounds}; {b1[k].get('speedup_vs_stacked', float('nan')):.2f}× vs stacked) | "
+              f"{b32[k]['ms_per_seq']:.3f} ({b32[k]['speedup_median']:.2f}×, {b32[k]['rounds_faster']}/{rounds}; "
+              f"{b32[k].get('speedup_vs_stacked', float('nan')):.2f}× vs stacked) |")
 
 
 def _write(out: Path, data: dict[str, Any]) -> None:
