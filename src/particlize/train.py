@@ -1,4 +1,5 @@
-"""Training a classifier from scratch on a task, and the reference recipe: MiniLM fine-tuned on VADER sentences.
+"""Training a classifier from scratch on a task, and the reference recipes: MiniLM fine-tuned on VADER sentences,
+and a 2-layer LSTM trained from scratch on them (``model="lstm"``, MiniLM's WordPiece vocabulary).
 
 `fine_tune` builds a classifier (`build_classifier`), trains it with `particlize.recover.classifier.train_classifier`
 (the same loop that recovers a pruned one), evaluates it on the test split and saves it.
@@ -17,15 +18,18 @@ from torch import nn
 from .errors import ParticlizeError
 from .io import META, save
 from .models.recommender import RECOMMENDERS
+from .models.recurrent import TextRNNClassifier
 from .models.text import TextClassifier, _quiet_hf
 from .models.vision import ResNet, SimpleCNN, resnet_small
 from .recover.classifier import DEFAULT_LR, Progress, train_classifier
 from .recover.recommender import TRAIN_LR, train_recommender
-from .sources import load_model, load_tokenizer, minilm_path
+from .sources import TEXT_RNN_MODELS, load_model, load_tokenizer, minilm_path
 from .tasks import RatingTask, Task, get_task
 
 IMAGE_MODELS = ("simple-cnn", "resnet", "resnet-small")
 RATING_MODELS = tuple(RECOMMENDERS)
+# Training a recurrent text classifier from scratch: AdamW at this peak lr (not the 5e-5 of fine-tuning MiniLM).
+RNN_LR = 2e-3
 
 
 def build_classifier(model: str | nn.Module, task: Task, *, pooling: str = "mean",
@@ -33,20 +37,28 @@ def build_classifier(model: str | nn.Module, task: Task, *, pooling: str = "mean
     """A fresh classifier for ``task`` and its tokenizer (None for images).
 
     Text: ``model`` is ``"minilm"`` or a Hugging Face encoder folder; the result is a `TextClassifier`
-    (masked mean pooling + linear head) starting from the pretrained encoder. Images: ``"simple-cnn"``,
-    ``"resnet"``, ``"resnet-small"`` (particlize's reference CNNs; the last sized for 28×28 on a CPU) or an
-    ``nn.Module`` with the right number of outputs. Any other MODEL (`particlize.sources.load_model`: a particlize
-    folder, e.g. a compressed model, or ``file.py:factory``) is fine-tuned as it is, with its tokenizer if it has one.
+    (masked mean pooling + linear head) starting from the pretrained encoder. ``"lstm"`` / ``"gru"``: a
+    randomly initialised 2-layer `TextRNNClassifier` (embedding 128, hidden 256) over MiniLM's WordPiece
+    vocabulary, with MiniLM's tokenizer. Images: ``"simple-cnn"``, ``"resnet"``, ``"resnet-small"`` (particlize's
+    reference CNNs; the last sized for 28×28 on a CPU) or an ``nn.Module`` with the right number of outputs. Any
+    other MODEL (`particlize.sources.load_model`: a particlize folder, e.g. a compressed model, or
+    ``file.py:factory``) is fine-tuned as it is, with its tokenizer if it has one.
     """
     if isinstance(model, nn.Module):
         return model, None
-    if model not in (*IMAGE_MODELS, "minilm") and ((Path(model) / META).is_file() or not (Path(model) / "config.json").is_file()):
+    if model not in (*IMAGE_MODELS, *TEXT_RNN_MODELS, "minilm") and ((Path(model) / META).is_file() or not (Path(model) / "config.json").is_file()):
         return load_model(model, trust_code=trust_code), load_tokenizer(model)
     if task.kind == "image":
         if model not in IMAGE_MODELS:
             raise ParticlizeError(f"image tasks train {', '.join(IMAGE_MODELS)} (or a module you pass); got {model!r}")
         cls = {"simple-cnn": SimpleCNN, "resnet": ResNet, "resnet-small": resnet_small}[model]
         return cls(num_classes=task.num_classes, in_channels=1), None
+    if model in TEXT_RNN_MODELS and not Path(model).exists():
+        with _quiet_hf():
+            tokenizer = load_tokenizer(model)
+        net = TextRNNClassifier(vocab_size=len(tokenizer), num_classes=task.num_classes, cell=model,
+                                pad_id=tokenizer.pad_token_id or 0)
+        return net, tokenizer
     path = minilm_path() if model == "minilm" else Path(model)
     if not (path / "config.json").is_file():
         raise ParticlizeError(f"{model!r} is not 'minilm' or a Hugging Face encoder folder (no config.json)")
@@ -93,7 +105,8 @@ def fine_tune(
                                  progress=progress, force=force, task_kwargs=task_kwargs)
     net, tokenizer = build_classifier(model, task, pooling=pooling, trust_code=trust_code)
     net = net.to(device)
-    lr = DEFAULT_LR[task.kind] if lr is None else lr
+    if lr is None:
+        lr = RNN_LR if isinstance(net, TextRNNClassifier) else DEFAULT_LR[task.kind]
     t0 = time.perf_counter()
     history = train_classifier(net, task, tokenizer=tokenizer, epochs=epochs, lr=lr, batch_size=batch_size,
                                max_length=max_length, seed=seed, progress=progress, limit=limit)
@@ -141,4 +154,4 @@ def _fine_tune_rating(task: RatingTask, out: Path, model: str | nn.Module, *, ep
     return save(net, out, force=force, extra=extra)
 
 
-__all__ = ["IMAGE_MODELS", "RATING_MODELS", "build_classifier", "fine_tune"]
+__all__ = ["IMAGE_MODELS", "RATING_MODELS", "RNN_LR", "build_classifier", "fine_tune"]

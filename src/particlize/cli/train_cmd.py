@@ -18,13 +18,14 @@ from ._common import BATCH_SIZE, DATA, DEVICE, LABEL_COLUMN, LIMIT, MAX_LENGTH, 
 
 def train_command(
     model: str = typer.Argument(..., metavar="MODEL", help="what to train: 'minilm' or a Hugging Face encoder folder "
-                                "(text; a classifier head is added), 'simple-cnn', 'resnet' or 'resnet-small' (images), or any other "
+                                "(text; a classifier head is added), 'lstm' or 'gru' (text, trained from scratch over MiniLM's "
+                                "vocabulary), 'simple-cnn', 'resnet' or 'resnet-small' (images), or any other "
                                 "MODEL as it is (a particlize folder, e.g. a compressed model to fine-tune; file.py:factory); "
                                 "'neumf' or 'mf' (rating tasks: movielens-100k)"),
     task: str = TASK,
     out: Path = typer.Option(..., "--out", help="folder to save the trained classifier to (a valid MODEL afterwards)"),
     epochs: int = typer.Option(2, "--epochs", min=1, help="passes over the training split"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="default 5e-5 (text) / 1e-3 (images)"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="default 5e-5 (MiniLM) / 2e-3 (lstm, gru) / 1e-3 (images)"),
     batch_size: int = BATCH_SIZE,
     max_length: int = MAX_LENGTH,
     seed: int = SEED,
