@@ -12,19 +12,22 @@ Everything is written under ``--out``: ``base/`` (the trained classifier), ``com
 from __future__ import annotations
 
 import json
+import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, Optional
 
 from rich.table import Table
+from torch import nn
 
 from .adapters import decompose
 from .errors import ParticlizeError
 from .io import load
 from .loop import CompressConfig
 from .loop import compress as run_compress
+from .measure import measure_latency
 from .report import write_report
 from .sources import load_tokenizer
 from .tasks import get_task
@@ -46,9 +49,19 @@ class DemoConfig:
     seed: int = 0
 
 
-def _summary_row(entry: dict[str, Any], test: float) -> dict[str, float]:
-    return {"params": entry["params"], "flops_ratio": entry["flops_ratio"], "latency_ms": entry["latency_ms"],
+def _summary_row(entry: dict[str, Any], test: float, latency_ms: float) -> dict[str, float]:
+    return {"params": entry["params"], "flops_ratio": entry["flops_ratio"], "latency_ms": latency_ms,
             "test_accuracy": test}
+
+
+def paired_latency(a: nn.Module, b: nn.Module, inputs: Any, rounds: int = 5) -> tuple[float, float]:
+    """Median forward times (ms) of ``a`` and ``b`` on ``inputs``, measured alternately so that both see the same
+    machine load (the loop's per-round latencies were measured minutes apart)."""
+    ta, tb = [], []
+    for _ in range(rounds):
+        ta.append(measure_latency(a, inputs, warmup=1, reps=3))
+        tb.append(measure_latency(b, inputs, warmup=1, reps=3))
+    return statistics.median(ta), statistics.median(tb)
 
 
 def run_demo(out: Path, cfg: DemoConfig = DemoConfig(), *, force: bool = False,
@@ -91,14 +104,17 @@ def run_demo(out: Path, cfg: DemoConfig = DemoConfig(), *, force: bool = False,
     result = run_compress(model, task, tokenizer=tokenizer, config=config, out=out / "compressed", force=True,
                           progress=progress)
     test_after = result.extra.get("compress", {}).get("test", {}).get("accuracy", float("nan"))
+    bar(0, None, "timing dense and compressed side by side")
+    inputs = task.latency_inputs(tokenizer, config.latency_batch, config.latency_seq)
+    dense_ms, small_ms = paired_latency(load(base), result.model, inputs)
 
     bar = stage("analysing particles, writing the report")
     bar(0, 1, "taylor scores of every particle, exact ablation of every head and block")
     report = write_report(out / "compressed", task=task, force=True, limit=cfg.analyze_examples)
     bar(1, 1, str(report))
     summary = {
-        "before": _summary_row(result.history[0], test_before),
-        "after": _summary_row(result.returned, test_after),
+        "before": _summary_row(result.history[0], test_before, dense_ms),
+        "after": _summary_row(result.returned, test_after, small_ms),
         "rounds": len(result.history) - 1, "target_met": bool(result.outcome and result.outcome.target_met),
         "report": str(report), "seconds": round(time.perf_counter() - t0, 1),
         "particles": int(sum(g.size for g in pm.groups)), "groups": len(pm.groups),
@@ -122,4 +138,4 @@ def summary_table(summary: dict[str, Any]) -> Table:
     return t
 
 
-__all__ = ["DemoConfig", "run_demo", "summary_table"]
+__all__ = ["DemoConfig", "paired_latency", "run_demo", "summary_table"]
