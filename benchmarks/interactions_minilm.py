@@ -50,7 +50,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--naive-pairs", type=int, default=48, help="seeded random pairs run by the naive loop")
     ap.add_argument("--max-rows", type=int, default=None, help="rows per forward of the exact engine (default: the device's)")
-    ap.add_argument("--block", type=int, default=24, help="Hessian rows per HVP pass")
+    ap.add_argument("--block", type=int, default=None, help="Hessian rows per HVP pass (default: 64 // batch size)")
     ap.add_argument("--out", default=str(C.ROOT / "benchmarks" / "results" / "interactions-minilm.json"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
@@ -83,7 +83,7 @@ def main() -> int:
     sample = rng.sample(all_pairs, min(args.naive_pairs, len(all_pairs)))
     half = len(sample) // 2
     res: dict[str, Any] = {"examples": len(texts), "batch_size": args.batch_size, "pairs": len(all_pairs),
-                           "machine": C.machine_line(), "command": " ".join(sys.argv)}
+                           "machine": C.machine_line().replace(f"torch threads {C.THREADS}", f"torch threads {args.threads}"), "command": " ".join(sys.argv)}
 
     pair_effects(pm, batches[:1], all_pairs[:2], max_rows=args.max_rows)  # warm-up of both paths
     pair_effects(pm, batches[:1], all_pairs[:1], fast=False)

@@ -43,6 +43,7 @@ from .validate import Validation
 METHODS = ("ablation", "hessian")
 COLUMNS = ["group_a", "index_a", "group_b", "index_b", "interaction"]
 _WORSE_IS_HIGHER = ("loss", "kl", "mse")
+HVP_ROWS = 64  # examples x Hessian rows per HVP pass (memory: every row keeps the batch's activations)
 
 
 def _check(method: str, metric: str, mode: str) -> None:
@@ -63,11 +64,13 @@ def gate_hessian(
     *,
     metric: str = "loss",
     mode: str = "zero",
-    block: int = 16,
+    block: int | None = None,
     progress: Progress | None = None,
 ) -> Tensor:
     """``[P, P]`` float64 Hessian of the mean ``metric`` over the examples w.r.t. the gates of ``particles``
-    at ``g = 1`` (the other gates stay 1): rows from Hessian-vector products, ``block`` rows per pass."""
+    at ``g = 1`` (the other gates stay 1): rows from Hessian-vector products, ``block`` rows per pass
+    (default: `HVP_ROWS` examples × rows per pass; forward-over-reverse keeps every row's activations,
+    about 25 MB per MiniLM sentence and row)."""
     model = pm.model
     names = sorted({n for n, _ in particles})
     index = {n: torch.tensor([i for m, i in particles if m == n]) for n in names}
@@ -76,7 +79,7 @@ def gate_hessian(
     P = len(particles)
     H = torch.zeros(P, P, dtype=torch.float64)
     eye = torch.eye(P)
-    steps, done = len(batches) * -(-P // block), 0
+    steps, done = sum(-(-P // (block or max(1, HVP_ROWS // b.size))) for b in batches), 0
     total = sum(b.size for b in batches)
     for batch in batches:
         with torch.no_grad():
@@ -88,12 +91,13 @@ def gate_hessian(
                 out = call(model, batch.inputs)
             return per_example_metric(metric, out, batch.targets, ref).sum()
 
+        rows = block or max(1, HVP_ROWS // batch.size)
         g0 = torch.ones(P)
         hvp = lambda v, f=f: torch.func.jvp(torch.func.grad(f), (g0,), (v,))[1]  # noqa: E731  (forward over reverse)
         # the fused attention kernels have no forward-mode or second derivative: use the math one here
         with sdpa_kernel([SDPBackend.MATH]):
-            for r0 in range(0, P, block):
-                H[r0:r0 + block] += _rows(hvp, eye[r0:r0 + block])
+            for r0 in range(0, P, rows):
+                H[r0:r0 + rows] += _rows(hvp, eye[r0:r0 + rows])
             done += 1
             if progress is not None:
                 progress(done, steps, "gate Hessian")
@@ -152,7 +156,7 @@ def interactions(
     pairs: Any = None,
     *,
     max_rows: int | None = None,
-    block: int = 16,
+    block: int | None = None,
     progress: Progress | None = None,
 ) -> pd.DataFrame:
     """Pairwise interaction ``I(i, j)`` of the particles in ``groups`` (names or a kind; default every head).
