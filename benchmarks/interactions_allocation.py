@@ -38,6 +38,7 @@ def main() -> int:
     ap.add_argument("--val", type=int, default=512)
     ap.add_argument("--pairs", default="hessian", choices=["hessian", "ablation"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--block", type=int, default=2, help="Hessian rows per HVP pass (memory)")
     ap.add_argument("--out", default=str(C.ROOT / "benchmarks" / "results" / "interactions-allocation.json"))
     args = ap.parse_args()
 
@@ -64,7 +65,7 @@ def main() -> int:
         t = time.perf_counter()
         imp = importance_for(pm, calib, "ablation", {"head"})
         t1 = time.perf_counter()
-        pairs = pz.interactions(pm, calib, heads, args.pairs)
+        pairs = pz.interactions(pm, calib, heads, args.pairs, block=args.block)
         t2 = time.perf_counter()
         print(f"seed {seed}: singles {t1 - t:.0f} s, {len(pairs)} pairs ({args.pairs}) {t2 - t1:.0f} s", flush=True)
         for cut in args.cuts:

@@ -50,7 +50,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--naive-pairs", type=int, default=48, help="seeded random pairs run by the naive loop")
     ap.add_argument("--max-rows", type=int, default=None, help="rows per forward of the exact engine (default: the device's)")
-    ap.add_argument("--block", type=int, default=None, help="Hessian rows per HVP pass (default: 64 // batch size)")
+    ap.add_argument("--block", type=int, default=None, help="Hessian rows per HVP pass (default: 16 // batch size)")
     ap.add_argument("--out", default=str(C.ROOT / "benchmarks" / "results" / "interactions-minilm.json"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
