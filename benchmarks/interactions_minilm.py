@@ -50,7 +50,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--naive-pairs", type=int, default=48, help="seeded random pairs run by the naive loop")
     ap.add_argument("--max-rows", type=int, default=None, help="rows per forward of the exact engine (default: the device's)")
-    ap.add_argument("--block", type=int, default=None, help="Hessian rows per HVP pass (default: 16 // batch size)")
+    ap.add_argument("--block", type=int, default=None, help="Hessian rows per HVP pass (default: 64 // batch size)")
     ap.add_argument("--out", default=str(C.ROOT / "benchmarks" / "results" / "interactions-minilm.json"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
@@ -84,6 +84,12 @@ def main() -> int:
     half = len(sample) // 2
     res: dict[str, Any] = {"examples": len(texts), "batch_size": args.batch_size, "pairs": len(all_pairs),
                            "machine": C.machine_line().replace(f"torch threads {C.THREADS}", f"torch threads {args.threads}"), "command": " ".join(sys.argv)}
+
+    def save() -> None:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+        os.replace(tmp, args.out)
 
     pair_effects(pm, batches[:1], all_pairs[:2], max_rows=args.max_rows)  # warm-up of both paths
     pair_effects(pm, batches[:1], all_pairs[:1], fast=False)
@@ -124,15 +130,8 @@ def main() -> int:
         f"{statistics.median(per_pair):.3f} s); max |diff| of a per-example joint effect on the sample: {diff:.2e}")
     res.update(exact_s=t_exact, exact_pairs_s=t_pairs, naive_per_pair_s=per_pair, naive_extrapolated_s=naive_total,
                ratio=ratios, max_abs_diff=diff, naive_sample=len(sample))
-
-    t = time.perf_counter()
-    est = pz.interactions(pm, batches, "head", "hessian", block=args.block)
-    t_h = time.perf_counter() - t
-    val = validate_interactions(pm, batches, exact=exact, estimate=est, k=50)
-    s = val.summary.iloc[0]
-    log(f"hessian: {t_h:.1f} s ({t_pairs / t_h:.1f}x less than the exact pair engine); vs exact: Spearman "
-        f"{s.spearman:.3f}, Kendall {s.kendall:.3f}, top-50 overlap {s.top_k_overlap:.2f}, sign agreement {s.sign_agreement:.2f}")
-    res.update(hessian_s=t_h, hessian=val.summary.iloc[0].to_dict())
+    exact.to_csv(args.out.replace(".json", "-pairs.csv"), index=False)
+    save()
 
     # where joint removal departs from the sum of single costs
     single: dict[tuple[str, int], float] = {}
@@ -177,6 +176,17 @@ def main() -> int:
                 f"            {c['accuracy']:.3f}")
     log(f"the sum of single effects is off by >10% (and >0.01) from k = {depart}; with the pairwise terms from k = {depart_p}")
 
+    save()
+    t = time.perf_counter()
+    est = pz.interactions(pm, batches, "head", "hessian", block=args.block)
+    t_h = time.perf_counter() - t
+    val = validate_interactions(pm, batches, exact=exact, estimate=est, k=50)
+    s = val.summary.iloc[0]
+    log(f"hessian: {t_h:.1f} s ({t_pairs / t_h:.1f}x less than the exact pair engine); vs exact: Spearman "
+        f"{s.spearman:.3f}, Kendall {s.kendall:.3f}, top-50 overlap {s.top_k_overlap:.2f}, sign agreement {s.sign_agreement:.2f}")
+    res.update(hessian_s=t_h, hessian=val.summary.iloc[0].to_dict())
+
+    save()
     clusters = redundant_clusters(exact)
     syn = synergistic_pairs(exact, k=5)
     top = clusters.groupby("cluster").head(50).groupby("cluster").agg(size=("size", "first"), strength=("strength", "first"))
@@ -194,10 +204,7 @@ def main() -> int:
     probe1 = C.matmul_probe()
     log(f"matmul probe after: {probe1:.0f} GFLOP/s (before {probe0:.0f}); total {time.perf_counter() - T0:.0f} s")
     res.update(probe_before=probe0, probe_after=probe1)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=1, default=str)
-    os.replace(tmp, args.out)
+    save()
     log("wrote", args.out)
     return 0
 
