@@ -130,7 +130,6 @@ def main() -> int:
         f"{statistics.median(per_pair):.3f} s); max |diff| of a per-example joint effect on the sample: {diff:.2e}")
     res.update(exact_s=t_exact, exact_pairs_s=t_pairs, naive_per_pair_s=per_pair, naive_extrapolated_s=naive_total,
                ratio=ratios, max_abs_diff=diff, naive_sample=len(sample))
-    exact.to_csv(args.out.replace(".json", "-pairs.csv"), index=False)
     save()
 
     # where joint removal departs from the sum of single costs
