@@ -27,6 +27,7 @@ import time
 
 import _common as C
 import torch
+from analysis_minilm import make_batches
 
 
 def main() -> int:
@@ -59,9 +60,12 @@ def main() -> int:
     dense = task.evaluate(model, "val", tokenizer=tok, limit=args.val)["accuracy"]
     print(f"dense val accuracy {dense:.4f} on {args.val} sentences; calibration {args.calib} train sentences per seed; "
           f"pairs: {args.pairs}; no recovery", flush=True)
+    train_x, train_y = task.split("train")
     rows = []
     for seed in args.seeds:
-        calib = task.calibration(model, tok, batch_size=args.calib, limit=args.calib, seed=seed)
+        # a seeded random sample of the training split (task.calibration takes the first sentences, whatever the seed)
+        pick = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(seed))[:args.calib].tolist()
+        calib = make_batches(tok, [train_x[i] for i in pick], train_y[torch.tensor(pick)], args.calib, False)
         t = time.perf_counter()
         imp = importance_for(pm, calib, "ablation", {"head"})
         t1 = time.perf_counter()
