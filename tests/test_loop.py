@@ -502,7 +502,8 @@ def test_compress_gives_the_plan_and_metrics_it_gave_before_the_split(setup, tmp
     # history.json as main wrote it: the config flat
     state = json.loads((tmp_path / "run" / "history.json").read_text())
     nested = state["config"]
-    flat = {**{k: v for k, v in nested.items() if not isinstance(v, dict)}, **nested["allocation"],
+    flat = {**{k: v for k, v in nested.items() if not isinstance(v, dict)},
+            **{k: v for k, v in nested["allocation"].items() if k != "interactions"},  # added after main's flat config
             "target_flops": nested["target"]["flops"], "target_params": nested["target"]["params"],
             "target_latency_ms": nested["target"]["latency_ms"], "min_quality": nested["target"]["min_quality"],
             **{k: v for k, v in nested["recovery"].items() if k not in ("epochs", "final_epochs", "focus")},

@@ -14,7 +14,7 @@
 from . import surgery  # noqa: F401  (registers the verbs: prune, bias, merge, refit)
 from ._version import __version__
 from .adapters import decompose
-from .analysis import analyze, top_particles, validate_scores
+from .analysis import analyze, interactions, top_particles, validate_scores
 from .errors import CheckpointError, GateError, ParticlizeError, PlanError, UnsupportedModelError
 from .io import save
 from .moe import moefy
@@ -25,6 +25,6 @@ from .sources import load_any as load
 
 __all__ = [
     "CheckpointError", "Cost", "GateError", "InputGate", "ParticleGroup", "ParticleMap", "ParticlizeError",
-    "Plan", "PlanError", "ResidualGate", "Slice", "Step", "UnsupportedModelError", "WeightMaskGate", "analyze", "decompose", "load", "moefy", "save", "shard", "unshard",
+    "Plan", "PlanError", "ResidualGate", "Slice", "Step", "UnsupportedModelError", "WeightMaskGate", "analyze", "decompose", "interactions", "load", "moefy", "save", "shard", "unshard",
     "top_particles", "validate_scores",
 ]

@@ -16,11 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import pandas as pd
 import torch
 from torch import nn
 
 from .adapters import decompose
-from .analysis import get_scorer, importance_for, scorers
+from .analysis import get_scorer, importance_for, interactions, redundancy_score, scorers
 from .errors import ParticlizeError
 from .measure import measure_latency
 from .particles import ParticleGroup, ParticleMap
@@ -43,6 +44,7 @@ class AllocationConfig:
     min_width: float = 0.1
     round_to: int | None = None  # kept widths in features (heads count head_dim each) are multiples of this
     compensate: str = "none"  # how the kept particles' readers absorb a cut: none, bias, merge or refit (pm.prune)
+    interactions: bool = False  # global greedy with the pairwise correction (needs `interaction_scorer`'s scores)
 
     def check(self) -> None:
         """Raise `ParticlizeError` for a setting out of range, naming what to use instead."""
@@ -61,6 +63,8 @@ class AllocationConfig:
             raise ParticlizeError(f"allocation must be 'global' or 'uniform', got {self.allocation!r}")
         if self.cost not in ("flops", "latency"):
             raise ParticlizeError(f"cost must be 'flops' or 'latency', got {self.cost!r}")
+        if self.interactions and self.allocation != "global":
+            raise ParticlizeError("interactions=True corrects the global ranking; use allocation='global'")
         if self.compensate not in ("none", *compensations()):
             raise ParticlizeError(f"compensate must be one of none, {', '.join(compensations())}; got {self.compensate!r}")
 
@@ -100,6 +104,31 @@ def named_scorer(name: str) -> Scorer:
         return importance_for(pm, batches, name, kinds)
 
     score.__name__ = score.__qualname__ = name
+    return score
+
+
+class PairImportance(dict):
+    """A scorer's ``{group: importance}`` that also carries ``pairs``: the interaction frame of
+    `particlize.analysis.interactions` (what `AllocationConfig(interactions=True)` corrects the ranking with)."""
+
+    def __init__(self, importance: dict[str, torch.Tensor], pairs: pd.DataFrame):
+        super().__init__(importance)
+        self.pairs = pairs
+
+
+def interaction_scorer(metric: str = "loss", method: str = "ablation", pairs: int | None = None,
+                       max_rows: int | None = None) -> Scorer:
+    """A `Scorer` for ``AllocationConfig(interactions=True)``: the exact single effects (``|mean|`` of
+    ``ablation``, as `named_scorer("ablation")`) and the pairwise interactions among the scored kinds
+    (``pairs``: all pairs, or those among the top ``pairs`` particles; ``method`` ``ablation`` or ``hessian``),
+    both on ``metric`` so that they add up in the same units."""
+
+    def score(pm: ParticleMap, batches: list, kinds: set[str]) -> dict[str, torch.Tensor]:
+        imp = importance_for(pm, batches, "ablation", kinds, metric=metric)
+        groups = [g.name for g in pm.groups if g.kind in kinds]
+        return PairImportance(imp, interactions(pm, batches, groups, method, metric, pairs=pairs, max_rows=max_rows))
+
+    score.__name__ = score.__qualname__ = f"interactions-{method}"
     return score
 
 
@@ -226,6 +255,9 @@ def _allocate_once(
         return floors[g.name]
 
     counts: dict[str, int] = {}
+    if cfg.interactions and not isinstance(importance, PairImportance):
+        raise ParticlizeError("AllocationConfig(interactions=True) needs pairwise interactions with the scores: "
+                              "score with particlize.allocate.interaction_scorer()")
     if mode == "uniform":  # the same fraction of every (non-block) group, like per-layer pruning
         layered = [n for n in importance if pm[n].kind != "block"]
         total = sum(float(costs[n].sum()) for n in layered)
@@ -234,8 +266,16 @@ def _allocate_once(
             g = pm[n]
             counts[n] = min(g.size - floor_of(g), round(frac * g.size))
     else:  # global: cheapest importance per FLOP first, anywhere in the model
-        cand = sorted((float(importance[n][i]) / max(price(n, i), 1e-12), n, i)
-                      for n in importance for i in range(pm[n].size))
+        if cfg.interactions:  # ... each next particle priced with its interactions with those taken
+            order = _interaction_order(pm, importance, price, floors)
+            rank = {n: torch.full((pm[n].size,), float(len(order))) for n in importance}
+            for k, (n, i) in enumerate(order):
+                rank[n][i] = k
+            importance = rank  # within a group, the particles go in the greedy's order
+            cand = [(0.0, n, i) for n, i in order]
+        else:
+            cand = sorted((float(importance[n][i]) / max(price(n, i), 1e-12), n, i)
+                          for n in importance for i in range(pm[n].size))
         owner = _block_owners(pm, importance)
         counted: dict[str, float] = {}  # FLOPs already counted as saved, per group
         dead: set[tuple[str, int]] = set()
@@ -300,6 +340,45 @@ def _allocate_once(
     return remove
 
 
+def _interaction_order(pm: ParticleMap, importance: PairImportance, price: Callable[[str, int], float],
+                       floors: dict[str, int]) -> list[tuple[str, int]]:
+    """Greedy removal order with the pairwise correction: each step takes the particle whose importance
+    plus its interactions with those already taken (`redundancy_score`: a particle redundant with a taken
+    one now costs more, one that only worked with a taken one costs less), per unit of price, is lowest;
+    a group stops at its floor. Interactions are kept on the particles that appear in pairs only."""
+    cand = [(n, i) for n in importance for i in range(pm[n].size)]
+    at = {p: k for k, p in enumerate(cand)}
+    cost = torch.tensor([float(importance[n][i]) for n, i in cand], dtype=torch.float64)
+    prices = torch.tensor([max(price(n, i), 1e-12) for n, i in cand], dtype=torch.float64)
+    df = importance.pairs
+    r = redundancy_score(df, df.attrs.get("metric", "loss")).to_numpy()
+    ends = [[at.get((g, int(i)), -1) for g, i in zip(df[f"group_{s}"], df[f"index_{s}"])] for s in "ab"]
+    ok = [k for k in range(len(r)) if ends[0][k] >= 0 and ends[1][k] >= 0]
+    inv = sorted({ends[s][k] for s in (0, 1) for k in ok})  # particles with interactions
+    row = {c: k for k, c in enumerate(inv)}
+    R = torch.zeros(len(inv), len(inv), dtype=torch.float64)
+    for k in ok:
+        a, b = row[ends[0][k]], row[ends[1][k]]
+        R[a, b] = R[b, a] = float(r[k])
+    inv_t = torch.tensor(inv, dtype=torch.long)
+    left = {n: pm[n].size - floors[n] for n in importance}
+    open_ = torch.ones(len(cand), dtype=torch.bool)
+    for k, (n, _) in enumerate(cand):
+        open_[k] = left[n] > 0
+    order: list[tuple[str, int]] = []
+    while bool(open_.any()):
+        k = int(torch.where(open_, cost / prices, torch.tensor(float("inf"), dtype=torch.float64)).argmin())
+        n = cand[k][0]
+        order.append(cand[k])
+        open_[k] = False
+        left[n] -= 1
+        if left[n] <= 0:
+            open_ &= torch.tensor([c[0] != n for c in cand])
+        if k in row:
+            cost[inv_t] += R[row[k]]
+    return order
+
+
 def _block_owners(pm: ParticleMap, groups: Any) -> dict[str, tuple[str, int]]:
     """``{group: (block group, block index)}`` for the groups that sit inside a block of ``groups``."""
     owners: dict[str, tuple[str, int]] = {}
@@ -359,6 +438,6 @@ def smallest_shares(pm: ParticleMap, cfg: AllocationConfig) -> tuple[float, floa
 
 
 __all__ = [
-    "AllocationConfig", "Allocator", "GRANULARITIES", "Scorer", "allocate", "allocate_global",
-    "allocate_uniform", "latency_prices", "named_scorer", "original_sizes", "smallest_shares",
+    "AllocationConfig", "Allocator", "GRANULARITIES", "PairImportance", "Scorer", "allocate", "allocate_global",
+    "allocate_uniform", "interaction_scorer", "latency_prices", "named_scorer", "original_sizes", "smallest_shares",
 ]

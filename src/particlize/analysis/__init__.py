@@ -15,6 +15,10 @@ declared needs in `registry`; `scorers()` lists them):
 | `ablation`      | exact: metric with the particle ablated − intact metric          | fast exact engine       |
 | `influence`     | blocks: 1 − cos(block input, block output) (ShortGPT)            | one forward per batch   |
 
+Pairs: `interactions` gives ``I(i, j) = f(−i, −j) − f(−i) − f(−j) + f`` for pairs of particles, exact
+(``ablation``) or from gate Hessian-vector products (``hessian``); `as_matrix`, `redundant_clusters`,
+`synergistic_pairs` read it, `validate_interactions` checks the estimate against the exact values.
+
 Scores of `taylor`, `taylor2`, `taylor-norm` and `ablation` are signed like an ablation effect on the
 metric (``ScorerSpec.effect``): for ``metric="loss"`` a positive score means removing the particle raises
 the loss (it matters). The others are "higher = more important" whatever the metric; `importance` turns
@@ -174,6 +178,9 @@ def importance_for(
 
 
 from .validate import top_particles, validate_scores  # noqa: E402  (uses analyze)
+from .interactions import (as_matrix, interactions, interactions_table, redundancy_score,  # noqa: E402
+                           redundant_clusters, synergistic_pairs, validate_interactions)
 
-__all__ = ["METRICS", "MODES", "ScorerSpec", "analyze", "check_options", "get_scorer", "importance", "importance_for",
-           "register", "scorers", "top_particles", "validate_scores"]
+__all__ = ["METRICS", "MODES", "ScorerSpec", "analyze", "as_matrix", "check_options", "get_scorer", "importance",
+           "importance_for", "interactions", "interactions_table", "redundancy_score", "redundant_clusters", "register",
+           "scorers", "synergistic_pairs", "top_particles", "validate_interactions", "validate_scores"]
