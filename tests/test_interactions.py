@@ -14,6 +14,9 @@ import particlize as pz
 from particlize.allocate import AllocationConfig, PairImportance, allocate
 from particlize.analysis import as_matrix, redundancy_score, redundant_clusters, synergistic_pairs, validate_interactions
 from particlize.analysis._common import as_batches, call, per_example_metric
+from particlize.cli import main
+from particlize.sources import load_model, load_tokenizer
+from particlize.tasks import get_task
 from particlize.analysis._pairs import pair_effects
 from particlize.errors import ParticlizeError
 from particlize.particles import InputGate, ParticleGroup, ParticleMap
@@ -200,3 +203,36 @@ def test_interaction_aware_allocation_keeps_one_of_a_redundant_pair():
         allocate(pm, imp, goal, AllocationConfig(granularity=("heads",), interactions=True), 16)
     with pytest.raises(ParticlizeError, match="allocation='global'"):
         AllocationConfig(interactions=True, allocation="uniform").check()
+
+
+# ---- the command line: particlize analyze --interactions ----------------------------------------------------
+
+
+def test_analyze_interactions_command_writes_the_pairs_table(trained_text, tmp_path):
+    work, *_ = trained_text
+    folder, csv, out = str(work / "dense"), str(work / "s.csv"), tmp_path / "pairs.csv"
+    main(["analyze", folder, "--task", "text-csv", "--data", csv, "--interactions", "--groups", "heads",
+          "--limit", "32", "--batch-size", "16", "--out", str(out)])
+    df = pd.read_csv(out)
+    model = load_model(folder)
+    heads = [g for g in pz.decompose(model).groups if g.kind == "head"]
+    n = sum(g.size for g in heads)
+    assert len(df) == n * (n - 1) // 2 and set(df.kind_a) == {"head"}
+    assert list(df.interaction.abs()) == sorted(df.interaction.abs(), reverse=True)
+    task = get_task("text-csv", path=csv)  # the same numbers as the Python API on the same batches
+    batches = task.batches("val", tokenizer=load_tokenizer(folder), batch_size=16, max_length=64, limit=32)
+    api = pz.interactions(model, batches, groups="head")
+    key = ["group_a", "index_a", "group_b", "index_b"]
+    both = df.merge(api, on=key, suffixes=("", "_api"))
+    assert len(both) == len(df) and both.interaction.to_numpy() == pytest.approx(both.interaction_api.to_numpy(), abs=1e-5)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--scorer", "taylor"], "--scorer ablation (exact) or hessian"),
+    (["--top", "3"], "drop --top"),
+    (["--by", "class"], "drop --by"),
+])
+def test_analyze_interactions_refuses_what_does_not_apply(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as e:
+        main(["analyze", "minilm", "--task", "vader-sentiment", "--interactions", *extra, "--out", str(tmp_path / "o.csv")])
+    assert e.value.code == 1 and message in capsys.readouterr().err and not (tmp_path / "o.csv").exists()

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from ..adapters import decompose
 from ..analysis import analyze as run_analysis
-from ..analysis import check_options, get_scorer, importance, top_particles
+from ..analysis import check_options, get_scorer, importance, interactions_table, top_particles
 from ..analysis._common import select_groups
 from ..errors import ParticlizeError
 from ..parallel import analyze as analyze_distributed
@@ -43,6 +43,10 @@ def analyze_command(
     text_column: str = TEXT_COLUMN,
     label_column: str = LABEL_COLUMN,
     device: str = DEVICE,
+    interactions: bool = typer.Option(False, "--interactions", help="pairwise interactions instead: one row per pair of "
+                                      "particles, I = f(-i,-j) - f(-i) - f(-j) + f (--scorer ablation: exact; hessian: estimate)"),
+    pairs: Optional[int] = typer.Option(None, "--pairs", min=2, help="--interactions: only the pairs among the K particles "
+                                        "with the largest single effects (default: all pairs of --groups)"),
     nproc: int = typer.Option(1, "--nproc", min=1, help="score on N local processes (gloo on CPU), each its share of the groups; the table is the same"),
     out: Path = typer.Option(..., "--out", help="scores CSV to write"),
     json_out: bool = JSON,
@@ -52,7 +56,16 @@ def analyze_command(
 ) -> None:
     """Score what every particle does to the task's output (one row per particle, or per example/class);
     with --top K, the exact top K by ablation, found fast."""
-    scorer = pick(scorer, method, "--method", "--scorer") or ("taylor-norm" if top else "taylor")
+    scorer = pick(scorer, method, "--method", "--scorer") or ("ablation" if interactions else "taylor-norm" if top else "taylor")
+    if interactions:
+        _check_interactions(scorer, top, by, nproc, pairs)
+        refuse_existing(out, force)
+        check_device(device)
+        quiet_transformers()
+        setting = (model, task, data, text_column, label_column, split, limit, batch_size, max_length, trust_code)
+        return _interactions(setting, device, scorer, metric, mode, _groups(groups) or "head", pairs, out, json_out)
+    if pairs is not None:
+        raise ParticlizeError("--pairs goes with --interactions")
     # everything checked before anything is loaded or a progress bar is shown
     if by is not None and by not in BY:
         raise ParticlizeError(f"--by takes example or class, not {by!r} (leave it out for the mean over examples)")
@@ -110,6 +123,38 @@ def analyze_command(
     if top:
         say.print(f"{df.attrs['verified']:,} of {df.attrs['particles']:,} particles ablated exactly (screened by {scorer})")
     say.print(f"{len(df):,} rows written to [bold]{escape(str(out))}[/bold]")
+
+
+def _check_interactions(scorer: str, top: Optional[int], by: Optional[str], nproc: int, pairs: Optional[int]) -> None:
+    if scorer not in ("ablation", "hessian"):
+        raise ParticlizeError(f"--interactions takes --scorer ablation (exact) or hessian (estimate), not {scorer!r}")
+    for flag, given in (("--top", top), ("--by", by), ("--nproc", nproc > 1)):
+        if given:
+            raise ParticlizeError(f"--interactions scores pairs on one process over the mean of the examples; drop {flag}")
+
+
+def _interactions(setting: tuple, device: str, scorer: str, metric: str, mode: str, groups: Any, pairs: Optional[int],
+                  out: Path, json_out: bool) -> None:
+    """``analyze --interactions``: `interactions_table` of the model's pairs, written as CSV, the strongest shown."""
+    m, _, batches = _load(*setting, device=device)
+    n = sum(len(y) for _, y in batches)
+    with progress_bar(f"pairwise interactions ({scorer})") as progress:
+        df = interactions_table(decompose(m), batches, groups, scorer, metric, progress, mode=mode, pairs=pairs)
+    write_csv(df, out)
+    cols = ["group_a", "index_a", "group_b", "index_b", "interaction"]
+    if json_out:
+        print_json({"interactions": scorer, "metric": metric, "mode": mode, "examples": n, "rows": len(df),
+                    "out": str(out), "top": df[cols].head(10).to_dict("records")})
+        return
+    table = Table(title=f"strongest pairwise interactions ({scorer}, {metric}, {mode}) on {n} examples")
+    for col in cols:
+        table.add_column(col, justify="left" if col.startswith("group") else "right")
+    for r in df.head(10).itertuples():
+        table.add_row(r.group_a, str(r.index_a), r.group_b, str(r.index_b), f"{r.interaction:+.4g}")
+    say = console()
+    say.print(table)
+    say.print(f"{len(df):,} pairs written to [bold]{escape(str(out))}[/bold] (under a loss, I > 0: the two cover for "
+              "each other; I < 0: they only work together)")
 
 
 def _groups(values: Optional[list[str]]) -> Optional[list[str]]:
