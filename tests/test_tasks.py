@@ -275,7 +275,7 @@ def test_vader_offline_error_names_the_command(monkeypatch: pytest.MonkeyPatch, 
         seen.append(cmd)
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version that satisfies the requirement")
 
-    monkeypatch.setattr(vader.subprocess, "run", offline)
+    monkeypatch.setattr(subprocess, "run", offline)  # pip runs through particlize.tasks.base.pip_download
     command = r"pip download --no-deps --no-binary :all: vadersentiment==3\.3\.2"
     with pytest.raises(DataError, match=rf"offline.*{command}.*sdist="):
         get_task("vader-sentiment")

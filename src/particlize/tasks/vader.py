@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import DataError, Task, cache_dir, check_labels, make_splits
+from .base import DataError, Task, cache_dir, check_labels, make_splits, pip_download
 
 PACKAGE = "vadersentiment==3.3.2"
 INNER_ARCHIVE = "additional_resources/hutto_ICWSM_2014.tar.gz"
@@ -36,21 +35,8 @@ def download_command(dest: str | os.PathLike[str] = "DIR") -> list[str]:
 
 def _download_sdist(dest: Path) -> Path:
     """Run pip to download the vaderSentiment sdist into ``dest``; return the ``.tar.gz``."""
-    cmd = download_command(dest)
-    shown = " ".join(["python", *cmd[1:-1], "DIR"])
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise DataError(f"could not run pip to fetch the VADER data ({e}); run it yourself: {shown}") from None
-    archives = sorted(dest.glob("*.tar.gz"))
-    if res.returncode != 0 or not archives:
-        tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise DataError(
-            f"downloading the VADER sentences failed (are you offline? pip said: {tail[0]}). The data comes from "
-            f"`{shown}`: run that where the network is reachable and pass the .tar.gz it saves as "
-            "get_task('vader-sentiment', sdist=PATH)"
-        )
-    return archives[0]
+    return pip_download(download_command(dest), dest, "*.tar.gz", "the VADER sentences",
+                        "get_task('vader-sentiment', sdist=PATH)")
 
 
 def _extract(sdist: Path) -> bytes:
