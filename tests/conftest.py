@@ -71,6 +71,17 @@ def output_of(model: torch.nn.Module, batch) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def assert_masked_equals_pruned(pm, remove: dict, batch, atol: float = 1e-5) -> torch.nn.Module:
+    """The invariant: zero gates on ``remove`` give the outputs of ``pm.prune(remove)`` (rtol 0, ``atol``) on ``batch``
+    (a tensor or a dict of keyword inputs); returns the pruned model for further checks."""
+    with torch.no_grad():
+        with pm.ablate(remove) as gated:
+            y_gated = output_of(gated, batch)
+        small = pm.prune(remove).eval()
+        torch.testing.assert_close(output_of(small, batch), y_gated, rtol=0, atol=atol)
+    return small
+
+
 @pytest.fixture(params=HF_FAMILIES)
 def hf(request):
     return hf_model(request.param)

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import particlize as pz
+from conftest import assert_masked_equals_pruned
 from particlize.errors import ParticlizeError
 from particlize.loop import compress
 from particlize.models.recurrent import TextRNNClassifier
@@ -108,12 +109,7 @@ def test_trains_and_loss_falls() -> None:
 def test_masked_equals_pruned(cut0: list[int], cut1: list[int]) -> None:
     pm, x = pz.decompose(_model()), _batch()
     remove = {k: sorted(v) for k, v in (("rnn.l0.units", cut0), ("rnn.l1.units", cut1)) if v}
-    with torch.no_grad():
-        with pm.ablate(remove) as gated:
-            y_gated = gated(**x)
-        small = pm.prune(remove).eval()
-        y_small = small(**x)
-    torch.testing.assert_close(y_small, y_gated, rtol=0, atol=ATOL)
+    small = assert_masked_equals_pruned(pm, remove, x, ATOL)
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in pm.model.parameters()) or not remove
 
 

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import particlize as pz
+from conftest import assert_masked_equals_pruned
 from particlize.errors import ParticlizeError
 from particlize.models.recommender import MatrixFactorization, NeuMF
 from particlize.loop import compress
@@ -175,13 +176,7 @@ def test_decompose_neumf_groups_and_costs():
 def test_masked_equals_pruned_neumf(data):
     pm = pz.decompose(_neumf())
     remove = data.draw(removal_sets(pm))
-    x = _pairs()
-    with torch.no_grad():
-        with pm.ablate(remove) as gated:
-            y_gated = gated(**x)
-        small = pm.prune(remove).eval()
-        y_small = small(**x)
-    torch.testing.assert_close(y_small, y_gated, rtol=0, atol=ATOL)
+    small = assert_masked_equals_pruned(pm, remove, _pairs(), ATOL)
     assert sum(p.numel() for p in small.parameters()) == pm.cost(remove).params
 
 
@@ -191,11 +186,7 @@ def test_masked_equals_pruned_mf(remove):
     torch.manual_seed(0)
     pm = pz.decompose(MatrixFactorization(USERS, ITEMS, factors=8))
     assert [(g.name, g.kind, g.size) for g in pm.groups] == [("factors", "factor", 8)]
-    x = _pairs()
-    with torch.no_grad(), pm.ablate({"factors": remove}) as gated:
-        y_gated = gated(**x)
-    small = pm.prune({"factors": remove})
-    torch.testing.assert_close(small(**x), y_gated, rtol=0, atol=ATOL)
+    small = assert_masked_equals_pruned(pm, {"factors": remove}, _pairs(), ATOL)
     assert small.user_factors.embedding_dim == 8 - len(remove)
 
 
