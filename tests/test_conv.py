@@ -48,13 +48,17 @@ def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
 _CACHE: dict[str, tuple[nn.Module, torch.Tensor, pz.ParticleMap]] = {}
 
 
+def make_case(factory, shape: tuple[int, ...], n: int = 2) -> tuple[nn.Module, torch.Tensor, pz.ParticleMap]:
+    """A seeded, randomised model from ``factory``, ``n`` inputs of ``shape`` and its particle map."""
+    torch.manual_seed(0)
+    model = _randomize(factory())
+    x = torch.randn(n, *shape, generator=torch.Generator().manual_seed(1))
+    return model, x, pz.decompose(model, example_inputs=x[:1])
+
+
 def _case(name: str) -> tuple[nn.Module, torch.Tensor, pz.ParticleMap]:
     if name not in _CACHE:
-        factory, shape = CASES[name]
-        torch.manual_seed(0)
-        model = _randomize(factory())
-        x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(1))
-        _CACHE[name] = (model, x, pz.decompose(model, example_inputs=x[:1]))
+        _CACHE[name] = make_case(*CASES[name])
     return _CACHE[name]
 
 

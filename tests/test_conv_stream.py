@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import particlize as pz
 from particlize.adapters.conv import ConvAdapter
@@ -17,7 +16,7 @@ from particlize.adapters.conv_stream import StreamGate
 from particlize.allocate import named_scorer
 from particlize.models.vision import resnet_small
 from strategies import removal_sets
-from test_conv import _randomize
+from test_conv import _flops, _params, make_case
 
 
 class StreamNet(nn.Module):
@@ -63,22 +62,8 @@ _CACHE: dict[str, tuple[nn.Module, torch.Tensor, pz.ParticleMap]] = {}
 
 def _case(name: str) -> tuple[nn.Module, torch.Tensor, pz.ParticleMap]:
     if name not in _CACHE:
-        factory, shape = CASES[name]
-        torch.manual_seed(0)
-        model = _randomize(factory())
-        x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(1))
-        _CACHE[name] = (model, x, pz.decompose(model, example_inputs=x[:1]))
+        _CACHE[name] = make_case(*CASES[name], n=3)
     return _CACHE[name]
-
-
-def _flops(model: nn.Module, x: torch.Tensor) -> int:
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model(x)
-    return fc.get_total_flops()
-
-
-def _params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def test_resnet_small_streams() -> None:
