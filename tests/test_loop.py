@@ -496,7 +496,7 @@ def test_compress_gives_the_plan_and_metrics_it_gave_before_the_split(setup, tmp
     work, model, task, tok = setup
     res = compress(model, task, tokenizer=tok, out=tmp_path / "run", **OPTIONS)
     assert res.reason == REFERENCE["reason"]
-    assert model_plan(res.model) == Plan.from_json(REFERENCE["plan"], format=1)  # recorded as {group: kept} rounds
+    assert model_plan(res.model) == Plan.from_json(REFERENCE["plan"])
     got = [{k: e[k] for k in REFERENCE["history"][0]} for e in res.history]
     assert _close(got, REFERENCE["history"]), got
     # history.json as main wrote it: the config flat

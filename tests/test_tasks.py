@@ -137,6 +137,31 @@ def test_text_batches_pad_to_longest_and_cap(csv3: Path, tmp_path: Path) -> None
         task.split("dev")
 
 
+def _numbered_images(n: int = 120) -> Task:
+    """An image task whose example i is a 1x1 image of value i (so batches say which examples they hold)."""
+    items = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1)
+    split = (items, torch.arange(n) % 2)
+    return Task("numbered", "image", {"train": split, "val": split, "test": split}, ["even", "odd"])
+
+
+def _ids(batches: list) -> list[int]:
+    return torch.cat([x.flatten() for x, _ in batches]).mul(255).round().long().tolist()
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), limit=st.integers(1, 60))
+def test_calibration_draws_a_seeded_subset_of_the_whole_split(seed: int, limit: int) -> None:
+    """Each seed scores its own `limit` examples from anywhere in the split, not the first `limit` reordered."""
+    task = _numbered_images()
+    ids = _ids(task.calibration(nn.Identity(), batch_size=7, limit=limit, seed=seed))
+    assert len(ids) == len(set(ids)) == limit
+    assert ids == _ids(task.calibration(nn.Identity(), batch_size=7, limit=limit, seed=seed))
+    draws = [set(_ids(task.calibration(nn.Identity(), batch_size=64, limit=limit, seed=s))) for s in range(seed, seed + 4)]
+    assert len({frozenset(d) for d in draws}) > 1  # other seeds, other examples
+    assert any(max(d) >= limit for d in draws)  # not only the split's first `limit` examples
+    assert _ids(task.batches("train", batch_size=64, limit=limit)) == list(range(limit))  # plain `limit` unchanged
+
+
 class _Oracle(nn.Module):
     """Predicts class 0 for every example: logits [1, 0, 0]."""
 

@@ -213,20 +213,24 @@ class Task:
         limit: int | None = None,
         shuffle: bool = False,
         seed: int = 0,
+        sample: bool = False,
     ) -> list[Batch]:
         """The split as a list of ``(inputs, targets)`` batches.
 
         Text: ``inputs = {"input_ids", "attention_mask"}`` (LongTensors padded to the longest sequence of
         the batch, truncated to ``max_length``; needs a Hugging Face ``tokenizer``). Images: ``inputs`` is
         ``Tensor[B, 1, H, W]`` in [0, 1]. ``limit`` keeps the split's first ``limit`` examples (a fixed
-        subset; split orders are already shuffled); ``shuffle`` reorders them with ``seed``.
+        subset; split orders are already shuffled); ``shuffle`` reorders them with ``seed``; ``sample`` draws the
+        ``limit`` examples at random from the whole split with ``seed`` instead (another seed, another subset).
         """
         if batch_size < 1:
             raise ParticlizeError(f"batch_size must be at least 1, got {batch_size}")
         items, labels = self._get(split)
         n = len(labels) if limit is None else min(max(int(limit), 0), len(labels))
         order = torch.arange(n)
-        if shuffle:
+        if sample:
+            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:n]
+        elif shuffle:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         encode = self._encoder(tokenizer, max_length)
         out: list[Batch] = []
@@ -308,9 +312,10 @@ class Task:
         self, model: nn.Module, tokenizer: Any = None, *, batch_size: int = 32, max_length: int | None = 64,
         limit: int | None = 256, seed: int = 0,
     ) -> list[Batch]:
-        """``(inputs, targets)`` batches from the training split to score particles on (``metric="loss"``)."""
+        """``(inputs, targets)`` batches from the training split to score particles on (``metric="loss"``):
+        ``limit`` examples drawn at random from the whole split with ``seed`` (each seed its own subset)."""
         return self.batches("train", tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
-                            limit=limit, shuffle=True, seed=seed)
+                            limit=limit, sample=True, seed=seed)
 
     def latency_inputs(self, tokenizer: Any = None, batch: int = 32, seq: int = 64) -> Inputs:
         """A fixed-shape batch to time a forward on: text padded to ``seq`` tokens (real sentences),
