@@ -68,8 +68,10 @@ def main() -> None:
     one = real_y < 10
     clf = load_frame_classifier().eval()
     labels = torch.arange(10).repeat_interleave(args.per_class)
-    res: dict = {"machine": C.machine_line(), "command": " ".join(["python", *sys.argv]), "settings": vars(args) | {"json": str(args.json)}, "judges": judges.info,
-                 "real": {"n_videos": int(one.sum()), "project_cnn": project_cnn(clf, real[one], real_y[one])}, "runs": []}
+    res: dict = {"machine": C.machine_line(), "command": " ".join(["python", *sys.argv]),
+                 "settings": vars(args) | {"json": str(args.json)}, "judges": judges.info,
+                 "real": {"n_videos": int(one.sum()), "project_cnn": project_cnn(clf, real[one], real_y[one])},
+                 "runs": []}
     head = ["model", "guidance", *(f"{r} {k}" for r in READERS for k in ("frame", "video")), "project CNN video",
             "FD frame", "FD video", "motion px / bounce"]
     rows = []

@@ -47,6 +47,8 @@ def test_the_generator_stream_draws_only_train_images(task):
 def test_judges_refuse_the_generator_s_images(task):
     with pytest.raises(ParticlizeError, match="must not learn from the 'train'"):
         fit_judges(task, split="train")
+    with pytest.raises(ParticlizeError, match="read 32x32 frames"):
+        fit_judges(moving_digits(seed=0, n_train=1, n_eval=1, size=16, digit_size=8))
 
 
 # ---- the readers ---------------------------------------------------------------------------------------

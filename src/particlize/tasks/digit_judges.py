@@ -60,8 +60,8 @@ def judge_frames(images: np.ndarray, labels: np.ndarray, n: int, seed: int = 0, 
                  brightness: tuple[float, float] = (0.7, 1.0), rotate: float = 10.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` augmented single-digit frames ``[n, 1, size, size]`` (in [0, 1], quantised to 8 bits like the
     videos) and their labels, drawn from ``images [M, h, w]`` with a seeded generator: each digit is turned
-    (up to ``rotate`` degrees) and sheared a little, resized to a random ``scale`` (px), blurred (sigma up to ``max_blur``), dimmed by ``brightness`` and put at a
-    random place."""
+    (up to ``rotate`` degrees) and sheared a little, resized to a random ``scale`` (px), blurred (sigma up to
+    ``max_blur``), dimmed by ``brightness`` and put at a random place."""
     rng = np.random.default_rng([seed, 33])
     pick = rng.integers(0, len(images), n)
     sizes = rng.integers(scale[0], scale[1] + 1, n)
@@ -217,6 +217,9 @@ def fit_judges(task: MovingDigitsTask | None = None, *, per_image: int = 40, ste
         raise ParticlizeError("judges must not learn from the 'train' digit images the generator learns from; "
                               "use split='val'")
     task = task or moving_digits(seed=0, n_train=1, n_eval=1)
+    if task.size != 32:
+        raise ParticlizeError(f"the judges read 32x32 frames (LeNet's input), the task renders {task.size}x{task.size}; "
+                              f"use moving_digits(size=32)")
     images, labels = task.digits[split]
     x, y = judge_frames(images, labels, per_image * len(images), seed=seed, size=task.size,
                         scale=(task.digit_size * 3 // 4, task.digit_size * 5 // 4))

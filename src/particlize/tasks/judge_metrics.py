@@ -106,8 +106,9 @@ def bounce_fit(videos: torch.Tensor, span: int, max_speed: int = 2, offset: tupl
     that reflects inside ``[0, span]`` (``span = size - digit_size``); its centroid is that path plus a fixed
     offset within the sprite. For every start and velocity the offset is fitted by least squares, clipped to
     ``offset = (lo, hi)`` (default: the middle half of the sprite, ``size - span`` px wide, so the walls the
-    path reflects off stay where the frame's borders put them), and the best path is kept. Returns per video ``residual`` (mean Euclidean distance in px between centroids and the fitted
-    path; NaN where a frame is blank), ``is_bounce`` (``residual <= tol``) and the fitted ``velocity [B, 2]``."""
+    path reflects off stay where the frame's borders put them), and the best path is kept. Returns per video
+    ``residual`` (mean Euclidean distance in px between centroids and the fitted path; NaN where a frame is
+    blank), ``is_bounce`` (``residual <= tol``) and the fitted ``velocity [B, 2]``."""
     c = centroids(videos, floor)  # [B, 2, T]
     B, _, T = c.shape
     size = videos.shape[-1]
