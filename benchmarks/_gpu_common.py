@@ -92,10 +92,18 @@ class Ctx:
             torch.cuda.synchronize(self.device)
 
     def once(self, key: str, fn: Callable[[], Any]) -> Any:
-        """``fn()`` computed once per run (rows that share work read it from here)."""
+        """``fn()`` computed once per run (rows that share work read it from here); a failure is kept too, so
+        the rows after it fail at once instead of repeating a long step that timed out."""
         if key not in self.cache:
-            self.cache[key] = fn()
-        return self.cache[key]
+            try:
+                self.cache[key] = fn()
+            except Exception as e:
+                self.cache[key] = e
+                raise
+        got = self.cache[key]
+        if isinstance(got, Exception):
+            raise RuntimeError(f"shared step {key!r} failed in an earlier row: {type(got).__name__}: {got}")
+        return got
 
 
 # ---- timing --------------------------------------------------------------------------------------
