@@ -65,8 +65,11 @@ def _check_rows(report: dict, names: list[str]) -> dict[str, dict]:
 
 
 def test_cheap_rows(tmp_path: Path) -> None:
-    """The default suite's share: the head ablation (engine = naive loop = Captum) and the DiT sampler."""
-    d = _check_rows(_report(tmp_path, "heads", "dit"), ["heads", "dit"])
+    """The default suite's share: the head ablation (engine = naive loop = Captum), the engine's arithmetic limit
+    and the DiT sampler."""
+    d = _check_rows(_report(tmp_path, "heads", "limit", "dit"), ["heads", "limit", "dit"])
+    for part in d["limit"].values():  # the engine never schedules more work than the naive loop
+        assert part["limit"] >= 1.0 and 0 < part["engine_flops"] <= part["naive_flops"]
     assert d["heads"]["max_abs_diff_vs_naive"] <= 1e-4  # the engine computes the naive loop's numbers
     if d["heads"]["max_abs_diff_vs_captum"] is not None:
         assert d["heads"]["max_abs_diff_vs_captum"] <= 1e-4
