@@ -95,6 +95,10 @@ def _pz_name(ctx: Ctx, b: float, dtype: str) -> str:
     return f"pz@{b}" if rt is None else f"pz@{b}/round_to={rt}"
 
 
+def _minilm_name(ctx: Ctx) -> str:
+    return "small MiniLM-family (2 layers x 64)" if ctx.cfg.small else "MiniLM"
+
+
 def _cut_row(ctx: Ctx, dtype: str, what: str) -> dict[str, Any]:
     res = cut_times(ctx, dtype)
     cuts, budgets = res["cuts"], ctx.cfg.budgets
@@ -111,11 +115,11 @@ def _cut_row(ctx: Ctx, dtype: str, what: str) -> dict[str, Any]:
 
 
 def row_cuts_fp32(ctx: Ctx) -> dict[str, Any]:
-    return _cut_row(ctx, "fp32", "MiniLM cuts fp32")
+    return _cut_row(ctx, "fp32", f"{_minilm_name(ctx)} cuts fp32")
 
 
 def row_cuts_bf16(ctx: Ctx) -> dict[str, Any]:
-    return _cut_row(ctx, "bf16", "MiniLM cuts bf16")
+    return _cut_row(ctx, "bf16", f"{_minilm_name(ctx)} cuts bf16")
 
 
 def row_round_to(ctx: Ctx) -> dict[str, Any]:

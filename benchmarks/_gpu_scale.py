@@ -107,6 +107,10 @@ def llama_times(ctx: Ctx) -> dict[str, Any]:
     return ctx.once("llama_times", run)
 
 
+def _llama_name(ctx: Ctx) -> str:
+    return "small Llama (2 layers x 256)" if ctx.cfg.small else "1.1B Llama"
+
+
 def _llama_row(ctx: Ctx, name: str, what: str) -> dict[str, Any]:
     res = llama_times(ctx)
     me, tp = res["cuts"][name], res["cuts"]["tp_round_to_4"]
@@ -119,11 +123,11 @@ def _llama_row(ctx: Ctx, name: str, what: str) -> dict[str, Any]:
 
 
 def row_llama_unaligned(ctx: Ctx) -> dict[str, Any]:
-    return _llama_row(ctx, "unaligned", "1.1B Llama unaligned")
+    return _llama_row(ctx, "unaligned", f"{_llama_name(ctx)} unaligned")
 
 
 def row_llama_aligned(ctx: Ctx) -> dict[str, Any]:
-    return _llama_row(ctx, "aligned64", "1.1B Llama neurons x64")
+    return _llama_row(ctx, "aligned64", f"{_llama_name(ctx)} neurons x64")
 
 
 def taylor_bf16(pm: Any, batches: list[Any]) -> Any:
@@ -186,7 +190,7 @@ def row_llama_path(ctx: Ctx) -> dict[str, Any]:
     # memory is judged where both peaks were measured (a GPU with Torch-Pruning); elsewhere the load check alone
     d["memory_judged"] = d.get("taylor_bf16_peak_gib") is not None and d.get("tp_peak_gib") is not None
     ok_mem = d["taylor_bf16_peak_gib"] <= d["tp_peak_gib"] if d["memory_judged"] else "taylor_bf16_error" not in d
-    return {"what": f"1.1B path: decompose, Taylor {B}x{T} fp32, prune, save, load", "unit": "s", "particlize": total,
+    return {"what": f"{_llama_name(ctx)} path: decompose, Taylor {B}x{T} fp32, prune, save, load", "unit": "s", "particlize": total,
             "peer": {"tp graph + Taylor step": (d["tp_graph_s"] + d["tp_taylor_step_s"]) if "tp_graph_s" in d else None},
             "ratio": ((d["tp_graph_s"] + d["tp_taylor_step_s"]) / (d["decompose_s"] + d["taylor_fp32_s"] + d["prune_s"])
                       if "tp_graph_s" in d else None),
