@@ -173,6 +173,7 @@ def _total(parts: dict[str, Any], side: str) -> float | None:
 
 
 def row_all(ctx: Ctx) -> dict[str, Any]:
+    """All heads and neurons: the engine's sweep against the naive loop and Captum (extrapolated per neuron)."""
     sw = sweep(ctx, True)
     parts = sw["parts"]
     pz_t, naive, captum = _total(parts, "particlize"), _total(parts, "naive"), _total(parts, "captum")
@@ -184,6 +185,7 @@ def row_all(ctx: Ctx) -> dict[str, Any]:
 
 
 def row_all_nosplit(ctx: Ctx) -> dict[str, Any]:
+    """The engine's sweep of every particle with split=False against split=True."""
     on, off = sweep(ctx, True)["parts"], sweep(ctx, False)["parts"]
     t_on, t_off = _total(on, "particlize"), _total(off, "particlize")
     return {"what": "all particles, split=False (engine only)", "unit": "s", "particlize": t_off,

@@ -97,6 +97,8 @@ def run_row(name: str, ctx: Ctx, limit: float) -> dict[str, Any]:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+    if out["error"]:  # say what the row was about all the same
+        out["what"] = (ROWS[name].__doc__ or name).strip().split("\n")[0].rstrip(".:")
     out["seconds"] = time.perf_counter() - t0
     if ctx.cuda:
         torch.cuda.empty_cache()
@@ -115,15 +117,22 @@ def fmt(x: Any) -> str:
     return str(x)
 
 
+def _verdict(row: dict[str, Any]) -> str:
+    return "report" if row["passed"] is None else fmt(bool(row["passed"]))
+
+
+def _status(row: dict[str, Any]) -> str:
+    return f"ERROR {row['error']}" if row["error"] else f"{fmt(row['ratio'])} ({_verdict(row)})"
+
+
 def print_rows(rows: list[dict[str, Any]]) -> None:
     table = []
     for r in rows:
         if r.get("error"):
             table.append([r["row"], r.get("what", ""), "—", "—", "—", r.get("target", ""), f"ERROR: {r['error'][:90]}"])
         else:
-            passed = "report" if r["passed"] is None else fmt(bool(r["passed"]))
             table.append([r["row"], r["what"], f"{fmt(r['particlize'])} {r['unit']}", fmt(r["peer"]), fmt(r["ratio"]),
-                          r["target"], passed])
+                          r["target"], _verdict(r)])
     C.print_table(["row", "what", "particlize", "peer / naive", "ratio", "target", "pass"], table)
 
 
@@ -175,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         data["rows"].append(row)
         data["total_s"] = time.perf_counter() - start
         write_json(out, data)
-        status = f"ERROR {row['error']}" if row["error"] else f"{fmt(row['ratio'])} ({'report' if row['passed'] is None else fmt(bool(row['passed']))})"
-        print(f"[{data['total_s']:6.1f} s] {name}: {status}", flush=True)
+        print(f"[{data['total_s']:6.1f} s] {name}: {_status(row)}", flush=True)
     print_rows(data["rows"])
     print(f"wrote {out} ({data['total_s']:.0f} s)", flush=True)
     return 0
