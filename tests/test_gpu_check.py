@@ -22,7 +22,7 @@ ROWS = ["heads", "heads_nosplit", "all", "all_nosplit", "parts", "top50", "limit
         "latency_cost", "llama_unaligned", "llama_aligned", "llama_path", "kv_heads", "dit"]
 # rows that must run on any CPU (the others may record a missing API or a missing peer as their error)
 MUST_RUN = ["heads", "heads_nosplit", "all", "all_nosplit", "parts", "top50", "limit", "cuts_fp32", "cuts_bf16",
-            "round_to", "llama_unaligned", "llama_aligned", "llama_path", "dit"]
+            "round_to", "latency_cost", "llama_unaligned", "llama_aligned", "llama_path", "dit"]
 
 
 def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
