@@ -23,6 +23,15 @@ layer; the full 9,216-neuron times are the per-layer costs × 1,536 plus each si
 measured on its own (a call with no particle: particlize's clean forwards and length check). Rounds are
 interleaved (which side runs first alternates); medians and paired ratios; a matmul probe before and
 after (../shared/BENCHMARKING.md). Every effect computed on both sides is compared (bound: 1e-4).
+
+**Arithmetic limit** (issue 29): after the timed rounds, one untimed pass of the engine over the same work (all
+heads; each layer's sample and a call with no particle) runs under torch's ``FlopCounterMode``, which counts the
+FLOPs the engine actually schedules (matmuls, einsums, attention kernels it knows). The naive loop's FLOPs are
+one clean forward of every batch per particle plus the clean one (counted once the same way). Extrapolated like
+the times, naive FLOPs / engine FLOPs is the speedup the engine would reach if time followed FLOPs; it is
+printed per part and for all particles beside the measured ratio, with the share of the limit reached. (On a
+CPU torch has no FLOP formula for its fused attention kernel: the attention core, about 1% of MiniLM's FLOPs at
+these lengths, is left out on both sides.) ``--no-limit`` skips the pass.
 """
 
 from __future__ import annotations
@@ -71,6 +80,43 @@ def captum_effects(pm: Any, batches: list[Any], group: str, particles: list[int]
     return torch.cat(out)
 
 
+def limit_table(pm: Any, batches: list[Any], heads: list[str], neurons: list[str], sample: dict[str, list[int]],
+                med: dict, per_particle: Any, full: dict[bool, float]) -> None:
+    """Print naive FLOPs / engine FLOPs (the engine's arithmetic limit) beside the measured naive / particlize
+    ratio, per part and for all particles (extrapolated from the samples as the times are)."""
+    from _gpu_ablation import flops
+
+    from particlize.analysis._common import call
+    from particlize.analysis.ablation import ablation_effects
+
+    with torch.no_grad():
+        clean = flops(lambda: [call(pm.model, b.inputs) for b in batches])  # one forward of every batch
+    count = lambda g, only=None: flops(lambda: ablation_effects(pm, batches, groups=g, only=only))  # noqa: E731
+    e_fixed = count(neurons[:1], {neurons[0]: []})
+    e_heads = count(heads)
+    n_heads = sum(pm[h].size for h in heads)
+    rows = [["72 heads (all)", f"{med[(False, 'heads')] / med[(True, 'heads')]:.2f}×",
+             f"{clean * (n_heads + 1) / e_heads:.2f}×"]]
+    e_all, n_all = e_heads, clean * (n_heads + 1)
+    for i, g in enumerate(neurons):
+        per = max(0.0, (count([g], {g: sample[g]}) - e_fixed) / len(sample[g]))
+        e_all += per * pm[g].size
+        n_all += clean * pm[g].size
+        n_per, f_per = per_particle(med, False, g), per_particle(med, True, g)
+        rows.append([f"layer {i} neurons (per neuron)", f"{n_per / f_per:.2f}×" if f_per else "—",
+                     f"{clean / per:.3g}×" if per else "∞ (no FLOPs beyond the fixed cost)"])
+    rows.append(["**all particles**", f"{full[False] / full[True]:.2f}×", f"{n_all / e_all:.2f}×"])
+    for r in rows:
+        try:
+            r.append(f"{float(r[1].strip('*×')) / float(r[2].strip('*×')):.0%}")
+        except ValueError:
+            r.append("—")
+    log(f"FLOPs of one clean forward of all {len(batches)} batches: {clean / 1e9:.2f} GFLOP; engine fixed cost per call "
+        f"{e_fixed / 1e9:.2f} GFLOP")
+    C.print_table(["part", "measured naive / particlize", "arithmetic limit (naive / engine FLOPs)", "share of the limit"],
+                  rows)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(C.ROOT / "out" / "minilm-vader"))
@@ -83,6 +129,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--naive", choices=["loop", "captum"], default="loop", help="the one-forward-per-particle side")
     ap.add_argument("--captum-ppe", type=int, default=1, help="Captum's perturbations_per_eval")
+    ap.add_argument("--no-limit", action="store_true", help="skip the FLOP count (the arithmetic-limit column)")
     args = ap.parse_args()
 
     from particlize.analysis.ablation import ablation_effects, default_rows
@@ -170,6 +217,8 @@ def main() -> int:
     table.append(["**all 9,288 particles** (heads measured, neurons per layer × 1,536)",
                   f"{full[False] / 3600:.2f} h", f"{full[True] / 3600:.2f} h", f"**{full[False] / full[True]:.2f}×**"])
     C.print_table(["what (s per particle unless said)", "naive loop", "particlize", "naive / particlize"], table)
+    if not args.no_limit:
+        limit_table(pm, batches, heads, neurons, sample, med, per_particle, full)
     paired = []
     for r in range(args.rounds):
         tot = {}
