@@ -38,7 +38,7 @@ from ..errors import ParticlizeError
 from ..adapters import decompose
 from ..particles import ParticleMap
 from . import ablation, activation, influence, magnitude, taylor, taylor_norm  # noqa: F401  (each registers its scorers)
-from ._common import METRICS, Batch, as_batches, frame, select_groups
+from ._common import METRICS, Batch, as_batches, device_of, frame, select_groups
 from ._progress import ProgressArg, progress_for
 from .registry import MODES, ScorerSpec, check_needs, get_scorer, register, scorers
 
@@ -97,7 +97,7 @@ def analyze(
     check_needs(spec, metric, mode, by, data is not None, options)
     pm = _map(model_or_pm)
     names = _scored_groups(pm, spec, select_groups(pm, groups))
-    batches: list[Batch] = as_batches(data) if data is not None else []
+    batches: list[Batch] = as_batches(data, device_of(pm.model)) if data is not None else []
     kw: dict[str, Any] = dict(options, groups=names)
     if spec.metrics:
         kw["metric"] = metric

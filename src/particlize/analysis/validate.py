@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import ParticlizeError
 from ..particles import ParticleMap
 from . import _fitting, _map, analyze, importance
-from ._common import Progress, as_batches, select_groups
+from ._common import Progress, as_batches, device_of, select_groups
 from .ablation import _work_batches, ablation_effects
 from .registry import check_needs, get_scorer
 from .taylor_norm import perturbation_sizes
@@ -57,7 +57,7 @@ def validate_scores(
     of the scores, and the overlap of their top-k sets (by importance). Pass ``exact`` (a frame from
     ``analyze(..., method="ablation")`` with the same data, metric and mode) to reuse a sweep."""
     pm = _map(model_or_pm)
-    batches = as_batches(data)
+    batches = as_batches(data, device_of(pm.model))
     cheap = analyze(pm, batches, method, *_fitting(get_scorer(method), metric, mode), groups=groups, table=False,
                     progress=progress)
     if exact is None:
@@ -165,7 +165,7 @@ def top_particles(
     least reliable there (large, saturating effects), so they are never left to the screen; the many
     neurons or channels are."""
     pm = _map(model_or_pm)
-    batches = as_batches(data)
+    batches = as_batches(data, device_of(pm.model))
     names = select_groups(pm, groups)
     if not 0.0 < confidence <= 1.0:
         raise ParticlizeError(f"confidence is a quantile in (0, 1], got {confidence}")
