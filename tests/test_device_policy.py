@@ -97,3 +97,141 @@ def test_on_device_moves_batches_pairs_and_dicts(tagging_to):
     moved = on_device(data, "cpu")
     assert isinstance(moved[0], Batch) and isinstance(moved[1], tuple)
     assert all(_tag(t) == "cpu" for t in _tensors(moved)) and len(_tensors(moved)) == 4
+
+
+# ---- the ablation engine's work shape ------------------------------------------------------------------------
+
+import itertools  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import particlize as pz  # noqa: E402
+from particlize.analysis import ablation  # noqa: E402
+from particlize.analysis._common import as_batches  # noqa: E402
+from particlize.analysis.workshape import (CPU_ROWS, GPU_MAX_BUCKETS, GPU_MAX_ROWS, WorkShape, _buckets,  # noqa: E402
+                                           by_length, work_shape)
+from test_analysis import _padded  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("free", [None, 1 << 20, 1 << 40])
+def test_cpu_work_shape_is_todays_whatever_the_rest(dtype, free):
+    assert work_shape("cpu", dtype, 64, 128, free_bytes=free) == WorkShape(True, CPU_ROWS)
+
+
+@pytest.mark.parametrize("batch, split", [(8, False), (31, False), (64, 2), (100, 3), (128, 4), (1024, GPU_MAX_BUCKETS)])
+def test_gpu_keeps_few_large_length_buckets(batch, split):
+    assert work_shape("cuda", torch.float32, batch, 64).split == split
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 512), st.integers(1, 2048), st.integers(1 << 20, 1 << 38), st.integers(64, 200_000))
+def test_gpu_rows_grow_with_free_memory_and_stay_in_bounds(batch, seq, free, width):
+    small = work_shape("cuda", torch.float32, batch, seq, free_bytes=free, floats_per_token=width).rows
+    big = work_shape("cuda", torch.float32, batch, seq, free_bytes=2 * free, floats_per_token=width).rows
+    half = work_shape("cuda", torch.bfloat16, batch, seq, free_bytes=free, floats_per_token=width).rows
+    assert batch <= small <= big and small <= half  # bf16 rows are half the bytes
+    assert min(small, big, half) >= batch and max(small, big, half) <= max(GPU_MAX_ROWS, batch)
+
+
+def _padded_positions(lengths, counts, ends):
+    out, lo = 0, 0
+    for e in ends:
+        out += sum(counts[lo:e + 1]) * lengths[e]
+        lo = e + 1
+    return out
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(1, 30), min_size=1, max_size=7, unique=True), st.data(), st.integers(1, 4))
+def test_length_buckets_pad_the_fewest_positions(lengths, data, k):
+    lengths = sorted(lengths)
+    counts = data.draw(st.lists(st.integers(1, 9), min_size=len(lengths), max_size=len(lengths)))
+    ends = _buckets(lengths, counts, k)
+    assert ends[-1] == len(lengths) - 1 and len(ends) <= k and ends == sorted(set(ends))
+    best = min(_padded_positions(lengths, counts, [*cut, len(lengths) - 1])
+               for r in range(min(k, len(lengths)))
+               for cut in itertools.combinations(range(len(lengths) - 1), r))
+    assert _padded_positions(lengths, counts, ends) == best
+
+
+def test_buckets_cover_every_example_once_and_cut_trailing_padding():
+    _, batches = _padded("bert")
+    for b in batches:
+        subs = by_length(b, 2)
+        assert len(subs) == 2
+        rows = torch.cat([r for _, r in subs])
+        assert sorted(rows.tolist()) == list(range(b.size))
+        for sub, r in subs:  # each bucket as long as its longest example, and every example in it as it was
+            mask = sub.inputs["attention_mask"]
+            assert int(mask.sum(1).max()) == mask.shape[1]
+            torch.testing.assert_close(sub.inputs["input_ids"], b.inputs["input_ids"][r, : mask.shape[1]])
+
+
+@pytest.mark.parametrize("family", ["bert", "llama-gqa"])
+@pytest.mark.parametrize("split", [1, 2, False])
+def test_engine_with_buckets_equals_the_naive_loop(family, split):
+    model, batches = _padded(family, family == "llama-gqa")
+    pm = pz.decompose(model)
+    names = [g.name for g in pm.groups]
+    fast = ablation.ablation_effects(pm, batches, groups=names, split=split, max_rows=6)
+    naive = ablation.ablation_effects(pm, batches, groups=names, fast=False)
+    for n in names:
+        torch.testing.assert_close(fast[n], naive[n], atol=1e-5, rtol=0)
+
+
+def test_the_cpu_default_is_every_length_and_cpu_rows(monkeypatch):
+    model, batches = _padded("bert")
+    pm = pz.decompose(model)
+    names = [g.name for g in pm.groups]
+    asked = []
+    real = ablation._work_batches
+    monkeypatch.setattr(ablation, "_work_batches", lambda m, b, metric, split: asked.append(split) or real(m, b, metric, split))
+    chunks = []
+    monkeypatch.setattr(ablation, "_n_chunks", lambda job, B, rows, fast, pm: chunks.append(rows) or 1)
+    default = ablation.ablation_effects(pm, batches, groups=names)
+    assert asked == [True] and set(chunks) == {CPU_ROWS}
+    by_each = ablation.ablation_effects(pm, batches, groups=names, split=True, max_rows=CPU_ROWS)
+    for n in names:
+        torch.testing.assert_close(default[n], by_each[n], atol=0, rtol=0)
+
+
+class _HostWaits:
+    """Counts what makes the host wait for a GPU when the engine's own code does it: reading a tensor's value
+    (``item``, ``cpu``, ``tolist``, ``bool``/``float``/``int``, ``numpy``) or building a tensor from host data
+    (``torch.tensor`` / ``torch.as_tensor`` of a list: a copy to the device)."""
+
+    READS = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+    def __init__(self, monkeypatch):
+        self.n = 0
+        for name in self.READS:
+            monkeypatch.setattr(torch.Tensor, name, self._wrap(getattr(torch.Tensor, name)))
+        for name in ("tensor", "as_tensor"):
+            monkeypatch.setattr(torch, name, self._wrap(getattr(torch, name), host_data=True))
+
+    def _wrap(self, fn, host_data=False):
+        def counted(*args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if "particlize/analysis/ablation" in caller and not (host_data and isinstance(args[0], torch.Tensor)):
+                self.n += 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+
+def test_no_host_wait_per_particle_in_the_engine(monkeypatch):
+    """The number of host waits must not grow with the number of particles ablated (one forward each here):
+    effects gather on the device, chunks are slices of one device tensor."""
+    model, batches = _padded("bert")
+    pm = pz.decompose(model)
+    group = next(g for g in pm.groups if g.kind == "neuron")
+    counts = []
+    for n in (2, 7):
+        waits = _HostWaits(monkeypatch)
+        ablation.ablation_effects(pm, batches, groups=[group.name], only={group.name: list(range(n))}, split=2,
+                                  max_rows=1)
+        counts.append(waits.n)
+        monkeypatch.undo()
+    assert counts[0] == counts[1]

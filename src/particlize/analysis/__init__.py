@@ -41,6 +41,7 @@ from . import ablation, activation, influence, magnitude, taylor, taylor_norm  #
 from ._common import METRICS, Batch, as_batches, device_of, frame, select_groups
 from ._progress import ProgressArg, progress_for
 from .registry import MODES, ScorerSpec, check_needs, get_scorer, register, scorers
+from .workshape import WorkShape, shape_for, work_shape
 
 
 def _map(model_or_pm: nn.Module | ParticleMap) -> ParticleMap:
@@ -181,6 +182,7 @@ from .validate import top_particles, validate_scores  # noqa: E402  (uses analyz
 from .interactions import (as_matrix, interactions, interactions_table, redundancy_score,  # noqa: E402
                            redundant_clusters, synergistic_pairs, validate_interactions)
 
-__all__ = ["METRICS", "MODES", "ScorerSpec", "analyze", "as_matrix", "check_options", "get_scorer", "importance",
+__all__ = ["METRICS", "MODES", "ScorerSpec", "WorkShape", "analyze", "as_matrix", "check_options", "get_scorer", "importance",
            "importance_for", "interactions", "interactions_table", "redundancy_score", "redundant_clusters", "register",
-           "scorers", "synergistic_pairs", "top_particles", "validate_interactions", "validate_scores"]
+           "scorers", "shape_for", "synergistic_pairs", "top_particles", "validate_interactions", "validate_scores",
+           "work_shape"]

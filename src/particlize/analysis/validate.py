@@ -19,6 +19,7 @@ from ..particles import ParticleMap
 from . import _fitting, _map, analyze, importance
 from ._common import Progress, as_batches, device_of, select_groups
 from .ablation import _work_batches, ablation_effects
+from .workshape import shape_for
 from .registry import check_needs, get_scorer
 from .taylor_norm import perturbation_sizes
 
@@ -191,8 +192,9 @@ def _top_particles(pm: ParticleMap, batches: list, k: int, names: list[str], scr
     rest = cand.loc[~always].sort_values("est", ascending=False)
     first = rest.index[: min(len(rest), shortlist if shortlist is not None else 2 * k)]
     todo = cand.index[always].append(first)
-    # split padded batches by length once, not in every round (only means over examples are used here)
-    split = mode != "resample"
+    # split padded batches by length once (as the device likes it), not in every round (only means over examples
+    # are used here)
+    split = shape_for(pm.model, batches).split if mode != "resample" else False
     work = [b for b, _ in _work_batches(pm.model, batches, metric, split)] if split else batches
     while len(todo):
         part = cand.loc[todo]
