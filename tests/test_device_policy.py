@@ -235,3 +235,86 @@ def test_no_host_wait_per_particle_in_the_engine(monkeypatch):
         counts.append(waits.n)
         monkeypatch.undo()
     assert counts[0] == counts[1]
+
+
+# ---- round_to by device and dtype -------------------------------------------------------------------------------
+
+from particlize import measure as measure_mod  # noqa: E402
+from particlize.allocate import ROUND_TO, AllocationConfig, allocate, default_round_to  # noqa: E402
+
+
+@pytest.mark.parametrize("device, dtype, expected", [
+    ("cpu", torch.float32, None), ("cpu", torch.bfloat16, None), ("cuda", torch.float32, 8),
+    ("cuda", torch.bfloat16, 64), ("cuda", torch.float16, 64), ("cuda", torch.float64, None),
+])
+def test_default_round_to_by_device_and_dtype(device, dtype, expected):
+    assert default_round_to(device, dtype) == expected
+    assert AllocationConfig().for_device(device, dtype).round_to == expected
+    assert AllocationConfig(round_to=16).for_device(device, dtype).round_to == 16  # a given one is kept
+
+
+def test_cpu_allocation_config_is_unchanged():
+    cfg = AllocationConfig()
+    assert cfg.for_device("cpu") is cfg and cfg.round_to is None
+
+
+def _allocation_seen(trained_text, monkeypatch, table=None):
+    work, model, task, tok = trained_text
+    if table is not None:
+        monkeypatch.setitem(ROUND_TO, *table)
+    seen = []
+
+    def spy(pm, importance, flops, cfg, *rest):
+        seen.append(cfg.round_to)
+        return allocate(pm, importance, flops, cfg, *rest)
+
+    opts = {**OPTIONS, "max_rounds": 1, "recover_epochs": 0, "target_flops": 0.7, "min_width": 0.0}
+    compress(copy.deepcopy(model), task, tokenizer=tok, allocator=spy, **opts)
+    return seen
+
+
+def test_compress_allocates_with_the_devices_round_to(trained_text, monkeypatch):
+    assert _allocation_seen(trained_text, monkeypatch) == [None]  # CPU: no rounding, as before
+    assert _allocation_seen(trained_text, monkeypatch, (("cpu", torch.float32), 4)) == [4]
+
+
+# ---- the clock a device gets -------------------------------------------------------------------------------------
+
+
+def test_clock_by_device():
+    assert Clock("cpu").kind == "perf_counter"
+    assert Clock(torch.device("cuda", 0)).kind == "cuda_event" and Clock("cuda").kind == "cuda_event"
+
+
+def test_cuda_clock_times_with_events_after_the_queue_is_empty(monkeypatch):
+    log = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.name = "start" if not any(e.startswith("new") for e in log) else "end"
+            log.append(f"new {self.name}")
+
+        def record(self):
+            log.append(f"record {self.name}")
+
+        def synchronize(self):
+            log.append(f"wait {self.name}")
+
+        def elapsed_time(self, other):
+            log.append("elapsed")
+            return 2.5
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append("synchronize"))
+    ms = Clock("cuda")(lambda: log.append("forward"))
+    assert ms == 2.5
+    assert log[log.index("synchronize"):] == ["synchronize", "record start", "forward", "record end", "wait end", "elapsed"]
+
+
+def test_measure_latency_takes_the_models_devices_clock(monkeypatch):
+    made = []
+    real = measure_mod.Clock
+    monkeypatch.setattr(measure_mod, "Clock", lambda device: made.append(torch.device(device)) or real(device))
+    assert measure_latency(torch.nn.Linear(3, 3), torch.randn(2, 3), warmup=0, reps=1) >= 0
+    assert made == [torch.device("cpu")]

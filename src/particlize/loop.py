@@ -230,8 +230,9 @@ def compress(
         )
     dense_cost = pm0.cost()
     lat_inputs = latency_inputs(task, tokenizer, cfg.latency_batch, cfg.latency_seq)
-    _check_reachable(cfg, pm0)  # before anything is written: an impossible target costs no round
-    _check_latency_target(cfg, teacher, pm0, lat_inputs, kinds)
+    alloc = cfg.allocation.for_device(dev, next(teacher.parameters()).dtype)  # round_to: what the device likes
+    _check_reachable(replace(cfg, allocation=alloc), pm0)  # before anything is written: an impossible target costs no round
+    _check_latency_target(replace(cfg, allocation=alloc), teacher, pm0, lat_inputs, kinds)
 
     history: list[dict[str, Any]] = []
     start_round = 1
@@ -264,7 +265,7 @@ def compress(
         q = _quality(task, teacher, tokenizer, cfg)
         history.append(_entry(0, teacher, pm0, dense_cost, q, measure_latency(teacher, lat_inputs), {}, 0.0))
         if cfg.allocation.cost == "latency":  # measured once and kept, so a resumed run allocates the same way
-            history[0]["latency_prices"] = latency_prices(teacher, pm0, lat_inputs, cfg.allocation, kinds)
+            history[0]["latency_prices"] = latency_prices(teacher, pm0, lat_inputs, alloc, kinds)
         emit("round", history[-1])
         _save_state(out_path, cfg, history, done=False)
     held: dict[int, nn.Module] | None = None if out_path is not None else {}  # no checkpoints: the rollback model
@@ -284,7 +285,7 @@ def compress(
             importance[k] = torch.as_tensor(importance[k]).detach().cpu()
         cur_flops = pm.cost().flops
         goal = _flops_goal(cfg, history, dense_cost.flops, cur_flops)
-        remove = allocator(pm, importance, min(goal, cfg.allocation.max_fraction * cur_flops), cfg.allocation, cfg.max_length,
+        remove = allocator(pm, importance, min(goal, cfg.allocation.max_fraction * cur_flops), alloc, cfg.max_length,
                              history[0].get("latency_prices"), original_sizes(teacher, current, pm, pm0))
         if not remove:
             reason = "nothing more can be removed within the minimum widths"

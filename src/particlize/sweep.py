@@ -53,13 +53,14 @@ def sweep(
     base.check()
     model = model.to(device) if device is not None else model
     pm = decompose(model, seq_len=base.max_length)
+    pm_device, pm_dtype = next(model.parameters()).device, next(model.parameters()).dtype
     rows = []
     for g in granularities:
         # run target -> (row, why it stopped): the targets below the smallest model share one run
         done: dict[float, tuple[dict[str, Any], str]] = {}
         for f in sorted(flops, reverse=True):
             cfg = CompressConfig.from_options(**{**options, "target_flops": f, "granularity": (g,)})
-            least = smallest_shares(pm, cfg.allocation)[0]
+            least = smallest_shares(pm, cfg.allocation.for_device(pm_device, pm_dtype))[0]  # as compress will run it
             note = ""
             if f < least < 1:  # below what this granularity can reach: run to the smallest model it allows
                 cfg.target.flops = least

@@ -59,7 +59,7 @@ def compress_command(
     recover_focus: Optional[tuple[int, int]] = typer.Option(_R.focus, "--recover-focus", metavar="LO HI", help="video diffusion: spend half of each recovery batch at diffusion steps LO..HI (sora-tiny: 490 795)"),
     compensate: str = typer.Option(_A.compensate, "--compensate", help="how the kept particles' readers absorb each cut, from the calibration data: none; bias (removed particles' mean output folded into the bias); merge (each removed particle folded into its best-matching kept one); refit (least squares on all kept)"),
     min_width: float = MIN_WIDTH,
-    round_to: Optional[int] = typer.Option(_A.round_to, "--round-to", min=1, help="keep each layer's width a multiple of this many features (a head is head_dim features wide)"),
+    round_to: Optional[int] = typer.Option(_A.round_to, "--round-to", min=1, help="keep each layer's width a multiple of this many features (a head is head_dim features wide); default: by device and dtype (none on a CPU; 8 fp32, 64 bf16/fp16 on a GPU)"),
     lr: Optional[float] = RECOVER_LR,
     batch_size: int = BATCH_SIZE,
     max_length: int = MAX_LENGTH,
