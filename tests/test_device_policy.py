@@ -318,3 +318,33 @@ def test_measure_latency_takes_the_models_devices_clock(monkeypatch):
     monkeypatch.setattr(measure_mod, "Clock", lambda device: made.append(torch.device(device)) or real(device))
     assert measure_latency(torch.nn.Linear(3, 3), torch.randn(2, 3), warmup=0, reps=1) >= 0
     assert made == [torch.device("cpu")]
+
+
+# ---- first-order scores of a half-precision model ---------------------------------------------------------------
+
+from scipy.stats import spearmanr  # noqa: E402
+
+from particlize.analysis import taylor as taylor_mod  # noqa: E402
+from particlize.particles import ParticleMap  # noqa: E402
+
+
+@pytest.mark.parametrize("family", ["bert", "llama-gqa"])
+@pytest.mark.parametrize("method", ["fisher", "taylor"])
+def test_bf16_scores_rank_as_fp32_and_accumulate_in_fp32(family, method, monkeypatch):
+    model, batches = _padded(family, family == "llama-gqa")
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    gate_dtypes = []
+    real = ParticleMap.gates
+
+    def gates(self, values, patch=None):
+        gate_dtypes.extend((v.dtype, v.requires_grad) for v in values.values())
+        return real(self, values, patch)
+
+    monkeypatch.setattr(ParticleMap, "gates", gates)
+    full = pz.analyze(model, batches, method, table=False, progress=False)
+    pm = pz.decompose(half)
+    raw = taylor_mod.gate_gradients(pm, as_batches(batches), groups=[g.name for g in pm.groups])
+    low = pz.analyze(pm, batches, method, table=False, progress=False)
+    assert set(gate_dtypes) == {(taylor_mod.GATE_DTYPE, True)} and taylor_mod.GATE_DTYPE == torch.float32
+    assert all(g.dtype == torch.float64 for g in raw.values())  # per-example gradients kept in float64
+    assert spearmanr(full.score, low.score).statistic > 0.9

@@ -117,7 +117,8 @@ def analyze(
     if not scores:
         raise ParticlizeError(f"method {method!r} scores none of the selected groups ({', '.join(names)}); "
                               "select other groups or use another method")
-    targets = torch.cat([b.targets.cpu() for b in batches]) if batches else None
+    targets = torch.cat([b.targets.cpu() for b in batches]) if batches and by == "class" else None  # (token targets
+    # of batches of other lengths do not concatenate)
     df = frame(pm, scores, method, by, targets)
     if table:
         df = df.merge(pm.table(), on=["group", "index"], how="left")
