@@ -348,3 +348,59 @@ def test_bf16_scores_rank_as_fp32_and_accumulate_in_fp32(family, method, monkeyp
     assert set(gate_dtypes) == {(taylor_mod.GATE_DTYPE, True)} and taylor_mod.GATE_DTYPE == torch.float32
     assert all(g.dtype == torch.float64 for g in raw.values())  # per-example gradients kept in float64
     assert spearmanr(full.score, low.score).statistic > 0.9
+
+
+# ---- on a GPU, where there is one (``pytest tests/test_device_policy.py -k cuda``) ---------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_cuda_engine_gives_the_cpu_numbers():
+    model, batches = _padded("bert")
+    names = [g.name for g in pz.decompose(model).groups]
+    on_cpu = ablation.ablation_effects(pz.decompose(model), batches, groups=names)
+    gpu = copy.deepcopy(model).cuda()
+    on_gpu = ablation.ablation_effects(pz.decompose(gpu), on_device(batches, "cuda"), groups=names)
+    for n in names:
+        assert on_gpu[n].device.type == "cpu"
+        torch.testing.assert_close(on_gpu[n], on_cpu[n], atol=1e-4, rtol=1e-4)
+
+
+@cuda
+def test_cuda_particle_loop_does_not_wait_per_particle(recwarn):
+    model, batches = _padded("bert")
+    pm = pz.decompose(copy.deepcopy(model).cuda())
+    batches = on_device(batches, "cuda")
+    group = next(g for g in pm.groups if g.kind == "neuron")
+    counts = []
+    for n in (2, 7):
+        recwarn.clear()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            ablation.ablation_effects(pm, batches, groups=[group.name], only={group.name: list(range(n))}, split=2,
+                                      max_rows=1)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        # the engine's own waits (the model's own code may wait per forward: not counted)
+        counts.append(sum("synchroniz" in str(w.message) and "particlize" in w.filename for w in recwarn))
+    assert counts[0] == counts[1]
+
+
+@cuda
+def test_cuda_compress_runs_and_keeps_the_model_on_the_gpu(trained_text):
+    work, model, task, tok = trained_text
+    res = compress(copy.deepcopy(model), task, tokenizer=tok, device="cuda",
+                   **{**OPTIONS, "max_rounds": 1, "recover_epochs": 0.25, "round_to": 1})
+    assert len(res.history) >= 1 and next(res.model.parameters()).device.type == "cuda"
+
+
+@cuda
+def test_cuda_clock_and_bf16_fisher():
+    model = torch.nn.Linear(64, 64).cuda()
+    assert measure_latency(model, torch.randn(8, 64), warmup=1, reps=3) > 0
+    m, batches = _padded("llama-gqa", True)
+    low = pz.analyze(copy.deepcopy(m).cuda().to(torch.bfloat16), on_device(batches, "cuda"), "fisher", table=False,
+                     progress=False)
+    full = pz.analyze(m, batches, "fisher", table=False, progress=False)
+    assert spearmanr(full.score, low.score).statistic > 0.9
