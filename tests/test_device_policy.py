@@ -404,3 +404,29 @@ def test_cuda_clock_and_bf16_fisher():
                      progress=False)
     full = pz.analyze(m, batches, "fisher", table=False, progress=False)
     assert spearmanr(full.score, low.score).statistic > 0.9
+
+
+def test_recordings_before_the_gate_are_expanded_one_at_a_time(monkeypatch):
+    """Rows per forward are sized to memory: the expanded recordings of the layers before a gate must not all
+    be alive at once (each is made when its layer is called and dropped when the next one returns)."""
+    import weakref
+
+    model, batches = _padded("llama-gqa", True)
+    pm = pz.decompose(model)
+    group = [g for g in pm.groups if g.kind == "neuron"][-1]  # the last layer's: every earlier layer is replayed
+    made, starts, seen = [], [0], []
+    real = ablation._expand
+
+    def expand(x, batch, k):
+        out = real(x, batch, k)
+        made.extend(weakref.ref(t) for t in _tensors(out))
+        return out
+
+    monkeypatch.setattr(ablation, "_expand", expand)
+    pm.model.register_forward_hook(lambda m, a, o: starts.append(len(made)))  # made since the last forward ended
+    reader = pm.model.get_submodule(group.gate.module)
+    reader.register_forward_pre_hook(lambda m, a: seen.append(
+        (sum(r() is not None for r in made[starts[-1]:]), len(made) - starts[-1])))
+    ablation.ablation_effects(pm, batches[:1], groups=[group.name], only={group.name: [0, 1, 2]}, split=False)
+    alive, expanded = seen[-1]  # in the ablation forward, when the gate is reached
+    assert expanded >= 6 and alive <= expanded - 3

@@ -121,13 +121,22 @@ def _expand(x: Any, batch: int, k: int) -> Any:
     return map_tensors(x, lambda t: t.repeat_interleave(k, 0) if t.ndim and t.shape[0] == batch else t)
 
 
+class _Later:
+    """An output made when the replaced module is called, not before: the expanded recordings of the layers
+    before a gate then live one at a time (each is dropped when the next layer returns its own), not all at once."""
+
+    def __init__(self, make: Callable[[], Any]):
+        self.make = make
+
+
 @contextlib.contextmanager
 def _replaced(model: nn.Module, outputs: Mapping[str, Any]) -> Iterator[None]:
     mods = []
     try:
         for path, out in outputs.items():
             mod = model.get_submodule(path)
-            mod.forward = lambda *a, _out=out, **kw: _out  # type: ignore[method-assign]
+            mod.forward = (lambda *a, _out=out, **kw: _out.make()) if isinstance(out, _Later) \
+                else (lambda *a, _out=out, **kw: _out)  # type: ignore[method-assign]
             mods.append(mod)
         yield
     finally:
@@ -391,7 +400,8 @@ def ablation_effects(
                 if per_row:
                     chunk_t = job_dev[c0 : c0 + k]
                     inputs = _expand(batch.inputs, B, kc)
-                    stub = {p: _expand(cache[p], B, kc) for p in frontiers.get(target, [])} if fast else {}
+                    stub: dict[str, Any] = {p: _Later(lambda c=cache[p], B=B, kc=kc: _expand(c, B, kc))
+                                            for p in frontiers.get(target, [])} if fast else {}
                     check: list[str] = []
                     if target in readers:  # the reader's output is updated, not recomputed: no gate
                         p = patch_all[name][0] if patch_all and name in patch_all else None
