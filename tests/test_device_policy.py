@@ -430,3 +430,18 @@ def test_recordings_before_the_gate_are_expanded_one_at_a_time(monkeypatch):
     ablation.ablation_effects(pm, batches[:1], groups=[group.name], only={group.name: [0, 1, 2]}, split=False)
     alive, expanded = seen[-1]  # in the ablation forward, when the gate is reached
     assert expanded >= 6 and alive <= expanded - 3
+
+
+# ---- the commands take --device ---------------------------------------------------------------------------------
+
+from particlize.cli import main  # noqa: E402
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is here")
+@pytest.mark.parametrize("command", [["compress"], ["sweep"], ["moefy"]])
+def test_commands_on_a_missing_gpu_say_so_in_one_line(command, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*command, "minilm", "--task", "vader-sentiment", "--device", "cuda", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "no CUDA GPU is available; use --device cpu" in err
+    assert "for now" not in err and not (tmp_path / "o").exists()
