@@ -12,6 +12,7 @@ import textwrap
 
 import pandas as pd
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import particlize as pz
