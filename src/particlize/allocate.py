@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import pandas as pd
@@ -42,7 +42,8 @@ class AllocationConfig:
     cost: str = "flops"  # what global allocation prices particles by: "flops" or measured "latency"
     max_fraction: float = 1 / 3
     min_width: float = 0.1
-    round_to: int | None = None  # kept widths in features (heads count head_dim each) are multiples of this
+    round_to: int | None = None  # kept widths in features (heads count head_dim each) are multiples of this;
+    # None: what the device and dtype like (`default_round_to`, applied by `for_device`; none on a CPU)
     compensate: str = "none"  # how the kept particles' readers absorb a cut: none, bias, merge or refit (pm.prune)
     interactions: bool = False  # global greedy with the pairwise correction (needs `interaction_scorer`'s scores)
 
@@ -68,12 +69,33 @@ class AllocationConfig:
         if self.compensate not in ("none", *compensations()):
             raise ParticlizeError(f"compensate must be one of none, {', '.join(compensations())}; got {self.compensate!r}")
 
+    def for_device(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> AllocationConfig:
+        """This config as it runs on ``device`` in ``dtype``: ``round_to`` left unset becomes `default_round_to`'s
+        (unchanged on a CPU); a ``round_to`` given is kept."""
+        r = default_round_to(torch.device(device).type, dtype) if self.round_to is None else None
+        return self if r is None else replace(self, round_to=r)
+
     @property
     def kinds(self) -> set[str]:
         """The particle kinds ``granularity`` names (``"all"``: every kind)."""
         if "all" in self.granularity:
             return set(GRANULARITIES.values())
         return {GRANULARITIES[g] for g in self.granularity}
+
+
+#: Kept widths (in features) by device type and dtype when ``round_to`` is not given. A GPU's matmuls run in
+#: tiles: an FFN 3,942 neurons wide ran a 1.1B Llama at 0.76× of dense on an H200, 3,904 (a multiple of 64) at
+#: 1.24× (issue 29). fp32 (TF32 tensor cores) asks for multiples of 8, bf16 / fp16 for 64;
+#: benchmarks/gpu_check.py measures 8 / 64 / 128. A CPU has no such preference: no rounding.
+ROUND_TO: dict[tuple[str, torch.dtype], int] = {
+    ("cuda", torch.float32): 8, ("cuda", torch.bfloat16): 64, ("cuda", torch.float16): 64,
+}
+
+
+def default_round_to(device_type: str, dtype: torch.dtype) -> int | None:
+    """The ``round_to`` a model on a ``device_type`` device in ``dtype`` gets when none is given (`ROUND_TO`;
+    None, no rounding, on a CPU and for pairs not in the table)."""
+    return ROUND_TO.get((device_type, dtype))
 
 
 #: ``(pm, calibration batches, kinds) -> {group name: importance per particle}`` (non-negative, low goes first)
@@ -438,6 +460,7 @@ def smallest_shares(pm: ParticleMap, cfg: AllocationConfig) -> tuple[float, floa
 
 
 __all__ = [
-    "AllocationConfig", "Allocator", "GRANULARITIES", "PairImportance", "Scorer", "allocate", "allocate_global",
-    "allocate_uniform", "interaction_scorer", "latency_prices", "named_scorer", "original_sizes", "smallest_shares",
+    "AllocationConfig", "Allocator", "GRANULARITIES", "PairImportance", "ROUND_TO", "Scorer", "allocate", "allocate_global",
+    "allocate_uniform", "default_round_to", "interaction_scorer", "latency_prices", "named_scorer", "original_sizes",
+    "smallest_shares",
 ]

@@ -31,7 +31,7 @@ from .allocate import (AllocationConfig, Allocator, Scorer, _shrink_plan, alloca
                        original_sizes, smallest_shares)
 from .errors import ParticlizeError
 from .io import load, save, write_folder_atomically, write_model
-from .measure import int8_report, latency_inputs, measure_latency
+from .measure import device_of, int8_report, latency_inputs, measure_latency, on_device
 from .outcome import Outcome, Target, decide, target_met
 from .particles import ParticleMap
 from .recover import RecoveryConfig, check_applicable, recover
@@ -177,6 +177,7 @@ def compress(
     progress: Progress | None = None,
     scorer: str | Scorer | None = None,
     allocator: Allocator | None = None,
+    device: str | torch.device | None = None,
     **overrides: Any,
 ) -> CompressResult:
     """Compress ``model`` on ``task`` until the target is met; return the last model that meets the quality floor.
@@ -203,6 +204,10 @@ def compress(
     ``(pm, calibration batches, kinds) -> {group: importance}``; ``allocator`` an `Allocator` (default
     `particlize.allocate.allocate`) that turns importances and a FLOPs goal into the particles to remove. A
     callable is not saved with the run: resume a run with the same one.
+
+    ``device`` is where the model runs (None: where its parameters are; else the model is moved there): the
+    calibration batches and timed inputs are moved to it, models read back from checkpoints are placed on it,
+    and importances come back to the CPU, where the allocation and the tables are made.
     """
     cfg = config or CompressConfig()
     cfg.set(**overrides)
@@ -214,7 +219,8 @@ def compress(
     allocator = allocator or allocate
     emit = progress or (lambda event, info: None)
     out_path = Path(out) if out is not None else None
-    teacher = model.eval()
+    teacher = (model.to(device) if device is not None else model).eval()
+    dev = device_of(teacher)
     kinds = cfg.allocation.kinds
     pm0 = decompose(teacher, seq_len=cfg.max_length)
     if not any(g.kind in kinds for g in pm0.groups):
@@ -224,8 +230,9 @@ def compress(
         )
     dense_cost = pm0.cost()
     lat_inputs = latency_inputs(task, tokenizer, cfg.latency_batch, cfg.latency_seq)
-    _check_reachable(cfg, pm0)  # before anything is written: an impossible target costs no round
-    _check_latency_target(cfg, teacher, pm0, lat_inputs, kinds)
+    alloc = cfg.allocation.for_device(dev, next(teacher.parameters()).dtype)  # round_to: what the device likes
+    _check_reachable(replace(cfg, allocation=alloc), pm0)  # before anything is written: an impossible target costs no round
+    _check_latency_target(replace(cfg, allocation=alloc), teacher, pm0, lat_inputs, kinds)
 
     history: list[dict[str, Any]] = []
     start_round = 1
@@ -240,7 +247,7 @@ def compress(
             history = saved["history"]
             last = history[-1]["round"]
             if last > 0:
-                current = load(_round_dir(out_path, last), trust_code=True)
+                current = load(_round_dir(out_path, last), trust_code=True).to(dev)
             start_round = last + 1
             pruned_reason = saved.get("pruned", "")
             if saved.get("done"):
@@ -258,7 +265,7 @@ def compress(
         q = _quality(task, teacher, tokenizer, cfg)
         history.append(_entry(0, teacher, pm0, dense_cost, q, measure_latency(teacher, lat_inputs), {}, 0.0))
         if cfg.allocation.cost == "latency":  # measured once and kept, so a resumed run allocates the same way
-            history[0]["latency_prices"] = latency_prices(teacher, pm0, lat_inputs, cfg.allocation, kinds)
+            history[0]["latency_prices"] = latency_prices(teacher, pm0, lat_inputs, alloc, kinds)
         emit("round", history[-1])
         _save_state(out_path, cfg, history, done=False)
     held: dict[int, nn.Module] | None = None if out_path is not None else {}  # no checkpoints: the rollback model
@@ -271,12 +278,14 @@ def compress(
         torch.manual_seed(cfg.seed * 1000 + r)
         t0 = time.perf_counter()
         pm = carried if carried is not None else decompose(current, seq_len=cfg.max_length)
-        calib = task.calibration(current, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                                 limit=cfg.calib_examples, seed=cfg.seed * 1000 + r)
+        calib = on_device(task.calibration(current, tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                                           limit=cfg.calib_examples, seed=cfg.seed * 1000 + r), dev)
         importance = score(pm, calib, kinds)
+        for k in importance:  # in place: a scorer's dict subclass (pairs) stays what it is
+            importance[k] = torch.as_tensor(importance[k]).detach().cpu()
         cur_flops = pm.cost().flops
         goal = _flops_goal(cfg, history, dense_cost.flops, cur_flops)
-        remove = allocator(pm, importance, min(goal, cfg.allocation.max_fraction * cur_flops), cfg.allocation, cfg.max_length,
+        remove = allocator(pm, importance, min(goal, cfg.allocation.max_fraction * cur_flops), alloc, cfg.max_length,
                              history[0].get("latency_prices"), original_sizes(teacher, current, pm, pm0))
         if not remove:
             reason = "nothing more can be removed within the minimum widths"
@@ -357,7 +366,7 @@ def _keep_round(out_path: Path | None, cfg: CompressConfig, history: list[dict[s
 def _finish(out: Path, history: list, outcome: Outcome, cfg: CompressConfig, task: Task, tokenizer: Any,
             emit: Progress, teacher: nn.Module) -> CompressResult:
     r, reason = outcome.returned_round, outcome.reason
-    best = teacher if r == 0 else load(_round_dir(out, r), trust_code=True)
+    best = teacher if r == 0 else load(_round_dir(out, r), trust_code=True).to(device_of(teacher))
     test = _quality(task, best, tokenizer, cfg, split="test")
     extra: dict[str, Any] = {"compress": {"reason": reason, "rounds": r, "test": test, "config": cfg.to_dict(),
                                           "outcome": outcome.to_dict()}}

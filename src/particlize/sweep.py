@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 from torch import nn
 
 from .adapters import decompose
@@ -31,12 +32,14 @@ def sweep(
     out: str | os.PathLike[str],
     force: bool = False,
     progress: Progress | None = None,
+    device: str | torch.device | None = None,
     **options: Any,
 ) -> pd.DataFrame:
     """Compress ``model`` to every FLOPs target at every granularity (an independent run each, the same
     options and recovery budget) and write ``sweep.csv`` and ``pareto.png`` (quality vs FLOPs and vs
     measured latency) to ``out``. Returns the table: one row per (granularity, target); ``runs_to`` is the
-    target the run was given (the smallest model the granularity allows, when the target is below it)."""
+    target the run was given (the smallest model the granularity allows, when the target is below it).
+    ``device``: where the runs happen (None: where ``model`` is; else it is moved there), as in `compress`."""
     bad = [g for g in granularities if g not in GRANULARITIES and g != "all"]
     if bad:
         raise ParticlizeError(f"unknown granularity {bad}; use {', '.join(GRANULARITIES)} or all")
@@ -48,14 +51,16 @@ def sweep(
     emit = progress or (lambda e, i: None)
     base = CompressConfig.from_options(**{**options, "target_flops": flops[0], "granularity": tuple(granularities)})
     base.check()
+    model = model.to(device) if device is not None else model
     pm = decompose(model, seq_len=base.max_length)
+    pm_device, pm_dtype = next(model.parameters()).device, next(model.parameters()).dtype
     rows = []
     for g in granularities:
         # run target -> (row, why it stopped): the targets below the smallest model share one run
         done: dict[float, tuple[dict[str, Any], str]] = {}
         for f in sorted(flops, reverse=True):
             cfg = CompressConfig.from_options(**{**options, "target_flops": f, "granularity": (g,)})
-            least = smallest_shares(pm, cfg.allocation)[0]
+            least = smallest_shares(pm, cfg.allocation.for_device(pm_device, pm_dtype))[0]  # as compress will run it
             note = ""
             if f < least < 1:  # below what this granularity can reach: run to the smallest model it allows
                 cfg.target.flops = least

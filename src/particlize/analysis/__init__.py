@@ -38,9 +38,10 @@ from ..errors import ParticlizeError
 from ..adapters import decompose
 from ..particles import ParticleMap
 from . import ablation, activation, influence, magnitude, taylor, taylor_norm  # noqa: F401  (each registers its scorers)
-from ._common import METRICS, Batch, as_batches, frame, select_groups
+from ._common import METRICS, Batch, as_batches, device_of, frame, select_groups
 from ._progress import ProgressArg, progress_for
 from .registry import MODES, ScorerSpec, check_needs, get_scorer, register, scorers
+from .workshape import WorkShape, shape_for, work_shape
 
 
 def _map(model_or_pm: nn.Module | ParticleMap) -> ParticleMap:
@@ -97,7 +98,7 @@ def analyze(
     check_needs(spec, metric, mode, by, data is not None, options)
     pm = _map(model_or_pm)
     names = _scored_groups(pm, spec, select_groups(pm, groups))
-    batches: list[Batch] = as_batches(data) if data is not None else []
+    batches: list[Batch] = as_batches(data, device_of(pm.model)) if data is not None else []
     kw: dict[str, Any] = dict(options, groups=names)
     if spec.metrics:
         kw["metric"] = metric
@@ -116,7 +117,8 @@ def analyze(
     if not scores:
         raise ParticlizeError(f"method {method!r} scores none of the selected groups ({', '.join(names)}); "
                               "select other groups or use another method")
-    targets = torch.cat([b.targets.cpu() for b in batches]) if batches else None
+    targets = torch.cat([b.targets.cpu() for b in batches]) if batches and by == "class" else None  # (token targets
+    # of batches of other lengths do not concatenate)
     df = frame(pm, scores, method, by, targets)
     if table:
         df = df.merge(pm.table(), on=["group", "index"], how="left")
@@ -181,6 +183,7 @@ from .validate import top_particles, validate_scores  # noqa: E402  (uses analyz
 from .interactions import (as_matrix, interactions, interactions_table, redundancy_score,  # noqa: E402
                            redundant_clusters, synergistic_pairs, validate_interactions)
 
-__all__ = ["METRICS", "MODES", "ScorerSpec", "analyze", "as_matrix", "check_options", "get_scorer", "importance",
+__all__ = ["METRICS", "MODES", "ScorerSpec", "WorkShape", "analyze", "as_matrix", "check_options", "get_scorer", "importance",
            "importance_for", "interactions", "interactions_table", "redundancy_score", "redundant_clusters", "register",
-           "scorers", "synergistic_pairs", "top_particles", "validate_interactions", "validate_scores"]
+           "scorers", "shape_for", "synergistic_pairs", "top_particles", "validate_interactions", "validate_scores",
+           "work_shape"]

@@ -29,6 +29,14 @@ def logits_of(out: Any) -> Tensor:
     raise ParticlizeError(f"cannot find logits in a model output of type {type(out).__name__}")
 
 
+def device_of(model: torch.nn.Module) -> torch.device:
+    """Where ``model`` runs: the device of its first parameter (or buffer); the CPU if it has none."""
+    t = next(model.parameters(), None)
+    if t is None:
+        t = next(model.buffers(), None)
+    return t.device if t is not None else torch.device("cpu")
+
+
 def call(model: torch.nn.Module, inputs: Any) -> Tensor:
     """Logits of ``model`` on ``inputs`` (a tensor, or a dict passed as keyword arguments)."""
     return logits_of(model(**inputs) if isinstance(inputs, Mapping) else model(inputs))
@@ -48,9 +56,11 @@ class Batch:
 
 
 def map_tensors(x: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """Apply ``fn`` to every tensor in a (nested) tensor / dict / tuple / list / model output."""
+    """Apply ``fn`` to every tensor in a (nested) tensor / `Batch` / dict / tuple / list / model output."""
     if isinstance(x, Tensor):
         return fn(x)
+    if isinstance(x, Batch):
+        return Batch(map_tensors(x.inputs, fn), fn(x.targets))
     if isinstance(x, Mapping):
         out = {k: map_tensors(v, fn) for k, v in x.items()}
         try:

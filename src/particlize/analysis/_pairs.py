@@ -32,6 +32,7 @@ from ..errors import ParticlizeError
 from ..particles import InputGate, ParticleMap
 from ._common import Batch, Progress, call, map_tensors, per_example_metric
 from .ablation import ExecutionTrace, _expand, _recording, _replaced, _work_batches, default_rows
+from .workshape import shape_for
 
 Particle = tuple[str, int]
 Pair = tuple[Particle, Particle]
@@ -90,7 +91,7 @@ def pair_effects(
     patch_all = pm.mean_activations(names, [b.inputs for b in batches]) if mode == "mean" else None
     total = sum(b.size for b in batches)
     out = torch.full((total, len(pairs)), float("nan"), dtype=torch.float64)
-    work = _work_batches(model, batches, metric, fast)
+    work = _work_batches(model, batches, metric, shape_for(model, batches).split if fast else False)
     trace = ExecutionTrace(model, work[0][0]) if fast else None
 
     def target(name: str) -> str | None:

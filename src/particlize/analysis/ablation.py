@@ -20,11 +20,13 @@ approximation:
    first chunk of each group and used only if they agree.
 4. **Many particles per forward.** Each example is repeated once per particle of a chunk and each row
    gets its own gate mask (``[rows, n]``), so one forward ablates a whole chunk of particles.
-5. **No padding.** A batch of padded sequences (a dict with a right-padded 2-D ``attention_mask``) is
-   split into sub-batches of equal real length with the padding cut off, so no ablation row spends
-   work on padded positions. The split is used only when it leaves each example's clean metric
-   unchanged (checked per batch), so models whose output depends on padding keep whole batches.
-6. **Batched over examples, chunked** (``max_rows``; by default `default_rows` for the device).
+5. **Little padding.** A batch of padded sequences (a dict with a right-padded 2-D ``attention_mask``) is
+   split into sub-batches by real length with the padding cut off: one per length on a CPU, where padded
+   positions are work thrown away; a few large buckets on a GPU, where every forward costs its kernel
+   launches (`particlize.analysis.workshape`). The split is used only when it leaves each example's clean
+   metric unchanged (checked per batch), so models whose output depends on padding keep whole batches.
+6. **Batched over examples, chunked** (``max_rows``; by default sized for the device and its free memory).
+   On a GPU nothing in the particle loop waits for the device: effects gather on it and move once.
 
 Only modules called exactly once per forward are replaced, so shared or re-entrant modules are always
 recomputed. Groups that cannot be gated per example (fused recurrent layers) fall back to one batched
@@ -42,9 +44,11 @@ import torch
 from torch import Tensor, nn
 
 from ..particles import InputGate, ParticleMap, ResidualGate
-from ._common import METRICS, Batch, Progress, call, map_tensors, per_example_metric
+from ._common import METRICS, Batch, Progress, call, device_of, map_tensors, per_example_metric
 from ._norms import is_norm, low_rank_scales, next_norm, norm_params
 from .registry import MODES, ScorerSpec, register
+from .workshape import CPU_ROWS, GPU_DEFAULT_ROWS, shape_for
+from .workshape import by_length as _by_length, work_batches as _work_batches  # noqa: F401  (their old home)
 
 Job = tuple[str, str | None, list[int]]  # group, gated module path (None: cannot start there), particles
 
@@ -117,13 +121,22 @@ def _expand(x: Any, batch: int, k: int) -> Any:
     return map_tensors(x, lambda t: t.repeat_interleave(k, 0) if t.ndim and t.shape[0] == batch else t)
 
 
+class _Later:
+    """An output made when the replaced module is called, not before: the expanded recordings of the layers
+    before a gate then live one at a time (each is dropped when the next layer returns its own), not all at once."""
+
+    def __init__(self, make: Callable[[], Any]):
+        self.make = make
+
+
 @contextlib.contextmanager
 def _replaced(model: nn.Module, outputs: Mapping[str, Any]) -> Iterator[None]:
     mods = []
     try:
         for path, out in outputs.items():
             mod = model.get_submodule(path)
-            mod.forward = lambda *a, _out=out, **kw: _out  # type: ignore[method-assign]
+            mod.forward = (lambda *a, _out=out, **kw: _out.make()) if isinstance(out, _Later) \
+                else (lambda *a, _out=out, **kw: _out)  # type: ignore[method-assign]
             mods.append(mod)
         yield
     finally:
@@ -250,6 +263,7 @@ def _past_norm(pm: ParticleMap, name: str, reader: nn.Linear, target: str, trace
     idx = torch.as_tensor(list(particles), dtype=torch.long, device=W.device)
     row = torch.full((n,), -1, dtype=torch.long)
     row[idx.cpu()] = torch.arange(len(idx))
+    row = row.to(W.device)  # indexed per chunk on the device: no copy from the host in the particle loop
     Wc = W.index_select(0, idx)
     Wc = Wc - Wc.mean(-1, keepdim=True) if centred else Wc
     G = Wc * gamma.detach() if gamma is not None else Wc
@@ -268,12 +282,12 @@ def _past_norm(pm: ParticleMap, name: str, reader: nn.Linear, target: str, trace
     return _PastNorm(norm, centred, eps, W, layers, row) if layers else None
 
 
-CPU_ROWS, GPU_ROWS = 128, 1024
+GPU_ROWS = GPU_DEFAULT_ROWS
 
 
 def default_rows(model: nn.Module) -> int:
-    """Rows per ablation forward: 128 on a CPU (measured on MiniLM: 64–128 rows ran ~25% faster per
-    particle than 1024, whose activations no longer fit in cache), 1024 on an accelerator."""
+    """Rows per forward of the pair engine (`CPU_ROWS` on a CPU, `GPU_ROWS` on an accelerator); the single-particle
+    engine sizes them per device and memory (`particlize.analysis.workshape`)."""
     p = next(model.parameters(), None)
     return CPU_ROWS if p is None or p.device.type == "cpu" else GPU_ROWS
 
@@ -281,60 +295,6 @@ def default_rows(model: nn.Module) -> int:
 def _agrees(update: Tensor, real: Tensor) -> bool:
     return update.shape == real.shape and bool(
         torch.allclose(update, real, rtol=1e-4, atol=1e-4 * float(real.abs().max()) + 1e-6))
-
-
-def _by_length(batch: Batch) -> list[tuple[Batch, Tensor]] | None:
-    """``[(sub-batch, positions in batch)]``: the examples of one real length each, padding cut off;
-    None when ``batch`` is not a dict of right-padded sequences (2-D 0/1 ``attention_mask``)."""
-    x = batch.inputs
-    mask = x.get("attention_mask") if isinstance(x, Mapping) else None
-    if not isinstance(mask, Tensor) or mask.ndim != 2 or mask.shape[0] != batch.size:
-        return None
-    B, T = mask.shape
-    lens = mask.ne(0).sum(1)
-    if not torch.equal(mask.ne(0), torch.arange(T, device=mask.device) < lens[:, None]):
-        return None  # left padding or holes: keep the batch as it is
-    if bool((lens == T).all()):
-        return None
-
-    def cut(t: Tensor, rows: Tensor, n: int) -> Tensor:
-        if t.ndim and t.shape[0] == B:
-            t = t.index_select(0, rows)
-            return t[:, :n] if t.ndim >= 2 and t.shape[1] == T else t
-        return t
-
-    subs = []
-    for n in sorted(set(lens.tolist())):
-        rows = torch.nonzero(lens == n).flatten()
-        sub = Batch(map_tensors(x, lambda t: cut(t, rows, n)), cut(batch.targets, rows, n))
-        subs.append((sub, rows.cpu()))
-    return subs
-
-
-def _work_batches(model: nn.Module, batches: Sequence[Batch], metric: str, split: bool) -> list[tuple[Batch, Tensor]]:
-    """The batches the engine runs, with each example's position among all examples: padded batches
-    split by length (`_by_length`) where that leaves every clean per-example metric unchanged."""
-    out: list[tuple[Batch, Tensor]] = []
-    start = 0
-    for batch in batches:
-        whole = torch.arange(start, start + batch.size)
-        subs = _by_length(batch) if split else None
-        if subs is not None:
-            with torch.no_grad():
-                clean = call(model, batch.inputs)
-                base = per_example_metric(metric, clean, batch.targets, clean)
-                same = True
-                for sub, rows in subs:
-                    c = call(model, sub.inputs)
-                    m = per_example_metric(metric, c, sub.targets, c)
-                    same &= bool(torch.allclose(m, base[rows.to(base.device)], rtol=1e-4, atol=1e-5))
-            if same:
-                out += [(sub, whole[rows]) for sub, rows in subs]
-                start += batch.size
-                continue
-        out.append((batch, whole))
-        start += batch.size
-    return out
 
 
 def _jobs(pm: ParticleMap, groups: Sequence[str], only: Mapping[str, Sequence[int]] | None = None) -> list[Job]:
@@ -373,27 +333,34 @@ def ablation_effects(
     seed: int = 0,
     only: Mapping[str, Sequence[int]] | None = None,
     progress: Progress | None = None,
-    split: bool = True,
+    split: bool | int | None = None,
 ) -> dict[str, Tensor]:
     """``{group: [examples, n]}``: metric with each particle ablated minus the intact metric.
 
-    ``max_rows`` bounds the rows (example × particle) of one ablation forward; by default
-    `default_rows` for the model's device (small chunks that stay in cache on a CPU, big ones on a GPU).
+    ``max_rows`` bounds the rows (example × particle) of one ablation forward; by default the device's
+    (`particlize.analysis.workshape.shape_for`: small chunks that stay in cache on a CPU, big ones sized to the
+    free memory on a GPU).
     ``only`` restricts the work to some particles per group (the others' entries stay NaN).
     ``fast=False`` is the reference: one (batched) forward of the whole model per particle.
     ``mode="resample"`` patches in the activations of another example of the same batch (a fixed
-    seeded permutation). ``split=False`` keeps padded batches whole (see `_by_length`); the naive
-    reference and ``mode="resample"`` (which patches from another example of the same batch) never split.
+    seeded permutation). ``split``: True cuts padded batches into one sub-batch per real length, an int ``k``
+    into at most ``k`` length buckets, False keeps them whole; None (default) chooses by device (every length on
+    a CPU, a few buckets on a GPU). The naive reference and ``mode="resample"`` (which patches from another
+    example of the same batch) never split.
     """
     model = pm.model
-    if max_rows is None:
-        max_rows = default_rows(model)
+    if split is None or max_rows is None:
+        shape = shape_for(model, batches)
+        split = shape.split if split is None else split
+        max_rows = shape.rows if max_rows is None else max_rows
     total_n = sum(b.size for b in batches)
     fill = float("nan") if only is not None else 0.0
-    effects = {name: torch.full((total_n, pm[name].size), fill, dtype=torch.float64) for name in groups}
+    dev = device_of(model)
+    # gathered where the model runs (no host sync per particle on a GPU), moved to the CPU once at the end
+    effects = {name: torch.full((total_n, pm[name].size), fill, dtype=torch.float64, device=dev) for name in groups}
     jobs = _jobs(pm, groups, only)
     mean_patch = _patches(pm, groups, batches, mode)
-    work = _work_batches(model, batches, metric, split and fast and mode != "resample")
+    work = _work_batches(model, batches, metric, split if fast and mode != "resample" else False)
     trace = ExecutionTrace(model, work[0][0]) if fast else None
     frontiers = {t: trace.frontier(t) for _, t, _ in jobs if t is not None} if trace else {}
     needed = sorted({p for f in frontiers.values() for p in f})
@@ -404,8 +371,10 @@ def ablation_effects(
     gen = torch.Generator().manual_seed(seed)
     steps = sum(_n_chunks(job, b.size, max_rows, fast, pm) for b, _ in work for job in jobs)
     done = 0
+    on_dev = [torch.as_tensor(ps, dtype=torch.long, device=dev) for _, _, ps in jobs]  # each job's particles
     for batch, pos in work:
         B = batch.size
+        pos = pos.to(dev)
         cache: dict[str, Any] = {}
         reader_io: dict[str, tuple[Tensor, Tensor]] = {}
         norm_in: dict[str, Tensor] = {}
@@ -421,7 +390,7 @@ def ablation_effects(
                 perm = torch.roll(torch.arange(B), 1)
             acts = pm.record(groups, [batch.inputs])
             patch_all = {n: [a[perm.to(a.device)] for a in v] for n, v in acts.items()}
-        for name, target, particles in jobs:
+        for (name, target, particles), job_dev in zip(jobs, on_dev):
             group = pm[name]
             per_row = group.per_example
             k = max(1, max_rows // B) if (per_row and fast) else 1
@@ -429,17 +398,19 @@ def ablation_effects(
                 chunk = particles[c0 : c0 + k]
                 kc = len(chunk)
                 if per_row:
+                    chunk_t = job_dev[c0 : c0 + k]
                     inputs = _expand(batch.inputs, B, kc)
-                    stub = {p: _expand(cache[p], B, kc) for p in frontiers.get(target, [])} if fast else {}
+                    stub: dict[str, Any] = {p: _Later(lambda c=cache[p], B=B, kc=kc: _expand(c, B, kc))
+                                            for p in frontiers.get(target, [])} if fast else {}
                     check: list[str] = []
                     if target in readers:  # the reader's output is updated, not recomputed: no gate
                         p = patch_all[name][0] if patch_all and name in patch_all else None
-                        stub[target] = _reader_rows(readers[target], reader_io[target], group.size, chunk, p)
+                        stub[target] = _reader_rows(readers[target], reader_io[target], group.size, chunk_t, p)
                         values: dict[str, Tensor] = {}
                         patch = None
                         pn = past.get(target)
                         if pn is not None and pn.ok is not False:  # and the layers after the next norm too
-                            past_rows = pn.rows(norm_in[pn.norm], reader_io[target][0], chunk, p, cache)
+                            past_rows = pn.rows(norm_in[pn.norm], reader_io[target][0], chunk_t, p, cache)
                             if past_rows is None:
                                 pn.ok = False
                             elif pn.ok:
@@ -448,7 +419,7 @@ def ablation_effects(
                                 check = list(past_rows)
                     else:
                         gates = torch.ones(B * kc, group.size, device=clean.device)
-                        gates[torch.arange(B * kc), torch.tensor(chunk).repeat(B)] = 0.0
+                        gates[torch.arange(B * kc, device=clean.device), chunk_t.to(clean.device).repeat(B)] = 0.0
                         values = {name: gates}
                         patch = _rows_patch(patch_all, name, B, kc, mode)
                     real: dict[str, Tensor] = {}
@@ -458,7 +429,7 @@ def ablation_effects(
                         pn.ok = all(_agrees(past_rows[q], real[q]) for q in check)
                     m = per_example_metric(metric, logits, batch.targets.repeat_interleave(kc, 0),
                                            clean.repeat_interleave(kc, 0))
-                    effects[name][pos[:, None], torch.tensor(chunk)] = (m.view(B, kc) - base[:, None]).double().cpu()
+                    effects[name][pos[:, None], chunk_t] = (m.view(B, kc) - base[:, None]).double()
                 else:
                     g = torch.ones(group.size, device=clean.device)
                     g[chunk] = 0.0
@@ -466,11 +437,11 @@ def ablation_effects(
                     with torch.no_grad(), pm.gates({name: g}, patch):
                         logits = call(model, batch.inputs)
                     m = per_example_metric(metric, logits, batch.targets, clean)
-                    effects[name][pos, chunk[0]] = (m - base).double().cpu()
+                    effects[name][pos, chunk[0]] = (m - base).double()
                 done += 1
                 if progress is not None:
                     progress(done, steps, name)
-    return effects
+    return {name: e.cpu() for name, e in effects.items()}
 
 
 def _n_chunks(job: Job, B: int, max_rows: int, fast: bool, pm: ParticleMap) -> int:

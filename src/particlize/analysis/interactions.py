@@ -34,7 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..adapters import decompose
 from ..errors import ParticlizeError
 from ..particles import ParticleMap
-from ._common import Batch, Progress, as_batches, call, per_example_metric, select_groups
+from ._common import Batch, Progress, as_batches, call, device_of, per_example_metric, select_groups
 from ._pairs import Pair, Particle, pair_effects
 from .ablation import ablation_effects
 from .registry import MODES
@@ -176,7 +176,7 @@ def interactions(
     names = select_groups(pm, groups)
     if not names:
         raise ParticlizeError("no particle groups selected; pass groups= a kind ('head', 'neuron', ...) or group names")
-    batches = as_batches(data)
+    batches = as_batches(data, device_of(pm.model))
     want = _pairs_arg(pm, names, pairs)
     was_training = pm.model.training
     pm.model.eval()
@@ -335,7 +335,7 @@ def validate_interactions(
     `validate_scores`): Spearman and Kendall correlation of the interactions, and the overlap of the
     top-k pairs by \\|interaction\\|. Pass ``exact`` / ``estimate`` frames to reuse earlier runs."""
     pm = model_or_pm if isinstance(model_or_pm, ParticleMap) else decompose(model_or_pm)
-    batches = as_batches(data)
+    batches = as_batches(data, device_of(pm.model))
     if exact is None:
         exact = interactions(pm, batches, groups, "ablation", metric, mode)
     if estimate is None:

@@ -23,11 +23,12 @@ from torch import Tensor
 
 from ..errors import ParticlizeError
 from ..particles import ParticleMap
-from ._common import Batch, Progress, call, map_tensors, per_example_metric
+from ._common import Batch, Progress, call, device_of, map_tensors, per_example_metric
 from .registry import ScorerSpec, register
 
 
 Objectives = Callable[[Tensor, Tensor], list[Tensor]]  # (outputs, targets) -> scalars, each a sum over examples
+GATE_DTYPE = torch.float32  # gates and their gradients, whatever the model's dtype
 
 
 def gate_gradients(
@@ -67,9 +68,14 @@ def _gate_gradients(
     progress: Progress | None = None,
 ) -> list[dict[str, Tensor]]:
     """Per-example gate gradients of each of ``objectives`` (sums over the batch of per-example terms,
-    so the gradient of row ``b``'s gate is example ``b``'s own): one forward and one backward each."""
+    so the gradient of row ``b``'s gate is example ``b``'s own): one forward and one backward each.
+
+    In a bf16 / fp16 model the gates are fp32 leaves on the model's device (each gradient arrives in fp32,
+    reduced over its tokens and features with an fp32 accumulator) and the per-example gradients are kept in
+    float64, so sums over examples (``fisher``) lose nothing to the model's precision."""
     check_gradient_metric(metric, mode)
     model = pm.model
+    dev = device_of(model)
     patch = pm.mean_activations(groups, [b.inputs for b in batches]) if mode == "mean" else None
     per_row = [n for n in groups if pm[n].per_example]
     shared = [n for n in groups if not pm[n].per_example]
@@ -90,7 +96,7 @@ def _gate_gradients(
     for batch in batches:
         B = batch.size
         if per_row:
-            gates = {n: torch.ones(B, pm[n].size, requires_grad=True) for n in per_row}
+            gates = {n: torch.ones(B, pm[n].size, dtype=GATE_DTYPE, device=dev, requires_grad=True) for n in per_row}
             with pm.gates(gates, {n: patch[n] for n in per_row} if patch else None):
                 backward(gates, call(model, batch.inputs), batch.targets, False)
         done += 1
@@ -98,7 +104,7 @@ def _gate_gradients(
             progress(done, total, "gate gradients")
         for b in range(B) if shared else ():
             one = Batch(_row(batch.inputs, b, B), batch.targets[b : b + 1])
-            gates = {n: torch.ones(pm[n].size, requires_grad=True) for n in shared}
+            gates = {n: torch.ones(pm[n].size, dtype=GATE_DTYPE, device=dev, requires_grad=True) for n in shared}
             with pm.gates(gates):
                 backward(gates, call(model, one.inputs), one.targets, True)
             done += 1

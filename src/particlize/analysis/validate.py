@@ -17,8 +17,9 @@ from torch import nn
 from ..errors import ParticlizeError
 from ..particles import ParticleMap
 from . import _fitting, _map, analyze, importance
-from ._common import Progress, as_batches, select_groups
+from ._common import Progress, as_batches, device_of, select_groups
 from .ablation import _work_batches, ablation_effects
+from .workshape import shape_for
 from .registry import check_needs, get_scorer
 from .taylor_norm import perturbation_sizes
 
@@ -57,7 +58,7 @@ def validate_scores(
     of the scores, and the overlap of their top-k sets (by importance). Pass ``exact`` (a frame from
     ``analyze(..., method="ablation")`` with the same data, metric and mode) to reuse a sweep."""
     pm = _map(model_or_pm)
-    batches = as_batches(data)
+    batches = as_batches(data, device_of(pm.model))
     cheap = analyze(pm, batches, method, *_fitting(get_scorer(method), metric, mode), groups=groups, table=False,
                     progress=progress)
     if exact is None:
@@ -165,7 +166,7 @@ def top_particles(
     least reliable there (large, saturating effects), so they are never left to the screen; the many
     neurons or channels are."""
     pm = _map(model_or_pm)
-    batches = as_batches(data)
+    batches = as_batches(data, device_of(pm.model))
     names = select_groups(pm, groups)
     if not 0.0 < confidence <= 1.0:
         raise ParticlizeError(f"confidence is a quantile in (0, 1], got {confidence}")
@@ -191,8 +192,9 @@ def _top_particles(pm: ParticleMap, batches: list, k: int, names: list[str], scr
     rest = cand.loc[~always].sort_values("est", ascending=False)
     first = rest.index[: min(len(rest), shortlist if shortlist is not None else 2 * k)]
     todo = cand.index[always].append(first)
-    # split padded batches by length once, not in every round (only means over examples are used here)
-    split = mode != "resample"
+    # split padded batches by length once (as the device likes it), not in every round (only means over examples
+    # are used here)
+    split = shape_for(pm.model, batches).split if mode != "resample" else False
     work = [b for b, _ in _work_batches(pm.model, batches, metric, split)] if split else batches
     while len(todo):
         part = cand.loc[todo]

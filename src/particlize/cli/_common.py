@@ -188,17 +188,11 @@ def quiet_transformers() -> None:
 
 
 def check_device(device: str) -> None:
+    """``--device``: a CUDA device asked for where there is none is a one-line error saying what to use."""
     import torch
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ParticlizeError(f"--device {device} was asked for but no CUDA GPU is available; use --device cpu")
-
-
-def cpu_only(device: str, command: str) -> None:
-    """``--device`` of a command whose library path does not move its data to a GPU yet: CPU, or a clear error."""
-    if device != "cpu":
-        raise ParticlizeError(f"{command} runs on the CPU for now (its calibration data is not moved to a GPU yet); "
-                              "use --device cpu, or analyze/train on the GPU")
 
 
 def task_for(name: str, data: Optional[Path], text_column: str, label_column: str) -> Any:

@@ -20,7 +20,7 @@ from ..report import write_report
 from ..sources import load_model, load_tokenizer
 from ..sweep import sweep as run_sweep
 from ._common import BATCH_SIZE, DATA, DEVICE, GRANULARITY, JSON, LABEL_COLUMN, REPORT, LIMIT, MAX_LENGTH, MODEL, SCORER, SEED, \
-    TASK, TEXT_COLUMN, TRUST_CODE, console, cpu_only, kinds_list, print_json, progress_bar, quiet_transformers, \
+    TASK, TEXT_COLUMN, TRUST_CODE, check_device, console, kinds_list, print_json, progress_bar, quiet_transformers, \
     refuse_existing, task_for
 
 TARGET_NOT_MET = 3  # exit status of `compress` when it stopped short of its target (1: errors, 2: usage errors)
@@ -59,7 +59,7 @@ def compress_command(
     recover_focus: Optional[tuple[int, int]] = typer.Option(_R.focus, "--recover-focus", metavar="LO HI", help="video diffusion: spend half of each recovery batch at diffusion steps LO..HI (sora-tiny: 490 795)"),
     compensate: str = typer.Option(_A.compensate, "--compensate", help="how the kept particles' readers absorb each cut, from the calibration data: none; bias (removed particles' mean output folded into the bias); merge (each removed particle folded into its best-matching kept one); refit (least squares on all kept)"),
     min_width: float = MIN_WIDTH,
-    round_to: Optional[int] = typer.Option(_A.round_to, "--round-to", min=1, help="keep each layer's width a multiple of this many features (a head is head_dim features wide)"),
+    round_to: Optional[int] = typer.Option(_A.round_to, "--round-to", min=1, help="keep each layer's width a multiple of this many features (a head is head_dim features wide); default: by device and dtype (none on a CPU; 8 fp32, 64 bf16/fp16 on a GPU)"),
     lr: Optional[float] = RECOVER_LR,
     batch_size: int = BATCH_SIZE,
     max_length: int = MAX_LENGTH,
@@ -99,7 +99,7 @@ def compress_command(
     cfg.check()
     if resume:
         _check_same_settings(out, cfg)
-    cpu_only(device, "compress")
+    check_device(device)
     quiet_transformers()
     t = task_for(task, data, text_column, label_column)
     m = load_model(model, trust_code=trust_code).to(device)
@@ -117,7 +117,8 @@ def compress_command(
             elif event == "pruned":
                 bar(0, None, f"round {info['round']}: pruned {sum(info['removed'].values()):,} particles")
 
-        result = run_compress(m, t, tokenizer=tok, config=cfg, out=out, resume=resume, force=force, progress=progress)
+        result = run_compress(m, t, tokenizer=tok, config=cfg, out=out, resume=resume, force=force, progress=progress,
+                              device=device)
     extra = result.extra.get("compress", {})
     test = {k: v for k, v in extra.get("test", {}).items() if isinstance(v, (int, float))}
     met = result.outcome is None or result.outcome.target_met
@@ -223,7 +224,7 @@ def sweep_command(
         raise ParticlizeError(f"--flops takes numbers in (0, 1), e.g. --flops 0.9,0.5; got {','.join(flops)}") from None
     kinds = kinds_list(granularity)
     refuse_existing(out, force)
-    cpu_only(device, "sweep")
+    check_device(device)
     quiet_transformers()
     t = task_for(task, data, text_column, label_column)
     m = load_model(model, trust_code=trust_code).to(device)
@@ -238,7 +239,7 @@ def sweep_command(
             elif event == "recover":
                 bar(info["step"], info["total"], f"{info['granularity']} {info['target']:.0%} round {info['round']}")
 
-        df = run_sweep(m, t, tokenizer=tok, granularities=kinds, flops=targets, out=out, force=force,
+        df = run_sweep(m, t, tokenizer=tok, granularities=kinds, flops=targets, out=out, force=force, device=device,
                        progress=progress, recover_epochs=recover_epochs, scorer=scorer, min_quality=min_quality,
                        batch_size=batch_size, max_length=max_length, limit=limit, lr=lr, seed=seed, min_width=min_width)
     say.print(_sweep_table(df, t.quality_name))

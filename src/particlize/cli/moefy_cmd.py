@@ -14,10 +14,11 @@ from rich.console import Console
 
 from ..adapters import decompose
 from ..io import save
+from ..measure import on_device
 from ..moe import moefy
 from ..sources import load_model, load_tokenizer
 from ._common import BATCH_SIZE, DATA, DEVICE, LABEL_COLUMN, LIMIT, MAX_LENGTH, MODEL, TASK, TEXT_COLUMN, TRUST_CODE, \
-    console, cpu_only, refuse_existing, task_for
+    check_device, console, refuse_existing, task_for
 
 
 def moefy_command(
@@ -43,11 +44,12 @@ def moefy_command(
 ) -> None:
     """Make each FFN a mixture of experts: every token runs only --active of --experts (MoEfication)."""
     refuse_existing(out, force)
-    cpu_only(device, "moefy")
+    check_device(device)
     t = task_for(task, data, text_column, label_column)
     dense = load_model(model, trust_code=trust_code).to(device)
     tok = load_tokenizer(model)
-    calib = t.calibration(dense, tok, batch_size=batch_size, max_length=max_length, limit=calib_examples, seed=seed)
+    calib = on_device(t.calibration(dense, tok, batch_size=batch_size, max_length=max_length, limit=calib_examples,
+                                    seed=seed), device)
     with Console(stderr=True).status("clustering neurons, training routers" + (", distilling" if recover_epochs else "")):
         moe = moefy(dense, calib, experts=experts, active=active, router_hidden=router_hidden, seed=seed, task=t,
                     recover_epochs=recover_epochs, tokenizer=tok, batch_size=batch_size, max_length=max_length,
