@@ -313,12 +313,12 @@ def version(mod: Any) -> str | None:
 
 
 def device_round_to(device: torch.device, dtype: torch.dtype) -> int | None:
-    """The width multiple the library would choose for ``device`` / ``dtype`` when ``round_to`` is not given.
+    """The width multiple the library chooses for ``device`` / ``dtype`` when ``round_to`` is not given
+    (`particlize.allocate.default_round_to`: none on a CPU, 8 for fp32 and 64 for bf16/fp16 on CUDA; the
+    ``round_to`` row measures 8 / 64 / 128 against it)."""
+    from particlize.allocate import default_round_to
 
-    TODO(device branch): replace by the library's own choice (``AllocationConfig(round_to=None)`` chosen by
-    device and dtype); until then: None on a CPU (today's policy), 64 on a GPU (the multiple that made the
-    1.1B Llama cut faster than dense in issue 29; ``round_to`` row measures 8 / 64 / 128)."""
-    return None if device.type == "cpu" else 64
+    return default_round_to(device.type, dtype)
 
 
 def kv_head_groups(pm: Any) -> list[Any]:
