@@ -55,7 +55,7 @@ from .errors import ParticlizeError
 from .particles import ParticleMap, linear_reader_weight
 from .plan import Plan, Step, model_plan, provenance, set_provenance
 from .sources import load_model, load_tokenizer
-from .surgery import is_sharded, layout, shard_model
+from .surgery import default_init, empty_parameters, is_sharded, layout, materialize, shard_model
 from .surgery._tensors import refresh_shapes, set_tensor
 from .surgery.shard import SHARDED, _all_reduce_output, full_slice, kv_heads, kv_slices, set_head_counts
 from .tasks import get_task
@@ -434,5 +434,5 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["ENGINES", "ParallelError", "analyze", "dtensor_fits", "local_bytes", "local_numel", "check_rank", "check_shard", "example_batch", "free_port", "is_sharded",
+__all__ = ["ENGINES", "ParallelError", "analyze", "default_init", "dtensor_fits", "empty_parameters", "materialize", "local_bytes", "local_numel", "check_rank", "check_shard", "example_batch", "free_port", "is_sharded",
            "launch", "layout", "main", "main_output", "shard", "unshard"]
