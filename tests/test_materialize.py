@@ -12,6 +12,7 @@ import particlize as pz
 from conftest import hf_model, output_of
 from particlize.errors import ParticlizeError
 from particlize.parallel import empty_parameters, launch, materialize, shard, unshard
+from particlize.surgery import on_meta
 from particlize.surgery import shard_model
 
 FAMILIES = ["bert", "llama-gqa", "qwen2-gqa", "gpt2", "vit"]
@@ -29,7 +30,9 @@ def _same(a: torch.nn.Module, b: torch.nn.Module) -> list[str]:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_materialised_shard_is_the_shard_of_the_materialised_whole_model(family):
+@pytest.mark.parametrize("block", [1 << 20, 40])  # 40 elements: every tensor drawn in many blocks of rows
+def test_a_materialised_shard_is_the_shard_of_the_materialised_whole_model(family, block, monkeypatch):
+    monkeypatch.setattr(on_meta, "BLOCK", block)
     model, _ = _meta(family)
     assert all(p.is_meta for p in model.parameters()) and not any(b.is_meta for b in model.buffers())
     whole = materialize(copy.deepcopy(model), seed=3)

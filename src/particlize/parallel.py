@@ -7,6 +7,9 @@ several processes.
     part = shard(model)                          # this rank's heads and neurons; outputs equal model's
     whole = unshard(part)                        # every rank: the original weights, exactly
 
+A model too big for one process: build it with ``empty_parameters()`` (weights on ``meta``), ``shard`` it, then
+``materialize(part, seed=0)``: each rank allocates and initialises only its share (`particlize.surgery.on_meta`).
+
 Grouped-query attention: whole key/value groups per rank (their key/value projections cut too) when the world
 size divides the number of key/value heads, otherwise the rule in `particlize.surgery.shard`.
 

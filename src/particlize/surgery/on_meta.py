@@ -8,10 +8,10 @@ rank would need the whole model's memory once. Instead:
     part = shard(model)                         # shapes only: nothing is allocated
     materialize(part, seed=0)                   # this rank's tensors, drawn and cut one at a time
 
-`materialize` draws each tensor *whole* from a generator seeded by ``(seed, its name)`` and keeps only this
-rank's particles of it, so a shard materialised with a seed is exactly the shard of the whole model
-materialised with the same seed (tested), whatever the world size. A rank holds its share plus, while it
-draws, one whole tensor (the largest is usually the token embedding, which is replicated anyway).
+`materialize` draws each tensor as the whole model's would be drawn — block of rows by block of rows, each
+block from a generator seeded by ``(seed, the tensor's name, the block)`` — and keeps only this rank's
+particles of it, so a shard materialised with a seed is exactly the shard of the whole model materialised
+with the same seed (tested), whatever the world size. A rank holds its share plus one block (4 MB) at a time.
 
 Buffers stay real under `empty_parameters` because models compute some at construction (rotary
 frequencies, position ids) and nothing could derive them afterwards; a buffer left on ``meta`` is an error.
@@ -20,6 +20,7 @@ frequencies, position ids) and nothing could derive them afterwards; a buffer le
 from __future__ import annotations
 
 import contextlib
+import math
 import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -31,6 +32,7 @@ from ..errors import ParticlizeError
 from .shard import SHARDED, full_slice
 
 Init = Callable[[str, torch.Tensor, torch.Generator], None]
+BLOCK = 1 << 20  # elements per block of rows drawn at once (4 MB in fp32)
 
 
 @contextlib.contextmanager
@@ -97,9 +99,11 @@ def _zeroed(model: nn.Module) -> set[str]:
 def materialize(model: nn.Module, *, seed: int = 0, init: Init | None = None,
                 device: torch.device | str = "cpu") -> nn.Module:
     """Give every parameter of ``model`` still on ``meta`` real storage on ``device``, in place, and return
-    ``model``. Each tensor is drawn whole by ``init(name, tensor, generator)`` (default `default_init`) from
-    a generator seeded by ``seed`` and the tensor's name, then cut to this rank's particles when ``model`` is
-    a shard, so a shard materialised with a seed equals the shard of the whole model materialised with it.
+    ``model``. Each tensor is filled by ``init(name, rows, generator)`` (default `default_init`), one block of
+    its rows at a time (``init`` must treat every element alike: a block is not the whole tensor), from a
+    generator seeded by ``seed``, the tensor's name and the block, and cut to this rank's particles when
+    ``model`` is a shard, so a shard materialised with a seed equals the shard of the whole model materialised
+    with it.
     Tied parameters stay tied. A buffer on ``meta`` raises `ParticlizeError` (build the model inside
     `empty_parameters`, which keeps buffers real)."""
     init = default_init if init is None else init
@@ -122,18 +126,41 @@ def materialize(model: nn.Module, *, seed: int = 0, init: Init | None = None,
 
 def _draw(name: str, p: torch.Tensor, cuts: dict[str, Any], zeroed: set[str], seed: int, init: Init,
           device: torch.device | str) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
-    dim, keep, whole = cuts.get(name, (0, None, p.shape[0] if p.ndim else 0))
+    """This rank's part of tensor ``name``. The whole tensor is drawn in blocks of rows (dim 0; about
+    `BLOCK` elements each, a split the whole tensor's shape fixes), block ``b`` from a generator seeded by
+    ``(seed, name, b)``: a dim-0 cut (writers) draws only the blocks holding its rows, a dim-1 cut (readers)
+    keeps its columns of each block as it goes, so no whole tensor is ever held."""
+    dim, keep, whole = cuts.get(name, (0, None, 0))
     shape = list(p.shape)
     if keep is not None:
         shape[dim] = whole
-    t = torch.empty(shape, dtype=p.dtype)
-    init(name, t, gen)
-    if keep is not None:
-        t = t.index_select(dim, keep).contiguous()
+    out = torch.empty(p.shape, dtype=p.dtype)
+    if out.ndim == 0:
+        init(name, out, _generator(seed, name, 0))
+        return out.to(device)
+    per = max(1, BLOCK // max(1, math.prod(shape[1:])))
+
+    def block(b: int) -> torch.Tensor:
+        t = torch.empty([min(per, shape[0] - b * per), *shape[1:]], dtype=p.dtype)
+        init(name, t, _generator(seed, name, b))
+        return t
+
+    if keep is not None and dim == 0:
+        blocks = keep // per
+        for b in blocks.unique().tolist():
+            rows = (blocks == b).nonzero().flatten()
+            out[rows] = block(b)[keep[rows] - b * per]
+    else:
+        for b in range(-(-shape[0] // per)):
+            t = block(b)
+            out[b * per : b * per + len(t)] = t if keep is None else t.index_select(dim, keep)
     if name in zeroed:
-        t.zero_()
-    return t.to(device)
+        out.zero_()
+    return out.to(device)
+
+
+def _generator(seed: int, name: str, block: int) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}:{block}".encode()))
 
 
 def _tensor(model: nn.Module, name: str) -> torch.Tensor:
