@@ -113,47 +113,59 @@ def materialize(model: nn.Module, *, seed: int = 0, init: Init | None = None,
             raise ParticlizeError(f"buffer {name!r} is on the meta device and cannot be re-derived; build the model "
                                   "inside particlize.parallel.empty_parameters() (it keeps buffers real)")
     done: dict[int, nn.Parameter] = {}
+    scratch: dict[torch.dtype, torch.Tensor] = {}
     for mpath, mod in model.named_modules(remove_duplicate=False):
         for tname, p in list(mod._parameters.items()):
             if p is None or p.device.type != "meta":
                 continue
             if id(p) not in done:
                 done[id(p)] = nn.Parameter(_draw(f"{mpath}.{tname}" if mpath else tname, p, cuts, zeroed, seed,
-                                                 init, device), requires_grad=p.requires_grad)
+                                                 init, device, scratch), requires_grad=p.requires_grad)
             mod._parameters[tname] = done[id(p)]
     return model
 
 
 def _draw(name: str, p: torch.Tensor, cuts: dict[str, Any], zeroed: set[str], seed: int, init: Init,
-          device: torch.device | str) -> torch.Tensor:
+          device: torch.device | str, scratch: dict[torch.dtype, torch.Tensor]) -> torch.Tensor:
     """This rank's part of tensor ``name``. The whole tensor is drawn in blocks of rows (dim 0; about
     `BLOCK` elements each, a split the whole tensor's shape fixes), block ``b`` from a generator seeded by
-    ``(seed, name, b)``: a dim-0 cut (writers) draws only the blocks holding its rows, a dim-1 cut (readers)
-    keeps its columns of each block as it goes, so no whole tensor is ever held."""
+    ``(seed, name, b)``: an uncut tensor is drawn in place, a dim-0 cut (writers) draws only the blocks holding
+    its rows, a dim-1 cut (readers) keeps its columns of each block. Cut blocks go through one reused
+    ``scratch`` buffer: no whole tensor is ever held, and nothing is allocated and freed per block (which
+    fragmented the heap: +10% resident in a first measurement)."""
     dim, keep, whole = cuts.get(name, (0, None, 0))
+    out = torch.empty(p.shape, dtype=p.dtype)
+    if out.ndim == 0 or out.numel() == 0:
+        init(name, out, _generator(seed, name, 0))
+        return out.to(device)
     shape = list(p.shape)
     if keep is not None:
         shape[dim] = whole
-    out = torch.empty(p.shape, dtype=p.dtype)
-    if out.ndim == 0:
-        init(name, out, _generator(seed, name, 0))
-        return out.to(device)
-    per = max(1, BLOCK // max(1, math.prod(shape[1:])))
-
-    def block(b: int) -> torch.Tensor:
-        t = torch.empty([min(per, shape[0] - b * per), *shape[1:]], dtype=p.dtype)
-        init(name, t, _generator(seed, name, b))
-        return t
-
-    if keep is not None and dim == 0:
-        blocks = keep // per
-        for b in blocks.unique().tolist():
-            rows = (blocks == b).nonzero().flatten()
-            out[rows] = block(b)[keep[rows] - b * per]
-    else:
+    row = math.prod(shape[1:])
+    per = max(1, BLOCK // max(1, row))
+    if keep is None:
         for b in range(-(-shape[0] // per)):
-            t = block(b)
-            out[b * per : b * per + len(t)] = t if keep is None else t.index_select(dim, keep)
+            init(name, out[b * per : (b + 1) * per], _generator(seed, name, b))
+    else:
+        buf = scratch.get(p.dtype)
+        if buf is None or buf.numel() < per * row:
+            buf = scratch[p.dtype] = torch.empty(max(BLOCK, per * row), dtype=p.dtype)
+
+        def block(b: int) -> torch.Tensor:
+            t = buf[: min(per, shape[0] - b * per) * row].view(-1, *shape[1:])
+            init(name, t, _generator(seed, name, b))
+            return t
+
+        if dim == 0:  # keep is sorted: each block's kept rows are one contiguous range of ``out``
+            blocks = keep // per
+            for b in blocks.unique().tolist():
+                rows = (blocks == b).nonzero().flatten()
+                r0, r1 = int(rows[0]), int(rows[-1]) + 1
+                torch.index_select(block(b), 0, keep[r0:r1] - b * per, out=out[r0:r1])
+        else:
+            for b in range(-(-shape[0] // per)):
+                t = block(b)
+                torch.index_select(t, dim, keep, out=out[b * per : b * per + len(t)])
     if name in zeroed:
         out.zero_()
     return out.to(device)
