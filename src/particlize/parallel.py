@@ -7,6 +7,9 @@ several processes.
     part = shard(model)                          # this rank's heads and neurons; outputs equal model's
     whole = unshard(part)                        # every rank: the original weights, exactly
 
+A model too big for one process: build it with ``empty_parameters()`` (weights on ``meta``), ``shard`` it, then
+``materialize(part, seed=0)``: each rank allocates and initialises only its share (`particlize.surgery.on_meta`).
+
 Grouped-query attention: whole key/value groups per rank (their key/value projections cut too) when the world
 size divides the number of key/value heads, otherwise the rule in `particlize.surgery.shard`.
 
@@ -36,7 +39,7 @@ import os
 import resource
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -50,12 +53,14 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 from .adapters import decompose
 from .analysis import analyze as _analyze
+from .analysis import get_scorer
+from .analysis.work import ablation_costs, split_work
 from .batches import batch_inputs, run_batch
 from .errors import ParticlizeError
 from .particles import ParticleMap, linear_reader_weight
 from .plan import Plan, Step, model_plan, provenance, set_provenance
 from .sources import load_model, load_tokenizer
-from .surgery import is_sharded, layout, shard_model
+from .surgery import default_init, empty_parameters, is_sharded, layout, materialize, shard_model
 from .surgery._tensors import refresh_shapes, set_tensor
 from .surgery.shard import SHARDED, _all_reduce_output, full_slice, kv_heads, kv_slices, set_head_counts
 from .tasks import get_task
@@ -374,8 +379,8 @@ def check_rank(spec: str, task: str | None, batch_size: int = 8, max_length: int
 def analyze(model_or_pm: nn.Module | ParticleMap, data: Any, method: str = "ablation", *,
             world_size: int | None = None, process_group: Any = None, **kw: Any) -> pd.DataFrame:
     """`particlize.analyze` with the particles to score split across the ranks (a collective: call it on
-    every rank with the same arguments): each rank runs the exact engine on its share of the groups, and
-    every rank gets the one table the single-process call returns."""
+    every rank with the same arguments): each rank runs the exact engine on its share (`work_shares`: balanced
+    by the estimated work of each particle), and every rank gets the one table the single-process call returns."""
     world, rank = _need_group(process_group)
     if world_size is not None and world_size != world:
         raise ParallelError(f"world_size={world_size} but the process group has {world} ranks")
@@ -386,8 +391,14 @@ def analyze(model_or_pm: nn.Module | ParticleMap, data: Any, method: str = "abla
     names = [names] if isinstance(names, str) else list(names)
     if len(names) == 1 and names[0] not in pm:  # a kind
         names = [g.name for g in pm.select(names[0])]
-    mine = _split_groups(pm, names, world)[rank]
-    part = _analyze(pm, data, method, groups=mine, table=False, **kw) if mine else None
+    mine = work_shares(pm, names, world, method, kw.pop("only", None))[rank]
+    part = None
+    if mine and "only" in get_scorer(method).options:  # a subset of a group's particles: the others come back NaN
+        part = _analyze(pm, data, method, groups=list(mine), table=False, only=mine, **kw)
+        keep = pd.MultiIndex.from_tuples([(n, i) for n, idx in mine.items() for i in idx])
+        part = part[pd.MultiIndex.from_frame(part[["group", "index"]]).isin(keep)]
+    elif mine:
+        part = _analyze(pm, data, method, groups=list(mine), table=False, **kw)
     frames: list[Any] = [None] * world
     dist.all_gather_object(frames, part, group=process_group)
     df = pd.concat([f for f in frames if f is not None], ignore_index=True)
@@ -399,14 +410,18 @@ def analyze(model_or_pm: nn.Module | ParticleMap, data: Any, method: str = "abla
     return df
 
 
-def _split_groups(pm: ParticleMap, names: Sequence[str], world: int) -> list[list[str]]:
-    """Groups dealt to ranks by particle count, largest first (each rank scores whole groups)."""
-    load, out = [0] * world, [[] for _ in range(world)]
-    for n in sorted(names, key=lambda n: -pm[n].size):
-        k = min(range(world), key=lambda r: (load[r], r))
-        out[k].append(n)
-        load[k] += pm[n].size
-    return out
+def work_shares(pm: ParticleMap, names: Sequence[str], world_size: int, method: str = "ablation",
+                only: Mapping[str, Sequence[int]] | None = None) -> list[dict[str, list[int]]]:
+    """Each rank's share ``{group: [particles]}`` of the particles of groups ``names`` (all of them, or those in
+    ``only``) for `analyze`: balanced by `particlize.analysis.work.ablation_costs` (the forward suffix each
+    ablation replays), longest first to the least-loaded rank; groups are cut into pieces when ``method`` can
+    score part of a group (its ``only`` option), else dealt whole."""
+    wanted = {n: sorted(set(only[n])) if only is not None else list(range(pm[n].size)) for n in names}
+    wanted = {n: w for n, w in wanted.items() if w}
+    full = ablation_costs(pm, list(wanted))
+    costs = {n: [full[n][i] for i in w] for n, w in wanted.items()}
+    shares = split_work(costs, world_size, by_particle="only" in get_scorer(method).options)
+    return [{n: [wanted[n][j] for j in idx] for n, idx in s.items()} for s in shares]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -434,5 +449,5 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["ENGINES", "ParallelError", "analyze", "dtensor_fits", "local_bytes", "local_numel", "check_rank", "check_shard", "example_batch", "free_port", "is_sharded",
-           "launch", "layout", "main", "main_output", "shard", "unshard"]
+__all__ = ["ENGINES", "ParallelError", "analyze", "default_init", "dtensor_fits", "empty_parameters", "materialize", "local_bytes", "local_numel", "check_rank", "check_shard", "example_batch", "free_port", "is_sharded",
+           "launch", "layout", "main", "main_output", "shard", "unshard", "work_shares"]

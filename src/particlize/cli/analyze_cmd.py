@@ -47,7 +47,7 @@ def analyze_command(
                                       "particles, I = f(-i,-j) - f(-i) - f(-j) + f (--scorer ablation: exact; hessian: estimate)"),
     pairs: Optional[int] = typer.Option(None, "--pairs", min=2, help="--interactions: only the pairs among the K particles "
                                         "with the largest single effects (default: all pairs of --groups)"),
-    nproc: int = typer.Option(1, "--nproc", min=1, help="score on N local processes (gloo on CPU), each its share of the groups; the table is the same"),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="score on N local processes (gloo on CPU), each its share of the particles, balanced by estimated work; the table is the same"),
     out: Path = typer.Option(..., "--out", help="scores CSV to write"),
     json_out: bool = JSON,
     force: bool = typer.Option(False, "--force", help="overwrite an existing --out file"),
@@ -178,7 +178,7 @@ def _load(model: str, task: str, data: Optional[Path], text_column: str, label_c
 
 
 def _analyze_rank(setting: tuple, scorer: str, groups: Optional[list[str]], options: dict) -> Any:
-    """One rank of ``--nproc``: the same model and batches as one process would use, its share of the groups
+    """One rank of ``--nproc``: the same model and batches as one process would use, its share of the particles
     scored (`particlize.parallel.analyze`); rank 0 returns the gathered table."""
     m, t, batches = _load(*setting)
     pm = decompose(m)

@@ -22,6 +22,7 @@ from .compensate import BIAS, MERGE, REFIT, Bias, Merge, Refit
 from .moefy import MOEFY, Moefy, moefy_model
 from .prune import PRUNE, Prune
 from .shard import SHARD, Shard, is_sharded, layout, shard_model  # noqa: F401  (the shard verb: particlize.parallel)
+from .on_meta import default_init, empty_parameters, materialize  # noqa: F401  (re-exported by particlize.parallel)
 
 
 def plan_step(pm: ParticleMap, remove: Remove) -> dict[str, list[int]]:
