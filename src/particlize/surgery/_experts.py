@@ -6,13 +6,11 @@ contiguous neurons ``e*m .. (e+1)*m``. A small router predicts from the FFN inpu
 token; the token runs only its top-``active`` experts, whose outputs are summed unweighted (every expert
 active is the original FFN, up to the order of the sum).
 
-The fast path groups tokens by expert without a Python loop over experts: the (token, expert) pairs are
-sorted by expert id and laid out in ``[E, capacity, d]`` (capacity: the busiest expert's token count; the
-slots an expert does not fill read token 0, and their results are dropped), every expert runs in one batched
-matmul (``torch.bmm`` over views of the up / gate / down weights, nothing copied), and each token sums its
-``k`` rows back. One gather in, one gather out, three batched matmuls; measured against the previous
-per-expert loop (sort, ``index_select``, two small matmuls and ``index_add`` per expert) in
-``benchmarks/moefy_grouped.py``. The dense-masked path (`ExpertFFN.masked`) computes
+The fast path (`ExpertFFN.grouped`) runs each expert on its own tokens only: the (token, expert) pairs are
+sorted by expert id and either laid out in equal blocks of rows (every block in one batched matmul per
+projection; `block_layout` sizes the blocks against a skewed router) or run one expert at a time over its
+contiguous run of pairs; each token sums its ``k`` expert outputs. Both were measured against the previous
+per-expert loop and the dense FFN in ``benchmarks/moefy_grouped.py``. The dense-masked path (`ExpertFFN.masked`) computes
 every expert for every token and zeroes the unselected ones: it is the reference the tests compare against,
 and the path gates use (per-expert outputs are what an expert gate scales).
 """
@@ -114,13 +112,15 @@ class ExpertFFN(nn.Module):
         ``how``: ``"blocks"`` (all experts in one batched matmul per projection over equal blocks of tokens,
         see `block_layout`: few operations, but every (token, expert) pair's input and output materialised at
         once) or ``"segments"`` (one expert at a time over its contiguous run of sorted pairs, summed into the
-        output in place: small working set, ``E`` small matmuls). None: blocks up to `BLOCKS_MAX` pair
-        elements, segments above (measured in ``benchmarks/moefy_grouped.py``)."""
+        output in place: small working set, ``E`` small matmuls). None: blocks, except single-threaded on more
+        than `BLOCKS_MAX` pair elements (measured in ``benchmarks/moefy_grouped.py``: with 2 threads every
+        operation is a parallel region whose threads must meet, and blocks run a fixed handful of them instead
+        of ~5 per expert; on one thread the loop's smaller working set wins)."""
         lead, d = x.shape[:-1], x.shape[-1]
         xf = x.reshape(-1, d)
         k = min(self.active, self.num_experts)
         top = self.router(xf).topk(k, dim=-1).indices.reshape(-1)  # [T * k]: expert of pair p = (token p // k, slot)
-        how = how or ("blocks" if top.numel() * d <= BLOCKS_MAX else "segments")
+        how = how or ("segments" if torch.get_num_threads() == 1 and top.numel() * d > BLOCKS_MAX else "blocks")
         if how not in ("blocks", "segments"):
             raise ParticlizeError(f"grouped(how=...) must be 'blocks' or 'segments', got {how!r}")
         out = self._blocks_path(xf, top, k) if how == "blocks" else self._segments_path(xf, top, k)
@@ -221,7 +221,7 @@ class ExpertFFN(nn.Module):
         return handle
 
 
-BLOCKS_MAX = 2 ** 21  # pair elements (tokens x k x d_in) up to which `ExpertFFN.grouped` lays out blocks
+BLOCKS_MAX = 2 ** 21  # pair elements (tokens x k x d_in) above which one thread runs `ExpertFFN.grouped` in segments
 BLOCK_COST = 32  # rows of padding that copying one expert's weights for an extra block is worth (measured)
 MIN_ROWS = 16  # no block smaller than this: tiny matmuls cost more than the padding they save
 
