@@ -25,7 +25,7 @@ def _ffn(d: int, experts: int, size: int, active: int, *, gated: bool, bias: boo
     return f.eval()
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(tokens=st.integers(0, 40), experts=st.integers(1, 6), size=st.integers(1, 5), data=st.data(),
        gated=st.booleans(), bias=st.booleans(), skew=st.booleans(), small_blocks=st.booleans(),
        how=st.sampled_from([None, "blocks", "segments"]))

@@ -244,7 +244,7 @@ def moe_report(trained_text, tmp_path_factory):
     work, model, task, tok = trained_text
     out = tmp_path_factory.mktemp("moe")
     pz.save(_moe_classifier(model), out / "moe", tokenizer=tok)
-    return out / "moe", write_report(out / "moe", out / "moe.html", task=task, limit=48)
+    return out / "moe", write_report(out / "moe", out / "moe.html", task=task, limit=32)
 
 
 def test_expert_usage_per_class_equals_a_direct_count_of_router_choices(moe_report, trained_text):
@@ -252,10 +252,10 @@ def test_expert_usage_per_class_equals_a_direct_count_of_router_choices(moe_repo
 
     _, _, task, tok = trained_text
     folder, path = moe_report
-    d = gather(folder, task=task, limit=48)
+    d = gather(folder, task=task, limit=32)
     u = d.expert_usage
     moe = pz.load(folder).eval()
-    batches = task.batches("val", tokenizer=tok, batch_size=32, max_length=64, limit=48)
+    batches = task.batches("val", tokenizer=tok, batch_size=32, max_length=64, limit=32)
     paths = sorted(u["ffn"].unique())
     assert len(paths) == 2 and set(u["class_label"]) == set(task.classes)
     for ffn_path in paths:
