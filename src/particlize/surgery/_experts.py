@@ -112,15 +112,15 @@ class ExpertFFN(nn.Module):
         ``how``: ``"blocks"`` (all experts in one batched matmul per projection over equal blocks of tokens,
         see `block_layout`: few operations, but every (token, expert) pair's input and output materialised at
         once) or ``"segments"`` (one expert at a time over its contiguous run of sorted pairs, summed into the
-        output in place: small working set, ``E`` small matmuls). None: blocks, except single-threaded on more
-        than `BLOCKS_MAX` pair elements (measured in ``benchmarks/moefy_grouped.py``: with 2 threads every
-        operation is a parallel region whose threads must meet, and blocks run a fixed handful of them instead
-        of ~5 per expert; on one thread the loop's smaller working set wins)."""
+        output in place: small working set, ``E`` small matmuls). None: segments on one thread, blocks on more
+        (measured in ``benchmarks/moefy_grouped.py``: with 2 threads every operation is a parallel region whose
+        threads must meet, and blocks run a fixed handful of them instead of ~5 per expert; on one thread the
+        smaller working set of segments wins)."""
         lead, d = x.shape[:-1], x.shape[-1]
         xf = x.reshape(-1, d)
         k = min(self.active, self.num_experts)
         top = self.router(xf).topk(k, dim=-1).indices.reshape(-1)  # [T * k]: expert of pair p = (token p // k, slot)
-        how = how or ("segments" if torch.get_num_threads() == 1 and top.numel() * d > BLOCKS_MAX else "blocks")
+        how = how or ("segments" if torch.get_num_threads() == 1 else "blocks")
         if how not in ("blocks", "segments"):
             raise ParticlizeError(f"grouped(how=...) must be 'blocks' or 'segments', got {how!r}")
         out = self._blocks_path(xf, top, k) if how == "blocks" else self._segments_path(xf, top, k)
@@ -221,7 +221,6 @@ class ExpertFFN(nn.Module):
         return handle
 
 
-BLOCKS_MAX = 2 ** 21  # pair elements (tokens x k x d_in) above which one thread runs `ExpertFFN.grouped` in segments
 BLOCK_COST = 32  # rows of padding that copying one expert's weights for an extra block is worth (measured)
 MIN_ROWS = 16  # no block smaller than this: tiny matmuls cost more than the padding they save
 
