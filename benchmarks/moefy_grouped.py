@@ -16,7 +16,7 @@ to 64 tokens). Sides, interleaved round by round (the order rotates), 2 threads,
 - segments: ``grouped(x, "segments")`` — one expert at a time over its run of sorted pairs: ``index_select``,
   ``addmm`` on weight views, the activation, a matmul with the cached ``[E, m, d_out]`` down weights, an
   in-place ``index_add_``;
-- auto: ``grouped(x)``, the default (blocks for small inputs, segments for large).
+- auto: ``grouped(x)``, the default (segments on one thread, blocks on more).
 Reported: median ms per side, the paired ratio per round (dense / side) and how many rounds auto beat the old
 loop; the routing's imbalance (the busiest expert's pairs over the mean: what one block per expert would pad
 to). ``--whole``: also the whole classifier (every FFN MoEfied, batch 32 x 64), old loop vs the default. Every side is checked against the dense-masked reference (<= 1e-4) before timing.
