@@ -47,6 +47,7 @@ import re  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import torch  # noqa: E402
 import typer  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
@@ -99,8 +100,9 @@ def reports(trained_text, tmp_path_factory):
 def test_run_report_has_every_section_and_the_rounds(reports):
     path, page = reports["run"]
     assert path.name == "report.html" and path.parent.name == "run"  # default: inside the run folder
-    assert sections(page) == {"overview": "no", "maps": "no", "validation": "no", "loop": "no", "structure": "no",
-                              "table": "no"}
+    assert sections(page) == {"overview": "no", "maps": "no", "experts": "yes", "validation": "no", "loop": "no",
+                              "structure": "no", "table": "no"}
+    assert "no mixture-of-experts FFN" in page
     assert check_self_contained(page) >= 7  # kinds, layers, heads, neurons, classes, validation, rounds, widths
     history = json.loads((path.parent / "history.json").read_text())["history"]
     for e in history:  # the rounds' table lists each round's FLOPs share as the run recorded it
@@ -113,11 +115,11 @@ def test_run_report_has_every_section_and_the_rounds(reports):
 
 def test_sweep_report_shows_the_pareto_front_and_says_what_it_lacks(reports):
     _, page = reports["sweep"]
-    assert sections(page) == {"overview": "yes", "maps": "yes", "validation": "yes", "loop": "no", "structure": "yes",
-                              "table": "no"}
+    assert sections(page) == {"overview": "yes", "maps": "yes", "experts": "yes", "validation": "yes", "loop": "no",
+                              "structure": "yes", "table": "no"}
     assert "Sweep: quality vs cost per granularity" in page and check_self_contained(page) == 1
     assert page.count("<td>heads</td>") == page.count("<td>neurons</td>") == 2  # the sweep's rows, listed
-    assert page.count("No data for this source.") == 4
+    assert page.count("No data for this source.") == 5  # overview, maps, experts, validation, structure
 
 
 def test_model_report_analyses_with_exact_ablation(reports, trained_text):
@@ -195,3 +197,88 @@ def test_sora_tiny_report_samples_videos(tmp_path):
     assert s["structure"] == s["maps"] == s["validation"] == s["overview"] == "no" and s["loop"] == "yes"
     assert "<h3>Samples</h3>" in page and "has no class labels" in page and "ε-MSE" in page
     assert check_self_contained(page) >= 6
+
+
+# ---- expert usage per class (mixture-of-experts models made by moefy) ---------------------------------------
+
+
+def _moe_classifier(model):
+    """The tiny classifier with every FFN cut into 4 strided experts, 2 active, routers spread wide."""
+    from particlize.surgery import ExpertFFN, moefy_model
+
+    pm = pz.decompose(model)
+    moe = moefy_model(pm, {g.name: [list(range(e, g.size, 4)) for e in range(4)] for g in pm.select("neuron")},
+                      active=2).model
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for f in moe.modules():
+            if isinstance(f, ExpertFFN):
+                f.router.out.weight.normal_(0, 1.0)
+    return moe.eval()
+
+
+def _direct_counts(moe, batches, ffn_path):
+    """{(class, expert): tokens} by routing each non-padding token by hand: the router's top-2 logits."""
+    got, seen = {}, []
+    ffn = moe.get_submodule(ffn_path)
+    h = ffn.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    try:
+        with torch.no_grad():
+            for inputs, labels in batches:
+                seen.clear()
+                moe(**inputs)
+                logits = ffn.router(seen[0])
+                for b in range(logits.shape[0]):
+                    for t in range(logits.shape[1]):
+                        if inputs["attention_mask"][b, t]:
+                            for e in sorted(range(logits.shape[2]), key=lambda e: -float(logits[b, t, e]))[:2]:
+                                key = (int(labels[b]), e)
+                                got[key] = got.get(key, 0) + 1
+    finally:
+        h.remove()
+    return got
+
+
+@pytest.fixture(scope="module")
+def moe_report(trained_text, tmp_path_factory):
+    work, model, task, tok = trained_text
+    out = tmp_path_factory.mktemp("moe")
+    pz.save(_moe_classifier(model), out / "moe", tokenizer=tok)
+    return out / "moe", write_report(out / "moe", out / "moe.html", task=task, limit=32)
+
+
+def test_expert_usage_per_class_equals_a_direct_count_of_router_choices(moe_report, trained_text):
+    from particlize.report import gather
+
+    _, _, task, tok = trained_text
+    folder, path = moe_report
+    d = gather(folder, task=task, limit=32)
+    u = d.expert_usage
+    moe = pz.load(folder).eval()
+    batches = task.batches("val", tokenizer=tok, batch_size=32, max_length=64, limit=32)
+    paths = sorted(u["ffn"].unique())
+    assert len(paths) == 2 and set(u["class_label"]) == set(task.classes)
+    for ffn_path in paths:
+        want = _direct_counts(moe, batches, ffn_path)
+        part = u[u["ffn"] == ffn_path]
+        for r in part.itertuples():
+            c = task.classes.index(r.class_label)
+            assert r.selected == want.get((c, r.expert), 0)
+            tokens = sum(int(m[labels == c].sum()) for (inputs, labels) in batches for m in [inputs["attention_mask"]])
+            assert r.tokens == tokens and r.share == pytest.approx(r.selected / tokens)
+        assert part.groupby("class_label")["share"].sum().tolist() == pytest.approx([2.0] * len(task.classes))
+    page = path.read_text()
+    s = sections(page)
+    assert s["experts"] == "no" and "Expert usage per class" in page and "unused experts" in page
+    assert s["maps"] == s["validation"] == "no"  # experts are particles: scored and ablated like the rest
+    from particlize.report.render import balance
+
+    b = balance(u)
+    assert ((0 <= b["entropy"]) & (b["entropy"] <= 1)).all() and (b["busiest"] >= b["quietest"]).all()
+
+
+def test_expert_usage_refuses_a_dense_model(trained_text):
+    from particlize.moe import expert_usage
+
+    with pytest.raises(pz.ParticlizeError, match="no mixture-of-experts FFN"):
+        expert_usage(trained_text[1], [])

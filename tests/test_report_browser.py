@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_report import TINY  # noqa: E402
+from test_report import TINY, moe_report  # noqa: E402,F401  (moe_report: a fixture)
 
 from particlize.report import write_report  # noqa: E402
 from particlize.report.render import SECTIONS  # noqa: E402
@@ -55,7 +55,9 @@ def test_report_renders_without_script_errors_and_with_every_section(run_report)
     assert ready.group(1) == "0" and errors.strip() == "", f"JavaScript errors: {errors}"
     for s in SECTIONS:
         assert f'id="{s}"' in dom and f'href="#{s}"' in dom, f"section {s} missing"
-        assert f'data-section="{s}" data-empty="no"' in dom, f"section {s} is empty"
+        empty = "yes" if s == "experts" else "no"  # a dense model routes nothing: the section says why
+        assert f'data-section="{s}" data-empty="{empty}"' in dom, f"section {s}: data-empty is not {empty}"
+    assert "no mixture-of-experts FFN" in dom
     # the script built the particle table: a sortable head and the first page of rows, highest score first
     head = re.search(r'<table class="particles" id="pt"><thead><tr>(.*?)</tr>', dom, re.S).group(1)
     assert re.findall(r"<th[^>]*>(\w+)</th>", head) == ["group", "kind", "layer", "index", "params", "flops", "score"]
@@ -64,6 +66,16 @@ def test_report_renders_without_script_errors_and_with_every_section(run_report)
     scores = [float(re.findall(r"<td>([^<]*)</td>", r)[-1]) for r in rows]
     assert scores and scores == sorted(scores, reverse=True)
     assert re.search(r'id="pt-count">[\d,]+ of [\d,]+ particles · page 1 of \d+<', dom)
+
+
+def test_moe_report_renders_its_expert_usage(moe_report):
+    """A MoEfied model's report in the browser: no script error, the expert usage drawn and its balance listed."""
+    dom = dump_dom(moe_report[1])
+    assert re.search(r'<div id="report-ready" hidden="" data-errors="0">', dom)
+    assert 'data-section="experts" data-empty="no"' in dom and "Expert usage per class" in dom
+    section = dom[dom.index('id="experts"'):]
+    section = section[:section.index("</section>")]
+    assert re.search(r'<img src="data:image/png;base64,', section) and "<th>entropy</th>" in section
 
 
 def test_a_script_error_is_caught(run_report, tmp_path):

@@ -11,7 +11,8 @@ router per layer is trained to predict each expert's activation norm from the la
 regression), so that at inference each token runs the ``active`` experts predicted to matter most.
 Optionally (``recover_epochs``, with a task) the model is then distilled from the original (experts and
 everything else learn; the unweighted top-k gives the routers no gradient) and the routers are fitted
-again on the recovered model's own layer inputs.
+again on the recovered model's own layer inputs. `expert_usage` counts which experts the routers pick for the
+tokens of each class (the report's "Expert usage" section).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
@@ -177,6 +179,75 @@ def fit_routers(model: nn.Module, data: Iterable[Any], *, steps: int = 300, max_
 
 
 # --------------------------------------------------------------------------------------------------
+# Expert usage
+
+
+def _labels(batch: Any) -> Tensor | None:
+    """The class label of each example of a batch: its targets when they are one integer per example."""
+    t = batch.targets if hasattr(batch, "targets") else batch[1] if isinstance(batch, (tuple, list)) and len(batch) == 2 else None
+    ok = isinstance(t, Tensor) and t.ndim == 1 and not t.is_floating_point()
+    return t if ok else None
+
+
+@torch.no_grad()
+def expert_usage(model: nn.Module, data: Iterable[Any], *, classes: Sequence[str] | None = None) -> pd.DataFrame:
+    """How often the router of each mixture-of-experts FFN of ``model`` picks each expert, per class.
+
+    ``data``: ``(inputs, targets)`` batches; with integer targets (one per example, a classifier's) the tokens
+    are split by their example's class (named by ``classes``), otherwise every token counts as class ``"all"``.
+    Padding (the inputs' ``attention_mask``) is left out. One row per (FFN, class, expert): ``ffn`` (module
+    path), ``layer``, ``experts``, ``active``, ``class_label``, ``expert``, ``tokens`` (the class's tokens that
+    reached the FFN), ``selected`` (of those, how many ran the expert) and ``share`` = selected / tokens (a
+    row of shares sums to ``active``: each token runs that many experts)."""
+    ffns = [(p, m) for p, m in model.named_modules() if isinstance(m, ExpertFFN)]
+    if not ffns:
+        raise ParticlizeError("the model has no mixture-of-experts FFN; make one with pz.moefy(model, data)")
+    pm = decompose(model)
+    layer = {p: pm[f"{p}.experts"].layer if f"{p}.experts" in pm else None for p, _ in ffns}
+    counts: dict[tuple[str, Any], list[Tensor]] = {}  # (ffn, class) -> [tokens, selected per expert]
+    current: list[Any] = [None, None]  # inputs, labels of the batch being run
+
+    def hook(path: str, m: ExpertFFN, x: Tensor) -> None:
+        sel = m.selection(m.router(x)).double()  # [..., E]
+        w = token_weights(current[0], x)
+        w = torch.ones(sel.shape[:-1], dtype=torch.float64, device=sel.device) if w is None else w
+        labels = current[1]
+        if labels is None or sel.ndim < 3 or sel.shape[0] != len(labels):
+            groups = [("all", w, sel)]
+        else:
+            labels = labels.to(sel.device)
+            groups = [(int(c), w[labels == c], sel[labels == c]) for c in labels.unique().tolist()]
+        for c, wc, sc in groups:
+            acc = counts.setdefault((path, c), [torch.zeros((), dtype=torch.float64), torch.zeros(m.num_experts, dtype=torch.float64)])
+            acc[0] += wc.sum().cpu()
+            acc[1] += (sc * wc.unsqueeze(-1)).reshape(-1, m.num_experts).sum(0).cpu()
+
+    handles = [m.register_forward_pre_hook(lambda mod, a, p=p: hook(p, mod, a[0])) for p, m in ffns]
+    was = model.training
+    model.eval()
+    try:
+        for b in data:
+            current[0], current[1] = batch_inputs(b), _labels(b)
+            run_batch(model, current[0])
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    if not counts:
+        raise ParticlizeError("the data never reached the model's mixture-of-experts FFNs; pass batches the model runs on")
+    mods = dict(ffns)
+    rows = []
+    for (path, c), (tokens, selected) in sorted(counts.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        m = mods[path]
+        name = c if c == "all" else (classes[c] if classes is not None and 0 <= c < len(classes) else str(c))
+        for e in range(m.num_experts):
+            rows.append({"ffn": path, "layer": layer[path], "experts": m.num_experts, "active": min(m.active, m.num_experts),
+                         "class_label": name, "expert": e, "tokens": float(tokens), "selected": float(selected[e]),
+                         "share": float(selected[e] / tokens) if tokens > 0 else 0.0})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------------
 # The user-facing function
 
 
@@ -283,4 +354,4 @@ def _main(out: Any) -> Tensor | None:
     return out if isinstance(out, Tensor) else None
 
 
-__all__ = ["EXACT_ASSIGNMENT", "balanced_clusters", "fit_routers", "moefy", "train_router"]
+__all__ = ["EXACT_ASSIGNMENT", "balanced_clusters", "expert_usage", "fit_routers", "moefy", "train_router"]

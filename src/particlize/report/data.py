@@ -23,7 +23,9 @@ from ..adapters import decompose
 from ..analysis import analyze, validate_scores
 from ..errors import ParticlizeError
 from ..io import META, build, read_meta, shipped
+from ..moe import expert_usage
 from ..particles import ParticleMap
+from ..surgery import ExpertFFN
 from ..sources import load_model, load_tokenizer
 from ..tasks import Task, get_task
 
@@ -56,6 +58,7 @@ class ReportData:
     metric: str = "loss"
     history: list[dict[str, Any]] | None = None
     sweep: pd.DataFrame | None = None
+    expert_usage: pd.DataFrame | None = None  # mixture-of-experts FFNs: particlize.moe.expert_usage
     frames_before: torch.Tensor | None = None  # [B, C, T, H, W] in [0, 1]
     frames_after: torch.Tensor | None = None
     notes: dict[str, str] = field(default_factory=dict)  # section id -> why it has no (or partial) data
@@ -311,6 +314,14 @@ def _analyse(d: ReportData, model: nn.Module, tokenizer: Any, task: str | Task, 
         d.by_class = by
     else:
         d.notes["classes"] = "A video denoiser has no class labels to attribute its loss to (its targets are noise)."
+    if any(isinstance(m, ExpertFFN) for m in model.modules()):
+        say("counting the experts each class's tokens run")
+        d.expert_usage = expert_usage(model, batches, classes=None if t.kind == "video" else t.classes)
+        if t.kind == "video":
+            d.notes["experts"] = "The video denoiser's tokens have no class label here: one row, all tokens."
+    else:
+        d.notes["experts"] = ("This model has no mixture-of-experts FFN: every token runs every neuron, so there "
+                              "is no routing to show. `particlize moefy` makes one.")
     if any(g.kind == "block" for g in pm.groups):
         say("block influence")
         d.influence = analyze(pm, batches, "influence", groups="block")

@@ -255,6 +255,44 @@ def class_heatmap(by_class: pd.DataFrame, what: str) -> Figure | None:
                   "A head red in one row and pale in the others serves that class alone; red in every row, all of them.")
 
 
+def _ffn_label(part: pd.DataFrame) -> str:
+    layer = part["layer"].iloc[0]
+    return f"L{int(layer)}" if pd.notna(layer) and layer >= 0 else str(part["ffn"].iloc[0])
+
+
+def expert_usage(usage: pd.DataFrame) -> Figure | None:
+    """One heatmap per mixture-of-experts FFN: classes × experts, the share of the class's tokens that ran
+    each expert (`particlize.moe.expert_usage`)."""
+    if usage is None or usage.empty:
+        return None
+    plt = _plt()
+    ffns = usage.drop_duplicates("ffn").sort_values(["layer", "ffn"], na_position="last")["ffn"].tolist()
+    classes = list(dict.fromkeys(usage["class_label"]))
+    heights = [0.55 + 0.32 * len(classes)] * len(ffns)
+    fig, axes = plt.subplots(len(ffns), 1, figsize=(9, 0.5 + sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    vmax = float(usage["share"].max()) or 1.0
+    for ax, ffn in zip(axes[:, 0], ffns):
+        part = usage[usage["ffn"] == ffn]
+        grid = part.pivot_table(index="class_label", columns="expert", values="share", aggfunc="sum").reindex(classes)
+        im = ax.imshow(grid.to_numpy(), cmap="Blues", vmin=0, vmax=vmax, aspect="auto")
+        ax.set_yticks(range(len(classes)), [str(c) for c in classes], fontsize=8)
+        n = grid.shape[1]
+        step = max(1, n // 32)
+        ax.set_xticks(range(0, n, step), [str(e) for e in grid.columns[::step]], fontsize=7)
+        ax.set_ylabel(f"{_ffn_label(part)}\n{int(part['active'].iloc[0])} of {n}", fontsize=8)
+        ax.grid(False)
+        if grid.size <= 96:
+            for (i, j), v in np.ndenumerate(grid.to_numpy()):
+                ax.text(j, i, f"{v:.0%}", ha="center", va="center", fontsize=7, color="white" if v > 0.6 * vmax else "#222")
+        fig.colorbar(im, ax=ax, pad=0.01, fraction=0.04).ax.tick_params(labelsize=7)
+    axes[-1, 0].set_xlabel("expert")
+    axes[0, 0].set_title("Share of each class's tokens routed to each expert (colour: share, same scale in every layer)")
+    return _embed(fig, "Expert usage per class",
+                  "One row per class, one column per expert: a dark cell is an expert most of that class's tokens "
+                  "run (a row sums to k); a column dark in one row only is an expert that serves that class.")
+
+
 # ---- scorer validation ------------------------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from .._version import __version__
@@ -21,7 +22,7 @@ from ..tasks import Task
 from .data import ReportData, gather
 
 TABLE_ROWS = 12_000  # particles listed in the table (the most important first when there are more)
-SECTIONS = ("overview", "maps", "validation", "loop", "structure", "table")  # ids, in page order
+SECTIONS = ("overview", "maps", "experts", "validation", "loop", "structure", "table")  # ids, in page order
 
 
 @dataclass
@@ -58,6 +59,41 @@ def _summary_html(summary: pd.DataFrame | None) -> str:
             f"<th>top-k overlap</th></tr></thead><tbody>{rows}</tbody></table>")
 
 
+def balance(usage: pd.DataFrame) -> pd.DataFrame:
+    """Per mixture-of-experts FFN, how evenly its experts share the tokens (all classes together): the
+    normalised entropy of the expert shares (1: every expert equally busy, 0: one expert takes all), the busiest
+    and quietest expert's share of the tokens, and how many experts no token ran."""
+    rows = []
+    for ffn, part in usage.groupby("ffn", sort=False):
+        per = part.groupby("expert")["selected"].sum()
+        tokens = float(part.drop_duplicates("class_label")["tokens"].sum())
+        p = per.to_numpy(dtype=float) / max(float(per.sum()), 1e-12)
+        nz = p[p > 0]
+        ent = float(-(nz * np.log(nz)).sum() / np.log(len(p))) if len(p) > 1 else 1.0
+        share = per.to_numpy(dtype=float) / max(tokens, 1e-12)
+        rows.append({"ffn": ffn, "layer": part["layer"].iloc[0], "experts": int(part["experts"].iloc[0]),
+                     "active": int(part["active"].iloc[0]), "tokens": int(round(tokens)), "entropy": ent,
+                     "busiest": float(share.max()), "quietest": float(share.min()), "unused": int((per == 0).sum())})
+    return pd.DataFrame(rows)
+
+
+def _balance_html(usage: pd.DataFrame) -> str:
+    b = balance(usage)
+    if b.empty:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(str(r.ffn))}</td><td>{r.active} of {r.experts}</td><td>{r.tokens:,}</td>"
+        f"<td>{r.entropy:.3f}</td><td>{r.busiest:.1%}</td><td>{r.quietest:.1%}</td><td>{r.unused}</td></tr>"
+        for r in b.itertuples())
+    worst = b.loc[b["entropy"].idxmin()]
+    note = (f"<p class='lead'>Balance: entropy 1 means every expert is equally busy (ideal: {worst.active} of "
+            f"{worst.experts} per token, each expert on {worst.active / worst.experts:.1%} of the tokens). The least balanced FFN, "
+            f"{html.escape(str(worst.ffn))}, has entropy {worst.entropy:.2f}: its busiest expert runs for {worst.busiest:.0%} "
+            f"of the tokens, its quietest for {worst.quietest:.1%}.</p>")
+    return (note + "<table class='mini'><thead><tr><th>FFN</th><th>active</th><th>tokens</th><th>entropy</th>"
+            f"<th>busiest expert</th><th>quietest expert</th><th>unused experts</th></tr></thead><tbody>{rows}</tbody></table>")
+
+
 def _history_html(history: list[dict[str, Any]] | None, quality: str) -> str:
     if not history:
         return ""
@@ -78,6 +114,7 @@ def _sections(d: ReportData) -> list[Section]:
     s = {k: Section(k, t, lead) for k, t, lead in (
         ("overview", "Model overview", "What the model is made of and where its cost sits."),
         ("maps", "Particle maps", f"What each particle does to the output ({d.method} scores: {what})."),
+        ("experts", "Expert usage", "Mixture-of-experts FFNs: which experts the router picks for the tokens of each class."),
         ("validation", "Scorer validation", "Whether the cheap score ranks particles as exact ablation does."),
         ("loop", "The loop", "Quality and cost round by round, or across a sweep's runs."),
         ("structure", "Kept structure", "What is left of each layer."),
@@ -99,6 +136,13 @@ def _sections(d: ReportData) -> list[Section]:
             s["maps"].figures.append(f)
     s["maps"].note = " ".join(x for x in (n.get("maps", "" if d.scores is not None else "No scores in this source."),
                                           n.get("classes", "")) if x)
+    if d.expert_usage is not None:
+        f = plots.expert_usage(d.expert_usage)
+        if f:
+            s["experts"].figures.append(f)
+        s["experts"].html = _balance_html(d.expert_usage)
+    s["experts"].note = n.get("experts", "" if d.expert_usage is not None else
+                              "No expert usage in this source: report a saved model made by `moefy` with its --task.")
     if d.validation is not None:
         f = plots.validation_scatter(d.validation, d.validation_summary, what, d.method)
         if f:
