@@ -261,7 +261,8 @@ def row_dit(ctx: Ctx) -> dict[str, Any]:
     d["graph_max_abs_diff"] = float((gd(labels, steps=cfg.steps) - dense.sample(labels, steps=cfg.steps)).abs().max())
     if ctx.cuda:
         gc = FastSampler(cut, cfg.videos, mode="graph")
-        sides.update({"dense_graph": lambda: gd(labels, steps=cfg.steps), "cut_graph": lambda: gc(labels, steps=cfg.steps)})
+        sides.update({"dense_graph": lambda: gd(labels, steps=cfg.steps),
+                      "cut_graph": lambda: gc(labels, steps=cfg.steps)})
     for f in sides.values():  # warm-up
         f()
     t = interleaved(ctx, sides, cfg.dit_rounds)

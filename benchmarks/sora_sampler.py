@@ -81,7 +81,8 @@ def main() -> int:
         fast = sampler(labels, steps=args.steps, seed=0)  # the warm-up call compiles
         compile_s[name] = time.perf_counter() - t
         d = (fast - m.sample(labels, steps=args.steps, seed=0)).abs()
-        diffs[name] = {"max": float(d.max()), "mean": float(d.mean()), "share_over_1_255": float((d > 1 / 255).float().mean())}
+        diffs[name] = {"max": float(d.max()), "mean": float(d.mean()),
+                       "share_over_1_255": float((d > 1 / 255).float().mean())}
         sides[f"{name}_eager"] = lambda m=m: m.sample(labels, steps=args.steps, seed=0)
         sides[f"{name}_compile"] = lambda s=sampler: s(labels, steps=args.steps, seed=0)
     print(f"cut keeps {kept:.1%} of the FLOPs; compile warm-up {compile_s}; |compile - eager| {diffs}", flush=True)

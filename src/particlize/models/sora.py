@@ -3,6 +3,7 @@
     model = SpacetimeDiT(SoraConfig(**PRESETS["tiny"]))       # or pz.load("sora-tiny") for the shipped one
     eps = model(x_t, t, y)                                     # [B, C, T, H, W] noise prediction
     videos = model.sample([3, 7], steps=50, seed=0)            # [2, 1, T, 32, 32] in [0, 1]
+    fast = FastSampler(model, batch=2, mode="compile")         # or "graph" on CUDA: built once, same videos
 
 A video ``[B, C, T, H, W]`` is cut into spacetime patches (``pt x ph x pw``) by a strided Conv3d, giving
 tokens ``[B, T', S, D]`` (``S = H' * W'`` spatial positions per frame). Each `DiTBlock` runs spatial
@@ -10,7 +11,8 @@ attention (the tokens of one frame), temporal attention (one position across fra
 modulated by adaLN-Zero from ``c = t_embed(t) + y_embed(y)``: the class label id ``num_classes`` is the
 null label used for classifier-free guidance. Diffusion: a 1,000-step noise schedule (cosine for the
 presets, linear DDPM betas available), epsilon prediction (Min-SNR weighted in training), and a
-deterministic DDIM sampler with guidance. Videos live in ``[-1, 1]`` inside the model.
+deterministic DDIM sampler with guidance (`sora_sampler`: the same step compiled or as a CUDA graph).
+Videos live in ``[-1, 1]`` inside the model.
 """
 
 from __future__ import annotations

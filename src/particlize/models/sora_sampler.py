@@ -73,10 +73,12 @@ def guided_ddim_step(
 def _check_compile(device: torch.device) -> None:
     """Say clearly, before a long first call, when ``torch.compile`` cannot build code on ``device``."""
     if not hasattr(torch, "compile"):
-        raise ParticlizeError(f"mode='compile' needs torch.compile (torch {torch.__version__} has none): use mode='eager'")
+        raise ParticlizeError(f"mode='compile' needs torch.compile (torch {torch.__version__} has none): "
+                              "use mode='eager'")
     if device.type == "cuda":
         if importlib.util.find_spec("triton") is None:
-            raise ParticlizeError("mode='compile' on CUDA needs Triton (not importable here): install it or use mode='graph'")
+            raise ParticlizeError("mode='compile' on CUDA needs Triton (not importable here): install it or "
+                                  "use mode='graph'")
     elif device.type == "cpu":
         cxx = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
         if not any(c and shutil.which(c) for c in cxx):
