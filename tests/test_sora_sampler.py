@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from particlize.errors import ParticlizeError
+from particlize.models import sora_sampler
 from particlize.models.sora import SoraConfig, SpacetimeDiT
 from particlize.models.sora_sampler import FastSampler, ddim_timesteps
 
@@ -55,6 +56,27 @@ def test_bad_mode_batch_and_device_are_refused():
     if not torch.cuda.is_available():
         with pytest.raises(ParticlizeError, match="mode='graph' replays CUDA graphs: the model is on cpu"):
             m.sample(LABELS, steps=2, mode="graph")
+
+
+def test_compile_without_a_toolchain_or_failing_says_so(monkeypatch):
+    """No C++ compiler on a CPU: refused at construction with what to do; a compile failure on the first call is
+    one ParticlizeError naming torch.compile, not an inductor trace."""
+    m = _model()
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(sora_sampler.shutil, "which", lambda name: None)
+    with pytest.raises(ParticlizeError, match="needs a C\\+\\+ compiler .* use mode='eager'"):
+        FastSampler(m, 3, mode="compile")
+    monkeypatch.undo()
+
+    def broken(fn, **kw):
+        def run(*args):
+            raise RuntimeError("inductor: cc1plus not found\nlong trace")
+        return run
+
+    monkeypatch.setattr(sora_sampler.torch, "compile", broken)
+    with pytest.raises(ParticlizeError,
+                       match=r"torch.compile could not build .*RuntimeError: inductor: cc1plus not found\): use"):
+        m.sample(LABELS, steps=2, mode="compile")
 
 
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="no C++ compiler for inductor")
