@@ -13,7 +13,7 @@ from typing import Any
 import _common as C
 import torch
 
-from _gpu_common import (Ctx, ForwardTimer, MissingAPI, build_llama, capture, interleaved, kv_head_groups, llama_config,
+from _gpu_common import (Ctx, ForwardTimer, MissingAPI, build_llama, interleaved, kv_head_groups, llama_config,
                          llama_ids, med, paired, peak_gib, peer, reset_peak, timed, version)
 
 FRACTION = 0.3  # heads and FFN neurons removed (issue 29's Llama rows)
@@ -237,54 +237,11 @@ def half_flops_plan(pm: Any) -> dict[str, list[int]]:
     return plan
 
 
-class GraphSampler:
-    """``SpacetimeDiT.sample`` (DDIM, classifier-free guidance) with the denoiser's forward replayed as one CUDA
-    graph per step (on a CPU the same loop runs the forward eagerly: how the mirror is tested). TODO(device
-    branch): ``sample`` has no CUDA-graph / ``torch.compile`` mode of its own yet; this mirrors its loop step
-    for step (checked against it: ``graph_max_abs_diff`` in the row)."""
-
-    def __init__(self, ctx: Ctx, model: Any, labels: torch.Tensor):
-        from particlize.models.sora import GUIDANCE
-
-        self.ctx, self.model, self.guidance = ctx, model, GUIDANCE
-        cfg, dev = model.config, ctx.device
-        with torch.inference_mode():  # static buffers: the graph reads and writes these very tensors
-            self.y = labels.to(dev)
-            B = self.y.shape[0]
-            self.x_in = torch.zeros((2 * B, cfg.in_channels, cfg.frames, cfg.size, cfg.size), device=dev)
-            self.t_in = torch.zeros(2 * B, dtype=torch.long, device=dev)
-            self.y_in = torch.cat([self.y, torch.full_like(self.y, model.null_label)])
-            self.graph = capture(ctx, self._forward) if ctx.cuda else None
-
-    def _forward(self) -> None:
-        self.out = self.model(self.x_in, self.t_in, self.y_in)
-
-    @torch.inference_mode()
-    def __call__(self, steps: int, seed: int = 0) -> torch.Tensor:
-        m, cfg, dev = self.model, self.model.config, self.ctx.device
-        B = self.y.shape[0]
-        gen = torch.Generator().manual_seed(seed)
-        x = torch.randn((B, cfg.in_channels, cfg.frames, cfg.size, cfg.size), generator=gen).to(dev)
-        ab = m.diffusion.alpha_bar.to(dev)
-        ts = torch.linspace(m.diffusion.steps - 1, 0, steps).round().long().tolist()
-        for i, t in enumerate(ts):
-            self.x_in.copy_(torch.cat([x, x]))
-            self.t_in.fill_(t)
-            self.graph.replay() if self.graph is not None else self._forward()
-            eps_c, eps_u = self.out.chunk(2)
-            eps = eps_u + self.guidance * (eps_c - eps_u)
-            a = ab[t]
-            x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
-            eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
-            a_prev = ab[ts[i + 1]] if i + 1 < len(ts) else torch.ones((), device=dev)
-            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
-        return ((x + 1) / 2).clamp(0, 1)
-
-
 def row_dit(ctx: Ctx) -> dict[str, Any]:
     """``sora-tiny`` cut to half its FLOPs by width: ``videos`` videos × ``steps`` DDIM steps, dense vs cut, eager
-    and (GPU) with the denoiser replayed as CUDA graphs."""
+    and (GPU) with the library's CUDA-graph sampler (`FastSampler(mode="graph")`, one guided step per replay)."""
     import particlize as pz
+    from particlize.models.sora_sampler import FastSampler
 
     cfg = ctx.cfg
     dense = pz.load("sora-tiny", device=ctx.device).eval()
@@ -294,15 +251,19 @@ def row_dit(ctx: Ctx) -> dict[str, Any]:
     labels = torch.arange(cfg.videos) % 10
     sides = {"dense": lambda: dense.sample(labels, steps=cfg.steps), "cut": lambda: cut.sample(labels, steps=cfg.steps)}
     d: dict[str, Any] = {"flops_kept": kept}
-    gd = GraphSampler(ctx, dense, labels)  # on a CPU its loop runs eagerly: the mirror is checked all the same
-    d["graph_max_abs_diff"] = float((gd(cfg.steps) - dense.sample(labels, steps=cfg.steps)).abs().max())
+    # graph vs eager on a GPU; on a CPU the sampler's eager mode (the step the graph captures) vs ``sample``
+    gd = FastSampler(dense, cfg.videos, mode="graph" if ctx.cuda else "eager")
+    d["graph_max_abs_diff"] = float((gd(labels, steps=cfg.steps) - dense.sample(labels, steps=cfg.steps)).abs().max())
     if ctx.cuda:
-        gc = GraphSampler(ctx, cut, labels)
-        sides.update({"dense_graph": lambda: gd(cfg.steps), "cut_graph": lambda: gc(cfg.steps)})
+        gc = FastSampler(cut, cfg.videos, mode="graph")
+        sides.update({"dense_graph": lambda: gd(labels, steps=cfg.steps),
+                      "cut_graph": lambda: gc(labels, steps=cfg.steps)})
     for f in sides.values():  # warm-up
         f()
     t = interleaved(ctx, sides, cfg.dit_rounds)
     d.update({"eager_speedup": paired(t, "dense", "cut"), "seconds": {k: med(v) for k, v in t.items()}})
+    if ctx.cuda:
+        d["graph_vs_eager"] = {"dense": paired(t, "dense", "dense_graph"), "cut": paired(t, "cut", "cut_graph")}
     mode = "cut_graph" if ctx.cuda else "cut"
     sp = paired(t, "dense_graph", "cut_graph") if ctx.cuda else d["eager_speedup"]
     return {"what": f"Sora-style DiT, {cfg.videos} videos x {cfg.steps} steps, {kept:.0%} FLOPs width cut"

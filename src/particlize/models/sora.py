@@ -3,6 +3,7 @@
     model = SpacetimeDiT(SoraConfig(**PRESETS["tiny"]))       # or pz.load("sora-tiny") for the shipped one
     eps = model(x_t, t, y)                                     # [B, C, T, H, W] noise prediction
     videos = model.sample([3, 7], steps=50, seed=0)            # [2, 1, T, 32, 32] in [0, 1]
+    fast = FastSampler(model, batch=2, mode="compile")         # or "graph" on CUDA: built once, same videos
 
 A video ``[B, C, T, H, W]`` is cut into spacetime patches (``pt x ph x pw``) by a strided Conv3d, giving
 tokens ``[B, T', S, D]`` (``S = H' * W'`` spatial positions per frame). Each `DiTBlock` runs spatial
@@ -10,7 +11,8 @@ attention (the tokens of one frame), temporal attention (one position across fra
 modulated by adaLN-Zero from ``c = t_embed(t) + y_embed(y)``: the class label id ``num_classes`` is the
 null label used for classifier-free guidance. Diffusion: a 1,000-step noise schedule (cosine for the
 presets, linear DDPM betas available), epsilon prediction (Min-SNR weighted in training), and a
-deterministic DDIM sampler with guidance. Videos live in ``[-1, 1]`` inside the model.
+deterministic DDIM sampler with guidance (`sora_sampler`: the same step compiled or as a CUDA graph).
+Videos live in ``[-1, 1]`` inside the model.
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ParticlizeError
 from ._util import _recipe
+from .sora_sampler import GUIDANCE, MODES, FastSampler, ddim_timesteps, guided_ddim_step, initial_noise
 
-__all__ = ["PRESETS", "SoraConfig", "SpacetimeDiT", "DiTBlock", "Attention", "Diffusion", "sora"]
+__all__ = ["PRESETS", "SoraConfig", "SpacetimeDiT", "DiTBlock", "Attention", "Diffusion", "FastSampler", "GUIDANCE",
+           "sora"]
 
 
 @dataclass
@@ -195,9 +200,6 @@ class Diffusion:
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
-GUIDANCE = 5.0  # the sampler's default classifier-free guidance scale
-
-
 class SpacetimeDiT(nn.Module):
     """Diffusion transformer predicting the noise in a video ``[B, C, T, H, W]`` at step ``t`` for label ``y``."""
 
@@ -282,6 +284,7 @@ class SpacetimeDiT(nn.Module):
         seed: int = 0,
         guidance: float = GUIDANCE,
         trajectory: list[tuple[Tensor, int]] | None = None,
+        mode: str = "eager",
     ) -> Tensor:
         """Deterministic DDIM (eta = 0) with classifier-free guidance: videos ``[B, C, T, H, W]`` in [0, 1].
 
@@ -290,37 +293,33 @@ class SpacetimeDiT(nn.Module):
         The starting noise is drawn on the CPU from ``seed``, so results do not depend on the device.
         A ``trajectory`` list receives ``(x_t, t)`` for every step: the noisy videos the sampler visits
         (what guidance-aware distillation trains on, `particlize.train_sora.distill_dit`).
+        ``mode`` ``"graph"`` (CUDA graphs) or ``"compile"`` (``torch.compile``) runs each step as one unit
+        and gives the same videos (`FastSampler`; build one yourself to reuse it across calls).
         """
+        if mode not in MODES:
+            raise ParticlizeError(f"unknown sampling mode {mode!r}: choose one of {', '.join(MODES)}")
+        y = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        if mode != "eager":
+            return FastSampler(self, y.shape[0], mode, guidance)(y, steps=steps, seed=seed, trajectory=trajectory)
         was_training = self.training
         self.eval()
         try:
             device = next(self.parameters()).device
-            y = torch.as_tensor(labels, dtype=torch.long).reshape(-1).to(device)
+            y = y.to(device)
             B, cfg = y.shape[0], self.config
-            gen = torch.Generator().manual_seed(seed)
-            x = torch.randn((B, cfg.in_channels, cfg.frames, cfg.size, cfg.size), generator=gen).to(device)
+            x = initial_noise((B, cfg.in_channels, cfg.frames, cfg.size, cfg.size), seed, device)
             ab = self.diffusion.alpha_bar.to(device)
-            ts = torch.linspace(self.diffusion.steps - 1, 0, steps).round().long().tolist()
+            ts = ddim_timesteps(self.diffusion.steps, steps)
             null = torch.full_like(y, self.null_label)
             for i, t in enumerate(ts):
                 tt = torch.full((B,), t, device=device, dtype=torch.long)
                 if trajectory is not None:
                     trajectory.append((x.clone(), t))
-                if guidance == 1.0:
-                    eps = self(x, tt, y)
-                else:
-                    e = self(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null]))
-                    eps_c, eps_u = e.chunk(2)
-                    eps = eps_u + guidance * (eps_c - eps_u)
-                a = ab[t]
-                x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
-                eps = (x - a.sqrt() * x0) / (1 - a).sqrt()  # consistent with the clipped x0
                 a_prev = ab[ts[i + 1]] if i + 1 < len(ts) else torch.ones((), device=device)
-                x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+                x = guided_ddim_step(self, x, tt, y, null, ab[t], a_prev, guidance)
             return ((x + 1) / 2).clamp(0, 1)
         finally:
             self.train(was_training)
-
 
 def sora(preset: str = "tiny", **overrides) -> SpacetimeDiT:
     """A randomly initialised `SpacetimeDiT` from a preset (``"tiny"`` for CPU, ``"small"`` for GPU)."""
