@@ -8,11 +8,13 @@ shapes, both sides measured in the same run, medians and paired per-round ratios
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -340,6 +342,16 @@ def tp_removed(pruner: Any, readers: dict[str, int], ffn_writers: set[str]) -> d
         elif is_out and name in ffn_writers:
             out[name] = idxs
     return out
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """``obj`` as indented JSON at ``path``, written to a temporary file beside it and renamed (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+    print(f"wrote {path}")
 
 
 def fmt_s(x: float | None) -> str:

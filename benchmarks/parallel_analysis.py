@@ -16,9 +16,6 @@ Writes ``benchmarks/results/parallel-analysis.json`` (``--out``; kept unless ``-
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -108,11 +105,7 @@ def main() -> int:
     print(f"wall former / balanced: {', '.join(f'{x:.2f}' for x in ratio)}")
     result = {"machine": C.machine_line(), "model": a.model, "limit": a.limit, "rounds": a.rounds,
               "probe_gflops": probe, "summary": summary, "wall_ratio_former_over_balanced": ratio, "ranks": ranks}
-    fd, tmp = tempfile.mkstemp(dir=a.out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, a.out)
-    print(f"wrote {a.out}")
+    C.write_json(a.out, result)
     return 0
 
 

@@ -26,12 +26,10 @@ Writes ``benchmarks/results/parallel-llama-rss.json`` (``--out``; an existing fi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -124,12 +122,7 @@ def main() -> int:
                   f"= {(r['peak_mb'] - r['after_build_mb']) * 2**20 / r['param_bytes']:.2f}x params)")
     result = {"machine": C.machine_line(), "small": a.small, "tokens": a.tokens, "bare_torch_max_rss_mb": bare,
               "worlds": rows}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=a.out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, a.out)
-    print(f"wrote {a.out}")
+    C.write_json(a.out, result)
     return 0
 
 
