@@ -180,3 +180,15 @@ def test_granularity_kv_heads_allocates_whole_groups():
     for both in (("heads", "kv_heads"), ("all", "kv_heads")):
         with pytest.raises(ParticlizeError, match="cut the same weights: pick one"):
             AllocationConfig(granularity=both).check()
+
+
+@pytest.mark.parametrize("how", ["bias", "refit"])
+def test_compensated_kv_cut_saves_and_loads(how, tmp_path):
+    model, batch = gqa_model("qwen2-4-2")
+    pm = pz.decompose(model)
+    remove = {g.name: [1] for g in _kv(pm)}
+    small = pm.prune(remove, compensate=how, data=[batch])
+    with torch.no_grad():
+        assert not torch.allclose(output_of(small, batch), output_of(pm.prune(remove), batch), atol=1e-4)
+        pz.save(small, tmp_path / "m")
+        torch.testing.assert_close(output_of(pz.load(tmp_path / "m"), batch), output_of(small, batch), atol=1e-6, rtol=0)
