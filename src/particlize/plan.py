@@ -295,5 +295,6 @@ def set_provenance(model: nn.Module, recipe: Mapping[str, Any] | None, plan: Pla
 
 __all__ = [
     "FORMAT", "PROVENANCE", "Compensation", "Plan", "Step", "Verb", "compensations", "get_verb", "model_plan",
-    "kept_indices", "provenance", "prune_model", "with_contained", "prune_steps", "register_verb", "run", "set_provenance", "verbs",
+    "kept_indices", "provenance", "prune_model", "prune_steps", "register_verb", "run", "set_provenance", "verbs",
+    "with_contained",
 ]
