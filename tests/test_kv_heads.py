@@ -146,6 +146,8 @@ def test_kv_heads_and_their_query_heads_are_cut_in_two_calls():
     kv, heads = "model.layers.1.self_attn.kv_heads", "model.layers.1.self_attn.heads"
     with pytest.raises(PlanError, match="in two prune calls"):
         pm.prune({kv: [0], heads: [4, 5]})
+    with pytest.raises(PlanError, match="in one prune"):  # a plan run directly is refused too
+        pz.plan.run(pm.rebind(pm.prune({})), pz.Plan.prune({kv: [1], heads: [0, 1, 4, 5]}, {kv: "kv_head", heads: "head"}))
     # other layers' query heads may go with it
     assert_masked_equals_pruned(pm, {kv: [0], "model.layers.0.self_attn.heads": [0, 4]}, batch)
     # the carried map re-indexes the query heads: key/value head 1 is now 0, its query heads 0..3
