@@ -322,14 +322,12 @@ def device_round_to(device: torch.device, dtype: torch.dtype) -> int | None:
 
 
 def kv_head_groups(pm: Any) -> list[Any]:
-    """Key/value-head groups of a decomposed GQA model (a whole kv group with its query heads per particle).
-
-    TODO(device branch): the library has no such granularity yet (issue 29: "key/value heads as a prunable
-    granularity"); this looks for groups of kind ``kv_head`` / ``kv-head`` and says so when there are none."""
-    groups = [g for g in pm.groups if g.kind in ("kv_head", "kv-head", "kvhead")]
+    """Key/value-head groups of a decomposed GQA model (kind ``kv_head``: one particle per key/value head, with its
+    k/v rows, its query heads' q rows and their o_proj columns). A model without grouped-query attention has
+    none (its ``heads`` already own their key/value rows): that is an error here, the row needs GQA."""
+    groups = pm.select("kv_head")
     if not groups:
-        raise MissingAPI("no key/value-head groups: decompose has no kv-head granularity yet "
-                         "(TODO: wire after the device branch lands)")
+        raise ValueError(f"{type(pm.model).__name__} has no key/value-head groups: it has no grouped-query attention")
     return groups
 
 

@@ -11,10 +11,10 @@ from particlize import ParticleMap
 def removal_sets(draw, pm: ParticleMap, allow_all_blocks: bool = False) -> dict[str, list[int]]:
     """A random removal mapping valid for physical pruning: groups are never emptied (a block group too, unless
     ``allow_all_blocks``: removing every block of a model is refused), grouped-query heads are removed evenly
-    across key/value groups."""
+    across key/value groups, and a coarse group (key/value heads) is not cut with the finer one it contains."""
     remove: dict[str, list[int]] = {}
     for g in pm.groups:
-        if not draw(st.booleans()):
+        if not draw(st.booleans()) or g.contains in remove:  # key/value heads and their query heads: not both at once
             continue
         if g.kind == "block":
             hi = g.size if allow_all_blocks else g.size - 1

@@ -17,7 +17,7 @@ def _removal(pm: pz.ParticleMap) -> dict[str, list[int]]:
     """Half of every compensable group (GQA-even), plus a block, so verbs meet every kind of step."""
     remove = {}
     for g in pm.groups:
-        if linear_reader_weight(pm, g) is None:
+        if linear_reader_weight(pm, g) is None or g.contains:  # key/value heads: their query heads are cut here
             continue
         chunk = g.size // g.balanced
         remove[g.name] = [c * chunk + i for c in range(g.balanced) for i in range(0, chunk, 2)]

@@ -132,7 +132,7 @@ def test_carried_map_equals_fresh_decompose(family, seed):
     remove = {}
     g = torch.Generator().manual_seed(seed)
     for grp in pm.groups:
-        if grp.kind == "block" or torch.rand(1, generator=g) < 0.3:
+        if grp.kind == "block" or torch.rand(1, generator=g) < 0.3 or grp.contains in remove:  # not both kv and q heads
             continue
         chunk = grp.size // grp.balanced
         drop = torch.randperm(chunk, generator=g)[: int(torch.randint(1, chunk, (1,), generator=g))].tolist()

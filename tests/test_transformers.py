@@ -30,11 +30,11 @@ def test_groups_found(family):
     model, _ = hf_model(family)
     pm = pz.decompose(model)
     kinds = {g.kind for g in pm.groups}
-    assert kinds == {"head", "neuron", "block"}
+    gqa = {"llama-gqa": 4, "qwen2-gqa": 2, "mistral-gqa": 2}.get(family, 1)
+    assert kinds == {"head", "neuron", "block"} | ({"kv_head"} if gqa > 1 else set())  # kv heads: tests/test_kv_heads.py
     heads = pm.select("head")
     assert len(heads) == (2 if family == "llama-mha" else 3)  # one head group per layer
     assert all(g.name.endswith(".heads") for g in heads)
-    gqa = {"llama-gqa": 4, "qwen2-gqa": 2, "mistral-gqa": 2}.get(family, 1)
     assert all(g.balanced == (heads[0].size // gqa if gqa > 1 else 1) for g in heads)
 
 

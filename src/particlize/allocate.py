@@ -29,7 +29,7 @@ from .plan import compensations
 from .surgery import block_correspondence
 
 GRANULARITIES = {"heads": "head", "neurons": "neuron", "channels": "channel", "units": "unit", "blocks": "block",
-                 "factors": "factor"}
+                 "factors": "factor", "kv_heads": "kv_head"}
 
 
 @dataclass
@@ -52,6 +52,9 @@ class AllocationConfig:
         bad = [g for g in self.granularity if g not in GRANULARITIES and g != "all"]
         if bad:
             raise ParticlizeError(f"unknown granularity {bad}; use {', '.join(GRANULARITIES)} or all")
+        if "kv_heads" in self.granularity and ("heads" in self.granularity or "all" in self.granularity):
+            raise ParticlizeError("granularity kv_heads (whole key/value groups) and heads (query heads) cut the same "
+                                  "weights: pick one of them")
         if not 0.0 <= self.min_width <= 1.0:
             raise ParticlizeError(f"min_width is the share of each layer's original width kept at least: in [0, 1], got {self.min_width}")
         if self.round_to is not None and self.round_to < 1:
@@ -77,9 +80,9 @@ class AllocationConfig:
 
     @property
     def kinds(self) -> set[str]:
-        """The particle kinds ``granularity`` names (``"all"``: every kind)."""
+        """The particle kinds ``granularity`` names (``"all"``: every kind but key/value heads, which heads refine)."""
         if "all" in self.granularity:
-            return set(GRANULARITIES.values())
+            return set(GRANULARITIES.values()) - {"kv_head"}
         return {GRANULARITIES[g] for g in self.granularity}
 
 

@@ -33,9 +33,10 @@ from .gates import (  # noqa: F401  (re-exported: the gate sites are part of the
 )
 from .record import particle_table
 
-# factor: one latent dimension of embedding tables that meet (a recommender's user and item factors)
-Kind = Literal["head", "neuron", "channel", "unit", "block", "expert", "factor"]
-KINDS: tuple[str, ...] = ("head", "neuron", "channel", "unit", "block", "expert", "factor")
+# factor: one latent dimension of embedding tables that meet (a recommender's user and item factors);
+# kv_head: a key/value head of grouped-query attention with all its query heads
+Kind = Literal["head", "neuron", "channel", "unit", "block", "expert", "factor", "kv_head"]
+KINDS: tuple[str, ...] = ("head", "neuron", "channel", "unit", "block", "expert", "factor", "kv_head")
 Remove = Mapping[str, "Sequence[int] | Tensor"]
 
 
@@ -56,6 +57,9 @@ class ParticleGroup:
     (query heads sharing a key/value head under grouped-query attention). ``active`` marks a conditional
     group (mixture-of-experts): each token runs only ``active`` of its kept particles, so the FLOPs of the
     tensors named in ``routed`` scale with ``min(active, kept) / kept`` of their kept size, not with it.
+    ``contains`` names a finer group whose particles each particle here is made of (``fine.size / size``
+    consecutive ones: a key/value head's query heads); costs count the shared tensors and attention through
+    it, a cut of either resizes the other, and one prune cuts only one of the two (`plan.with_contained`).
     """
 
     name: str
@@ -72,6 +76,7 @@ class ParticleGroup:
     scope: str = ""
     active: int | None = None
     routed: tuple[str, ...] = ()
+    contains: str | None = None
     on_prune: Callable[[nn.Module, list[int]], None] | None = field(default=None, repr=False)
 
     def ctx_flops(self, seq_len: int) -> float:
@@ -238,7 +243,7 @@ class ParticleMap:
         channel groups, an LSTM's recurrent weight) are counted once with every kept extent.
         """
         seq_len = self.seq_len if seq_len is None else seq_len
-        removed = self.removed_sets(remove or {})
+        removed = _plan.with_contained(self, self.removed_sets(remove or {}))
         dead_blocks: set[str] = set()
         dead_scopes: set[str] = set()
         for g in self.groups:
@@ -254,12 +259,14 @@ class ParticleMap:
             if g.kind == "block":
                 continue
             gone = removed.get(g.name, [])
+            fine = {s.name for f in self.groups if f.name == g.contains for s in (*f.writers, *f.readers)}
             alive = not any(g.scope.startswith(s) or g.name.startswith(s) for s in dead_scopes)
-            ctx_total += g.ctx_flops(seq_len) * (g.size - len(gone) if alive else 0)
+            # a coarse group's attention and shared tensors are its finer group's, counted there
+            ctx_total += g.ctx_flops(seq_len) * (g.size - len(gone) if alive and g.contains is None else 0)
             if g.active is not None and len(gone) < g.size:
                 now, was = min(g.active, g.size - len(gone)) / (g.size - len(gone)), min(g.active, g.size) / g.size
                 routing.update((name, now / was) for name in g.routed)
-            for s in (*g.writers, *g.readers):
+            for s in (s for s in (*g.writers, *g.readers) if s.name not in fine):
                 t = self._tensor(s.name)
                 dim = s.dim % t.ndim
                 kept.setdefault(s.name, {})[dim] = len(gone) * s.width * s.repeat
@@ -479,7 +486,15 @@ class ParticleMap:
         new = dataclasses.replace(
             g, size=size, gate=gate, writers=tuple(cut(s) for s in g.writers), readers=tuple(cut(s) for s in g.readers)
         )
+        swap = {name: new}  # a contained (finer) group shrinks with a coarse one; a coarse one's particles thin out
+        for f in (f for f in self.groups if f.name == g.contains):
+            swap[f.name] = dataclasses.replace(f, size=f.size // g.size * size, balanced=size if f.balanced > 1 else 1)
+        for x in (x for x in self.groups if x.contains == name):
+            shared = {s.name for s in (*g.writers, *g.readers)}
+            w = lambda s: dataclasses.replace(s, width=s.width * size // g.size) if s.name in shared else s  # noqa: E731
+            swap[x.name] = dataclasses.replace(x, writers=tuple(map(w, x.writers)), readers=tuple(map(w, x.readers)),
+                                               flops_ctx=x.flops_ctx * size / g.size)
         out = self.rebind(self.model if model is None else model)
-        out.groups = [new if x.name == name else x for x in self.groups]
+        out.groups = [swap.get(x.name, x) for x in self.groups]
         out._by_name = {x.name: x for x in out.groups}
         return out

@@ -218,6 +218,9 @@ def prune_model(pm: "ParticleMap", removed: Mapping[str, Sequence[int]], *,
     keep = kept_indices(pm, removed)
     for name, idx in keep.items():
         pm[name].check_keep(idx)
+        if pm[name].contains in keep:
+            raise PlanError(f"{name!r} and {pm[name].contains!r} cut the same weights: remove key/value heads and "
+                            "query heads of one layer in two prune calls (the second on the first's result)")
     steps: list[Step] = []
     if compensate not in (None, "none") and keep:
         comp = get_verb(compensate) if isinstance(compensate, str) else compensate
@@ -252,6 +255,17 @@ def kept_indices(pm: "ParticleMap", removed: Mapping[str, Sequence[int]]) -> dic
     return out
 
 
+def with_contained(pm: "ParticleMap", removed: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    """``removed`` (``{group: indices}``) plus, for each group that ``contains`` a finer one, the finer particles
+    inside its removed ones (key/value head ``i`` holds query heads ``i * c .. i * c + c - 1``)."""
+    out = {n: list(r) for n, r in removed.items()}
+    for name, gone in removed.items():
+        if gone and (fine := pm[name].contains) in pm:
+            c = pm[fine].size // pm[name].size
+            out[fine] = sorted(set(out.get(fine, [])) | {i * c + j for i in gone for j in range(c)})
+    return out
+
+
 def compensations() -> list[str]:
     """Names of the registered compensation verbs (what ``compensate=`` accepts besides None)."""
     return sorted(n for n, v in _VERBS.items() if hasattr(v, "steps"))
@@ -282,4 +296,5 @@ def set_provenance(model: nn.Module, recipe: Mapping[str, Any] | None, plan: Pla
 __all__ = [
     "FORMAT", "PROVENANCE", "Compensation", "Plan", "Step", "Verb", "compensations", "get_verb", "model_plan",
     "kept_indices", "provenance", "prune_model", "prune_steps", "register_verb", "run", "set_provenance", "verbs",
+    "with_contained",
 ]

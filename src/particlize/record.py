@@ -44,7 +44,8 @@ def unit_cost(pm: ParticleMap, g: ParticleGroup, seq_len: int) -> tuple[list[int
             f = sum(pm._tensor(n).numel() * pm.tensor_flops.get(n, 0.0) for n in names)
             if isinstance(g.gate, ResidualGate):
                 scope = g.gate.modules[i] + "."
-                f += sum(o.ctx_flops(seq_len) * o.size for o in pm.groups if o.kind != "block" and o.scope.startswith(scope))
+                f += sum(o.ctx_flops(seq_len) * o.size for o in pm.groups  # a coarse group's attention is its finer one's
+                         if o.kind != "block" and o.contains is None and o.scope.startswith(scope))
             params.append(int(p))
             flops.append(float(f))
         return params, flops

@@ -49,6 +49,21 @@ def heads(
     )
 
 
+def kv_heads(
+    path: str, n_kv: int, n_q: int, head_dim: int, layer: int | None, gate: GateSite,
+    q: tuple[str, nn.Module], kv: Sequence[tuple[str, nn.Module]], reader: str, **kw: Any,
+) -> ParticleGroup:
+    """The ``n_kv`` key/value heads of grouped-query attention at ``path`` (group ``f"{path}.kv_heads"``), each
+    with its ``n_q / n_kv`` query heads: their ``q`` rows, one head of ``kv`` (key and value) rows, and their
+    columns of ``reader``. It ``contains`` the query heads' group ``f"{path}.heads"``, which counts the
+    attention FLOPs; per particle they are the ``n_q / n_kv`` query heads' ``4 * head_dim`` each."""
+    c = n_q // n_kv
+    return ParticleGroup(
+        f"{path}.kv_heads", "kv_head", n_kv, layer, gate, (*rows([q], width=c * head_dim), *rows(kv, width=head_dim)),
+        (columns(reader, c * head_dim),), flops_ctx=4.0 * head_dim * c, contains=f"{path}.heads", **kw,
+    )
+
+
 def neurons(
     path: str, n: int, layer: int | None, gate: GateSite, writers: Sequence[Slice], readers: Sequence[Slice],
     **kw: Any,

@@ -2,7 +2,8 @@
 
 Layers are found by structure, not by class, so the adapter also works on a model that *contains*
 such a transformer (a classifier wrapping a BERT encoder). Per layer it yields attention heads and FFN
-neurons; per layer list, the blocks. FLOPs are per token of the transformer layers (embeddings and
+neurons (and, under grouped-query attention, key/value heads: each a whole key/value group with its query
+heads, a coarse group over the heads, ``kv_heads``); per layer list, the blocks. FLOPs are per token of the transformer layers (embeddings and
 anything outside the layers excluded); attention scores count ``4 * head_dim`` per token per context
 position.
 """
@@ -16,7 +17,7 @@ from torch import nn
 
 from ..particles import InputGate, ParticleGroup, ResidualGate, Slice
 from . import AdapterResult, register
-from ._builders import blocks, columns, heads, linear_flops, mlp_neurons, neurons, rows, set_present
+from ._builders import blocks, columns, heads, kv_heads, linear_flops, mlp_neurons, neurons, rows, set_present
 
 FLOPS_UNIT = "per token (transformer layers)"
 
@@ -83,6 +84,11 @@ def _qkvo(layer: nn.Module, lp: str, idx: int) -> list[ParticleGroup] | None:
         a = model.get_submodule(ap)
         set_present(a, num_key_value_groups=len(keep) // n_kv, num_heads=len(keep), num_attention_heads=len(keep))
 
+    def kv_pruned(model: nn.Module, keep: list[int], ap=ap, d=d) -> None:
+        a = model.get_submodule(ap)  # whole key/value groups go: query heads per key/value head stay as they were
+        n = a.q_proj.out_features // d
+        set_present(a, num_key_value_heads=len(keep), num_heads=n, num_attention_heads=n)
+
     def mha_pruned(model: nn.Module, keep: list[int], ap=ap) -> None:
         set_present(model.get_submodule(ap), num_key_value_groups=1, num_heads=len(keep),
                     num_attention_heads=len(keep), num_key_value_heads=len(keep))
@@ -96,6 +102,10 @@ def _qkvo(layer: nn.Module, lp: str, idx: int) -> list[ParticleGroup] | None:
         (columns(f"{ap}.o_proj", d),), balanced=1 if mha else n_kv, scope=f"{lp}.",
         on_prune=mha_pruned if mha else gqa_pruned,
     )]
+    if not mha:  # the coarse group: whole key/value heads with their query heads (under MHA it would be `heads`)
+        groups.append(kv_heads(ap, n_kv, n_q, d, idx, InputGate(f"{ap}.o_proj"), (f"{ap}.q_proj", attn.q_proj),
+                               [(f"{ap}.{k}", getattr(attn, k)) for k in ("k_proj", "v_proj")], f"{ap}.o_proj",
+                               scope=f"{lp}.", on_prune=kv_pruned))
     mlp = getattr(layer, "mlp", None)
     for names_ in _MLPS:
         if mlp is not None and all(isinstance(getattr(mlp, k, None), nn.Linear) for k in names_):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ParticlizeError
-from ..particles import ParticleMap
+from ..particles import KINDS, ParticleMap
 
 METRICS = ("loss", "accuracy", "logit_diff", "kl", "mse")
 Progress = Callable[[int, int, str], None]  # (done, total, description)
@@ -156,7 +156,7 @@ def select_groups(pm: ParticleMap, groups: Sequence[str] | str | None) -> list[s
     for sel in groups:
         if sel in pm:
             out.append(sel)
-        elif sel in ("head", "neuron", "channel", "unit", "block"):
+        elif sel in KINDS:
             out += [g.name for g in pm.select(sel)]
         else:
             pm[sel]  # raises a PlanError naming similar groups

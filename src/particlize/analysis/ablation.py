@@ -365,7 +365,8 @@ def ablation_effects(
     frontiers = {t: trace.frontier(t) for _, t, _ in jobs if t is not None} if trace else {}
     needed = sorted({p for f in frontiers.values() for p in f})
     readers = {t: r for name, t, _ in jobs if (r := _linear_reader(pm, name, t, trace)) is not None}
-    past = {t: pn for name, t, ps in jobs if t in readers and (pn := _past_norm(pm, name, readers[t], t, trace, ps))}
+    # by group and reader: two groups may share a reader (query heads and key/value heads both feed o_proj)
+    past = {(name, t): pn for name, t, ps in jobs if t in readers and (pn := _past_norm(pm, name, readers[t], t, trace, ps))}
     past_norms = sorted({pn.norm for pn in past.values()})
     past_layers = sorted({p for pn in past.values() for p in pn.layers})
     gen = torch.Generator().manual_seed(seed)
@@ -408,7 +409,7 @@ def ablation_effects(
                         stub[target] = _reader_rows(readers[target], reader_io[target], group.size, chunk_t, p)
                         values: dict[str, Tensor] = {}
                         patch = None
-                        pn = past.get(target)
+                        pn = past.get((name, target))
                         if pn is not None and pn.ok is not False:  # and the layers after the next norm too
                             past_rows = pn.rows(norm_in[pn.norm], reader_io[target][0], chunk_t, p, cache)
                             if past_rows is None:

@@ -203,7 +203,7 @@ def task_for(name: str, data: Optional[Path], text_column: str, label_column: st
     return get_task(name)
 
 
-KINDS = ("heads", "neurons", "channels", "units", "blocks", "all")
+KINDS = ("heads", "kv_heads", "neurons", "channels", "units", "blocks", "all")
 
 
 def kinds_list(values: Sequence[str]) -> tuple[str, ...]:
@@ -237,5 +237,6 @@ TRUST_CODE = typer.Option(False, "--trust-code", help="allow a saved model's own
 REPORT = typer.Option(True, "--report/--no-report", help="write report.html into --out at the end (particlize report)")
 JSON = typer.Option(False, "--json", help="print a machine-readable JSON summary on stdout (and nothing else there)")
 SCORER = "how particles are ranked (analyze --scorer and compress --scorer take the same ones): " + scorer_help()
-GRANULARITY = "particle kinds to prune: heads, neurons, channels, units, factors, blocks or all (repeat or comma list)"
+GRANULARITY = ("particle kinds to prune: heads, kv_heads (whole key/value groups of grouped-query attention), neurons, "
+               "channels, units, factors, blocks or all (all but kv_heads; repeat or comma list)")
 METRIC = typer.Option("loss", "--metric", help="loss, accuracy, logit_diff, kl or mse")

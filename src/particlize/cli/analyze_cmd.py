@@ -34,7 +34,7 @@ def analyze_command(
     metric: str = METRIC,
     mode: str = typer.Option("zero", "--mode", help="how a particle is ablated: zero, mean, resample"),
     by: Optional[str] = typer.Option(None, "--by", help="one row per particle and 'example' or 'class' (default: the mean over examples)"),
-    groups: Optional[list[str]] = typer.Option(None, "--groups", help="group names or kinds: heads, neurons, channels, units, blocks (repeat or comma list)"),
+    groups: Optional[list[str]] = typer.Option(None, "--groups", help="group names or kinds: heads, kv_heads, neurons, channels, units, blocks (repeat or comma list)"),
     split: str = typer.Option("val", "--split", help="train, val or test"),
     limit: Optional[int] = typer.Option(512, "--limit", help="number of examples (0: the whole split)"),
     batch_size: int = BATCH_SIZE,
@@ -161,7 +161,8 @@ def _groups(values: Optional[list[str]]) -> Optional[list[str]]:
     """``--groups``: names or kinds, repeated or comma lists, a kind singular or plural (``heads`` = ``head``)."""
     if not values:
         return None
-    kinds = {"heads": "head", "neurons": "neuron", "channels": "channel", "units": "unit", "blocks": "block"}
+    kinds = {"heads": "head", "neurons": "neuron", "channels": "channel", "units": "unit", "blocks": "block",
+             "kv_heads": "kv_head"}
     return [kinds.get(v.strip(), v.strip()) for item in values for v in item.split(",") if v.strip()]
 
 

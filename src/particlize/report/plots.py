@@ -59,8 +59,9 @@ def _embed(fig: Any, title: str, caption: str) -> Figure:
 
 
 def _no_blocks(df: pd.DataFrame) -> pd.DataFrame:
-    """Blocks contain the heads and neurons inside them: leave them out of sums so nothing counts twice."""
-    return df[df["kind"] != "block"]
+    """Blocks contain the heads and neurons inside them (key/value heads their query heads): leave them out of
+    sums so nothing counts twice."""
+    return df[~df["kind"].isin(("block", "kv_head"))]
 
 
 def _unit(df: pd.DataFrame) -> str:

@@ -37,6 +37,9 @@ class Prune:
         model = pm.model
         for name, idx in keep.items():
             pm[name].check_keep(idx)
+            if (fine := pm[name].contains) in keep and len(idx) < pm[name].size and len(keep[fine]) < pm[fine].size:
+                raise PlanError(f"{name!r} and {fine!r} cut the same weights in one prune: cut key/value heads and "
+                                "query heads of one layer in two prune calls (the second on the first's result)")
         if _no_layers_left(pm, keep):
             raise PlanError(f"removing every block ({', '.join(n for n in keep if pm[n].kind == 'block')}) would leave "
                             "a model with no layers; keep at least one block (or prune heads and neurons instead)")
