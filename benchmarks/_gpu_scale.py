@@ -206,7 +206,7 @@ def row_kv_heads(ctx: Ctx) -> dict[str, Any]:
     torch.manual_seed(0)  # a granularity check, not a speed one: the small GQA shape (16 heads in 4 kv groups)
     model = LlamaForCausalLM(llama_config(True)).to(ctx.device).eval()
     pm = pz.decompose(model)
-    groups = kv_head_groups(pm)  # MissingAPI until the library has the granularity
+    groups = kv_head_groups(pm)
     remove = {g.name: [0] for g in groups}
     sec, small = timed(ctx, lambda: pm.prune(remove))
     ids = llama_ids(ctx, 1, 16, model.config.vocab_size)
