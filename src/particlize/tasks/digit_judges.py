@@ -35,7 +35,7 @@ from torch import nn
 
 from ..errors import ParticlizeError
 from .judge_metrics import check_videos, frechet_distance, motion_check
-from .moving_digits import TWO_DIGITS, MovingDigitsTask, moving_digits
+from .moving_digits import TWO_DIGITS, MovingDigitsTask, fit_frames, moving_digits
 
 __all__ = ["LeNet", "Judges", "judge_frames", "crop_digits", "fit_judges", "judge_videos", "compare_to_real",
            "video_features", "READERS"]
@@ -150,18 +150,8 @@ class LeNet(nn.Module):
 def _train_lenet(x: torch.Tensor, y: torch.Tensor, steps: int, seed: int, batch_size: int = 128) -> LeNet:
     torch.manual_seed(seed)
     net = LeNet()
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
-    gen = torch.Generator().manual_seed(seed)
-    net.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(y), (batch_size,), generator=gen)
-        loss = F.cross_entropy(net(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    return net.eval()
+    return fit_frames(net, torch.optim.Adam(net.parameters(), lr=3e-3), x, y, steps=steps, batch_size=batch_size,
+                      seed=seed)
 
 
 # ---- the judges together -------------------------------------------------------------------------------

@@ -292,15 +292,12 @@ def temporal_consistency(videos: torch.Tensor) -> float:
 # The frame classifier used by `sample_accuracy`
 
 
-def train_frame_classifier(task: MovingDigitsTask | None = None, steps: int = 600, batch_size: int = 64,
-                           seed: int = 0) -> tuple[nn.Module, float]:
-    """A small CNN (`SimpleCNN`) recognising the digit in one 32x32 frame; returns it and its test accuracy."""
-    task = task or moving_digits(seed=seed, n_train=10, n_eval=10)
-    torch.manual_seed(seed)
-    model = SimpleCNN(num_classes=10, in_channels=1, widths=(32, 64, 64))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
-    x, y = task.frames_of("train", steps * batch_size // 4, seed=seed)
+def fit_frames(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *, steps: int,
+               batch_size: int, seed: int, max_lr: float = 3e-3) -> nn.Module:
+    """Train a frame classifier: ``steps`` batches of ``batch_size`` frames drawn from ``x`` / ``y`` with a generator
+    seeded by ``seed``, cross-entropy, ``opt`` under a one-cycle schedule peaking at ``max_lr``; ``model`` is returned
+    in eval mode."""
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=steps)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(steps):
@@ -310,7 +307,18 @@ def train_frame_classifier(task: MovingDigitsTask | None = None, steps: int = 60
         loss.backward()
         opt.step()
         sched.step()
-    model.eval()
+    return model.eval()
+
+
+def train_frame_classifier(task: MovingDigitsTask | None = None, steps: int = 600, batch_size: int = 64,
+                           seed: int = 0) -> tuple[nn.Module, float]:
+    """A small CNN (`SimpleCNN`) recognising the digit in one 32x32 frame; returns it and its test accuracy."""
+    task = task or moving_digits(seed=seed, n_train=10, n_eval=10)
+    torch.manual_seed(seed)
+    model = SimpleCNN(num_classes=10, in_channels=1, widths=(32, 64, 64))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    x, y = task.frames_of("train", steps * batch_size // 4, seed=seed)
+    fit_frames(model, opt, x, y, steps=steps, batch_size=batch_size, seed=seed)
     xt, yt = task.frames_of("test", 1000, seed=seed)
     with torch.no_grad():
         acc = (model(xt).argmax(-1) == yt).float().mean().item()
@@ -324,5 +332,5 @@ def load_frame_classifier() -> nn.Module:
 
 __all__ = [
     "MovingDigitsTask", "moving_digits", "render", "digit_images", "eps_mse", "sample_accuracy", "sample_metrics",
-    "classify_videos", "temporal_consistency", "train_frame_classifier", "load_frame_classifier",
+    "classify_videos", "temporal_consistency", "fit_frames", "train_frame_classifier", "load_frame_classifier",
 ]
