@@ -20,8 +20,7 @@ from ..particles import ParticleMap, ResidualGate
 PIECES_PER_RANK = 8  # granularity: a piece costs at most 1/8 of a rank's fair share (LPT's gap is at most one piece)
 
 
-def _flops_per_particle(pm: ParticleMap) -> dict[str, float]:
-    total = pm.cost().flops
+def _flops_per_particle(pm: ParticleMap, total: float) -> dict[str, float]:
     return {g.name: max(total - pm.cost({g.name: [0]}).flops, 0.0) for g in pm.groups if g.kind != "block"}
 
 
@@ -31,11 +30,12 @@ def ablation_costs(pm: ParticleMap, names: Sequence[str]) -> dict[str, list[floa
     own in the map (the rest of its layer and all later layers) plus the FLOPs that belong to no particle
     (the output head, norms); for a block: the same from its first group. One unit is added per particle
     for the work that does not scale with the suffix (its reader update, the metric)."""
-    per = _flops_per_particle(pm)
+    total = pm.cost().flops
+    per = _flops_per_particle(pm, total)
     order = [g.name for g in pm.groups if g.kind != "block"]
     size = {g.name: g.size for g in pm.groups}
     flops = [per[n] * size[n] for n in order]
-    tail = max(pm.cost().flops - sum(flops), 0.0)
+    tail = max(total - sum(flops), 0.0)
     after = [0.0] * (len(order) + 1)  # after[i]: FLOPs of the groups from position i on
     for i in range(len(order) - 1, -1, -1):
         after[i] = after[i + 1] + flops[i]
