@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_line, setup_threads  # noqa: E402
+from _common import machine_line, setup_threads, write_json  # noqa: E402
 
 import particlize as pz  # noqa: E402
 from particlize.allocate import AllocationConfig, allocate, named_scorer  # noqa: E402
@@ -42,6 +41,7 @@ def main() -> int:
     ap.add_argument("--epochs", type=float, nargs="+", default=[0.0, 0.1], help="recovery epochs to report (0: the cut alone)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--calib", type=int, default=256)
+    ap.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration subset (the cut's data)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     setup_threads()
@@ -53,7 +53,7 @@ def main() -> int:
     base = _measure(task, dense, tok, keys)
     print(f"dense {base}; calibration {args.calib} training examples; one-shot cut")
     pm = pz.decompose(dense, seq_len=SEQ)
-    calib = task.calibration(dense, tok, batch_size=32, max_length=SEQ, limit=args.calib, seed=0)
+    calib = task.calibration(dense, tok, batch_size=32, max_length=SEQ, limit=args.calib, seed=args.calib_seed)
     cfg = AllocationConfig()
     imp = named_scorer(cfg.scorer)(pm, calib, cfg.kinds)
     rows = []
@@ -76,9 +76,9 @@ def main() -> int:
                                  "flops_kept": kept, **q, "compensate_s": secs})
                     print(f"{budget:>6} {comp:<10} {epochs:>6} {seed:>4} {kept:>10.3f} "
                           + " ".join(f"{q[k]:>15.4f}" for k in keys) + f" {secs:>6.1f}", flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": machine_line(), "task": args.task, "dense": base, "rows": rows}, indent=1))
+                    if args.json:  # after every row: a long run stopped midway keeps what it measured
+                        write_json(args.json, {"machine": machine_line(), "task": args.task, "dense": base,
+                                               "calib_seed": args.calib_seed, "rows": rows})
     return 0
 
 

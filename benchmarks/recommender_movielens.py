@@ -90,8 +90,11 @@ def main() -> None:
     ap.add_argument("--recover-epochs", type=float, default=1.0)
     ap.add_argument("--final-epochs", type=float, default=2.0)
     ap.add_argument("--rounds", type=int, default=15, help="latency rounds")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seeds the rating split, the negatives, training and recovery")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"JSON to write (default {OUT.name}, or ...-seedN.json for another seed)")
     args = ap.parse_args()
+    out = args.out or (OUT if args.seed == 0 else OUT.with_name(f"{OUT.stem}-seed{args.seed}.json"))
     C.start()
     torch.set_num_threads(1)
     t_start = time.perf_counter()
@@ -166,15 +169,11 @@ def main() -> None:
     C.print_table(["NeuMF", "params", "FLOPs", "RMSE", "HR@10", "NDCG@10", "ms/1k pairs 1T", "ms/1k pairs 2T"], rows)
     probe1 = C.matmul_probe()
     print(f"matmul probe: {probe0:.1f} → {probe1:.1f} GFLOP/s; wall {time.perf_counter() - t_start:.0f} s")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
     payload = {"machine": C.machine_line(), "args": vars(args), "anchors": ANCHORS,
                "baselines": {k: {"test": v[2], "best_epoch": v[1]["best_epoch"], "seconds": v[1]["seconds"]}
                              for k, v in trained.items()}, "anchors_here": anchors_here,
                "neumf": results, "probe_gflops": [probe0, probe1], "train": {"lr": C_LR, "l2": {"mf": 0.1, "neumf": 0.05}, "weight_decay": 1e-3, "batch_size": 1024}}
-    tmp = OUT.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str))
-    tmp.replace(OUT)
-    print(f"wrote {OUT}")
+    C.write_json(out, json.loads(json.dumps(payload, default=str)))
 
 
 C_LR = 5e-3  # lr and the embedding-row L2 per model were chosen on validation RMSE (results/recommender_movielens.md)

@@ -5,15 +5,16 @@ What it measures, all in one run (BENCHMARKING.md):
    when missing, which takes long on a shared CPU: `particlize train resnet-small --task fashion-mnist ...`);
 2. what the coupled residual channels cost: the share of FLOPs / parameters no group can remove and the
    lowest FLOPs a plan can reach, with the conv adapter's residual-stream groups off and on;
-3. per target and seed: particlize (`compress`, channel granularity, its default scorer, one round:
-   ``max_fraction=1``) vs Torch-Pruning 1.6.1 (`BasePruner`, dependency graph, Taylor and magnitude
+3. per target and seed: particlize (`compress`, channel granularity, its default scorer and allocation
+   ("auto": uniform for conv channels), one round: ``max_fraction=1``; beside it the default multi-round
+   schedule and global allocation) vs Torch-Pruning 1.6.1 (`BasePruner`, dependency graph, Taylor and magnitude
    importance, one shot at the smallest uniform per-layer ratio that meets the FLOPs target), each recovered with the
    same `particlize.recover.recover` call (distillation from the dense model, the same epochs, data,
    optimiser and lr); test accuracy on the 10,000 official test images;
 4. CPU latency (2 threads, batch ``--latency-batch`` fixed): every model interleaved, several rounds, the
    median and the paired ratio to the dense model per round.
 
-    PYTHONPATH=src python benchmarks/vision_fashion_mnist.py            # ≈20 min here with --seeds 1
+    PZ_BENCH_THREADS=1 PYTHONPATH=src python benchmarks/vision_fashion_mnist.py --seeds 3 --rounds 9   # ≈10 min, 1 core
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def n_params(model: nn.Module) -> int:
 def reference(path: Path, args: argparse.Namespace) -> nn.Module:
     if not (path / "particlize.json").is_file():
         print(f"training the reference into {path} ({args.train_epochs} epochs, {args.train_limit} examples)", flush=True)
-        fine_tune("fashion-mnist", path, model="resnet-small", epochs=args.train_epochs, batch_size=64,
+        fine_tune("fashion-mnist", path, model="resnet-small", epochs=args.train_epochs, batch_size=128,
                   limit=args.train_limit, seed=0, force=True)
     meta = json.loads((path / "particlize.json").read_text())["extra"]
     print(f"reference {path}: test accuracy {meta['metrics']['test']['accuracy']:.4f}, trained {meta['train']}", flush=True)
@@ -94,11 +95,28 @@ def coupling(model: nn.Module) -> dict[str, Any]:
 # ---- 3. the two tools -----------------------------------------------------------------------------
 
 
-def pz_compress(teacher: nn.Module, task: Any, target: float, seed: int, args: argparse.Namespace) -> nn.Module:
-    res = compress(teacher, task, target_flops=target, granularity=("channels",), max_fraction=1.0, min_quality=0.0,
-                   max_rounds=2, recover_epochs=args.recover_epochs, limit=args.recover_limit, batch_size=args.batch,
-                   calib_examples=args.calib, seed=seed, min_width=args.min_width)
+def pz_compress(teacher: nn.Module, task: Any, target: float, seed: int, args: argparse.Namespace,
+                rounds: bool = False, allocation: str = "auto") -> nn.Module:
+    """particlize's loop: one round to the target (``max_fraction=1``), or with ``rounds`` compress's default
+    schedule (at most 1/3 of what is left per round), the same recovery budget split evenly over the rounds.
+    ``allocation`` "auto" (the default: uniform for conv channels) or "global" (by importance per FLOP)."""
+    if rounds:
+        n = _rounds_to(target, 1 / 3)
+        kw = dict(max_fraction=1 / 3, max_rounds=n + 1, recover_epochs=args.recover_epochs / n)
+    else:
+        kw = dict(max_fraction=1.0, max_rounds=2, recover_epochs=args.recover_epochs)
+    res = compress(teacher, task, target_flops=target, granularity=("channels",), min_quality=0.0,
+                   limit=args.recover_limit, batch_size=args.batch, calib_examples=args.calib, seed=seed,
+                   min_width=args.min_width, allocation=allocation, **kw)
     return res.model.eval()
+
+
+def _rounds_to(target: float, fraction: float) -> int:
+    """Rounds needed to reach ``target`` of the FLOPs removing at most ``fraction`` of what is left per round."""
+    left, n = 1.0, 0
+    while left > target + 1e-9:
+        left, n = max(target, left * (1 - fraction)), n + 1
+    return n
 
 
 def tp_compress(teacher: nn.Module, task: Any, target: float, seed: int, importance: str,
@@ -169,14 +187,15 @@ def latencies(models: dict[str, nn.Module], batch: torch.Tensor, rounds: int, re
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reference", type=Path, default=ROOT / "out" / "fmnist-resnet-small")
-    ap.add_argument("--train-epochs", type=int, default=2)
-    ap.add_argument("--train-limit", type=int, default=16000)
+    ap.add_argument("--train-epochs", type=int, default=30)
+    ap.add_argument("--train-limit", type=int, default=None)
     ap.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.25])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--recover-epochs", type=float, default=1.0)
-    ap.add_argument("--recover-limit", type=int, default=2048, help="first N train (and val) examples for recovery")
+    ap.add_argument("--recover-limit", type=int, default=None,
+                    help="first N train (and val) examples for recovery (default: the whole training split)")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--calib", type=int, default=256)
+    ap.add_argument("--calib", type=int, default=1024, help="calibration images (scores; TP's Taylor gradients)")
     ap.add_argument("--min-width", type=float, default=0.1)
     ap.add_argument("--test-limit", type=int, default=None, help="first N test images (default: all 10,000)")
     ap.add_argument("--latency-batch", type=int, default=64)
@@ -196,7 +215,8 @@ def main() -> None:
     cost = coupling(teacher)
     print(json.dumps(cost, indent=1), flush=True)
 
-    methods = {"particlize": None, "tp-taylor": "taylor", "tp-magnitude": "magnitude"}
+    methods = {"particlize": None, "particlize-rounds": "rounds", "particlize-global": "global",
+               "tp-taylor": "taylor", "tp-magnitude": "magnitude"}
     rows: list[dict[str, Any]] = []
     timed: dict[str, nn.Module] = {"dense": teacher}
     for target in args.targets:
@@ -204,8 +224,9 @@ def main() -> None:
             for name, imp in methods.items():
                 t0 = time.perf_counter()
                 try:
-                    small = (pz_compress(teacher, task, target, seed, args) if imp is None
-                             else tp_compress(teacher, task, target, seed, imp, args))
+                    small = (pz_compress(teacher, task, target, seed, args, rounds=imp == "rounds",
+                                         allocation="global" if imp == "global" else "auto")
+                             if imp in (None, "rounds", "global") else tp_compress(teacher, task, target, seed, imp, args))
                 except (ParticlizeError, RuntimeError) as e:  # report a side that cannot run, do not hide it
                     rows.append({"method": name, "target": target, "seed": seed, "error": str(e)})
                     print(f"{name} @ {target}: {e}", flush=True)

@@ -556,7 +556,7 @@ def test_compress_takes_a_scorer_and_an_allocator(setup):
         (Target(params=1.5), "target_params is the fraction"),
         (Target(min_quality=2.0), "min_quality is relative"),
         (AllocationConfig(scorer="guess"), "unknown scorer 'guess'"),
-        (AllocationConfig(allocation="random"), "allocation must be 'global' or 'uniform'"),
+        (AllocationConfig(allocation="random"), "allocation must be 'auto', 'global' or 'uniform'"),
         (AllocationConfig(max_fraction=0.0), "max_fraction must be in"),
         (RecoveryConfig(epochs=-1), "recover_epochs must be 0 or more"),
         (RecoveryConfig(focus=(5, 1)), "recover_focus is a window"),

@@ -47,7 +47,7 @@ def compress_command(
     target_latency_ms: Optional[float] = typer.Option(None, "--target-latency-ms", help="measured latency to reach (CPU, batch 32 × 64)"),
     granularity: list[str] = typer.Option(["heads,neurons"], "--granularity", help=GRANULARITY),
     scorer: str = typer.Option(_A.scorer, "--scorer", help=SCORER),
-    allocation: str = typer.Option(_A.allocation, "--allocation", help="global (by importance per FLOP) or uniform per layer"),
+    allocation: str = typer.Option(_A.allocation, "--allocation", help="auto (uniform when only conv channels are cut, else global), global (by importance per FLOP) or uniform per layer"),
     cost: str = typer.Option(_A.cost, "--cost", help="price of a particle in global allocation: flops, or latency (measured per kind on this machine)"),
     min_quality: float = typer.Option(_T.min_quality, "--min-quality", help="floor: fraction of the dense model's validation quality (accuracy; 1/eps-MSE for video diffusion)"),
     max_fraction: float = typer.Option(_A.max_fraction, "--max-fraction", show_default=False, help="most of the remaining FLOPs removed per round  [default: one third]"),
