@@ -100,8 +100,8 @@ def reports(trained_text, tmp_path_factory):
 def test_run_report_has_every_section_and_the_rounds(reports):
     path, page = reports["run"]
     assert path.name == "report.html" and path.parent.name == "run"  # default: inside the run folder
-    assert sections(page) == {"overview": "no", "maps": "no", "experts": "yes", "validation": "no", "loop": "no",
-                              "structure": "no", "table": "no"}
+    assert sections(page) == {"overview": "no", "maps": "no", "experts": "yes", "validation": "no", "pairs": "yes",
+                              "loop": "no", "structure": "no", "table": "no"}
     assert "no mixture-of-experts FFN" in page
     assert check_self_contained(page) >= 7  # kinds, layers, heads, neurons, classes, validation, rounds, widths
     history = json.loads((path.parent / "history.json").read_text())["history"]
@@ -115,11 +115,11 @@ def test_run_report_has_every_section_and_the_rounds(reports):
 
 def test_sweep_report_shows_the_pareto_front_and_says_what_it_lacks(reports):
     _, page = reports["sweep"]
-    assert sections(page) == {"overview": "yes", "maps": "yes", "experts": "yes", "validation": "yes", "loop": "no",
-                              "structure": "yes", "table": "no"}
+    assert sections(page) == {"overview": "yes", "maps": "yes", "experts": "yes", "validation": "yes", "pairs": "yes",
+                              "loop": "no", "structure": "yes", "table": "no"}
     assert "Sweep: quality vs cost per granularity" in page and check_self_contained(page) == 1
     assert page.count("<td>heads</td>") == page.count("<td>neurons</td>") == 2  # the sweep's rows, listed
-    assert page.count("No data for this source.") == 5  # overview, maps, experts, validation, structure
+    assert page.count("No data for this source.") == 6  # overview, maps, experts, validation, pairs, structure
 
 
 def test_model_report_analyses_with_exact_ablation(reports, trained_text):

@@ -55,7 +55,7 @@ def test_report_renders_without_script_errors_and_with_every_section(run_report)
     assert ready.group(1) == "0" and errors.strip() == "", f"JavaScript errors: {errors}"
     for s in SECTIONS:
         assert f'id="{s}"' in dom and f'href="#{s}"' in dom, f"section {s} missing"
-        empty = "yes" if s == "experts" else "no"  # a dense model routes nothing: the section says why
+        empty = "yes" if s in ("experts", "pairs") else "no"  # nothing routed, no pairs measured: each says why
         assert f'data-section="{s}" data-empty="{empty}"' in dom, f"section {s}: data-empty is not {empty}"
     assert "no mixture-of-experts FFN" in dom
     # the script built the particle table: a sortable head and the first page of rows, highest score first

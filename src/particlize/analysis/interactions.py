@@ -368,10 +368,12 @@ def interactions_table(
     pairs: Any = None,
 ) -> pd.DataFrame:
     """What ``particlize analyze --interactions`` writes: `interactions` with each particle's layer and kind
-    joined on (``layer_a``, ``kind_a``, ``layer_b``, ``kind_b``), sorted by \\|interaction\\|, largest first."""
+    joined on (``layer_a``, ``kind_a``, ``layer_b``, ``kind_b``) and the ``metric``, sorted by \\|interaction\\|,
+    largest first (``particlize report`` draws such a CSV)."""
     pm = model_or_pm if isinstance(model_or_pm, ParticleMap) else decompose(model_or_pm)
     df = interactions(pm, batches, groups, method, metric, mode, pairs, progress=progress)
     for s in ("a", "b"):
         df[f"layer_{s}"] = df[f"group_{s}"].map(lambda n: pm[n].layer)
         df[f"kind_{s}"] = df[f"group_{s}"].map(lambda n: pm[n].kind)
+    df["metric"] = metric
     return df.reindex(df.interaction.abs().sort_values(ascending=False).index).reset_index(drop=True)

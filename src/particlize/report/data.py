@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..adapters import decompose
-from ..analysis import analyze, validate_scores
+from ..analysis import analyze, interactions_table, validate_scores
 from ..errors import ParticlizeError
 from ..io import META, build, read_meta, shipped
 from ..moe import expert_usage
@@ -28,10 +28,12 @@ from ..particles import ParticleMap
 from ..surgery import ExpertFFN
 from ..sources import load_model, load_tokenizer
 from ..tasks import Task, get_task
+from .pairs import is_pair_frame, particles
 
 HISTORY = "history.json"  # written by particlize.loop.compress
 SWEEP = "sweep.csv"  # written by particlize.sweep.sweep
 EXACT_BUDGET = 160  # particles ablated exactly (one by one) for the scorer validation, smallest kinds first
+INTERACTION_BUDGET = 96  # heads whose pairs (n(n-1)/2 of them) a report measures exactly, on request
 SAMPLE_LABELS = list(range(10))  # one video per digit class
 
 Note = Callable[[str], None]
@@ -59,17 +61,20 @@ class ReportData:
     history: list[dict[str, Any]] | None = None
     sweep: pd.DataFrame | None = None
     expert_usage: pd.DataFrame | None = None  # mixture-of-experts FFNs: particlize.moe.expert_usage
+    interactions: pd.DataFrame | None = None  # pairwise interactions: particlize.analysis.interactions_table
+    interactions_metric: str = "loss"
     frames_before: torch.Tensor | None = None  # [B, C, T, H, W] in [0, 1]
     frames_after: torch.Tensor | None = None
     notes: dict[str, str] = field(default_factory=dict)  # section id -> why it has no (or partial) data
 
 
 def gather(source: str | Path, *, task: str | Task | None = None, limit: int = 64, trust_code: bool = False,
-           note: Note | None = None) -> ReportData:
+           note: Note | None = None, interactions: bool = False) -> ReportData:
     """Read (and, for a model, analyse) ``source``: a compress run folder, a sweep folder, a saved model (a
-    folder, a shipped name such as ``sora-tiny``, or ``minilm``) or a CSV written by ``analyze`` / ``inspect``.
-    ``task`` (a task name or a `Task`) is needed to analyse a model (a saved classifier names its own task);
-    ``limit`` examples are used; ``trust_code`` allows a saved model's own factory code to run."""
+    folder, a shipped name such as ``sora-tiny``, or ``minilm``) or a CSV written by ``analyze`` / ``inspect``
+    (``analyze --interactions`` too). ``task`` (a task name or a `Task`) is needed to analyse a model (a saved
+    classifier names its own task); ``limit`` examples are used; ``trust_code`` allows a saved model's own
+    factory code to run; ``interactions`` also measures a model's head pairs exactly (`INTERACTION_BUDGET`)."""
     say = note or (lambda s: None)
     p = Path(source)
     if p.is_file():
@@ -85,7 +90,7 @@ def gather(source: str | Path, *, task: str | Task | None = None, limit: int = 6
         raise ParticlizeError(f"{source} not found: give a compress run or sweep folder, a saved model, or an analyze CSV")
     if p.is_dir() and not (p / META).is_file() and not (p / "config.json").is_file():
         raise ParticlizeError(f"{p} is neither a compress run ({HISTORY}), a sweep ({SWEEP}) nor a model folder ({META})")
-    return tidy(_from_model(str(source), task, limit, say, trust_code))
+    return tidy(_from_model(str(source), task, limit, say, trust_code, interactions))
 
 
 # ---- the four sources ---------------------------------------------------------------------------------
@@ -96,6 +101,8 @@ def _from_csv(path: Path) -> ReportData:
         df = pd.read_csv(path)
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise ParticlizeError(f"cannot read {path} as a CSV ({str(e).splitlines()[0]})") from None
+    if is_pair_frame(df):
+        return _from_pairs(path, df)
     if not {"group", "index"} <= set(df.columns):
         raise ParticlizeError(f"{path} has no group and index columns; give a CSV written by "
                               "`particlize analyze --out` or `particlize inspect --csv`")
@@ -123,6 +130,19 @@ def _from_csv(path: Path) -> ReportData:
         d.notes["maps"] = "This CSV holds no scores (it was written by `inspect`); write one with `particlize analyze --out`."
     d.notes.setdefault("validation", "A CSV holds one scorer's scores; the report of a saved model with --task "
                                      "compares them with exact ablation.")
+    return d
+
+
+def _from_pairs(path: Path, df: pd.DataFrame) -> ReportData:
+    """An ``analyze --interactions`` CSV: the interactions section only."""
+    d = ReportData(title=path.name, kind="interactions CSV", source=str(path))
+    d.interactions = df
+    d.interactions_metric = str(df["metric"].iloc[0]) if "metric" in df and len(df) else "loss"
+    d.method = str(df["method"].iloc[0]) if "method" in df and len(df) else "ablation"
+    n = len(particles(df)) if len(df) else 0
+    d.facts = [("pairs", f"{len(df):,}"), ("particles", f"{n:,}"), ("method", d.method), ("metric", d.interactions_metric)]
+    for k in ("overview", "maps", "validation", "structure"):
+        d.notes[k] = "An interactions CSV holds pairs only; report the model with --task for this section."
     return d
 
 
@@ -182,7 +202,8 @@ def _from_run(path: Path, task: str | Task | None, limit: int, say: Note, trust_
     return d
 
 
-def _from_model(spec: str, task: str | Task | None, limit: int, say: Note, trust_code: bool) -> ReportData:
+def _from_model(spec: str, task: str | Task | None, limit: int, say: Note, trust_code: bool,
+                interactions: bool = False) -> ReportData:
     say(f"loading {spec}")
     model = load_model(spec, trust_code=trust_code)
     meta = read_meta(spec) if Path(spec).is_dir() and (Path(spec) / META).is_file() or spec in shipped() else {}
@@ -201,7 +222,7 @@ def _from_model(spec: str, task: str | Task | None, limit: int, say: Note, trust
         if base is not None:
             d.before, d.after = base, d.before
     d.notes["loop"] = "A single model has no rounds; report a compress run folder or a sweep folder for this."
-    _analyse(d, model, load_tokenizer(spec), task, limit, say, pm)
+    _analyse(d, model, load_tokenizer(spec), task, limit, say, pm, interactions)
     if hasattr(model, "sample"):
         d.frames_after = _frames(model, say, "the model")
         if not plan:
@@ -291,9 +312,9 @@ def _task(task: str | Task) -> Task:
 
 
 def _analyse(d: ReportData, model: nn.Module, tokenizer: Any, task: str | Task, limit: int, say: Note,
-             pm: ParticleMap | None = None) -> None:
-    """Cheap scores (taylor) of every particle, per class for classifiers, and their agreement with exact
-    ablation for the kinds that fit `EXACT_BUDGET`."""
+             pm: ParticleMap | None = None, pairs: bool = False) -> None:
+    """Cheap scores (taylor) of every particle, per class for classifiers, their agreement with exact
+    ablation for the kinds that fit `EXACT_BUDGET`, and with ``pairs`` the exact interactions of the heads."""
     t = _task(task)
     d.task, d.quality_name = t.name, getattr(t, "quality_name", "accuracy")
     pm = pm or decompose(model)
@@ -330,7 +351,26 @@ def _analyse(d: ReportData, model: nn.Module, tokenizer: Any, task: str | Task, 
         say(f"exact ablation of {sum(pm[g].size for g in groups):,} particles")
         v = validate_scores(pm, batches, "taylor", groups=groups)
         d.validation, d.validation_summary = v.scores, v.summary
+    _pairs(d, pm, batches, say, pairs)
     if left:
         d.notes["validation"] = (f"Not ablated exactly here (too many to ablate one by one in a report): {', '.join(left)}. "
                                  "`particlize analyze --top K` finds their exact top K fast.")
 
+
+
+def _pairs(d: ReportData, pm: ParticleMap, batches: list[Any], say: Note, wanted: bool) -> None:
+    """Exact pairwise interactions of the model's attention heads (all pairs, when they fit `INTERACTION_BUDGET`)."""
+    heads = [g.name for g in pm.groups if g.kind == "head"]
+    n = sum(pm[g].size for g in heads)
+    how = ("`particlize analyze MODEL --task TASK --interactions --groups heads --out pairs.csv`, then "
+           "`particlize report pairs.csv`")
+    if not wanted:
+        d.notes["pairs"] = f"Pairs are measured on request: `particlize report MODEL --interactions`, or {how}."
+    elif not heads:
+        d.notes["pairs"] = f"This model has no attention heads; measure the pairs of other particles with {how} (--groups)."
+    elif n > INTERACTION_BUDGET:
+        d.notes["pairs"] = f"{n} heads are {n * (n - 1) // 2:,} pairs, more than a report measures; use {how}."
+    else:
+        say(f"pairwise interactions of {n} heads ({n * (n - 1) // 2:,} pairs, exact)")
+        d.interactions = interactions_table(pm, batches, heads, "ablation", "loss")
+        d.interactions_metric = str(d.interactions["metric"].iloc[0])

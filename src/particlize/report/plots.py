@@ -51,7 +51,8 @@ def _plt() -> Any:
 def _embed(fig: Any, title: str, caption: str) -> Figure:
     plt = _plt()
     buf = io.BytesIO()
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # a figure made with layout="constrained" keeps its own
+        fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110, facecolor="white")
     plt.close(fig)
     uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")

@@ -17,12 +17,12 @@ import pandas as pd
 
 from .._version import __version__
 from ..errors import ParticlizeError
-from . import plots
+from . import pairs, plots
 from ..tasks import Task
 from .data import ReportData, gather
 
 TABLE_ROWS = 12_000  # particles listed in the table (the most important first when there are more)
-SECTIONS = ("overview", "maps", "experts", "validation", "loop", "structure", "table")  # ids, in page order
+SECTIONS = ("overview", "maps", "experts", "validation", "pairs", "loop", "structure", "table")  # ids, in page order
 
 
 @dataclass
@@ -116,6 +116,7 @@ def _sections(d: ReportData) -> list[Section]:
         ("maps", "Particle maps", f"What each particle does to the output ({d.method} scores: {what})."),
         ("experts", "Expert usage", "Mixture-of-experts FFNs: which experts the router picks for the tokens of each class."),
         ("validation", "Scorer validation", "Whether the cheap score ranks particles as exact ablation does."),
+        ("pairs", "Interactions", "How particles act together: what removing two costs beyond removing each alone."),
         ("loop", "The loop", "Quality and cost round by round, or across a sweep's runs."),
         ("structure", "Kept structure", "What is left of each layer."),
         ("table", "Particle table", "Every particle: sort by clicking a column head, filter by typing."),
@@ -149,6 +150,12 @@ def _sections(d: ReportData) -> list[Section]:
             s["validation"].figures.append(f)
         s["validation"].html = _summary_html(d.validation_summary)
     s["validation"].note = n.get("validation", "" if d.validation is not None else "No exact ablation in this source.")
+    if d.interactions is not None:
+        s["pairs"].figures += pairs.figures(d.interactions, d.interactions_metric)
+        s["pairs"].html = pairs.tables_html(d.interactions, d.interactions_metric)
+    s["pairs"].note = n.get("pairs", "" if d.interactions is not None else
+                            "No pairwise interactions in this source: `particlize report MODEL --interactions`, or the "
+                            "CSV of `particlize analyze --interactions`.")
     if d.history:
         f = plots.loop_rounds(d.history, d.quality_name)
         if f:
@@ -208,14 +215,16 @@ def render(d: ReportData) -> str:
 
 def write_report(source: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *, task: str | Task | None = None,
                  force: bool = False, limit: int = 64, trust_code: bool = False,
-                 note: Callable[[str], None] | None = None) -> Path:
+                 note: Callable[[str], None] | None = None, interactions: bool = False) -> Path:
     """Write the HTML report of ``source`` (a compress run folder, a sweep folder, a saved model or shipped
     model name, or an ``analyze`` CSV) to ``out`` (default ``source/report.html`` for a folder) and return its path.
 
     ``task`` (a name or a `Task`) is the task to analyse a model on (a saved classifier names its own; the shipped video DiT
     defaults to moving-digits); ``limit`` examples are used. The page is self-contained (figures embedded, no
     network) and written atomically; an existing ``out`` is replaced only with ``force=True``. ``trust_code``
-    allows a saved model's own factory code (outside particlize and transformers) to run.
+    allows a saved model's own factory code (outside particlize and transformers) to run. ``interactions`` also
+    measures the exact pairwise interactions of a model's attention heads (its *Interactions* section; an
+    ``analyze --interactions`` CSV as ``source`` shows them without it).
     """
     src = Path(source)
     if out is None:
@@ -227,7 +236,7 @@ def write_report(source: str | os.PathLike[str], out: str | os.PathLike[str] | N
         raise ParticlizeError(f"{out} already exists; pass --force (force=True) to replace it")
     if out.suffix.lower() not in (".html", ".htm"):
         raise ParticlizeError(f"the report is an HTML page: name it *.html, got {out.name}")
-    page = render(gather(source, task=task, limit=limit, trust_code=trust_code, note=note))
+    page = render(gather(source, task=task, limit=limit, trust_code=trust_code, note=note, interactions=interactions))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
