@@ -200,6 +200,7 @@ def main() -> None:
     ap.add_argument("--test-limit", type=int, default=None, help="first N test images (default: all 10,000)")
     ap.add_argument("--latency-batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--methods", nargs="+", default=None, help="only these sides (default: all)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "vision-fashion-mnist.json")
     args = ap.parse_args()
     global TEST_LIMIT
@@ -217,6 +218,7 @@ def main() -> None:
 
     methods = {"particlize": None, "particlize-rounds": "rounds", "particlize-global": "global",
                "tp-taylor": "taylor", "tp-magnitude": "magnitude"}
+    methods = {k: v for k, v in methods.items() if not args.methods or k in args.methods}
     rows: list[dict[str, Any]] = []
     timed: dict[str, nn.Module] = {"dense": teacher}
     for target in args.targets:
@@ -240,7 +242,7 @@ def main() -> None:
                     timed[f"{name}@{target}"] = small
         if target < cost["off"]["min_flops_share"]:
             print(f"streams off: {target} is below the lowest reachable {cost['off']['min_flops_share']:.3f}", flush=True)
-        elif args.seeds:  # the same loop with the residual streams left alone (the adapter before this change)
+        elif args.seeds and not args.methods:  # the same loop with the residual streams left alone (the adapter before this change)
             register(ConvAdapter(streams=False), priority=10)
             try:
                 small = pz_compress(teacher, task, target, 0, args)
