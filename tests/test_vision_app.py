@@ -34,7 +34,7 @@ def _train_and_compress(tmp_path: Path, extra: list[str]) -> tuple[torch.nn.Modu
     meta = json.loads((out / "particlize.json").read_text())["extra"]
     dense = pz.load(out).eval()
     res = compress(dense, get_task("fashion-mnist"), target_flops=0.5, granularity=("channels",), max_fraction=1.0,
-                   min_quality=0.0, recover_epochs=0.5, limit=256, batch_size=32, calib_examples=64, seed=0)
+                   min_quality=0.0, recover_epochs=1, limit=2048, batch_size=32, calib_examples=64, seed=0)
     return dense, res.model.eval(), {"meta": meta, "removed": res.history[-1]["removed"]}
 
 
@@ -53,9 +53,12 @@ def test_train_and_compress_synthetic(monkeypatch: pytest.MonkeyPatch, tmp_path:
 
 @pytest.mark.slow
 def test_fashion_mnist_end_to_end(tmp_path: Path) -> None:
-    """The real data, the recipe of the cached benchmark reference (2 epochs on the first 6,000 images gave
-    53.7% test accuracy here; chance is 10%), then 50% of the FLOPs with a short recovery."""
-    dense, small, info = _train_and_compress(tmp_path, ["--epochs", "2", "--limit", "6000", "--batch-size", "64"])
-    assert info["meta"]["metrics"]["test"]["n"] == 10000 and info["meta"]["metrics"]["test"]["accuracy"] > 0.45
+    """The real data, a tenth of the benchmark reference's recipe (3 of its 30 epochs over the whole training
+    split, batch 128: about 0.86 test accuracy; the reference reaches 0.90; chance is 0.10), then 50% of the FLOPs
+    with a short recovery (one pass over 2,048 images: 64 steps)."""
+    dense, small, info = _train_and_compress(tmp_path, ["--epochs", "3", "--batch-size", "128"])
+    acc = info["meta"]["metrics"]["test"]["accuracy"]
+    assert info["meta"]["metrics"]["test"]["n"] == 10000 and acc > 0.82
     assert _flops(small) <= 0.5 * _flops(dense)
-    assert get_task("fashion-mnist").evaluate(small, "test", batch_size=500)["accuracy"] > 0.30
+    small_acc = get_task("fashion-mnist").evaluate(small, "test", batch_size=500)["accuracy"]
+    assert small_acc > 0.65, (acc, small_acc)
