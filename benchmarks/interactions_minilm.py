@@ -4,6 +4,12 @@ naive loop, the gate-Hessian estimate vs exact, and where joint removal departs 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/interactions_minilm.py [--examples 512] [--batch-size 64]
         [--naive-pairs 48] [--max-rows 128] [--out benchmarks/results/interactions-minilm.json]
 
+512 sentences are hours of one CPU core; split them over processes and sessions (each batch is kept once done):
+
+    ... interactions_minilm.py --stage-dir bench-out/pairs512 --only-batches 0 2 4 6 &   # one core
+    ... interactions_minilm.py --stage-dir bench-out/pairs512 --only-batches 1 3 5 7     # the other
+    ... interactions_minilm.py --stage-dir bench-out/pairs512          # combine, then naive sample, curve, report
+
 Model: the MiniLM sentiment classifier (``out/minilm-vader``); data: the first ``--examples`` test sentences
 sorted by length, in batches of ``--batch-size``; metric loss, zero ablation. Sections:
 
@@ -27,11 +33,19 @@ import random
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import _common as C
+import pandas as pd
 import torch
 from analysis_minilm import make_batches, tokens
+
+import particlize as pz
+from particlize.analysis import as_matrix, redundant_clusters, synergistic_pairs, validate_interactions
+from particlize.analysis._common import call, per_example_metric
+from particlize.analysis._pairs import pair_effects
+from particlize.tasks import get_task
 
 
 def log(*a: Any) -> None:
@@ -53,15 +67,14 @@ def main() -> int:
     ap.add_argument("--block", type=int, default=None, help="Hessian rows per HVP pass (default: 64 // batch size)")
     ap.add_argument("--out", default=str(C.ROOT / "benchmarks" / "results" / "interactions-minilm.json"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stage-dir", default=None,
+                    help="compute the exact and Hessian interactions batch by batch and keep each batch's result here "
+                         "(a stopped run resumes; several processes may share the folder with --only-batches)")
+    ap.add_argument("--only-batches", type=int, nargs="+", default=None,
+                    help="with --stage-dir: compute these batches (0-based) and stop; a run without it combines them")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on the loaded 2-core machine one MiniLM forward ran 6x faster than with 2)")
     args = ap.parse_args()
-
-    import particlize as pz
-    from particlize.analysis import as_matrix, redundant_clusters, synergistic_pairs, validate_interactions
-    from particlize.analysis._common import call, per_example_metric
-    from particlize.analysis._pairs import pair_effects
-    from particlize.tasks import get_task
 
     C.start()
     torch.set_num_threads(args.threads)
@@ -91,6 +104,10 @@ def main() -> int:
             json.dump(res, f, indent=1, default=str)
         os.replace(tmp, args.out)
 
+    if args.stage_dir:
+        staged = stage_batches(pm, batches, args)
+        if staged is None:
+            return 0
     pair_effects(pm, batches[:1], all_pairs[:2], max_rows=args.max_rows)  # warm-up of both paths
     pair_effects(pm, batches[:1], all_pairs[:1], fast=False)
 
@@ -112,9 +129,13 @@ def main() -> int:
         last[0] = now
 
     pm.model.eval()
-    exact = pz.interactions(pm, batches, "head", "ablation", progress=progress)
-    t_exact = time.perf_counter() - t
-    t_pairs = sum(stage.values())
+    if args.stage_dir:  # per batch, possibly over several sessions: the pair engine's time is the sum of the batches'
+        exact, t_exact, t_pairs, est, t_h = staged
+        stage = {"batches": t_pairs}
+    else:
+        exact = pz.interactions(pm, batches, "head", "ablation", progress=progress)
+        t_exact = time.perf_counter() - t
+        t_pairs = sum(stage.values())
     log(f"exact: all {len(exact)} pairs + 72 single effects in {t_exact:.1f} s "
         f"(pair engine {t_pairs:.1f} s: {', '.join(f'{k} {v:.1f} s' for k, v in stage.items())})")
 
@@ -122,6 +143,11 @@ def main() -> int:
     log(f"naive (second half): {len(sample) - half} pairs in {tn2:.1f} s = {tn2 / (len(sample) - half):.3f} s per pair")
     fast_sample = pair_effects(pm, batches, sample, max_rows=args.max_rows)
     diff = float((fast_sample - torch.cat([en1, en2], 1)).abs().max())
+    if args.stage_dir:  # the batches' combined joint effects against the sample run on all the data at once
+        joint = exact.set_index(["group_a", "index_a", "group_b", "index_b"])["joint"]
+        combined = torch.tensor([float(joint[(*a, *b)]) for a, b in sample], dtype=torch.float64)
+        res["staged_max_abs_diff"] = float((combined - fast_sample.double().mean(0)).abs().max())
+        log(f"staged batches vs all at once, mean joint effect of the sampled pairs: max |diff| {res['staged_max_abs_diff']:.2e}")
     per_pair = [tn1 / half, tn2 / (len(sample) - half)]
     naive_total = [p * len(all_pairs) for p in per_pair]
     ratios = [n / t_pairs for n in naive_total]
@@ -176,9 +202,10 @@ def main() -> int:
     log(f"the sum of single effects is off by >10% (and >0.01) from k = {depart}; with the pairwise terms from k = {depart_p}")
 
     save()
-    t = time.perf_counter()
-    est = pz.interactions(pm, batches, "head", "hessian", block=args.block)
-    t_h = time.perf_counter() - t
+    if not args.stage_dir:
+        t = time.perf_counter()
+        est = pz.interactions(pm, batches, "head", "hessian", block=args.block)
+        t_h = time.perf_counter() - t
     val = validate_interactions(pm, batches, exact=exact, estimate=est, k=50)
     s = val.summary.iloc[0]
     log(f"hessian: {t_h:.1f} s ({t_pairs / t_h:.1f}x less than the exact pair engine); vs exact: Spearman "
@@ -206,6 +233,45 @@ def main() -> int:
     save()
     log("wrote", args.out)
     return 0
+
+
+def stage_batches(pm: Any, batches: list, args: argparse.Namespace) -> tuple | None:
+    """The exact and Hessian interactions batch by batch, each kept in ``--stage-dir`` (``batch{i}.csv`` and its
+    seconds in ``batch{i}.json``) and skipped when already there. With ``--only-batches`` those are computed and
+    None is returned; otherwise, once every batch is there, ``(exact, exact s, pair-engine s, hessian, hessian s)``
+    combined over the batches (each frame is a mean over its examples: weighted by the batch's size)."""
+    folder = Path(args.stage_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = args.only_batches if args.only_batches is not None else range(len(batches))
+    for i in todo:
+        if (folder / f"batch{i}.json").is_file():
+            continue
+        frames, secs = {}, {}
+        for method in ("ablation", "hessian"):
+            t = time.perf_counter()
+            frames[method] = pz.interactions(pm, [batches[i]], "head", method, max_rows=args.max_rows if method == "ablation"
+                                             else None, block=args.block if method == "hessian" else None)
+            secs[method] = time.perf_counter() - t
+        both = frames["ablation"].assign(hessian=frames["hessian"]["interaction"].to_numpy())
+        both.to_csv(folder / f"batch{i}.csv", index=False)
+        C.write_json(folder / f"batch{i}.json", {"batch": i, "examples": batches[i].size, "seconds": secs,
+                                                 "machine": C.machine_line(), "threads": args.threads})
+        log(f"batch {i}: {batches[i].size} examples, exact {secs['ablation']:.0f} s, hessian {secs['hessian']:.0f} s")
+    if args.only_batches is not None:
+        return None
+    metas = [json.loads((folder / f"batch{i}.json").read_text()) for i in range(len(batches))]
+    frames = [pd.read_csv(folder / f"batch{i}.csv") for i in range(len(batches))]
+    w = torch.tensor([m["examples"] for m in metas], dtype=torch.float64)
+    keys = ["group_a", "index_a", "group_b", "index_b"]
+    exact = frames[0][[*keys, "method"]].copy()
+    for col in ("interaction", "joint", "effect_a", "effect_b", "hessian"):
+        vals = torch.tensor(pd.concat([f[col] for f in frames], axis=1).to_numpy(), dtype=torch.float64)
+        exact[col] = (vals * w).sum(1).numpy() / float(w.sum())
+    est = exact[[*keys]].assign(interaction=exact.pop("hessian"), method="hessian")
+    t_exact = sum(m["seconds"]["ablation"] for m in metas)
+    t_h = sum(m["seconds"]["hessian"] for m in metas)
+    log(f"combined {len(batches)} staged batches from {folder}: exact {t_exact:.0f} s, hessian {t_h:.0f} s in all")
+    return exact, t_exact, t_exact, est, t_h
 
 
 if __name__ == "__main__":
