@@ -69,12 +69,13 @@ def main() -> None:
     ap.add_argument("--real-videos", type=int, default=260,
                     help="videos rendered for the test split (about 80%% show one digit)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--device", default="cpu", help="where the models sample (cuda on a GPU machine)")
     args = ap.parse_args()
     if args.per_class < 1 or args.steps < 1:
         ap.error("--per-class and --steps must be 1 or more")
     C.start()
     t0 = time.time()
-    models = {name: pz.load(name).eval() for name in args.model}
+    models = {name: pz.load(name).eval().to(args.device) for name in args.model}
     frames, size = next(((m.config.frames, m.config.size) for m in models.values()), (8, 32))
     task = moving_digits(seed=0, n_train=1, n_eval=args.real_videos, frames=frames, size=size)
     judges = fit_judges(task, seed=args.seed)

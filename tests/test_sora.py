@@ -50,7 +50,8 @@ def test_shapes_and_recipe(patch):
     assert blk(h, torch.randn(2, 32)).shape == h.shape
     again = pz.io.build(m.particlize_recipe)
     assert isinstance(again, SpacetimeDiT) and again.config == m.config
-    assert set(PRESETS) == {"tiny", "small"}
+    assert set(PRESETS) == {"tiny", "base", "small"}
+    assert PRESETS["base"]["patch"][0] == 1 and PRESETS["base"]["frames"] == PRESETS["tiny"]["frames"]
 
 
 def test_fresh_model_predicts_zero_noise():

@@ -63,7 +63,8 @@ def train_command(
 
 
 def train_sora_command(
-    preset: str = typer.Option("tiny", "--preset", help="tiny (CPU) or small (GPU)"),
+    preset: str = typer.Option("tiny", "--preset", help="tiny (CPU), base (8 frames, a token per frame: GPU minutes) "
+                               "or small (16 frames, GPU)"),
     steps: int = typer.Option(2000, "--steps", min=1, help="optimizer steps"),
     out: Path = typer.Option(..., "--out", help="folder to save the EMA weights to (a valid MODEL afterwards)"),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="videos per training batch"),

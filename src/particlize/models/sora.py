@@ -63,6 +63,8 @@ SCHEDULES = ("linear", "cosine")
 PRESETS: dict[str, dict] = {
     "tiny": dict(frames=8, size=32, patch=(2, 4, 4), dim=64, depth=4, heads=4, mlp_ratio=4.0,
                  schedule="cosine"),  # CPU
+    "base": dict(frames=8, size=32, patch=(1, 4, 4), dim=128, depth=6, heads=4, mlp_ratio=4.0,
+                 schedule="cosine"),  # minutes on a GPU, samples on a CPU: one token per frame, so digits can move smoothly
     "small": dict(frames=16, size=32, patch=(1, 4, 4), dim=256, depth=8, heads=8, mlp_ratio=4.0,
                   schedule="cosine"),  # GPU
 }
@@ -322,7 +324,8 @@ class SpacetimeDiT(nn.Module):
             self.train(was_training)
 
 def sora(preset: str = "tiny", **overrides) -> SpacetimeDiT:
-    """A randomly initialised `SpacetimeDiT` from a preset (``"tiny"`` for CPU, ``"small"`` for GPU)."""
+    """A randomly initialised `SpacetimeDiT` from a preset (``"tiny"`` for CPU; ``"base"``, the moving-digits
+    task's 8 frames with 1-frame temporal patches, and ``"small"``, 16 frames, for GPU training)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     return SpacetimeDiT(SoraConfig(**{**PRESETS[preset], **overrides}))
