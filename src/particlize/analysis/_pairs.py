@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..errors import ParticlizeError
 from ..particles import InputGate, ParticleMap
-from ._common import Batch, Progress, call, map_tensors, per_example_metric
+from ._common import Batch, Progress, call, device_of, map_tensors, per_example_metric
 from .ablation import ExecutionTrace, _expand, _recording, _replaced, _work_batches, default_rows
 from .workshape import shape_for
 
@@ -90,7 +90,8 @@ def pair_effects(
     names = sorted({p[0] for pair in pairs for p in pair})
     patch_all = pm.mean_activations(names, [b.inputs for b in batches]) if mode == "mean" else None
     total = sum(b.size for b in batches)
-    out = torch.full((total, len(pairs)), float("nan"), dtype=torch.float64)
+    # filled where the model runs (no host copy per chunk on a GPU), moved to the CPU once at the end
+    out = torch.full((total, len(pairs)), float("nan"), dtype=torch.float64, device=device_of(model))
     work = _work_batches(model, batches, metric, shape_for(model, batches).split if fast else False)
     trace = ExecutionTrace(model, work[0][0]) if fast else None
 
@@ -157,7 +158,7 @@ def pair_effects(
             with torch.no_grad(), _replaced(model, stub), pm.gates(gates, patch_for(gates)):
                 logits = call(model, _expand(batch.inputs, B, k))
             m = per_example_metric(metric, logits, batch.targets.repeat_interleave(k, 0), clean.repeat_interleave(k, 0))
-            return (m.view(B, k) - base[:, None]).double().cpu()
+            return (m.view(B, k) - base[:, None]).double()
 
         for ta, ks in joint.items():  # both gates, from the earlier frontier
             for c0 in range(0, len(ks), kk):
@@ -211,6 +212,6 @@ def pair_effects(
             patch = {n: patch_all[n] for n in values} if patch_all else None
             with torch.no_grad(), pm.gates(values, patch):
                 logits = call(model, batch.inputs)
-            out[pos, k] = (per_example_metric(metric, logits, batch.targets, clean) - base).double().cpu()
+            out[pos, k] = (per_example_metric(metric, logits, batch.targets, clean) - base).double()
             tick("pairs (one forward each)")
-    return out
+    return out.cpu()
