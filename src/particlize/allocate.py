@@ -225,7 +225,7 @@ def allocate(
 
 def resolve_allocation(pm: ParticleMap, groups: Any, cfg: AllocationConfig, latency: bool = False) -> str:
     """``cfg.allocation``, with ``"auto"`` made concrete for the ``groups`` to be cut: ``"uniform"`` when every one
-    of them (blocks aside) is a conv channel group, prices are FLOPs and no interactions are used; else ``"global"``.
+    of them is a conv channel group (no blocks), prices are FLOPs and no interactions are used; else ``"global"``.
 
     Why: single-particle scores miss redundancy, and channels that look free one at a time are not free
     together. On the Fashion-MNIST ResNet, global allocation (any of fisher, taylor, ablation scores) took
@@ -234,7 +234,7 @@ def resolve_allocation(pm: ParticleMap, groups: Any, cfg: AllocationConfig, late
     transformers keep global allocation, measured the better one there (RESULTS.md)."""
     if cfg.allocation != "auto":
         return cfg.allocation
-    kinds = {pm[n].kind for n in groups} - {"block"}
+    kinds = {pm[n].kind for n in groups}  # with blocks too: global (uniform allocation never removes a block)
     if kinds == {"channel"} and not latency and cfg.cost == "flops" and not cfg.interactions:
         return "uniform"
     return "global"
