@@ -27,6 +27,8 @@ def test_auto_is_uniform_for_conv_channels_only():
     assert resolve_allocation(PM, CHANNELS, cfg, latency=True) == "global"  # measured prices rank particles
     assert resolve_allocation(PM, CHANNELS, AllocationConfig(cost="latency")) == "global"
     assert resolve_allocation(PM, CHANNELS, AllocationConfig(allocation="global")) == "global"
+    with_blocks = {**CHANNELS, "layers.0.blocks": torch.rand(1)}  # uniform allocation never removes a block
+    assert resolve_allocation(PM, with_blocks, cfg) == "global"
     text = pz.decompose(hf_model("bert")[0])
     heads = {g.name: torch.rand(g.size) for g in text.groups if g.kind in ("head", "neuron")}
     assert resolve_allocation(text, heads, cfg) == "global"
