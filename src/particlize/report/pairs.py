@@ -84,9 +84,10 @@ def figures(df: pd.DataFrame, metric: str = "loss", max_particles: int = 400) ->
     within = [(layer, np.flatnonzero(p["layer"].to_numpy() == layer)) for layer in layers]
     within = [(layer, idx) for layer, idx in within if len(idx) > 1 and np.isfinite(m[np.ix_(idx, idx)]).any()]
     if within and len(within) <= 24:
-        cols = min(len(within), 6)
-        rows = math.ceil(len(within) / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols + 0.8, 2.3 * rows + 0.3), squeeze=False,
+        n = len(within)
+        cols = n if n <= 3 else 3 if n <= 9 else 4 if n <= 16 else 6
+        rows = math.ceil(n / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(2.7 * cols + 0.9, 2.7 * rows + 0.3), squeeze=False,
                                  layout="constrained")
         im = None
         for ax, (layer, idx) in zip(axes.flat, within):
