@@ -77,8 +77,7 @@ def figures(df: pd.DataFrame, metric: str = "loss", max_particles: int = 400) ->
         return []
     lim = _limit(m)
     plt = _plt()
-    cmap = plt.get_cmap("RdBu_r").copy()
-    cmap.set_bad("#e2e2e2")  # the diagonal and pairs not measured
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#e2e2e2")  # grey: the diagonal and pairs not measured
     out = []
     layers = list(dict.fromkeys(p["layer"]))
     within = [(layer, np.flatnonzero(p["layer"].to_numpy() == layer)) for layer in layers]
