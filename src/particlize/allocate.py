@@ -227,11 +227,9 @@ def resolve_allocation(pm: ParticleMap, groups: Any, cfg: AllocationConfig, late
     """``cfg.allocation``, with ``"auto"`` made concrete for the ``groups`` to be cut: ``"uniform"`` when every one
     of them is a conv channel group (no blocks), prices are FLOPs and no interactions are used; else ``"global"``.
 
-    Why: single-particle scores miss redundancy, and channels that look free one at a time are not free
-    together. On the Fashion-MNIST ResNet, global allocation (any of fisher, taylor, ablation scores) took
-    the last stage from 32 channels to 4 and recovered to 0.59-0.68 at 50% / 25% of the FLOPs; the same
-    fraction of every layer recovered to 0.85-0.88 (benchmarks/results/vision.md). Heads and neurons of
-    transformers keep global allocation, measured the better one there (RESULTS.md)."""
+    Why: channels that look free one at a time are not free together. On the Fashion-MNIST ResNet global
+    allocation emptied the last stage (0.76 / 0.67 after recovery at 50% / 25% of the FLOPs, uniform 0.87 /
+    0.83: benchmarks/results/vision.md); transformer heads and neurons measured better globally (RESULTS.md)."""
     if cfg.allocation != "auto":
         return cfg.allocation
     kinds = {pm[n].kind for n in groups}  # with blocks too: global (uniform allocation never removes a block)
