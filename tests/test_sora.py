@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import particlize as pz
-from particlize.models.sora import PRESETS, SoraConfig, SpacetimeDiT
+from particlize.models.sora import PRESETS, SoraConfig, SpacetimeDiT, inflate_time
 from strategies import removal_sets
 
 SETTINGS = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -248,6 +248,35 @@ def test_train_sora_saves_a_loadable_ema_model(tmp_path):
         torch.testing.assert_close(a, b, msg=k)  # lr 0 and a frozen EMA: the weights it started from
     with pytest.raises(pz.ParticlizeError, match="cannot start this run"):
         train_sora("tiny", steps=1, out=tmp_path / "bad", init=out, frames=4, size=16, dim=32, depth=1, heads=2)
+    # a one-token-per-frame run can start from that two-frame-patch model: inflated, not refused
+    train_sora("tiny", steps=1, out=tmp_path / "fine", batch_size=2, init=out, lr=0.0, ema=1.0,
+               frames=4, size=16, dim=16, depth=1, heads=2, patch=(1, 4, 4))
+    fine = pz.load(tmp_path / "fine")
+    want = inflate_time(m, 1).state_dict()
+    assert fine.config.patch == (1, 4, 4)
+    for k, v in fine.state_dict().items():
+        torch.testing.assert_close(v, want[k], msg=k)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pt=st.sampled_from([2, 4]), seed=st.integers(0, 2**16))
+def test_inflated_model_on_repeated_frames_averages_the_coarse_one(pt, seed):
+    """One token per frame from a ``pt``-frame patch: on videos whose frames repeat in runs of ``pt`` the
+    inflated copy predicts, for every frame, the coarse model's prediction averaged over the run."""
+    torch.manual_seed(seed)
+    coarse = SpacetimeDiT(SoraConfig(frames=8, size=16, patch=(pt, 4, 4), dim=16, depth=2, heads=2))
+    for p in coarse.parameters():  # adaLN-Zero starts at zero: give every path a say
+        torch.nn.init.normal_(p, std=0.1)
+    fine = inflate_time(coarse, 1)
+    assert fine.config.patch == (1, 4, 4) and fine.grid == (8, 4, 4)
+    x = torch.randn(2, 1, 8 // pt, 16, 16).repeat_interleave(pt, dim=2)
+    t, y = torch.tensor([3, 700]), torch.tensor([4, 10])
+    with torch.no_grad():
+        want = coarse(x, t, y).reshape(2, 1, 8 // pt, pt, 16, 16).mean(3, keepdim=True)
+        got = fine(x, t, y).reshape(2, 1, 8 // pt, pt, 16, 16)
+    torch.testing.assert_close(got, want.expand_as(got), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="does not divide"):
+        inflate_time(coarse, 3)
 
 
 def test_shipped_models_load():

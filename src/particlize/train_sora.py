@@ -19,6 +19,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import ParticlizeError
 from .io import load, save, write_folder_atomically
-from .models.sora import PRESETS, sora
+from .models.sora import PRESETS, SoraConfig, SpacetimeDiT, inflate_time, sora
 from .recover.dit import draw_batch, ema_step
 from .tasks.moving_digits import eps_mse, moving_digits
 
@@ -46,6 +47,14 @@ def _save_checkpoint(path: Path, model, ema, opt, step: int, losses: list[float]
         (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses, "seconds": seconds}))
 
     write_folder_atomically(path, fill, force=True)
+
+
+def _inflated(start: SpacetimeDiT, cfg: SoraConfig) -> SpacetimeDiT:
+    """``start`` with ``cfg``'s temporal patch (`inflate_time`) when that is all that differs, else ``start``."""
+    same = {**asdict(start.config), "patch": cfg.patch} == asdict(cfg)
+    if same and start.config.patch[0] != cfg.patch[0] and start.config.patch[0] % cfg.patch[0] == 0:
+        return inflate_time(start, cfg.patch[0])
+    return start
 
 
 def train_sora(
@@ -73,7 +82,8 @@ def train_sora(
     ``progress`` is a callback ``(step, steps, loss)``, ``True`` for a Rich progress bar, or None
     (quiet). ``max_seconds`` stops early (the run is saved as it is and says so in its metadata).
     ``init`` continues from a trained model folder of the same configuration (its weights start both
-    the model and its EMA; the schedule, optimizer and data stream start afresh).
+    the model and its EMA; the schedule, optimizer and data stream start afresh), or of one that differs
+    only by a coarser temporal patch, which is inflated first (`inflate_time`).
     ``min_snr_gamma`` weights each step's loss by ``min(snr, gamma) / snr`` (Min-SNR; None: plain MSE).
     ``overrides`` change preset fields (``dim=64``, ``frames=16`` ...).
     """
@@ -86,6 +96,8 @@ def train_sora(
     model = sora(preset, **overrides).to(device)
     if init is not None:
         start_from = load(init)
+        if isinstance(start_from, type(model)) and start_from.config != model.config:
+            start_from = _inflated(start_from, model.config)
         if not isinstance(start_from, type(model)) or start_from.config != model.config:
             raise ParticlizeError(f"{init} is not a {preset!r} SpacetimeDiT with these settings; it cannot start this run")
         model.load_state_dict(start_from.state_dict())
@@ -190,6 +202,13 @@ def _main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--init", default=None, help="continue from this trained model folder")
+    ap.add_argument("--patch", type=int, nargs=3, default=None, metavar=("PT", "PH", "PW"),
+                    help="override the preset's spacetime patch")
+    ap.add_argument("--dim", type=int, default=None, help="override the preset's width")
+    ap.add_argument("--depth", type=int, default=None, help="override the preset's block count")
+    ap.add_argument("--heads", type=int, default=None, help="override the preset's head count")
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--warmup", type=int, default=100)
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -200,9 +219,11 @@ def _main(argv: list[str] | None = None) -> None:
             print(f"step {step}/{steps} loss {loss:.4f} {time.time() - t0:.0f}s", flush=True)
 
     progress = True if sys.stdout.isatty() else log
+    overrides = {k: v for k, v in (("patch", a.patch), ("dim", a.dim), ("depth", a.depth), ("heads", a.heads))
+                 if v is not None}
     out = train_sora(a.preset, a.steps, a.out, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                     min_snr_gamma=a.min_snr_gamma or None, init=a.init,
-                     max_seconds=a.max_seconds, device=a.device, progress=progress, force=a.force)
+                     min_snr_gamma=a.min_snr_gamma or None, init=a.init, ema=a.ema, warmup=a.warmup,
+                     max_seconds=a.max_seconds, device=a.device, progress=progress, force=a.force, **overrides)
     print(json.dumps(json.loads((out / "particlize.json").read_text())["extra"], indent=1)[:2000])
 
 

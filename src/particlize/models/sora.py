@@ -30,7 +30,7 @@ from ._util import _recipe
 from .sora_sampler import GUIDANCE, MODES, FastSampler, ddim_timesteps, guided_ddim_step, initial_noise
 
 __all__ = ["PRESETS", "SoraConfig", "SpacetimeDiT", "DiTBlock", "Attention", "Diffusion", "FastSampler", "GUIDANCE",
-           "sora"]
+           "inflate_time", "sora"]
 
 
 @dataclass
@@ -329,3 +329,29 @@ def sora(preset: str = "tiny", **overrides) -> SpacetimeDiT:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     return SpacetimeDiT(SoraConfig(**{**PRESETS[preset], **overrides}))
+
+
+def inflate_time(model: SpacetimeDiT, pt: int = 1) -> SpacetimeDiT:
+    """A copy of ``model`` with temporal patch ``pt`` (a divisor of its own), e.g. one token per frame
+    from a model that packs two frames into a token, so a coarse model can start a finer one.
+
+    The patch embedding sums its temporal taps in groups, the output layer averages its per-frame
+    outputs over a group, and each temporal position embedding is repeated. On a video whose frames
+    repeat in runs of the old patch length the copy predicts, per frame, the old model's output
+    averaged over the run: attention over repeated keys and values weighs them exactly as before.
+    """
+    old = model.config
+    k = old.patch[0] // pt if pt > 0 and old.patch[0] % pt == 0 else 0
+    if not k:
+        raise ValueError(f"temporal patch {pt} does not divide the model's {old.patch[0]}: choose a divisor")
+    cfg = SoraConfig(**{**asdict(old), "patch": (pt, *old.patch[1:])})
+    new = SpacetimeDiT(cfg).to(next(model.parameters()).device)
+    state = {n: v.clone() for n, v in model.state_dict().items()}
+    D, C, _, ph, pw = state["patch_embed.weight"].shape
+    state["patch_embed.weight"] = state["patch_embed.weight"].reshape(D, C, -1, k, ph, pw).sum(3)
+    state["pos_temporal"] = state["pos_temporal"].repeat_interleave(k, dim=1)
+    w, b = state["final.linear.weight"], state["final.linear.bias"]  # rows ordered (pt, ph, pw, C)
+    state["final.linear.weight"] = w.reshape(-1, k, ph * pw * C, w.shape[-1]).mean(1).reshape(-1, w.shape[-1])
+    state["final.linear.bias"] = b.reshape(-1, k, ph * pw * C).mean(1).reshape(-1)
+    new.load_state_dict(state)
+    return new
