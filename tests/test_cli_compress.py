@@ -97,3 +97,17 @@ def test_train_sora_command_saves_what_the_library_trains(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(args)
     assert e.value.code == 1 and "--force" in capsys.readouterr().err
+
+
+def test_train_sora_command_overrides_the_preset_and_refuses_a_bad_patch(tmp_path, capsys):
+    """``--patch/--dim/--depth/--heads`` reach the model; a patch that does not tile the video is one clear line
+    and exit 1, before anything is written."""
+    main(["train-sora", "--steps", "1", "--batch-size", "1", "--out", str(tmp_path / "p8"), "--patch", "1", "8", "8",
+          "--dim", "32", "--depth", "1", "--heads", "2"])
+    cfg = pz.load(tmp_path / "p8").config
+    assert (cfg.patch, cfg.dim, cfg.depth, cfg.heads) == ((1, 8, 8), 32, 1, 2)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["train-sora", "--steps", "1", "--out", str(tmp_path / "bad"), "--patch", "3", "4", "4"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "does not tile" in err and not (tmp_path / "bad").exists()

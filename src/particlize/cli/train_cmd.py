@@ -11,6 +11,7 @@ from rich.markup import escape
 
 from ..errors import ParticlizeError
 from ..train import fine_tune
+from ..models.sora import sora
 from ..train_sora import train_sora
 from ._common import BATCH_SIZE, DATA, DEVICE, LABEL_COLUMN, LIMIT, MAX_LENGTH, SEED, TASK, TEXT_COLUMN, TRUST_CODE, \
     check_device, console, progress_bar, quiet_transformers, refuse_existing
@@ -74,10 +75,22 @@ def train_sora_command(
     max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="stop early and save after this long"),
     device: str = DEVICE,
     force: bool = typer.Option(False, "--force", help="replace an existing --out"),
-    init: Optional[Path] = typer.Option(None, "--init", help="continue from this trained model folder (same preset)"),
+    init: Optional[Path] = typer.Option(None, "--init", help="continue from this trained model folder (same "
+                                        "settings, or a coarser temporal patch, which is inflated)"),
+    patch: Optional[tuple[int, int, int]] = typer.Option(None, "--patch", metavar="PT PH PW",
+                                                         help="override the preset's spacetime patch"),
+    dim: Optional[int] = typer.Option(None, "--dim", min=1, help="override the preset's width"),
+    depth: Optional[int] = typer.Option(None, "--depth", min=1, help="override the preset's block count"),
+    heads: Optional[int] = typer.Option(None, "--heads", min=1, help="override the preset's head count"),
 ) -> None:
     """Train the Sora-style spacetime diffusion transformer on moving digits."""
     check_device(device)
+    overrides = {k: v for k, v in (("patch", patch), ("dim", dim), ("depth", depth), ("heads", heads)) if v is not None}
+    try:
+        sora(preset, **overrides)  # a wrong override fails here, before any training
+    except ValueError as e:
+        raise ParticlizeError(f"{e}") from None
     folder = train_sora(preset, steps, out, batch_size=batch_size, lr=lr, seed=seed, max_seconds=max_seconds,
-                        min_snr_gamma=min_snr_gamma or None, device=device, progress=True, force=force, init=init)
+                        min_snr_gamma=min_snr_gamma or None, device=device, progress=True, force=force, init=init,
+                        **overrides)
     console().print(f"saved to [bold]{escape(str(folder))}[/bold]; sample with pz.load({str(folder)!r}).sample(labels)")
