@@ -315,6 +315,40 @@ def test_noise_schedules_and_min_snr_weights():
         SoraConfig(**CFG, schedule="quadratic")
 
 
+@settings(max_examples=10, deadline=None)
+@given(shift=st.floats(0.25, 8.0), schedule=st.sampled_from(["linear", "cosine"]))
+def test_noise_shift_divides_every_steps_snr(shift, schedule):
+    """``shift`` s: every step's SNR is the unshifted one over s², so the chain still runs from signal to noise."""
+    from particlize.models.sora import Diffusion
+
+    t = torch.arange(1000)
+    plain, moved = Diffusion(schedule=schedule), Diffusion(schedule=schedule, shift=shift)
+    # float32 alpha_bar: 1 - alpha_bar near 1 keeps few digits, so the SNR of the cleanest steps is looser
+    torch.testing.assert_close(moved.snr(t) * shift**2, plain.snr(t), rtol=3e-2, atol=1e-9)
+    torch.testing.assert_close(moved.snr(t[100:]) * shift**2, plain.snr(t[100:]), rtol=1e-3, atol=1e-9)
+    ab = moved.alpha_bar
+    assert (ab[1:] <= ab[:-1]).all() and 0 <= ab[-1] and ab[0] < 1
+
+
+def test_noise_shift_is_part_of_the_model_and_a_run_can_move_to_it(tmp_path):
+    from particlize.models.sora import Diffusion
+    from particlize.train_sora import train_sora
+
+    small = dict(frames=4, size=16, dim=16, depth=1, heads=2)
+    m = SpacetimeDiT(SoraConfig(**small, schedule="cosine", shift=2.0))
+    assert m.diffusion.alpha_bar[500] < SpacetimeDiT(SoraConfig(**small, schedule="cosine")).diffusion.alpha_bar[500]
+    with pytest.raises(ValueError, match="noise shift must be positive"):
+        SoraConfig(**small, shift=0.0)
+    # fine-tuning onto a shifted schedule starts from the same weights; the shift is saved with the model
+    first = train_sora("tiny", steps=1, out=tmp_path / "a", batch_size=2, **small)
+    train_sora("tiny", steps=1, out=tmp_path / "b", batch_size=2, init=first, lr=0.0, ema=1.0, shift=2.0, **small)
+    a, b = pz.load(first), pz.load(tmp_path / "b")
+    assert b.config.shift == 2.0 and a.config.shift == 1.0
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[k], v, msg=k)
+    torch.testing.assert_close(b.diffusion.alpha_bar, Diffusion(schedule="cosine", shift=2.0).alpha_bar)
+
+
 def test_fast_ablation_of_a_denoiser_equals_the_naive_loop(task):
     """Regression targets (the noise): ``metric="loss"`` is the ε-MSE, scored exactly by both engines."""
     from particlize.analysis._common import as_batches, per_example_metric

@@ -49,11 +49,19 @@ def _save_checkpoint(path: Path, model, ema, opt, step: int, losses: list[float]
     write_folder_atomically(path, fill, force=True)
 
 
-def _inflated(start: SpacetimeDiT, cfg: SoraConfig) -> SpacetimeDiT:
-    """``start`` with ``cfg``'s temporal patch (`inflate_time`) when that is all that differs, else ``start``."""
-    same = {**asdict(start.config), "patch": cfg.patch} == asdict(cfg)
-    if same and start.config.patch[0] != cfg.patch[0] and start.config.patch[0] % cfg.patch[0] == 0:
-        return inflate_time(start, cfg.patch[0])
+def _adapted(start: SpacetimeDiT, cfg: SoraConfig) -> SpacetimeDiT:
+    """``start`` carried over to ``cfg`` when only the temporal patch (a divisor of ``start``'s: `inflate_time`)
+    or the noise shift (same weights, new schedule) differ; else ``start`` unchanged."""
+    if {**asdict(start.config), "patch": cfg.patch, "shift": cfg.shift} != asdict(cfg):
+        return start
+    if start.config.patch != cfg.patch:
+        if start.config.patch[0] % cfg.patch[0]:
+            return start
+        start = inflate_time(start, cfg.patch[0])
+    if start.config.shift != cfg.shift:
+        moved = SpacetimeDiT(cfg)
+        moved.load_state_dict(start.state_dict())
+        start = moved
     return start
 
 
@@ -83,7 +91,7 @@ def train_sora(
     (quiet). ``max_seconds`` stops early (the run is saved as it is and says so in its metadata).
     ``init`` continues from a trained model folder of the same configuration (its weights start both
     the model and its EMA; the schedule, optimizer and data stream start afresh), or of one that differs
-    only by a coarser temporal patch, which is inflated first (`inflate_time`).
+    only by a coarser temporal patch, which is inflated first (`inflate_time`), or by the noise shift.
     ``min_snr_gamma`` weights each step's loss by ``min(snr, gamma) / snr`` (Min-SNR; None: plain MSE).
     ``overrides`` change preset fields (``dim=64``, ``frames=16`` ...).
     """
@@ -97,7 +105,7 @@ def train_sora(
     if init is not None:
         start_from = load(init)
         if isinstance(start_from, type(model)) and start_from.config != model.config:
-            start_from = _inflated(start_from, model.config)
+            start_from = _adapted(start_from, model.config)
         if not isinstance(start_from, type(model)) or start_from.config != model.config:
             raise ParticlizeError(f"{init} is not a {preset!r} SpacetimeDiT with these settings; it cannot start this run")
         model.load_state_dict(start_from.state_dict())
@@ -207,6 +215,7 @@ def _main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dim", type=int, default=None, help="override the preset's width")
     ap.add_argument("--depth", type=int, default=None, help="override the preset's block count")
     ap.add_argument("--heads", type=int, default=None, help="override the preset's head count")
+    ap.add_argument("--shift", type=float, default=None, help="override the preset's noise shift")
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--warmup", type=int, default=100)
     a = ap.parse_args(argv)
@@ -219,7 +228,8 @@ def _main(argv: list[str] | None = None) -> None:
             print(f"step {step}/{steps} loss {loss:.4f} {time.time() - t0:.0f}s", flush=True)
 
     progress = True if sys.stdout.isatty() else log
-    overrides = {k: v for k, v in (("patch", a.patch), ("dim", a.dim), ("depth", a.depth), ("heads", a.heads))
+    overrides = {k: v for k, v in (("patch", a.patch), ("dim", a.dim), ("depth", a.depth), ("heads", a.heads),
+                                                                   ("shift", a.shift))
                  if v is not None}
     out = train_sora(a.preset, a.steps, a.out, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                      min_snr_gamma=a.min_snr_gamma or None, init=a.init, ema=a.ema, warmup=a.warmup,

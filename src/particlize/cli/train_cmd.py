@@ -82,10 +82,12 @@ def train_sora_command(
     dim: Optional[int] = typer.Option(None, "--dim", min=1, help="override the preset's width"),
     depth: Optional[int] = typer.Option(None, "--depth", min=1, help="override the preset's block count"),
     heads: Optional[int] = typer.Option(None, "--heads", min=1, help="override the preset's head count"),
+    shift: Optional[float] = typer.Option(None, "--shift", help="override the preset's noise shift (SNR / shift²)"),
 ) -> None:
     """Train the Sora-style spacetime diffusion transformer on moving digits."""
     check_device(device)
-    overrides = {k: v for k, v in (("patch", patch), ("dim", dim), ("depth", depth), ("heads", heads)) if v is not None}
+    overrides = {k: v for k, v in (("patch", patch), ("dim", dim), ("depth", depth), ("heads", heads),
+                                                         ("shift", shift)) if v is not None}
     try:
         sora(preset, **overrides)  # a wrong override fails here, before any training
     except ValueError as e:

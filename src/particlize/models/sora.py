@@ -46,6 +46,7 @@ class SoraConfig:
     num_classes: int = 10
     class_dropout: float = 0.1  # label dropout during training (classifier-free guidance)
     schedule: str = "linear"  # noise schedule: "linear" (DDPM) or "cosine" (improved DDPM)
+    shift: float = 1.0  # noise shift: every step's signal-to-noise ratio divided by shift**2 (1: none)
 
     def __post_init__(self) -> None:
         self.patch = tuple(int(p) for p in self.patch)  # JSON gives lists
@@ -54,6 +55,8 @@ class SoraConfig:
             raise ValueError(f"patch {self.patch} does not tile {self.frames} frames of {self.size}x{self.size}")
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if not self.shift > 0:
+            raise ValueError(f"noise shift must be positive, got {self.shift}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown noise schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
@@ -169,9 +172,12 @@ class FinalLayer(nn.Module):
 class Diffusion:
     """The 1,000-step noise schedule shared by training and the DDIM sampler: ``"linear"`` betas
     1e-4..0.02 (DDPM) or ``"cosine"`` (improved DDPM: more steps at the noise levels that shape a
-    sample, which small models on small frames learn much sooner)."""
+    sample, which small models on small frames learn much sooner). ``shift`` > 1 divides every step's
+    signal-to-noise ratio by ``shift**2`` (the resolution shift of simple diffusion / SD3 / Open-Sora): eight
+    frames of the same digit keep its place readable at noise that hides a single frame, so the steps
+    that decide where the digit is and how it moves need more noise than a single image does."""
 
-    def __init__(self, steps: int = 1000, schedule: str = "linear"):
+    def __init__(self, steps: int = 1000, schedule: str = "linear", shift: float = 1.0):
         self.steps = steps
         if schedule == "linear":
             betas = torch.linspace(1e-4, 0.02, steps, dtype=torch.float64)
@@ -183,6 +189,9 @@ class Diffusion:
             self.alpha_bar = torch.cumprod(1 - betas, 0).float()
         else:
             raise ValueError(f"unknown noise schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if shift != 1.0:
+            snr = self.alpha_bar.double() / (1 - self.alpha_bar.double()) / shift**2
+            self.alpha_bar = (snr / (1 + snr)).float()
 
     def snr(self, t: Tensor) -> Tensor:
         """Signal-to-noise ratio ``alpha_bar / (1 - alpha_bar)`` at steps ``t``."""
@@ -220,7 +229,7 @@ class SpacetimeDiT(nn.Module):
         self.y_embed = nn.Embedding(config.num_classes + 1, D)  # last id = null label
         self.blocks = nn.ModuleList(DiTBlock(D, config.heads, config.mlp_ratio) for _ in range(config.depth))
         self.final = FinalLayer(D, pt * ph * pw * config.in_channels)
-        self.diffusion = Diffusion(schedule=config.schedule)
+        self.diffusion = Diffusion(schedule=config.schedule, shift=config.shift)
         self._init_weights()
 
     def _init_weights(self) -> None:
