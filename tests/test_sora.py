@@ -148,6 +148,38 @@ def test_flops_cost():
     assert table["blocks.0.attn_s.heads"].iloc[0] - table["blocks.0.attn_t.heads"].iloc[0] == 4.0 * d * (ctx_s - ctx_t)
 
 
+@SETTINGS
+@given(data=st.data())
+def test_full_spacetime_attention_masked_equals_pruned_and_is_priced(data):
+    """``temporal="all"``: the second attention sees every token of the video (a change at one position and frame
+    reaches every other position of other frames in one block, which per-position attention cannot), heads
+    still prune exactly, and its FLOPs count a context of frames × positions."""
+    model, batch = _model(temporal="all", depth=1), _batch(temporal="all")
+    pm = pz.decompose(model)
+    remove = data.draw(removal_sets(pm))
+    with torch.no_grad():
+        with pm.ablate(remove):
+            masked = model(**batch)
+        torch.testing.assert_close(pm.prune(remove)(**batch), masked, atol=1e-5, rtol=0)
+        blk, c = model.blocks[0], torch.randn(1, 32)
+        blk.attn_s.proj.weight.zero_()  # spatial attention off: only the second attention mixes tokens
+        blk.attn_s.proj.bias.zero_()
+        h = torch.randn(1, 4, 16, 32)
+        h2 = h.clone()
+        h2[0, 0, 0, 0] += 1.0  # frame 0, position 0 (one feature: LayerNorm removes a shift of all)
+        reach_all = (blk(h2, c) - blk(h, c))[0, 1:, 1:].abs().max().item()  # other frames, other positions
+        blk.temporal = "position"
+        reach_position = (blk(h2, c) - blk(h, c))[0, 1:, 1:].abs().max().item()
+    assert reach_all > 1e-5 and reach_position == 0.0
+    c_ = model.config
+    ctx_s, ctx_all = (c_.size // 4) ** 2, (c_.size // 4) ** 2 * c_.frames
+    d = model.blocks[0].attn_s.head_dim
+    head_s, head_t = pm.cost({"blocks.0.attn_s.heads": [0]}), pm.cost({"blocks.0.attn_t.heads": [0]})
+    assert head_s.flops - head_t.flops == 4.0 * d * (ctx_all - ctx_s)
+    with pytest.raises(ValueError, match="unknown temporal attention"):
+        SoraConfig(**CFG, temporal="diagonal")
+
+
 def test_per_example_gates_equal_one_run_per_example():
     model, batch = _model(), _batch()
     pm = pz.decompose(model)

@@ -50,15 +50,15 @@ def _save_checkpoint(path: Path, model, ema, opt, step: int, losses: list[float]
 
 
 def _adapted(start: SpacetimeDiT, cfg: SoraConfig) -> SpacetimeDiT:
-    """``start`` carried over to ``cfg`` when only the temporal patch (a divisor of ``start``'s: `inflate_time`)
-    or the noise shift (same weights, new schedule) differ; else ``start`` unchanged."""
-    if {**asdict(start.config), "patch": cfg.patch, "shift": cfg.shift} != asdict(cfg):
+    """``start`` carried over to ``cfg`` when only the temporal patch (a divisor of ``start``'s: `inflate_time`),
+    the noise shift or the temporal attention's reach (same weights) differ; else ``start`` unchanged."""
+    if {**asdict(start.config), "patch": cfg.patch, "shift": cfg.shift, "temporal": cfg.temporal} != asdict(cfg):
         return start
     if start.config.patch != cfg.patch:
-        if start.config.patch[0] % cfg.patch[0]:
+        if start.config.patch[1:] != cfg.patch[1:] or start.config.patch[0] % cfg.patch[0]:
             return start
         start = inflate_time(start, cfg.patch[0])
-    if start.config.shift != cfg.shift:
+    if start.config != cfg:  # same weights, another noise schedule or temporal attention
         moved = SpacetimeDiT(cfg)
         moved.load_state_dict(start.state_dict())
         start = moved
@@ -216,6 +216,7 @@ def _main(argv: list[str] | None = None) -> None:
     ap.add_argument("--depth", type=int, default=None, help="override the preset's block count")
     ap.add_argument("--heads", type=int, default=None, help="override the preset's head count")
     ap.add_argument("--shift", type=float, default=None, help="override the preset's noise shift")
+    ap.add_argument("--temporal", choices=["position", "all"], default=None, help="override the temporal attention")
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--warmup", type=int, default=100)
     a = ap.parse_args(argv)
@@ -229,7 +230,7 @@ def _main(argv: list[str] | None = None) -> None:
 
     progress = True if sys.stdout.isatty() else log
     overrides = {k: v for k, v in (("patch", a.patch), ("dim", a.dim), ("depth", a.depth), ("heads", a.heads),
-                                                                   ("shift", a.shift))
+                                                                   ("shift", a.shift), ("temporal", a.temporal))
                  if v is not None}
     out = train_sora(a.preset, a.steps, a.out, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                      min_snr_gamma=a.min_snr_gamma or None, init=a.init, ema=a.ema, warmup=a.warmup,

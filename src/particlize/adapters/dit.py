@@ -66,6 +66,8 @@ class DiTAdapter:
         if all(hasattr(cfg, a) for a in ("patch", "size", "frames")):
             pt, ph, pw = cfg.patch
             ctx = {"attn_s": (cfg.size // ph) * (cfg.size // pw), "attn_t": cfg.frames // pt}
+            if getattr(cfg, "temporal", "position") == "all":  # the second attention sees every token
+                ctx["attn_t"] *= ctx["attn_s"]
         for i, (bp, block) in enumerate(zip(paths, model.blocks)):
             for an in ("attn_s", "attn_t"):
                 attn = getattr(block, an)

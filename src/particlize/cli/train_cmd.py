@@ -83,11 +83,13 @@ def train_sora_command(
     depth: Optional[int] = typer.Option(None, "--depth", min=1, help="override the preset's block count"),
     heads: Optional[int] = typer.Option(None, "--heads", min=1, help="override the preset's head count"),
     shift: Optional[float] = typer.Option(None, "--shift", help="override the preset's noise shift (SNR / shift²)"),
+    temporal: Optional[str] = typer.Option(None, "--temporal", help="the second attention: 'position' (across frames "
+                                           "at one position) or 'all' (every token of the video)"),
 ) -> None:
     """Train the Sora-style spacetime diffusion transformer on moving digits."""
     check_device(device)
     overrides = {k: v for k, v in (("patch", patch), ("dim", dim), ("depth", depth), ("heads", heads),
-                                                         ("shift", shift)) if v is not None}
+                                                         ("shift", shift), ("temporal", temporal)) if v is not None}
     try:
         sora(preset, **overrides)  # a wrong override fails here, before any training
     except ValueError as e:

@@ -47,6 +47,7 @@ class SoraConfig:
     class_dropout: float = 0.1  # label dropout during training (classifier-free guidance)
     schedule: str = "linear"  # noise schedule: "linear" (DDPM) or "cosine" (improved DDPM)
     shift: float = 1.0  # noise shift: every step's signal-to-noise ratio divided by shift**2 (1: none)
+    temporal: str = "position"  # the second attention: "position" (across frames, one spatial position) or "all"
 
     def __post_init__(self) -> None:
         self.patch = tuple(int(p) for p in self.patch)  # JSON gives lists
@@ -57,11 +58,14 @@ class SoraConfig:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
         if not self.shift > 0:
             raise ValueError(f"noise shift must be positive, got {self.shift}")
+        if self.temporal not in TEMPORAL:
+            raise ValueError(f"unknown temporal attention {self.temporal!r}; choose one of {', '.join(TEMPORAL)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown noise schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
 
 SCHEDULES = ("linear", "cosine")
+TEMPORAL = ("position", "all")
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(frames=8, size=32, patch=(2, 4, 4), dim=64, depth=4, heads=4, mlp_ratio=4.0,
@@ -118,10 +122,16 @@ class MLP(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """Spatial attention, temporal attention and MLP, each adaLN-Zero modulated by the condition ``c``."""
+    """Spatial attention, temporal attention and MLP, each adaLN-Zero modulated by the condition ``c``.
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+    ``temporal="position"`` attends across frames at one spatial position (factorized, as Latte and Open-Sora
+    1.x); ``"all"`` across every position of every frame (full spacetime attention, as Sora's patches suggest),
+    so a token can find its digit where it moved to.
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, temporal: str = "position"):
         super().__init__()
+        self.temporal = temporal
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn_s = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -136,8 +146,12 @@ class DiTBlock(nn.Module):
         mods = self.adaLN(c).chunk(9, dim=-1)
         sh1, sc1, g1, sh2, sc2, g2, sh3, sc3, g3 = mods
         x = x + g1[:, None, None, :] * self.attn_s(modulate(self.norm1(x), sh1, sc1))  # within a frame
-        xt = modulate(self.norm2(x), sh2, sc2).transpose(1, 2)  # [B, S, T, D]: across frames
-        x = x + g2[:, None, None, :] * self.attn_t(xt).transpose(1, 2)
+        xt = modulate(self.norm2(x), sh2, sc2)
+        if self.temporal == "all":  # [B, 1, T*S, D]: every token of the video
+            B, T, S, D = x.shape
+            x = x + g2[:, None, None, :] * self.attn_t(xt.reshape(B, 1, T * S, D)).reshape(B, T, S, D)
+        else:  # [B, S, T, D]: across frames
+            x = x + g2[:, None, None, :] * self.attn_t(xt.transpose(1, 2)).transpose(1, 2)
         x = x + g3[:, None, None, :] * self.mlp(modulate(self.norm3(x), sh3, sc3))
         return x
 
@@ -227,7 +241,8 @@ class SpacetimeDiT(nn.Module):
         self.pos_temporal = nn.Parameter(torch.randn(1, T_, 1, D) * 0.02)
         self.t_embed = TimestepEmbedder(D)
         self.y_embed = nn.Embedding(config.num_classes + 1, D)  # last id = null label
-        self.blocks = nn.ModuleList(DiTBlock(D, config.heads, config.mlp_ratio) for _ in range(config.depth))
+        self.blocks = nn.ModuleList(DiTBlock(D, config.heads, config.mlp_ratio, config.temporal)
+                                    for _ in range(config.depth))
         self.final = FinalLayer(D, pt * ph * pw * config.in_channels)
         self.diffusion = Diffusion(schedule=config.schedule, shift=config.shift)
         self._init_weights()
