@@ -362,6 +362,29 @@ def test_noise_shift_divides_every_steps_snr(shift, schedule):
     assert (ab[1:] <= ab[:-1]).all() and 0 <= ab[-1] and ab[0] < 1
 
 
+def test_frame_correlated_noise_prior():
+    """``frame_corr`` ρ: unit-variance noise whose frames correlate by ρ, in training batches, the sampler's start
+    and the held-out ε-MSE alike; ρ = 0 draws exactly the independent noise the shipped models were made with."""
+    from particlize.models.sora_sampler import frame_noise, initial_noise
+
+    shape = (4000, 1, 4, 2, 2)
+    torch.testing.assert_close(frame_noise(shape, torch.Generator().manual_seed(3)),
+                               torch.randn(shape, generator=torch.Generator().manual_seed(3)), atol=0, rtol=0)
+    for rho in (0.3, 0.8):
+        n = frame_noise(shape, torch.Generator().manual_seed(3), rho)[:, 0, :, 0, 0]
+        assert abs(n.std().item() - 1) < 0.03
+        c = torch.corrcoef(n.T)
+        assert (c[~torch.eye(4, dtype=torch.bool)] - rho).abs().max() < 0.05
+    m = SpacetimeDiT(SoraConfig(**CFG, frame_corr=0.5))
+    start = initial_noise((2, 1, 4, 16, 16), 0, torch.device("cpu"), 0.5)
+    torch.testing.assert_close(start, frame_noise((2, 1, 4, 16, 16), torch.Generator().manual_seed(0), 0.5))
+    traj: list = []
+    m.sample([1, 2], steps=2, seed=0, trajectory=traj)
+    torch.testing.assert_close(traj[0][0], start)
+    with pytest.raises(ValueError, match="frame_corr"):
+        SoraConfig(**CFG, frame_corr=1.0)
+
+
 def test_noise_shift_is_part_of_the_model_and_a_run_can_move_to_it(tmp_path):
     from particlize.models.sora import Diffusion
     from particlize.train_sora import train_sora

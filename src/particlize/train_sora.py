@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from .errors import ParticlizeError
 from .io import load, save, write_folder_atomically
 from .models.sora import PRESETS, SoraConfig, SpacetimeDiT, inflate_time, sora
+from .models.sora_sampler import frame_noise
 from .recover.dit import draw_batch, ema_step
 from .tasks.moving_digits import eps_mse, moving_digits
 
@@ -52,7 +53,8 @@ def _save_checkpoint(path: Path, model, ema, opt, step: int, losses: list[float]
 def _adapted(start: SpacetimeDiT, cfg: SoraConfig) -> SpacetimeDiT:
     """``start`` carried over to ``cfg`` when only the temporal patch (a divisor of ``start``'s: `inflate_time`),
     the noise shift or the temporal attention's reach (same weights) differ; else ``start`` unchanged."""
-    if {**asdict(start.config), "patch": cfg.patch, "shift": cfg.shift, "temporal": cfg.temporal} != asdict(cfg):
+    if {**asdict(start.config), "patch": cfg.patch, "shift": cfg.shift, "temporal": cfg.temporal,
+            "frame_corr": cfg.frame_corr} != asdict(cfg):
         return start
     if start.config.patch != cfg.patch:
         if start.config.patch[1:] != cfg.patch[1:] or start.config.patch[0] % cfg.patch[0]:
@@ -126,7 +128,7 @@ def train_sora(
         for _ in range(start):  # replay the data and noise streams to stay deterministic
             next(stream)
             torch.randint(0, 1000, (batch_size,), generator=gen)
-            torch.randn((batch_size, cfg.in_channels, cfg.frames, cfg.size, cfg.size), generator=gen)
+            frame_noise((batch_size, cfg.in_channels, cfg.frames, cfg.size, cfg.size), gen, cfg.frame_corr)
             torch.rand(batch_size, generator=gen)
 
     bar = None
@@ -217,6 +219,7 @@ def _main(argv: list[str] | None = None) -> None:
     ap.add_argument("--heads", type=int, default=None, help="override the preset's head count")
     ap.add_argument("--shift", type=float, default=None, help="override the preset's noise shift")
     ap.add_argument("--temporal", choices=["position", "all"], default=None, help="override the temporal attention")
+    ap.add_argument("--frame-corr", type=float, default=None, help="override the noise's correlation across frames")
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--warmup", type=int, default=100)
     a = ap.parse_args(argv)
@@ -230,7 +233,8 @@ def _main(argv: list[str] | None = None) -> None:
 
     progress = True if sys.stdout.isatty() else log
     overrides = {k: v for k, v in (("patch", a.patch), ("dim", a.dim), ("depth", a.depth), ("heads", a.heads),
-                                                                   ("shift", a.shift), ("temporal", a.temporal))
+                                                                   ("shift", a.shift), ("temporal", a.temporal),
+                                                                   ("frame_corr", a.frame_corr))
                  if v is not None}
     out = train_sora(a.preset, a.steps, a.out, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                      min_snr_gamma=a.min_snr_gamma or None, init=a.init, ema=a.ema, warmup=a.warmup,

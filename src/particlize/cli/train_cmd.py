@@ -85,11 +85,14 @@ def train_sora_command(
     shift: Optional[float] = typer.Option(None, "--shift", help="override the preset's noise shift (SNR / shift²)"),
     temporal: Optional[str] = typer.Option(None, "--temporal", help="the second attention: 'position' (across frames "
                                            "at one position) or 'all' (every token of the video)"),
+    frame_corr: Optional[float] = typer.Option(None, "--frame-corr", help="correlation of the noise across frames "
+                                               "(0: independent; PYoCo's mixed prior)"),
 ) -> None:
     """Train the Sora-style spacetime diffusion transformer on moving digits."""
     check_device(device)
     overrides = {k: v for k, v in (("patch", patch), ("dim", dim), ("depth", depth), ("heads", heads),
-                                                         ("shift", shift), ("temporal", temporal)) if v is not None}
+                                                         ("shift", shift), ("temporal", temporal),
+                                                         ("frame_corr", frame_corr)) if v is not None}
     try:
         sora(preset, **overrides)  # a wrong override fails here, before any training
     except ValueError as e:

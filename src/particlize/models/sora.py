@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..errors import ParticlizeError
 from ._util import _recipe
-from .sora_sampler import GUIDANCE, MODES, FastSampler, ddim_timesteps, guided_ddim_step, initial_noise
+from .sora_sampler import GUIDANCE, MODES, FastSampler, ddim_timesteps, frame_noise, guided_ddim_step, initial_noise
 
 __all__ = ["PRESETS", "SoraConfig", "SpacetimeDiT", "DiTBlock", "Attention", "Diffusion", "FastSampler", "GUIDANCE",
            "inflate_time", "sora"]
@@ -48,6 +48,7 @@ class SoraConfig:
     schedule: str = "linear"  # noise schedule: "linear" (DDPM) or "cosine" (improved DDPM)
     shift: float = 1.0  # noise shift: every step's signal-to-noise ratio divided by shift**2 (1: none)
     temporal: str = "position"  # the second attention: "position" (across frames, one spatial position) or "all"
+    frame_corr: float = 0.0  # correlation of the noise across frames (training and sampling; 0: independent)
 
     def __post_init__(self) -> None:
         self.patch = tuple(int(p) for p in self.patch)  # JSON gives lists
@@ -56,6 +57,8 @@ class SoraConfig:
             raise ValueError(f"patch {self.patch} does not tile {self.frames} frames of {self.size}x{self.size}")
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if not 0 <= self.frame_corr < 1:
+            raise ValueError(f"frame_corr must be in [0, 1), got {self.frame_corr}")
         if not self.shift > 0:
             raise ValueError(f"noise shift must be positive, got {self.shift}")
         if self.temporal not in TEMPORAL:
@@ -294,7 +297,7 @@ class SpacetimeDiT(nn.Module):
         """Epsilon-prediction MSE at uniformly drawn steps (``x0`` in [-1, 1]); ``min_snr_gamma`` weights
         the steps as in training (`Diffusion.loss_weight`)."""
         t = torch.randint(0, self.diffusion.steps, (x0.shape[0],), generator=generator).to(x0.device)
-        noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+        noise = frame_noise(x0.shape, generator, self.config.frame_corr).to(x0.device)
         return self.weighted_mse(self(self.diffusion.add_noise(x0, t, noise), t, y), noise, t, min_snr_gamma)
 
     def weighted_mse(self, pred: Tensor, noise: Tensor, t: Tensor, min_snr_gamma: float | None = None) -> Tensor:
@@ -333,7 +336,7 @@ class SpacetimeDiT(nn.Module):
             device = next(self.parameters()).device
             y = y.to(device)
             B, cfg = y.shape[0], self.config
-            x = initial_noise((B, cfg.in_channels, cfg.frames, cfg.size, cfg.size), seed, device)
+            x = initial_noise((B, cfg.in_channels, cfg.frames, cfg.size, cfg.size), seed, device, cfg.frame_corr)
             ab = self.diffusion.alpha_bar.to(device)
             ts = ddim_timesteps(self.diffusion.steps, steps)
             null = torch.full_like(y, self.null_label)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..errors import ParticlizeError
 
-__all__ = ["GUIDANCE", "MODES", "FastSampler", "ddim_timesteps", "guided_ddim_step", "initial_noise"]
+__all__ = ["GUIDANCE", "MODES", "FastSampler", "ddim_timesteps", "frame_noise", "guided_ddim_step", "initial_noise"]
 
 GUIDANCE = 5.0  # the sampler's default classifier-free guidance scale
 MODES = ("eager", "graph", "compile")
@@ -43,10 +43,20 @@ def ddim_timesteps(total: int, steps: int) -> list[int]:
     return torch.linspace(total - 1, 0, steps).round().long().tolist()
 
 
-def initial_noise(shape: Sequence[int], seed: int, device: torch.device) -> Tensor:
+def frame_noise(shape: Sequence[int], generator: torch.Generator | None = None, frame_corr: float = 0.0) -> Tensor:
+    """Standard normal noise ``[B, C, T, H, W]`` whose frames correlate by ``frame_corr`` (the mixed noise prior of
+    PYoCo: one draw shared by all frames plus one per frame; 0 gives independent frames and draws only once)."""
+    noise = torch.randn(tuple(shape), generator=generator)
+    if frame_corr:
+        B, C, _, H, W = shape
+        shared = torch.randn((B, C, 1, H, W), generator=generator)
+        noise = (1 - frame_corr) ** 0.5 * noise + frame_corr ** 0.5 * shared
+    return noise
+
+
+def initial_noise(shape: Sequence[int], seed: int, device: torch.device, frame_corr: float = 0.0) -> Tensor:
     """The starting noise: drawn on the CPU from ``seed`` (results do not depend on the device), then moved."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(tuple(shape), generator=gen).to(device)
+    return frame_noise(shape, torch.Generator().manual_seed(seed), frame_corr).to(device)
 
 
 def guided_ddim_step(
@@ -106,6 +116,7 @@ class FastSampler:
         self.device = next(model.parameters()).device
         cfg = model.config
         self.shape = (self.batch, cfg.in_channels, cfg.frames, cfg.size, cfg.size)
+        self.frame_corr = getattr(cfg, "frame_corr", 0.0)
         self.null_label = model.null_label
         self._graph: torch.cuda.CUDAGraph | None = None
         self._compiled_ok = False
@@ -175,7 +186,7 @@ class FastSampler:
         try:
             if self._graph is not None:
                 return self._sample_graph(y, ts, a_seq, a_prev_seq, seed, trajectory)
-            x = initial_noise(self.shape, seed, self.device)
+            x = initial_noise(self.shape, seed, self.device, self.frame_corr)
             null = torch.full_like(y, self.null_label)
             for i, t in enumerate(ts):
                 if trajectory is not None:
@@ -201,7 +212,7 @@ class FastSampler:
     def _sample_graph(self, y: Tensor, ts: list[int], a_seq: Tensor, a_prev_seq: Tensor, seed: int,
                       trajectory: list[tuple[Tensor, int]] | None) -> Tensor:
         assert self._graph is not None
-        self._x.copy_(initial_noise(self.shape, seed, self.device))
+        self._x.copy_(initial_noise(self.shape, seed, self.device, self.frame_corr))
         self._y.copy_(y)
         for i, t in enumerate(ts):
             if trajectory is not None:

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import ParticlizeError
 from ..models.sora import GUIDANCE
+from ..models.sora_sampler import frame_noise
 from .config import RecoveryConfig
 from .layers import layer_distillation
 
@@ -30,7 +31,7 @@ def draw_batch(model: Any, stream: Any, gen: torch.Generator, batch_size: int, d
     cfg = model.config
     x0, y = next(stream)
     t = torch.randint(0, model.diffusion.steps, (batch_size,), generator=gen)
-    noise = torch.randn(x0.shape, generator=gen)
+    noise = frame_noise(x0.shape, gen, getattr(cfg, "frame_corr", 0.0))
     drop = torch.rand(batch_size, generator=gen) < cfg.class_dropout
     y = torch.where(drop | (y >= cfg.num_classes), model.null_label, y)
     return x0.to(device), y.to(device), t.to(device), noise.to(device)

@@ -223,6 +223,10 @@ def eps_mse(
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn((len(timesteps), *videos.shape), generator=gen)
+    rho = getattr(model.config, "frame_corr", 0.0)
+    if rho:  # the model's own noise prior: frames share part of their noise (`sora_sampler.frame_noise`)
+        shared = torch.randn((len(timesteps), *videos.shape[:2], 1, *videos.shape[3:]), generator=gen)
+        noise = (1 - rho) ** 0.5 * noise + rho ** 0.5 * shared
     total, count = 0.0, 0
     try:
         for k, t in enumerate(timesteps):
