@@ -33,6 +33,7 @@ from particlize.models.sora import PRESETS
 from particlize.train_sora import train_sora
 
 HERE = Path(__file__).resolve().parent
+SHIFT, FRAME_CORR = 2.0, 0.5  # the CPU runs of 2026-12-05: both needed for digits that stay put (results/sora-judges.md)
 
 
 def probe(preset: str, out: Path, args: argparse.Namespace) -> float:
@@ -47,8 +48,13 @@ def probe(preset: str, out: Path, args: argparse.Namespace) -> float:
             marks[step] = time.perf_counter()
 
     train_sora(preset, args.probe_steps, out, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-               device=args.device, progress=tick, force=True, checkpoint_every=0)
+               device=args.device, progress=tick, force=True, checkpoint_every=0, **recipe(args))
     return (args.probe_steps - warm) / (marks[args.probe_steps] - marks[warm])
+
+
+def recipe(args: argparse.Namespace) -> dict:
+    """The preset overrides this run trains with (noise shift, frame-correlated noise)."""
+    return {"shift": args.shift, "frame_corr": args.frame_corr}
 
 
 def main() -> int:
@@ -60,6 +66,8 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shift", type=float, default=SHIFT, help="noise shift (SNR / shift²; 1 = none)")
+    ap.add_argument("--frame-corr", type=float, default=FRAME_CORR, help="noise correlation across frames (0 = none)")
     ap.add_argument("--probe-steps", type=int, default=60)
     ap.add_argument("--per-class", type=int, default=10, help="judged samples per digit and guidance scale")
     ap.add_argument("--small", action="store_true", help="smoke run: the tiny preset, seconds of training, few samples")
@@ -87,7 +95,7 @@ def main() -> int:
     t = time.perf_counter()
     try:
         train_sora(args.preset, steps, model_dir, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                   device=args.device, max_seconds=args.minutes * 60 * 1.1, force=True,
+                   device=args.device, max_seconds=args.minutes * 60 * 1.1, force=True, **recipe(args),
                    progress=lambda s, n, loss: print(f"step {s}/{n} loss {loss:.4f}", flush=True) if s % 500 == 0 else None)
     except ParticlizeError as e:
         res["error"] = str(e)
