@@ -400,6 +400,25 @@ def test_frame_correlated_noise_prior():
         SoraConfig(**CFG, frame_corr=1.0)
 
 
+def test_a_resumed_run_replays_the_data_and_the_frame_correlated_noise(tmp_path):
+    """Stopped after its step-2 checkpoint and started again, a run ends with the weights of an unbroken one."""
+    from particlize.train_sora import train_sora
+
+    small = dict(frames=4, size=16, dim=16, depth=1, heads=2, frame_corr=0.5, batch_size=2, seed=3)
+    whole = pz.load(train_sora("tiny", steps=4, out=tmp_path / "whole", **small))
+
+    def stop(step: int, steps: int, loss: float) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_sora("tiny", steps=4, out=tmp_path / "broken", checkpoint_every=2, progress=stop, **small)
+    again = pz.load(train_sora("tiny", steps=4, out=tmp_path / "broken", checkpoint_every=2, **small))
+    assert pz.io.read_meta(tmp_path / "broken")["extra"]["resumed_from_step"] == 2
+    for k, v in whole.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[k], v, msg=k)
+
+
 def test_noise_shift_is_part_of_the_model_and_a_run_can_move_to_it(tmp_path):
     from particlize.models.sora import Diffusion
     from particlize.train_sora import train_sora

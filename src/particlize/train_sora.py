@@ -29,7 +29,6 @@ from safetensors.torch import load_file, save_file
 from .errors import ParticlizeError
 from .io import load, save, write_folder_atomically
 from .models.sora import PRESETS, SoraConfig, SpacetimeDiT, inflate_time, sora
-from .models.sora_sampler import frame_noise
 from .recover.dit import draw_batch, ema_step
 from .tasks.moving_digits import eps_mse, moving_digits
 
@@ -126,10 +125,7 @@ def train_sora(
         ema_model.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
         opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
         for _ in range(start):  # replay the data and noise streams to stay deterministic
-            next(stream)
-            torch.randint(0, 1000, (batch_size,), generator=gen)
-            frame_noise((batch_size, cfg.in_channels, cfg.frames, cfg.size, cfg.size), gen, cfg.frame_corr)
-            torch.rand(batch_size, generator=gen)
+            draw_batch(model, stream, gen, batch_size, "cpu")
 
     bar = None
     if progress is True:
@@ -145,7 +141,6 @@ def train_sora(
     model.train()
     try:
         for step in range(start, steps):
-            # the noise draws in draw_batch must match the replay order above
             x0, y, t, noise = draw_batch(model, stream, gen, batch_size, device)
             frac = min(1.0, (step + 1) / max(warmup, 1))
             cos = 0.5 * (1 + math.cos(math.pi * step / max(steps, 1)))

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..io import load
+from ..models.sora_sampler import frame_noise
 from ..models.vision import SimpleCNN
 from .base import SPLITS, Task, model_device, stratified_split
 
@@ -222,11 +223,9 @@ def eps_mse(
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn((len(timesteps), *videos.shape), generator=gen)
-    rho = getattr(model.config, "frame_corr", 0.0)
-    if rho:  # the model's own noise prior: frames share part of their noise (`sora_sampler.frame_noise`)
-        shared = torch.randn((len(timesteps), *videos.shape[:2], 1, *videos.shape[3:]), generator=gen)
-        noise = (1 - rho) ** 0.5 * noise + rho ** 0.5 * shared
+    # the model's own noise prior (frames may share part of their noise); one [K*N, ...] draw = a [K, N, ...] draw
+    noise = frame_noise((len(timesteps) * len(videos), *videos.shape[1:]), gen,
+                        getattr(model.config, "frame_corr", 0.0)).reshape(len(timesteps), *videos.shape)
     total, count = 0.0, 0
     try:
         for k, t in enumerate(timesteps):
