@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import ParticlizeError
 from .io import load, save, write_folder_atomically
-from .models.sora import PRESETS, SoraConfig, SpacetimeDiT, inflate_time, sora
+from .models.sora import PRESETS, TEMPORAL, SoraConfig, SpacetimeDiT, inflate_time, sora
 from .recover.dit import draw_batch, ema_step
 from .tasks.moving_digits import eps_mse, moving_digits
 
@@ -47,6 +47,9 @@ def _save_checkpoint(path: Path, model, ema, opt, step: int, losses: list[float]
         (tmp / "state.json").write_text(json.dumps({"step": step, "losses": losses, "seconds": seconds}))
 
     write_folder_atomically(path, fill, force=True)
+
+
+OVERRIDABLE = ("patch", "dim", "depth", "heads", "shift", "temporal", "frame_corr")  # the CLIs' preset overrides
 
 
 def _adapted(start: SpacetimeDiT, cfg: SoraConfig) -> SpacetimeDiT:
@@ -92,7 +95,8 @@ def train_sora(
     (quiet). ``max_seconds`` stops early (the run is saved as it is and says so in its metadata).
     ``init`` continues from a trained model folder of the same configuration (its weights start both
     the model and its EMA; the schedule, optimizer and data stream start afresh), or of one that differs
-    only by a coarser temporal patch, which is inflated first (`inflate_time`), or by the noise shift.
+    only by a coarser temporal patch, which is inflated first (`inflate_time`), and/or by the noise shift,
+    the temporal attention's reach or the frames' noise correlation, which keep the weights as they are.
     ``min_snr_gamma`` weights each step's loss by ``min(snr, gamma) / snr`` (Min-SNR; None: plain MSE).
     ``overrides`` change preset fields (``dim=64``, ``frames=16`` ...).
     """
@@ -102,7 +106,10 @@ def train_sora(
     if out.exists() and (out / "particlize.json").exists() and not force:
         raise ParticlizeError(f"{out} already holds a trained model; pass force=True (CLI: --force) to replace it")
     torch.manual_seed(seed)
-    model = sora(preset, **overrides).to(device)
+    try:
+        model = sora(preset, **overrides).to(device)
+    except ValueError as e:  # a setting the preset cannot take (a patch that does not tile the video ...)
+        raise ParticlizeError(str(e)) from None
     if init is not None:
         start_from = load(init)
         if isinstance(start_from, type(model)) and start_from.config != model.config:
@@ -213,7 +220,7 @@ def _main(argv: list[str] | None = None) -> None:
     ap.add_argument("--depth", type=int, default=None, help="override the preset's block count")
     ap.add_argument("--heads", type=int, default=None, help="override the preset's head count")
     ap.add_argument("--shift", type=float, default=None, help="override the preset's noise shift")
-    ap.add_argument("--temporal", choices=["position", "all"], default=None, help="override the temporal attention")
+    ap.add_argument("--temporal", choices=TEMPORAL, default=None, help="override the temporal attention")
     ap.add_argument("--frame-corr", type=float, default=None, help="override the noise's correlation across frames")
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--warmup", type=int, default=100)
@@ -227,10 +234,7 @@ def _main(argv: list[str] | None = None) -> None:
             print(f"step {step}/{steps} loss {loss:.4f} {time.time() - t0:.0f}s", flush=True)
 
     progress = True if sys.stdout.isatty() else log
-    overrides = {k: v for k, v in (("patch", a.patch), ("dim", a.dim), ("depth", a.depth), ("heads", a.heads),
-                                                                   ("shift", a.shift), ("temporal", a.temporal),
-                                                                   ("frame_corr", a.frame_corr))
-                 if v is not None}
+    overrides = {k: getattr(a, k) for k in OVERRIDABLE if getattr(a, k) is not None}
     out = train_sora(a.preset, a.steps, a.out, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                      min_snr_gamma=a.min_snr_gamma or None, init=a.init, ema=a.ema, warmup=a.warmup,
                      max_seconds=a.max_seconds, device=a.device, progress=progress, force=a.force, **overrides)

@@ -11,7 +11,6 @@ from rich.markup import escape
 
 from ..errors import ParticlizeError
 from ..train import fine_tune
-from ..models.sora import sora
 from ..train_sora import train_sora
 from ._common import BATCH_SIZE, DATA, DEVICE, LABEL_COLUMN, LIMIT, MAX_LENGTH, SEED, TASK, TEXT_COLUMN, TRUST_CODE, \
     check_device, console, progress_bar, quiet_transformers, refuse_existing
@@ -90,13 +89,8 @@ def train_sora_command(
 ) -> None:
     """Train the Sora-style spacetime diffusion transformer on moving digits."""
     check_device(device)
-    overrides = {k: v for k, v in (("patch", patch), ("dim", dim), ("depth", depth), ("heads", heads),
-                                                         ("shift", shift), ("temporal", temporal),
-                                                         ("frame_corr", frame_corr)) if v is not None}
-    try:
-        sora(preset, **overrides)  # a wrong override fails here, before any training
-    except ValueError as e:
-        raise ParticlizeError(f"{e}") from None
+    given = dict(patch=patch, dim=dim, depth=depth, heads=heads, shift=shift, temporal=temporal, frame_corr=frame_corr)
+    overrides = {k: v for k, v in given.items() if v is not None}
     folder = train_sora(preset, steps, out, batch_size=batch_size, lr=lr, seed=seed, max_seconds=max_seconds,
                         min_snr_gamma=min_snr_gamma or None, device=device, progress=True, force=force, init=init,
                         **overrides)
