@@ -100,8 +100,8 @@ def test_train_sora_command_saves_what_the_library_trains(tmp_path, capsys):
 
 
 def test_train_sora_command_overrides_the_preset_and_refuses_a_bad_patch(tmp_path, capsys):
-    """``--patch/--dim/--depth/--heads`` reach the model; a patch that does not tile the video is one clear line
-    and exit 1, before anything is written."""
+    """``--patch/--dim/--depth/--heads`` reach the model; a patch that does not tile the video (or a ``--stop-at``
+    past ``--steps``) is one clear line and exit 1, before anything is written; ``--stop-at`` cuts the schedule."""
     main(["train-sora", "--steps", "1", "--batch-size", "1", "--out", str(tmp_path / "p8"), "--patch", "1", "8", "8",
           "--dim", "32", "--depth", "1", "--heads", "2"])
     cfg = pz.load(tmp_path / "p8").config
@@ -111,3 +111,12 @@ def test_train_sora_command_overrides_the_preset_and_refuses_a_bad_patch(tmp_pat
         main(["train-sora", "--steps", "1", "--out", str(tmp_path / "bad"), "--patch", "3", "4", "4"])
     err = capsys.readouterr().err
     assert e.value.code == 1 and "does not tile" in err and not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit) as e:
+        main(["train-sora", "--steps", "2", "--stop-at", "3", "--out", str(tmp_path / "late")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "--stop-at must be a step between 1 and steps (2), got 3" in err
+    assert not (tmp_path / "late").exists()
+    main(["train-sora", "--steps", "3", "--stop-at", "1", "--batch-size", "1", "--out", str(tmp_path / "cut"),
+          "--dim", "16", "--depth", "1", "--heads", "2"])
+    extra = pz.io.read_meta(tmp_path / "cut")["extra"]
+    assert extra["steps_done"] == 1 and extra["stopped_early"] is True

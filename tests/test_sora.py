@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -400,6 +401,19 @@ def test_frame_correlated_noise_prior():
         SoraConfig(**CFG, frame_corr=1.0)
 
 
+def test_calibration_batches_follow_the_models_noise_prior(task):
+    """Scores that read ``metric="loss"`` (Taylor, ablation) see the noise the denoiser was trained on: a
+    frame-correlated model's calibration targets correlate across frames; an independent one's do not."""
+    from particlize.analysis._common import as_batches
+
+    for rho in (0.0, 0.8):
+        b = as_batches(task.calibration(_model(frame_corr=rho), batch_size=8, limit=8, seed=0))[0]
+        n = b.targets[:, 0].flatten(2)  # [B, T, H*W]
+        c = torch.corrcoef(n.transpose(0, 1).flatten(1))  # frame x frame
+        off = c[~torch.eye(len(c), dtype=torch.bool)]
+        assert (off - rho).abs().max() < 0.1, (rho, off)
+
+
 def test_a_resumed_run_replays_the_data_and_the_frame_correlated_noise(tmp_path):
     """Stopped after its step-2 checkpoint and started again, a run ends with the weights of an unbroken one."""
     from particlize.train_sora import train_sora
@@ -413,6 +427,14 @@ def test_a_resumed_run_replays_the_data_and_the_frame_correlated_noise(tmp_path)
 
     with pytest.raises(KeyboardInterrupt):
         train_sora("tiny", steps=4, out=tmp_path / "broken", checkpoint_every=2, progress=stop, **small)
+    # stop_at: the same schedule cut after step 2 saves what the step-2 checkpoint holds
+    cut = pz.load(train_sora("tiny", steps=4, out=tmp_path / "cut", stop_at=2, **small))
+    assert pz.io.read_meta(tmp_path / "cut")["extra"]["stopped_early"] is True
+    ema = load_file(str(tmp_path / "broken" / "checkpoint" / "ema.safetensors"))
+    for k, v in cut.state_dict().items():
+        torch.testing.assert_close(v, ema[k], msg=k)
+    with pytest.raises(pz.ParticlizeError, match="stop_at must be a step between 1 and steps"):
+        train_sora("tiny", steps=4, out=tmp_path / "bad", stop_at=5, **small)
     again = pz.load(train_sora("tiny", steps=4, out=tmp_path / "broken", checkpoint_every=2, **small))
     assert pz.io.read_meta(tmp_path / "broken")["extra"]["resumed_from_step"] == 2
     for k, v in whole.state_dict().items():

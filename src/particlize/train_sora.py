@@ -83,6 +83,7 @@ def train_sora(
     two_digit_fraction: float = 0.0,
     checkpoint_every: int = 250,
     max_seconds: float | None = None,
+    stop_at: int | None = None,
     device: str = "cpu",
     progress: Progress | bool | None = None,
     force: bool = False,
@@ -92,7 +93,9 @@ def train_sora(
     """Train a `SpacetimeDiT` preset on moving digits and save its EMA weights to ``out`` (returned).
 
     ``progress`` is a callback ``(step, steps, loss)``, ``True`` for a Rich progress bar, or None
-    (quiet). ``max_seconds`` stops early (the run is saved as it is and says so in its metadata).
+    (quiet). ``max_seconds`` stops early (the run is saved as it is and says so in its metadata);
+    ``stop_at`` stops after that step of the ``steps``-step schedule (a run cut short on purpose, while its
+    learning rate is still high: unlike ``max_seconds``, the same on every machine).
     ``init`` continues from a trained model folder of the same configuration (its weights start both
     the model and its EMA; the schedule, optimizer and data stream start afresh), or of one that differs
     only by a coarser temporal patch, which is inflated first (`inflate_time`), and/or by the noise shift,
@@ -102,6 +105,8 @@ def train_sora(
     """
     if preset not in PRESETS:
         raise ParticlizeError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if stop_at is not None and not 1 <= stop_at <= steps:
+        raise ParticlizeError(f"stop_at must be a step between 1 and steps ({steps}), got {stop_at}")
     out = Path(out)
     if out.exists() and (out / "particlize.json").exists() and not force:
         raise ParticlizeError(f"{out} already holds a trained model; pass force=True (CLI: --force) to replace it")
@@ -167,7 +172,7 @@ def train_sora(
                 bar.update(bar_task, completed=step + 1, loss=sum(losses[-50:]) / len(losses[-50:]))
             if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
                 _save_checkpoint(ckpt, model, ema_model, opt, step + 1, losses, before + time.time() - t0)
-            if max_seconds is not None and time.time() - t0 > max_seconds:
+            if (max_seconds is not None and time.time() - t0 > max_seconds) or step + 1 == stop_at:
                 stopped_early = step + 1 < steps
                 break
     finally:
@@ -210,6 +215,7 @@ def _main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-snr-gamma", type=float, default=5.0, help="0 turns the weighting off")
     ap.add_argument("--max-seconds", type=float, default=None)
+    ap.add_argument("--stop-at", type=int, default=None, help="stop after this step of the --steps schedule")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--force", action="store_true")
@@ -237,7 +243,8 @@ def _main(argv: list[str] | None = None) -> None:
     overrides = {k: getattr(a, k) for k in OVERRIDABLE if getattr(a, k) is not None}
     out = train_sora(a.preset, a.steps, a.out, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                      min_snr_gamma=a.min_snr_gamma or None, init=a.init, ema=a.ema, warmup=a.warmup,
-                     max_seconds=a.max_seconds, device=a.device, progress=progress, force=a.force, **overrides)
+                     max_seconds=a.max_seconds, stop_at=a.stop_at, device=a.device, progress=progress, force=a.force,
+                     **overrides)
     print(json.dumps(json.loads((out / "particlize.json").read_text())["extra"], indent=1)[:2000])
 
 

@@ -72,6 +72,8 @@ def train_sora_command(
     seed: int = SEED,
     min_snr_gamma: float = typer.Option(5.0, "--min-snr-gamma", min=0.0, help="Min-SNR loss weighting (0 turns it off)"),
     max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="stop early and save after this long"),
+    stop_at: Optional[int] = typer.Option(None, "--stop-at", min=1, help="stop and save after this step of the "
+                                          "--steps schedule (learning rate not yet decayed)"),
     device: str = DEVICE,
     force: bool = typer.Option(False, "--force", help="replace an existing --out"),
     init: Optional[Path] = typer.Option(None, "--init", help="continue from this trained model folder (same "
@@ -92,6 +94,6 @@ def train_sora_command(
     given = dict(patch=patch, dim=dim, depth=depth, heads=heads, shift=shift, temporal=temporal, frame_corr=frame_corr)
     overrides = {k: v for k, v in given.items() if v is not None}
     folder = train_sora(preset, steps, out, batch_size=batch_size, lr=lr, seed=seed, max_seconds=max_seconds,
-                        min_snr_gamma=min_snr_gamma or None, device=device, progress=True, force=force, init=init,
-                        **overrides)
+                        stop_at=stop_at, min_snr_gamma=min_snr_gamma or None, device=device, progress=True,
+                        force=force, init=init, **overrides)
     console().print(f"saved to [bold]{escape(str(folder))}[/bold]; sample with pz.load({str(folder)!r}).sample(labels)")

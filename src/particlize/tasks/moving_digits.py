@@ -154,7 +154,7 @@ class MovingDigitsTask(Task):
         idx = torch.randperm(len(y), generator=gen)[: (len(y) if limit is None else limit)]
         x0, y = v[idx] * 2 - 1, y[idx]
         t = torch.randint(0, model.diffusion.steps, (len(y),), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
+        noise = frame_noise(x0.shape, gen, getattr(getattr(model, "config", None), "frame_corr", 0.0))
         xt = model.diffusion.add_noise(x0, t, noise)
         return [({"x": xt[i:i + batch_size], "t": t[i:i + batch_size], "y": y[i:i + batch_size]}, noise[i:i + batch_size])
                 for i in range(0, len(y), batch_size)]
