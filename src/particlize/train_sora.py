@@ -49,14 +49,16 @@ def _save_checkpoint(path: Path, model, ema, opt, step: int, losses: list[float]
     write_folder_atomically(path, fill, force=True)
 
 
-OVERRIDABLE = ("patch", "dim", "depth", "heads", "shift", "temporal", "frame_corr")  # the CLIs' preset overrides
+OVERRIDABLE = ("patch", "dim", "depth", "heads", "shift", "temporal", "frame_corr", "frame_steps",
+               "frame_lag")  # the CLIs' preset overrides
+SAME_WEIGHTS = ("shift", "temporal", "frame_corr", "frame_steps", "frame_lag")  # settings a model's weights carry across
 
 
 def _adapted(start: SpacetimeDiT, cfg: SoraConfig) -> SpacetimeDiT:
-    """``start`` carried over to ``cfg`` when only the temporal patch (a divisor of ``start``'s: `inflate_time`),
-    the noise shift or the temporal attention's reach (same weights) differ; else ``start`` unchanged."""
-    if {**asdict(start.config), "patch": cfg.patch, "shift": cfg.shift, "temporal": cfg.temporal,
-            "frame_corr": cfg.frame_corr} != asdict(cfg):
+    """``start`` carried over to ``cfg`` when only the temporal patch (a divisor of ``start``'s: `inflate_time`)
+    and `SAME_WEIGHTS` settings (noise shift, temporal attention's reach, noise and steps per frame, the
+    sampler's lag) differ; else ``start`` unchanged."""
+    if {**asdict(start.config), "patch": cfg.patch, **{k: getattr(cfg, k) for k in SAME_WEIGHTS}} != asdict(cfg):
         return start
     if start.config.patch != cfg.patch:
         if start.config.patch[1:] != cfg.patch[1:] or start.config.patch[0] % cfg.patch[0]:
@@ -98,8 +100,10 @@ def train_sora(
     learning rate is still high: unlike ``max_seconds``, the same on every machine).
     ``init`` continues from a trained model folder of the same configuration (its weights start both
     the model and its EMA; the schedule, optimizer and data stream start afresh), or of one that differs
-    only by a coarser temporal patch, which is inflated first (`inflate_time`), and/or by the noise shift,
-    the temporal attention's reach or the frames' noise correlation, which keep the weights as they are.
+    only by a coarser temporal patch, which is inflated first (`inflate_time`), and/or by `SAME_WEIGHTS`
+    settings (noise shift, temporal attention's reach, the frames' noise correlation, steps per frame and
+    sampling lag), which keep the weights as they are. A model trained with ``frame_steps`` > 0 learns to
+    denoise frames at different steps (diffusion forcing), which its ``frame_lag`` sampler then uses.
     ``min_snr_gamma`` weights each step's loss by ``min(snr, gamma) / snr`` (Min-SNR; None: plain MSE).
     ``overrides`` change preset fields (``dim=64``, ``frames=16`` ...).
     """
@@ -228,6 +232,10 @@ def _main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shift", type=float, default=None, help="override the preset's noise shift")
     ap.add_argument("--temporal", choices=TEMPORAL, default=None, help="override the temporal attention")
     ap.add_argument("--frame-corr", type=float, default=None, help="override the noise's correlation across frames")
+    ap.add_argument("--frame-steps", type=float, default=None,
+                    help="share of training videos whose frames each get their own step (diffusion forcing)")
+    ap.add_argument("--frame-lag", type=int, default=None,
+                    help="the saved model samples each frame this many steps after the one before")
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--warmup", type=int, default=100)
     a = ap.parse_args(argv)

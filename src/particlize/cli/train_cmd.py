@@ -88,10 +88,15 @@ def train_sora_command(
                                            "at one position) or 'all' (every token of the video)"),
     frame_corr: Optional[float] = typer.Option(None, "--frame-corr", help="correlation of the noise across frames "
                                                "(0: independent; PYoCo's mixed prior)"),
+    frame_steps: Optional[float] = typer.Option(None, "--frame-steps", help="share of training videos whose frames "
+                                                "each get their own noise step (diffusion forcing)"),
+    frame_lag: Optional[int] = typer.Option(None, "--frame-lag", min=0, help="the saved model samples each frame "
+                                            "this many DDIM steps after the one before (needs --frame-steps)"),
 ) -> None:
     """Train the Sora-style spacetime diffusion transformer on moving digits."""
     check_device(device)
-    given = dict(patch=patch, dim=dim, depth=depth, heads=heads, shift=shift, temporal=temporal, frame_corr=frame_corr)
+    given = dict(patch=patch, dim=dim, depth=depth, heads=heads, shift=shift, temporal=temporal, frame_corr=frame_corr,
+                 frame_steps=frame_steps, frame_lag=frame_lag)
     overrides = {k: v for k, v in given.items() if v is not None}
     folder = train_sora(preset, steps, out, batch_size=batch_size, lr=lr, seed=seed, max_seconds=max_seconds,
                         stop_at=stop_at, min_snr_gamma=min_snr_gamma or None, device=device, progress=True,

@@ -12,7 +12,8 @@ modulated by adaLN-Zero from ``c = t_embed(t) + y_embed(y)``: the class label id
 null label used for classifier-free guidance. Diffusion: a 1,000-step noise schedule (cosine for the
 presets, linear DDPM betas available), epsilon prediction (Min-SNR weighted in training), and a
 deterministic DDIM sampler with guidance (`sora_sampler`: the same step compiled or as a CUDA graph).
-Videos live in ``[-1, 1]`` inside the model.
+Videos live in ``[-1, 1]`` inside the model. ``t`` may also give a step per temporal token ``[B, T']``
+(diffusion forcing: trained with ``frame_steps``, sampled frame after frame with ``frame_lag``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 
 from ..errors import ParticlizeError
 from ._util import _recipe
-from .sora_sampler import GUIDANCE, MODES, FastSampler, ddim_timesteps, frame_noise, guided_ddim_step, initial_noise
+from .sora_sampler import GUIDANCE, MODES, FastSampler, ddim_plan, frame_noise, guided_ddim_step, initial_noise, step_ids
 
 __all__ = ["PRESETS", "SoraConfig", "SpacetimeDiT", "DiTBlock", "Attention", "Diffusion", "FastSampler", "GUIDANCE",
            "inflate_time", "sora"]
@@ -49,6 +50,8 @@ class SoraConfig:
     shift: float = 1.0  # noise shift: every step's signal-to-noise ratio divided by shift**2 (1: none)
     temporal: str = "position"  # the second attention: "position" (across frames, one spatial position) or "all"
     frame_corr: float = 0.0  # correlation of the noise across frames (training and sampling; 0: independent)
+    frame_steps: float = 0.0  # share of training videos whose frames each get their own step (diffusion forcing)
+    frame_lag: int = 0  # sampler: each temporal token starts this many DDIM steps after the one before (0: together)
 
     def __post_init__(self) -> None:
         self.patch = tuple(int(p) for p in self.patch)  # JSON gives lists
@@ -59,6 +62,10 @@ class SoraConfig:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
         if not 0 <= self.frame_corr < 1:
             raise ValueError(f"frame_corr must be in [0, 1), got {self.frame_corr}")
+        if not 0 <= self.frame_steps <= 1:
+            raise ValueError(f"frame_steps is a share of training videos in [0, 1], got {self.frame_steps}")
+        if self.frame_lag < 0:
+            raise ValueError(f"frame_lag counts sampler steps: 0 or more, got {self.frame_lag}")
         if not self.shift > 0:
             raise ValueError(f"noise shift must be positive, got {self.shift}")
         if self.temporal not in TEMPORAL:
@@ -80,9 +87,15 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def per_token(m: Tensor) -> Tensor:
+    """A condition-derived vector ``[B, D]`` (one per video) or ``[B, T', D]`` (one per frame) made to broadcast
+    over tokens ``[B, T', S, D]``."""
+    return m[:, None, None, :] if m.ndim == 2 else m[:, :, None, :]
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    # x [B, T, S, D]; shift, scale [B, D]
-    return x * (1 + scale[:, None, None, :]) + shift[:, None, None, :]
+    # x [B, T, S, D]; shift, scale [B, D] or [B, T, D]
+    return x * (1 + per_token(scale)) + per_token(shift)
 
 
 class Attention(nn.Module):
@@ -145,17 +158,17 @@ class DiTBlock(nn.Module):
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 9 * dim))
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        # x [B, T, S, D]; c [B, D]
+        # x [B, T, S, D]; c [B, D] or, with a step per frame, [B, T, D]
         mods = self.adaLN(c).chunk(9, dim=-1)
         sh1, sc1, g1, sh2, sc2, g2, sh3, sc3, g3 = mods
-        x = x + g1[:, None, None, :] * self.attn_s(modulate(self.norm1(x), sh1, sc1))  # within a frame
+        x = x + per_token(g1) * self.attn_s(modulate(self.norm1(x), sh1, sc1))  # within a frame
         xt = modulate(self.norm2(x), sh2, sc2)
         if self.temporal == "all":  # [B, 1, T*S, D]: every token of the video
             B, T, S, D = x.shape
-            x = x + g2[:, None, None, :] * self.attn_t(xt.reshape(B, 1, T * S, D)).reshape(B, T, S, D)
+            x = x + per_token(g2) * self.attn_t(xt.reshape(B, 1, T * S, D)).reshape(B, T, S, D)
         else:  # [B, S, T, D]: across frames
-            x = x + g2[:, None, None, :] * self.attn_t(xt.transpose(1, 2)).transpose(1, 2)
-        x = x + g3[:, None, None, :] * self.mlp(modulate(self.norm3(x), sh3, sc3))
+            x = x + per_token(g2) * self.attn_t(xt.transpose(1, 2)).transpose(1, 2)
+        x = x + per_token(g3) * self.mlp(modulate(self.norm3(x), sh3, sc3))
         return x
 
 
@@ -170,7 +183,7 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t: Tensor) -> Tensor:
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = t.float()[:, None] * freqs[None]
+        args = t.float()[..., None] * freqs
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
 
@@ -224,8 +237,17 @@ class Diffusion:
         return snr.clamp(max=min_snr_gamma) / snr
 
     def add_noise(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        a = self.alpha_bar.to(x0.device)[t].view(-1, *[1] * (x0.ndim - 1))
+        """``x_t`` for clean videos ``x0 [B, C, T, ...]`` at steps ``t [B]``, or ``[B, T']`` (a step per temporal
+        token, each covering ``T / T'`` frames)."""
+        a = self.alpha_bar_like(x0, t)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def alpha_bar_like(self, x: Tensor, t: Tensor) -> Tensor:
+        """``alpha_bar`` at steps ``t`` (``[B]`` or ``[B, T']``) shaped to broadcast over videos ``x [B, C, T, ...]``."""
+        a = self.alpha_bar.to(x.device)[t]
+        if t.ndim == 1:
+            return a.view(-1, *[1] * (x.ndim - 1))
+        return a.repeat_interleave(x.shape[2] // t.shape[1], 1).view(a.shape[0], 1, x.shape[2], *[1] * (x.ndim - 3))
 
 
 class SpacetimeDiT(nn.Module):
@@ -275,13 +297,13 @@ class SpacetimeDiT(nn.Module):
         return self.config.num_classes
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        # x [B, C, T, H, W]; t [B] (0..999); y [B] (num_classes = null label)
+        # x [B, C, T, H, W]; t [B] (0..999) or [B, T'] (a step per temporal token); y [B] (num_classes = null label)
         B = x.shape[0]
         T_, H_, W_ = self.grid
         h = self.patch_embed(x)  # [B, D, T', H', W']
         h = h.flatten(3).permute(0, 2, 3, 1)  # [B, T', S, D]
         h = h + self.pos_spatial + self.pos_temporal
-        c = self.t_embed(t) + self.y_embed(y)  # [B, D]
+        c = self.t_embed(t) + (self.y_embed(y) if t.ndim == 1 else self.y_embed(y)[:, None])  # [B, D] or [B, T', D]
         for block in self.blocks:
             h = block(h, c)
         h = self.final(h, c)  # [B, T', S, pt*ph*pw*C]
@@ -301,9 +323,20 @@ class SpacetimeDiT(nn.Module):
         return self.weighted_mse(self(self.diffusion.add_noise(x0, t, noise), t, y), noise, t, min_snr_gamma)
 
     def weighted_mse(self, pred: Tensor, noise: Tensor, t: Tensor, min_snr_gamma: float | None = None) -> Tensor:
-        """Mean over the batch of per-video MSE times the step's min-SNR weight."""
-        per_video = (pred - noise).pow(2).flatten(1).mean(1)
-        return (per_video * self.diffusion.loss_weight(t, min_snr_gamma)).mean()
+        """Mean over the batch of per-video MSE times the step's min-SNR weight (per frame when ``t`` is
+        ``[B, T']``: each frame's MSE times its own step's weight)."""
+        if t.ndim == 1:
+            per_video = (pred - noise).pow(2).flatten(1).mean(1)
+            return (per_video * self.diffusion.loss_weight(t, min_snr_gamma)).mean()
+        per_frame = (pred - noise).pow(2).transpose(1, 2).flatten(2).mean(2)  # [B, T]
+        w = self.diffusion.loss_weight(t, min_snr_gamma).repeat_interleave(pred.shape[2] // t.shape[1], 1)
+        return (per_frame * w).mean()
+
+    def plan(self, steps: int, device: torch.device | None = None) -> list:
+        """The sampler's iterations ``(t, a, a_prev)`` for ``steps`` DDIM steps (`ddim_plan`, staggered by
+        ``config.frame_lag``)."""
+        ab = self.diffusion.alpha_bar.to(device if device is not None else self.pos_spatial.device)
+        return ddim_plan(ab, steps, self.grid[0], self.config.patch[0], self.config.frame_lag)
 
     @torch.no_grad()
     def sample(
@@ -312,7 +345,7 @@ class SpacetimeDiT(nn.Module):
         steps: int = 50,
         seed: int = 0,
         guidance: float = GUIDANCE,
-        trajectory: list[tuple[Tensor, int]] | None = None,
+        trajectory: list[tuple[Tensor, int | Tensor]] | None = None,
         mode: str = "eager",
     ) -> Tensor:
         """Deterministic DDIM (eta = 0) with classifier-free guidance: videos ``[B, C, T, H, W]`` in [0, 1].
@@ -320,7 +353,10 @@ class SpacetimeDiT(nn.Module):
         ``labels`` are class ids (``num_classes`` = unconditional); ``guidance`` 1.0 turns guidance off
         (5.0, the default, is where the shipped ``sora-tiny`` draws its digits best: benchmarks/RESULTS.md).
         The starting noise is drawn on the CPU from ``seed``, so results do not depend on the device.
-        A ``trajectory`` list receives ``(x_t, t)`` for every step: the noisy videos the sampler visits
+        A model with ``config.frame_lag`` > 0 draws its frames staggered (`ddim_plan`: each frame's steps start
+        ``frame_lag`` iterations after the previous frame's, as diffusion forcing samples).
+        A ``trajectory`` list receives ``(x_t, t)`` for every step (``t`` a ``[T']`` tensor when staggered):
+        the noisy videos the sampler visits
         (what guidance-aware distillation trains on, `particlize.train_sora.distill_dit`).
         ``mode`` ``"graph"`` (CUDA graphs) or ``"compile"`` (``torch.compile``) runs each step as one unit
         and gives the same videos (`FastSampler`; build one yourself to reuse it across calls).
@@ -337,15 +373,11 @@ class SpacetimeDiT(nn.Module):
             y = y.to(device)
             B, cfg = y.shape[0], self.config
             x = initial_noise((B, cfg.in_channels, cfg.frames, cfg.size, cfg.size), seed, device, cfg.frame_corr)
-            ab = self.diffusion.alpha_bar.to(device)
-            ts = ddim_timesteps(self.diffusion.steps, steps)
             null = torch.full_like(y, self.null_label)
-            for i, t in enumerate(ts):
-                tt = torch.full((B,), t, device=device, dtype=torch.long)
+            for t, a, a_prev in self.plan(steps, device):
                 if trajectory is not None:
                     trajectory.append((x.clone(), t))
-                a_prev = ab[ts[i + 1]] if i + 1 < len(ts) else torch.ones((), device=device)
-                x = guided_ddim_step(self, x, tt, y, null, ab[t], a_prev, guidance)
+                x = guided_ddim_step(self, x, step_ids(t, B, device), y, null, a, a_prev, guidance)
             return ((x + 1) / 2).clamp(0, 1)
         finally:
             self.train(was_training)

@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from ..errors import ParticlizeError
 
-__all__ = ["GUIDANCE", "MODES", "FastSampler", "ddim_timesteps", "frame_noise", "guided_ddim_step", "initial_noise"]
+__all__ = ["GUIDANCE", "MODES", "FastSampler", "ddim_plan", "ddim_timesteps", "frame_noise", "guided_ddim_step",
+           "initial_noise"]
 
 GUIDANCE = 5.0  # the sampler's default classifier-free guidance scale
 MODES = ("eager", "graph", "compile")
@@ -41,6 +42,50 @@ def ddim_timesteps(total: int, steps: int) -> list[int]:
     if steps < 1:
         raise ParticlizeError(f"steps={steps}: the sampler needs at least one step")
     return torch.linspace(total - 1, 0, steps).round().long().tolist()
+
+
+Plan = list[tuple["int | Tensor", Tensor, Tensor]]
+
+
+def ddim_plan(alpha_bar: Tensor, steps: int, tokens: int = 1, pt: int = 1, lag: int = 0) -> Plan:
+    """The sampler's iterations as ``(t, a, a_prev)``: the step(s) the denoiser is told, and ``alpha_bar`` now and
+    after the update (1 after the last step).
+
+    ``lag`` 0: ``steps`` iterations, ``t`` an int and ``a``, ``a_prev`` 0-dim (every frame at the same step).
+    ``lag`` > 0 (for a model trained with a step per frame, ``frame_steps``): temporal token ``k`` of ``tokens``
+    starts ``k * lag`` iterations after the first, so each frame is drawn while the frames before it are already
+    clearer (the staggered schedule of diffusion forcing); ``steps + (tokens - 1) * lag`` iterations, ``t`` a
+    long tensor ``[tokens]`` and ``a``, ``a_prev`` ``[1, 1, tokens * pt, 1, 1]`` (per frame). A token that has
+    not started waits at the first step and one that has finished at step 0 clean, both with ``a_prev = a``
+    (the DDIM update leaves them as they are)."""
+    ts = ddim_timesteps(len(alpha_bar), steps)
+    one = torch.ones((), device=alpha_bar.device)
+    if lag == 0:
+        return [(t, alpha_bar[t], alpha_bar[ts[i + 1]] if i + 1 < len(ts) else one) for i, t in enumerate(ts)]
+    plan: Plan = []
+    for i in range(steps + (tokens - 1) * lag):
+        t, a, a_prev = [], [], []
+        for k in range(tokens):
+            j = i - k * lag
+            if 0 <= j < steps:
+                t.append(ts[j])
+                a.append(alpha_bar[ts[j]])
+                a_prev.append(alpha_bar[ts[j + 1]] if j + 1 < steps else one)
+            else:  # waiting at the first step, or finished
+                t.append(ts[0] if j < 0 else 0)
+                a.append(alpha_bar[t[-1]])
+                a_prev.append(a[-1])
+        frames = (1, 1, tokens * pt, 1, 1)
+        plan.append((torch.tensor(t, device=alpha_bar.device),
+                     torch.stack(a).repeat_interleave(pt).view(frames), torch.stack(a_prev).repeat_interleave(pt).view(frames)))
+    return plan
+
+
+def step_ids(t: "int | Tensor", batch: int, device: torch.device) -> Tensor:
+    """The denoiser's step input for one plan iteration: ``[batch]`` or ``[batch, tokens]``."""
+    if isinstance(t, int):
+        return torch.full((batch,), t, device=device, dtype=torch.long)
+    return t.to(device).expand(batch, -1)
 
 
 def frame_noise(shape: Sequence[int], generator: torch.Generator | None = None, frame_corr: float = 0.0) -> Tensor:
@@ -117,6 +162,7 @@ class FastSampler:
         cfg = model.config
         self.shape = (self.batch, cfg.in_channels, cfg.frames, cfg.size, cfg.size)
         self.frame_corr = getattr(cfg, "frame_corr", 0.0)
+        self.tokens = cfg.frames // cfg.patch[0] if getattr(cfg, "frame_lag", 0) else 0  # a step per token
         self.null_label = model.null_label
         self._graph: torch.cuda.CUDAGraph | None = None
         self._compiled_ok = False
@@ -137,11 +183,12 @@ class FastSampler:
     def _buffers(self) -> None:
         dev = self.device
         self._x = torch.zeros(self.shape, device=dev)
-        self._t = torch.zeros(self.batch, dtype=torch.long, device=dev)
+        self._t = torch.zeros((self.batch, self.tokens) if self.tokens else self.batch, dtype=torch.long, device=dev)
         self._y = torch.zeros(self.batch, dtype=torch.long, device=dev)
         self._null = torch.full((self.batch,), self.null_label, dtype=torch.long, device=dev)
-        self._a = torch.full((), 0.5, device=dev)  # any value in (0, 1) keeps the warm-up finite
-        self._a_prev = torch.full((), 0.5, device=dev)
+        a_shape = (1, 1, self.shape[2], 1, 1) if self.tokens else ()
+        self._a = torch.full(a_shape, 0.5, device=dev)  # any value in (0, 1) keeps the warm-up finite
+        self._a_prev = torch.full(a_shape, 0.5, device=dev)
 
     def _replay_step(self) -> None:
         self._x.copy_(self._step(self._x, self._t, self._y, self._null, self._a, self._a_prev))
@@ -168,7 +215,7 @@ class FastSampler:
     @torch.no_grad()
     def __call__(
         self, labels: Sequence[int] | Tensor, steps: int = 50, seed: int = 0,
-        trajectory: list[tuple[Tensor, int]] | None = None,
+        trajectory: list[tuple[Tensor, int | Tensor]] | None = None,
     ) -> Tensor:
         """Videos ``[batch, C, T, H, W]`` in [0, 1] for ``labels`` (``batch`` class ids), as `SpacetimeDiT.sample`
         gives them for the same ``steps``, ``seed`` and guidance; ``trajectory`` receives ``(x_t, t)`` per step."""
@@ -176,23 +223,18 @@ class FastSampler:
         if y.shape[0] != self.batch:
             raise ParticlizeError(f"{y.shape[0]} labels for a sampler built for batch={self.batch}: pass {self.batch} "
                                   "labels or build a FastSampler for this batch size")
-        diff = self.model.diffusion
-        ts = ddim_timesteps(diff.steps, steps)
-        ab = diff.alpha_bar.to(self.device)
-        a_seq = ab[ts]
-        a_prev_seq = torch.cat([ab[ts[1:]], torch.ones(1, device=self.device)])
+        plan = self.model.plan(steps, self.device)
         was_training = self.model.training
         self.model.eval()
         try:
             if self._graph is not None:
-                return self._sample_graph(y, ts, a_seq, a_prev_seq, seed, trajectory)
+                return self._sample_graph(y, plan, seed, trajectory)
             x = initial_noise(self.shape, seed, self.device, self.frame_corr)
             null = torch.full_like(y, self.null_label)
-            for i, t in enumerate(ts):
+            for t, a, a_prev in plan:
                 if trajectory is not None:
                     trajectory.append((x.clone(), t))
-                tt = torch.full((self.batch,), t, device=self.device, dtype=torch.long)
-                x = self._call_step(x, tt, y, null, a_seq[i], a_prev_seq[i])
+                x = self._call_step(x, step_ids(t, self.batch, self.device), y, null, a, a_prev)
             return ((x + 1) / 2).clamp(0, 1)
         finally:
             self.model.train(was_training)
@@ -209,16 +251,15 @@ class FastSampler:
         self._compiled_ok = True
         return out
 
-    def _sample_graph(self, y: Tensor, ts: list[int], a_seq: Tensor, a_prev_seq: Tensor, seed: int,
-                      trajectory: list[tuple[Tensor, int]] | None) -> Tensor:
+    def _sample_graph(self, y: Tensor, plan: Plan, seed: int, trajectory: list[tuple[Tensor, int | Tensor]] | None) -> Tensor:
         assert self._graph is not None
         self._x.copy_(initial_noise(self.shape, seed, self.device, self.frame_corr))
         self._y.copy_(y)
-        for i, t in enumerate(ts):
+        for t, a, a_prev in plan:
             if trajectory is not None:
                 trajectory.append((self._x.clone(), t))
-            self._t.fill_(t)
-            self._a.copy_(a_seq[i])
-            self._a_prev.copy_(a_prev_seq[i])
+            self._t.copy_(step_ids(t, self.batch, self.device))
+            self._a.copy_(a)
+            self._a_prev.copy_(a_prev)
             self._graph.replay()
         return ((self._x + 1) / 2).clamp(0, 1)

@@ -27,14 +27,29 @@ from .layers import layer_distillation
 
 def draw_batch(model: Any, stream: Any, gen: torch.Generator, batch_size: int, device: Any) -> tuple:
     """The next training batch: clean videos, labels (dropped to the null label at the configured rate,
-    and for two-digit videos), steps and noise, on ``device``."""
+    and for two-digit videos), steps and noise, on ``device``. With ``config.frame_steps`` > 0 the steps are
+    ``[B, T']``: that share of the videos draws a step per temporal token (diffusion forcing), the rest one
+    step for all (drawn after the rest, so the other draws are those of a model without it)."""
     cfg = model.config
     x0, y = next(stream)
     t = torch.randint(0, model.diffusion.steps, (batch_size,), generator=gen)
     noise = frame_noise(x0.shape, gen, getattr(cfg, "frame_corr", 0.0))
     drop = torch.rand(batch_size, generator=gen) < cfg.class_dropout
     y = torch.where(drop | (y >= cfg.num_classes), model.null_label, y)
+    share = getattr(cfg, "frame_steps", 0.0)
+    if share:
+        tokens = cfg.frames // cfg.patch[0]
+        own = torch.rand(batch_size, generator=gen) < share
+        t = torch.where(own[:, None], torch.randint(0, model.diffusion.steps, (batch_size, tokens), generator=gen),
+                        t[:, None])
     return x0.to(device), y.to(device), t.to(device), noise.to(device)
+
+
+def per_token_steps(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two batches of steps made stackable: ``[n]`` ones widened to ``[n, T']`` when the other is per token."""
+    if a.ndim == b.ndim:
+        return a, b
+    return (a[:, None].expand(-1, b.shape[1]), b) if a.ndim == 1 else (a, b[:, None].expand(-1, a.shape[1]))
 
 
 def ema_step(average: list[torch.Tensor], params: list[torch.Tensor], ema: float, step: int) -> None:
@@ -121,7 +136,7 @@ def distill_dit(
         """The noisy videos ``model``'s guided sampler visits, ``[sampler_steps, videos, C, T, H, W]``, and their steps."""
         states: list[tuple[torch.Tensor, int]] = []
         model.sample(pool_labels, steps=sampler_steps, seed=draw_seed, guidance=guidance or 1.0, trajectory=states)
-        return torch.stack([x for x, _ in states]), torch.tensor([t for _, t in states], device=device)
+        return torch.stack([x for x, _ in states]), torch.stack([torch.as_tensor(t) for _, t in states]).to(device)
 
     if n_traj:
         teacher_x, pool_t = visited(teacher, seed + 7)
@@ -129,7 +144,8 @@ def distill_dit(
     n_focus_fresh = round(n_fresh * focus_share) if focus else 0
     n_focus_traj = round(n_traj * focus_share) if focus else 0
     if n_focus_traj:
-        in_focus = ((pool_t >= focus[0]) & (pool_t <= focus[1])).nonzero().squeeze(1)
+        inside = (pool_t >= focus[0]) & (pool_t <= focus[1])
+        in_focus = (inside if inside.ndim == 1 else inside.any(1)).nonzero().squeeze(1)  # staggered: any frame
         if not len(in_focus):
             raise ValueError(f"no step of the {sampler_steps}-step sampler falls in focus {focus}; widen it")
     refresh = math.ceil(steps / on_policy) if on_policy and n_traj else 0
@@ -149,7 +165,8 @@ def distill_dit(
                     pool_y = both_labels
                 x0, y, t, noise = draw_batch(student, stream, gen, n_fresh, device)
                 if n_focus_fresh:
-                    t[:n_focus_fresh] = torch.randint(focus[0], focus[1] + 1, (n_focus_fresh,), generator=gen).to(device)
+                    drawn = torch.randint(focus[0], focus[1] + 1, (n_focus_fresh,), generator=gen).to(device)
+                    t[:n_focus_fresh] = drawn if t.ndim == 1 else drawn[:, None]
                 xt = student.diffusion.add_noise(x0, t, noise)
                 if n_traj:
                     si = torch.randint(0, pool_x.shape[0], (n_traj,), generator=gen).to(device)
@@ -157,7 +174,8 @@ def distill_dit(
                         pick = torch.randint(0, len(in_focus), (n_focus_traj,), generator=gen).to(device)
                         si[:n_focus_traj] = in_focus[pick]
                     vi = torch.randint(0, pool_x.shape[1], (n_traj,), generator=gen).to(device)
-                    xt, t, y = torch.cat([xt, pool_x[si, vi]]), torch.cat([t, pool_t[si]]), torch.cat([y, pool_y[vi]])
+                    t, traj_t = per_token_steps(t, pool_t[si])
+                    xt, t, y = torch.cat([xt, pool_x[si, vi]]), torch.cat([t, traj_t]), torch.cat([y, pool_y[vi]])
                 labelled = (y != student.null_label).nonzero().squeeze(1) if guidance else y[:0]
                 n = len(y)
                 x_in = torch.cat([xt, xt[labelled]])
