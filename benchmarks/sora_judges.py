@@ -2,7 +2,7 @@
 distance and a motion check, on real test videos and on samples side by side.
 
     .venv/bin/python benchmarks/sora_judges.py [--model sora-tiny [MODEL ...]] [--guidance 3 5 7] [--per-class 10]
-        [--steps 50] [--seed 0] [--real-videos 260] [--json benchmarks/results/sora-judges.json]
+        [--steps 50] [--seed 0] [--real-videos 260] [--frame-lag L] [--json benchmarks/results/sora-judges.json]
 
 The judges (`particlize.tasks.digit_judges.fit_judges`) learn from the ``val`` digit images only, which the
 generator never saw (it trains on ``train`` images). "Real" is every single-digit video of the moving-digits
@@ -70,12 +70,17 @@ def main() -> None:
                     help="videos rendered for the test split (about 80%% show one digit)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--device", default="cpu", help="where the models sample (cuda on a GPU machine)")
+    ap.add_argument("--frame-lag", type=int, default=None,
+                    help="sample with this per-frame lag instead of each model's own (models trained with frame_steps)")
     args = ap.parse_args()
     if args.per_class < 1 or args.steps < 1:
         ap.error("--per-class and --steps must be 1 or more")
     C.start()
     t0 = time.time()
     models = {name: pz.load(name).eval().to(args.device) for name in args.model}
+    if args.frame_lag is not None:
+        for m in models.values():
+            m.config.frame_lag = args.frame_lag
     frames, size = next(((m.config.frames, m.config.size) for m in models.values()), (8, 32))
     task = moving_digits(seed=0, n_train=1, n_eval=args.real_videos, frames=frames, size=size)
     judges = fit_judges(task, seed=args.seed)
