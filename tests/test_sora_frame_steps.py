@@ -5,6 +5,7 @@ step per video gives, so models trained without it are untouched."""
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -12,21 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import particlize as pz
-from particlize.models.sora import SoraConfig, SpacetimeDiT
 from particlize.models.sora_sampler import FastSampler, ddim_plan, ddim_timesteps
 from strategies import removal_sets
+from test_sora import _model  # 4 frames of 16x16, a token per frame, every weight drawn
 
-CFG = dict(frames=4, size=16, patch=(1, 4, 4), dim=32, depth=2, heads=4, mlp_ratio=2.0, schedule="cosine")
 SETTINGS = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-def _model(seed: int = 0, **kw) -> SpacetimeDiT:
-    torch.manual_seed(seed)
-    m = SpacetimeDiT(SoraConfig(**{**CFG, **kw}))
-    with torch.no_grad():  # adaLN-Zero starts as the identity; give every weight a value so all paths matter
-        for p in m.parameters():
-            p.normal_(0, 0.1)
-    return m.eval()
 
 
 def _x(b: int = 3, frames: int = 4, seed: int = 1) -> torch.Tensor:
@@ -99,14 +90,12 @@ def test_staggered_sampling_draws_frames_in_turn_and_fast_samplers_agree():
     assert not torch.allclose(flat.sample([1, 2], steps=4, seed=3), videos)
 
 
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="no C++ compiler for inductor")
 def test_compiled_staggered_sampling_equals_eager():
-    pytest.importorskip("torch._inductor")
+    """Within a quarter of a grey level (fused kernels round differently, and the frames feed each other)."""
     model = _model(frame_steps=0.5, frame_lag=1)
-    try:
-        fast = FastSampler(model, batch=2, mode="compile")([3, 4], steps=3, seed=0)
-    except pz.ParticlizeError as e:  # no C++ compiler on this machine
-        pytest.skip(str(e))
-    torch.testing.assert_close(fast, model.sample([3, 4], steps=3, seed=0), atol=2e-5, rtol=0)
+    fast = FastSampler(model, batch=2, mode="compile")([3, 4], steps=3, seed=0)
+    torch.testing.assert_close(fast, model.sample([3, 4], steps=3, seed=0), atol=1e-3, rtol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
