@@ -1,6 +1,6 @@
 """benchmarks/gpu_sora.py (issue 33's unattended GPU training + judging) run as a user runs it, on the CPU with
 --small: it plans its steps from the probe, trains exactly those, saves a loadable model and judges it beside
-sora-tiny; a missing GPU and an existing result are refused with one line."""
+sora-digits; a missing GPU and an existing result are refused with one line."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def test_smoke_run_trains_the_planned_steps_and_judges_the_model(tmp_path):
     model = pz.load(tmp_path / "sora-tiny")
     assert model.sample([3], steps=2).shape == (1, 1, 8, 32, 32)
     judged = json.loads((tmp_path / "judges.json").read_text())
-    assert {r["model"] for r in judged["runs"]} >= {str(tmp_path / "sora-tiny"), "sora-tiny"}
+    assert {r["model"] for r in judged["runs"]} >= {str(tmp_path / "sora-tiny"), "sora-digits"}
     again = _run("--out", str(tmp_path), "--device", "cpu", "--small")
     assert again.returncode != 0 and "pass --force" in again.stderr.strip().splitlines()[-1]
 

@@ -335,11 +335,14 @@ def test_the_shipped_reference_is_a_token_per_frame_model_within_10_mb():
         pytest.skip("sora-digits is not shipped in this checkout")
     m = pz.load("sora-digits")
     assert isinstance(m, SpacetimeDiT) and m.config.patch[0] == 1 and m.config.frame_corr > 0
+    assert m.config.frame_steps > 0 and m.config.frame_lag > 0  # trained with a step per frame, sampled in turn
     assert sum(p.numel() * p.element_size() for p in m.parameters()) <= 10 * 2**20
     meta = pz.io.read_meta("sora-digits")["extra"]
     assert meta["steps_done"] > 0 and meta["call"]["init"]  # continued from the runs its README lists
-    v = m.sample([3], steps=2, seed=0)
+    traj: list = []
+    v = m.sample([3], steps=2, seed=0, trajectory=traj)
     assert v.shape == (1, 1, 8, 32, 32) and 0 <= v.min() and v.max() <= 1
+    assert len(traj) == 2 + 7 * m.config.frame_lag
 
 
 # ---- schedules, regression scoring and the compress loop on a video diffusion model ----------------
