@@ -49,9 +49,8 @@ def _save_checkpoint(path: Path, model, ema, opt, step: int, losses: list[float]
     write_folder_atomically(path, fill, force=True)
 
 
-OVERRIDABLE = ("patch", "dim", "depth", "heads", "shift", "temporal", "frame_corr", "frame_steps",
-               "frame_lag")  # the CLIs' preset overrides
 SAME_WEIGHTS = ("shift", "temporal", "frame_corr", "frame_steps", "frame_lag")  # settings a model's weights carry across
+OVERRIDABLE = ("patch", "dim", "depth", "heads", *SAME_WEIGHTS)  # the CLIs' preset overrides
 
 
 def _adapted(start: SpacetimeDiT, cfg: SoraConfig) -> SpacetimeDiT:

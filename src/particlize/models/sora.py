@@ -93,6 +93,11 @@ def per_token(m: Tensor) -> Tensor:
     return m[:, None, None, :] if m.ndim == 2 else m[:, :, None, :]
 
 
+def per_frame(v: Tensor, frames: int) -> Tensor:
+    """Values per temporal token ``[B, T']`` repeated over the frames each token covers: ``[B, frames]``."""
+    return v.repeat_interleave(frames // v.shape[1], 1)
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     # x [B, T, S, D]; shift, scale [B, D] or [B, T, D]
     return x * (1 + per_token(scale)) + per_token(shift)
@@ -247,7 +252,7 @@ class Diffusion:
         a = self.alpha_bar.to(x.device)[t]
         if t.ndim == 1:
             return a.view(-1, *[1] * (x.ndim - 1))
-        return a.repeat_interleave(x.shape[2] // t.shape[1], 1).view(a.shape[0], 1, x.shape[2], *[1] * (x.ndim - 3))
+        return per_frame(a, x.shape[2]).view(a.shape[0], 1, x.shape[2], *[1] * (x.ndim - 3))
 
 
 class SpacetimeDiT(nn.Module):
@@ -328,9 +333,8 @@ class SpacetimeDiT(nn.Module):
         if t.ndim == 1:
             per_video = (pred - noise).pow(2).flatten(1).mean(1)
             return (per_video * self.diffusion.loss_weight(t, min_snr_gamma)).mean()
-        per_frame = (pred - noise).pow(2).transpose(1, 2).flatten(2).mean(2)  # [B, T]
-        w = self.diffusion.loss_weight(t, min_snr_gamma).repeat_interleave(pred.shape[2] // t.shape[1], 1)
-        return (per_frame * w).mean()
+        frame_mse = (pred - noise).pow(2).transpose(1, 2).flatten(2).mean(2)  # [B, T]
+        return (frame_mse * per_frame(self.diffusion.loss_weight(t, min_snr_gamma), pred.shape[2])).mean()
 
     def plan(self, steps: int, device: torch.device | None = None) -> list:
         """The sampler's iterations ``(t, a, a_prev)`` for ``steps`` DDIM steps (`ddim_plan`, staggered by

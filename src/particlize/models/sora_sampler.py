@@ -62,23 +62,16 @@ def ddim_plan(alpha_bar: Tensor, steps: int, tokens: int = 1, pt: int = 1, lag: 
     one = torch.ones((), device=alpha_bar.device)
     if lag == 0:
         return [(t, alpha_bar[t], alpha_bar[ts[i + 1]] if i + 1 < len(ts) else one) for i, t in enumerate(ts)]
-    plan: Plan = []
-    for i in range(steps + (tokens - 1) * lag):
-        t, a, a_prev = [], [], []
-        for k in range(tokens):
-            j = i - k * lag
-            if 0 <= j < steps:
-                t.append(ts[j])
-                a.append(alpha_bar[ts[j]])
-                a_prev.append(alpha_bar[ts[j + 1]] if j + 1 < steps else one)
-            else:  # waiting at the first step, or finished
-                t.append(ts[0] if j < 0 else 0)
-                a.append(alpha_bar[t[-1]])
-                a_prev.append(a[-1])
-        frames = (1, 1, tokens * pt, 1, 1)
-        plan.append((torch.tensor(t, device=alpha_bar.device),
-                     torch.stack(a).repeat_interleave(pt).view(frames), torch.stack(a_prev).repeat_interleave(pt).view(frames)))
-    return plan
+    dev = alpha_bar.device
+    level = torch.arange(steps + (tokens - 1) * lag, device=dev)[:, None] - lag * torch.arange(tokens, device=dev)
+    # level < 0: waiting at the first step; level >= steps: finished, at step 0; else at ts[level]
+    t = torch.tensor([*ts, 0], device=dev)[level.clamp(0, steps)]  # [iterations, tokens]
+    a = alpha_bar[t]
+    after = torch.cat([alpha_bar[ts[1:]], one[None]])  # alpha_bar after the update from each level
+    a_prev = torch.where((level >= 0) & (level < steps), after[level.clamp(0, steps - 1)], a)
+    frames = (1, 1, tokens * pt, 1, 1)
+    return [(t[i], a[i].repeat_interleave(pt).view(frames), a_prev[i].repeat_interleave(pt).view(frames))
+            for i in range(len(t))]
 
 
 def step_ids(t: "int | Tensor", batch: int, device: torch.device) -> Tensor:
@@ -162,7 +155,7 @@ class FastSampler:
         cfg = model.config
         self.shape = (self.batch, cfg.in_channels, cfg.frames, cfg.size, cfg.size)
         self.frame_corr = getattr(cfg, "frame_corr", 0.0)
-        self.tokens = cfg.frames // cfg.patch[0] if getattr(cfg, "frame_lag", 0) else 0  # a step per token
+        self.tokens = model.grid[0] if getattr(cfg, "frame_lag", 0) else 0  # a step per temporal token
         self.null_label = model.null_label
         self._graph: torch.cuda.CUDAGraph | None = None
         self._compiled_ok = False

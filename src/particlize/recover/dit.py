@@ -38,9 +38,8 @@ def draw_batch(model: Any, stream: Any, gen: torch.Generator, batch_size: int, d
     y = torch.where(drop | (y >= cfg.num_classes), model.null_label, y)
     share = getattr(cfg, "frame_steps", 0.0)
     if share:
-        tokens = cfg.frames // cfg.patch[0]
         own = torch.rand(batch_size, generator=gen) < share
-        t = torch.where(own[:, None], torch.randint(0, model.diffusion.steps, (batch_size, tokens), generator=gen),
+        t = torch.where(own[:, None], torch.randint(0, model.diffusion.steps, (batch_size, model.grid[0]), generator=gen),
                         t[:, None])
     return x0.to(device), y.to(device), t.to(device), noise.to(device)
 
