@@ -165,3 +165,13 @@ def test_masked_equals_pruned_with_a_step_per_frame(data):
         with pm.ablate(remove):
             masked = model(x, t, y)
         torch.testing.assert_close(pm.prune(remove)(x, t, y), masked, atol=1e-5, rtol=0)
+
+
+def test_the_module_cli_reports_a_bad_setting_in_one_line(tmp_path, capsys):
+    from particlize.train_sora import _main
+
+    with pytest.raises(SystemExit) as e:
+        _main(["--out", str(tmp_path / "bad"), "--steps", "1", "--frame-lag", "-1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].endswith("error: frame_lag counts sampler steps: 0 or more, got -1")
+    assert not (tmp_path / "bad").exists()

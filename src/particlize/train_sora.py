@@ -248,10 +248,13 @@ def _main(argv: list[str] | None = None) -> None:
 
     progress = True if sys.stdout.isatty() else log
     overrides = {k: getattr(a, k) for k in OVERRIDABLE if getattr(a, k) is not None}
-    out = train_sora(a.preset, a.steps, a.out, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                     min_snr_gamma=a.min_snr_gamma or None, init=a.init, ema=a.ema, warmup=a.warmup,
-                     max_seconds=a.max_seconds, stop_at=a.stop_at, device=a.device, progress=progress, force=a.force,
-                     **overrides)
+    try:
+        out = train_sora(a.preset, a.steps, a.out, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                         min_snr_gamma=a.min_snr_gamma or None, init=a.init, ema=a.ema, warmup=a.warmup,
+                         max_seconds=a.max_seconds, stop_at=a.stop_at, device=a.device, progress=progress,
+                         force=a.force, **overrides)
+    except ParticlizeError as e:  # one line and exit 2, as argparse reports a bad argument
+        ap.error(str(e))
     print(json.dumps(json.loads((out / "particlize.json").read_text())["extra"], indent=1)[:2000])
 
 
