@@ -92,15 +92,16 @@ def test_staggered_sampling_draws_frames_in_turn_and_fast_samplers_agree():
 
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="no C++ compiler for inductor")
 def test_compiled_staggered_sampling_equals_eager():
-    """Within a quarter of a grey level (fused kernels round differently, and the frames feed each other)."""
-    model = _model(frame_steps=0.5, frame_lag=1)
+    """Within a quarter of a grey level (fused kernels round differently, and the frames feed each other), with
+    rotary frame positions."""
+    model = _model(frame_steps=0.5, frame_lag=1, rope=True)  # the shipped configuration
     fast = FastSampler(model, batch=2, mode="compile")([3, 4], steps=3, seed=0)
     torch.testing.assert_close(fast, model.sample([3, 4], steps=3, seed=0), atol=1e-3, rtol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_graph_staggered_sampling_equals_eager_on_cuda():
-    model = _model(frame_steps=0.5, frame_lag=1).cuda()
+    model = _model(frame_steps=0.5, frame_lag=1, rope=True).cuda()
     fast = FastSampler(model, batch=2, mode="graph")([3, 4], steps=3, seed=0)
     torch.testing.assert_close(fast, model.sample([3, 4], steps=3, seed=0), atol=1e-4, rtol=0)
 

@@ -49,18 +49,19 @@ def _save_checkpoint(path: Path, model, ema, opt, step: int, losses: list[float]
     write_folder_atomically(path, fill, force=True)
 
 
-SAME_WEIGHTS = ("shift", "temporal", "frame_corr", "frame_steps", "frame_lag")  # settings a model's weights carry across
+# settings a model's weights carry across
+SAME_WEIGHTS = ("shift", "temporal", "rope", "frame_corr", "frame_steps", "frame_lag")
 OVERRIDABLE = ("patch", "dim", "depth", "heads", *SAME_WEIGHTS)  # the CLIs' preset overrides
 
 
 def _adapted(start: SpacetimeDiT, cfg: SoraConfig) -> SpacetimeDiT:
     """``start`` carried over to ``cfg`` when only the temporal patch (a divisor of ``start``'s: `inflate_time`)
-    and `SAME_WEIGHTS` settings (noise shift, temporal attention's reach, noise and steps per frame, the
-    sampler's lag) differ; else ``start`` unchanged."""
+    and `SAME_WEIGHTS` settings (noise shift, temporal attention's reach and positions, noise and steps per frame,
+    the sampler's lag) differ; else ``start`` unchanged (a model with rotary positions is not inflated)."""
     if {**asdict(start.config), "patch": cfg.patch, **{k: getattr(cfg, k) for k in SAME_WEIGHTS}} != asdict(cfg):
         return start
     if start.config.patch != cfg.patch:
-        if start.config.patch[1:] != cfg.patch[1:] or start.config.patch[0] % cfg.patch[0]:
+        if start.config.patch[1:] != cfg.patch[1:] or start.config.patch[0] % cfg.patch[0] or start.config.rope:
             return start
         start = inflate_time(start, cfg.patch[0])
     if start.config != cfg:  # same weights, another noise schedule or temporal attention
@@ -100,8 +101,8 @@ def train_sora(
     ``init`` continues from a trained model folder of the same configuration (its weights start both
     the model and its EMA; the schedule, optimizer and data stream start afresh), or of one that differs
     only by a coarser temporal patch, which is inflated first (`inflate_time`), and/or by `SAME_WEIGHTS`
-    settings (noise shift, temporal attention's reach, the frames' noise correlation, steps per frame and
-    sampling lag), which keep the weights as they are. A model trained with ``frame_steps`` > 0 learns to
+    settings (noise shift, temporal attention's reach and rotary positions, the frames' noise correlation, steps
+    per frame and sampling lag), which keep the weights as they are. A model trained with ``frame_steps`` > 0 learns to
     denoise frames at different steps (diffusion forcing), which its ``frame_lag`` sampler then uses.
     ``min_snr_gamma`` weights each step's loss by ``min(snr, gamma) / snr`` (Min-SNR; None: plain MSE).
     ``overrides`` change preset fields (``dim=64``, ``frames=16`` ...).
@@ -230,6 +231,8 @@ def _main(argv: list[str] | None = None) -> None:
     ap.add_argument("--heads", type=int, default=None, help="override the preset's head count")
     ap.add_argument("--shift", type=float, default=None, help="override the preset's noise shift")
     ap.add_argument("--temporal", choices=TEMPORAL, default=None, help="override the temporal attention")
+    ap.add_argument("--rope", action=argparse.BooleanOptionalAction, default=None,
+                    help="rotary frame positions in the temporal attention")
     ap.add_argument("--frame-corr", type=float, default=None, help="override the noise's correlation across frames")
     ap.add_argument("--frame-steps", type=float, default=None,
                     help="share of training videos whose frames each get their own step (diffusion forcing)")

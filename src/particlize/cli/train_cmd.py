@@ -86,6 +86,8 @@ def train_sora_command(
     shift: Optional[float] = typer.Option(None, "--shift", help="override the preset's noise shift (SNR / shift²)"),
     temporal: Optional[str] = typer.Option(None, "--temporal", help="the second attention: 'position' (across frames "
                                            "at one position) or 'all' (every token of the video)"),
+    rope: Optional[bool] = typer.Option(None, "--rope/--no-rope", help="rotary frame positions in the temporal "
+                                        "attention (relative time in every block)"),
     frame_corr: Optional[float] = typer.Option(None, "--frame-corr", help="correlation of the noise across frames "
                                                "(0: independent; PYoCo's mixed prior)"),
     frame_steps: Optional[float] = typer.Option(None, "--frame-steps", help="share of training videos whose frames "
@@ -95,8 +97,8 @@ def train_sora_command(
 ) -> None:
     """Train the Sora-style spacetime diffusion transformer on moving digits."""
     check_device(device)
-    given = dict(patch=patch, dim=dim, depth=depth, heads=heads, shift=shift, temporal=temporal, frame_corr=frame_corr,
-                 frame_steps=frame_steps, frame_lag=frame_lag)
+    given = dict(patch=patch, dim=dim, depth=depth, heads=heads, shift=shift, temporal=temporal, rope=rope,
+                 frame_corr=frame_corr, frame_steps=frame_steps, frame_lag=frame_lag)
     overrides = {k: v for k, v in given.items() if v is not None}
     folder = train_sora(preset, steps, out, batch_size=batch_size, lr=lr, seed=seed, max_seconds=max_seconds,
                         stop_at=stop_at, min_snr_gamma=min_snr_gamma or None, device=device, progress=True,

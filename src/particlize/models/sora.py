@@ -52,6 +52,7 @@ class SoraConfig:
     frame_corr: float = 0.0  # correlation of the noise across frames (training and sampling; 0: independent)
     frame_steps: float = 0.0  # share of training videos whose frames each get their own step (diffusion forcing)
     frame_lag: int = 0  # sampler: each temporal token starts this many DDIM steps after the one before (0: together)
+    rope: bool = False  # rotary frame positions in the temporal attention (relative time, which motion needs)
 
     def __post_init__(self) -> None:
         self.patch = tuple(int(p) for p in self.patch)  # JSON gives lists
@@ -103,12 +104,27 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + per_token(scale)) + per_token(shift)
 
 
+ROPE_BASE = 100.0  # rotary wavelengths from 2*pi to ~2*pi*100 frames: a clip is a handful of frames long
+
+
+def rotate(t: Tensor, positions: Tensor) -> Tensor:
+    """Rotary position embedding (RoFormer, rotate-half layout) of ``t [..., L, hd]`` at ``positions [L]``:
+    the dot product of a rotated query and key depends on their positions only through the difference."""
+    half = t.shape[-1] // 2
+    freqs = ROPE_BASE ** (-torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angle = positions.to(torch.float32)[:, None] * freqs  # [L, half]
+    cos, sin = angle.cos().to(t.dtype), angle.sin().to(t.dtype)
+    a, b = t[..., :half], t[..., half:2 * half]
+    return torch.cat([a * cos - b * sin, b * cos + a * sin, t[..., 2 * half:]], dim=-1)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over dim -2 of ``x [B, N, L, D]`` (N independent sequences of L tokens).
 
     q, k, v and proj are separate Linears and the head count is read from ``q.out_features`` at run
     time, so removing heads (q/k/v rows, proj columns) needs no other change. The batch stays first up
-    to ``proj``, whose input ``[B, N, L, heads * head_dim]`` is where head gates act.
+    to ``proj``, whose input ``[B, N, L, heads * head_dim]`` is where head gates act. ``positions [L]``, when
+    given, rotate each head's queries and keys (`rotate`).
     """
 
     def __init__(self, dim: int, heads: int):
@@ -119,14 +135,17 @@ class Attention(nn.Module):
         self.v = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
         B, N, L, _ = x.shape
         h, hd = self.q.out_features // self.head_dim, self.head_dim
 
         def split(t: Tensor) -> Tensor:  # [B, N, L, h*hd] -> [B*N, h, L, hd]
             return t.reshape(B * N, L, h, hd).transpose(1, 2)
 
-        y = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        q, k = split(self.q(x)), split(self.k(x))
+        if positions is not None:
+            q, k = rotate(q, positions), rotate(k, positions)
+        y = F.scaled_dot_product_attention(q, k, split(self.v(x)))
         y = y.transpose(1, 2).reshape(B, N, L, h * hd)  # heads side by side, batch first again
         return self.proj(y)
 
@@ -147,12 +166,13 @@ class DiTBlock(nn.Module):
 
     ``temporal="position"`` attends across frames at one spatial position (factorized, as Latte and Open-Sora
     1.x); ``"all"`` across every position of every frame (full spacetime attention, as Sora's patches suggest),
-    so a token can find its digit where it moved to.
+    so a token can find its digit where it moved to. ``rope`` rotates the temporal attention's queries and keys
+    by frame index (`rotate`), so every block sees how many frames apart two tokens are.
     """
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, temporal: str = "position"):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, temporal: str = "position", rope: bool = False):
         super().__init__()
-        self.temporal = temporal
+        self.temporal, self.rope = temporal, rope
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn_s = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -168,11 +188,13 @@ class DiTBlock(nn.Module):
         sh1, sc1, g1, sh2, sc2, g2, sh3, sc3, g3 = mods
         x = x + per_token(g1) * self.attn_s(modulate(self.norm1(x), sh1, sc1))  # within a frame
         xt = modulate(self.norm2(x), sh2, sc2)
+        B, T, S, D = x.shape
+        frame = torch.arange(T, device=x.device) if self.rope else None
         if self.temporal == "all":  # [B, 1, T*S, D]: every token of the video
-            B, T, S, D = x.shape
-            x = x + per_token(g2) * self.attn_t(xt.reshape(B, 1, T * S, D)).reshape(B, T, S, D)
+            pos = frame.repeat_interleave(S) if frame is not None else None
+            x = x + per_token(g2) * self.attn_t(xt.reshape(B, 1, T * S, D), pos).reshape(B, T, S, D)
         else:  # [B, S, T, D]: across frames
-            x = x + per_token(g2) * self.attn_t(xt.transpose(1, 2)).transpose(1, 2)
+            x = x + per_token(g2) * self.attn_t(xt.transpose(1, 2), frame).transpose(1, 2)
         x = x + per_token(g3) * self.mlp(modulate(self.norm3(x), sh3, sc3))
         return x
 
@@ -271,7 +293,7 @@ class SpacetimeDiT(nn.Module):
         self.pos_temporal = nn.Parameter(torch.randn(1, T_, 1, D) * 0.02)
         self.t_embed = TimestepEmbedder(D)
         self.y_embed = nn.Embedding(config.num_classes + 1, D)  # last id = null label
-        self.blocks = nn.ModuleList(DiTBlock(D, config.heads, config.mlp_ratio, config.temporal)
+        self.blocks = nn.ModuleList(DiTBlock(D, config.heads, config.mlp_ratio, config.temporal, config.rope)
                                     for _ in range(config.depth))
         self.final = FinalLayer(D, pt * ph * pw * config.in_channels)
         self.diffusion = Diffusion(schedule=config.schedule, shift=config.shift)
@@ -407,6 +429,9 @@ def inflate_time(model: SpacetimeDiT, pt: int = 1) -> SpacetimeDiT:
     k = old.patch[0] // pt if pt > 0 and old.patch[0] % pt == 0 else 0
     if not k:
         raise ValueError(f"temporal patch {pt} does not divide the model's {old.patch[0]}: choose a divisor")
+    if old.rope:
+        raise ValueError("rotary positions count temporal tokens, which inflating changes: inflate the model before "
+                         "turning rope on")
     cfg = SoraConfig(**{**asdict(old), "patch": (pt, *old.patch[1:])})
     new = SpacetimeDiT(cfg).to(next(model.parameters()).device)
     state = {n: v.clone() for n, v in model.state_dict().items()}
