@@ -1,8 +1,8 @@
 """Compress the Sora-style reference (`sora-tiny`) by width and by depth at equal FLOPs (issue 6).
 
     .venv/bin/python benchmarks/compress_sora.py [--model sora-tiny] [--target-flops 0.5]
-        [--recover-epochs 4] [--final-recover-epochs 0] [--per-class 50] [--steps 50] [--out bench-out/sora] [--compensate none|bias|merge|refit] [--max-fraction 0.34] [--lr 3e-4]
-        [--focus LO HI]
+        [--recover-epochs 4] [--final-recover-epochs 0] [--per-class 50] [--steps 50] [--out bench-out/sora]
+        [--compensate none|bias|merge|refit] [--max-fraction 0.34] [--lr 3e-4] [--focus LO HI] [--judge-seeds 0 1 2]
 
 Three models, the same sampler (DDIM, ``--steps`` steps, the default guidance 5) and the same seeds:
 - dense: the input model;
@@ -17,7 +17,9 @@ samples the same videos, so the difference to the dense model is paired and come
 temporal consistency (mean frame-to-frame change; real videos for reference), and the wall time of
 ``model.sample`` for ``--sample-batch`` videos at once (20 by default; median of 3 interleaved rounds,
 paired ratios). Sample grids (PNG) and
-animations (GIF) of every model go to ``--out``.
+animations (GIF) of every model go to ``--out``. ``--judge-seeds`` then judges the input model and every variant
+with readers the project never tuned with (`sora_judges.py`: per-frame and per-video readers, Fréchet distances,
+the motion check; ``OUT/judges-seed<S>.json``), the same samples for every model.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -88,6 +92,9 @@ def main() -> None:
                     help="recovery spends half of every batch on diffusion steps LO..HI (compress's recover_focus)")
     ap.add_argument("--plain-distill", action="store_true",
                     help="recover by plain noise-prediction distillation (no guidance term, no sampler trajectories)")
+    ap.add_argument("--judge-seeds", type=int, nargs="*", default=[],
+                    help="then judge every model with sora_judges.py (independent readers, FD, motion), once per seed")
+    ap.add_argument("--judge-per-class", type=int, default=10, help="judged samples per digit (sora_judges.py)")
     args = ap.parse_args()
     if args.per_class < 1:
         ap.error("--per-class must be 1 or more (videos sampled per digit)")
@@ -150,6 +157,12 @@ def main() -> None:
     for v in q.values():
         v["hits"] = v["hits"].tolist()
     (out / "results.json").write_text(json.dumps({"quality": q, "times": times, "runs": runs, "table": table}, indent=1, default=str))
+    for seed in args.judge_seeds:  # a process of its own: the judges' runs are what sora_judges.py prints alone
+        judge = [sys.executable, str(Path(__file__).with_name("sora_judges.py")), "--model", args.model,
+                 *(str(out / n) for n in args.variants), "--guidance", "5", "--per-class", str(args.judge_per_class),
+                 "--steps", str(args.steps), "--seed", str(seed), "--json", str(out / f"judges-seed{seed}.json")]
+        if subprocess.run(judge, check=False).returncode:
+            raise SystemExit(f"compress_sora: the judges failed on seed {seed}: run `{' '.join(judge)}` to see why")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@
 
 1. A short probe run (``--probe-steps``) measures this machine's optimizer steps per second for the preset.
 2. The real run gets as many steps as fit in ``--minutes`` (a cosine schedule that ends when the time does,
-   `particlize.train_sora.train_sora` with a ``max_seconds`` guard 10% past it) and saves its EMA weights as
-   the MODEL folder ``OUT/sora-<preset>`` (``pz.load``-able; copy it to ``src/particlize/models/weights/`` to ship).
+   `particlize.train_sora.train_sora` with a ``max_seconds`` guard 10% + 30 s past it, so a busy machine still
+   finishes a short run) and saves its EMA weights as the MODEL folder ``OUT/sora-<preset>`` (``pz.load``-able;
+   copy it to ``src/particlize/models/weights/`` to ship).
 3. `sora_judges.py` judges it beside the shipped ``sora-digits``: readers never tuned with it, Fréchet distances and
    the motion check, against real test videos (``OUT/judges.json``); sampling runs on ``--device``.
 
@@ -35,6 +36,7 @@ from particlize.train_sora import train_sora
 HERE = Path(__file__).resolve().parent
 SHIFT, FRAME_CORR = 2.0, 0.5  # the CPU runs of 2026-12-05: both needed for digits that stay put (results/sora-judges.md)
 FRAME_STEPS, FRAME_LAG = 0.5, 8  # session 21: readers per frame 0.85x -> 0.90x, FD per frame 2.0x -> 1.6x
+ROPE = True  # session 22: rotary frame positions; without them the learned temporal positions collapse (no motion)
 
 
 def probe(preset: str, out: Path, args: argparse.Namespace) -> float:
@@ -54,10 +56,10 @@ def probe(preset: str, out: Path, args: argparse.Namespace) -> float:
 
 
 def recipe(args: argparse.Namespace) -> dict:
-    """The preset overrides this run trains with (noise shift, frame-correlated noise, steps per frame and the
-    sampler's lag)."""
+    """The preset overrides this run trains with (noise shift, frame-correlated noise, steps per frame, the
+    sampler's lag and rotary frame positions)."""
     return {"shift": args.shift, "frame_corr": args.frame_corr, "frame_steps": args.frame_steps,
-            "frame_lag": args.frame_lag}
+            "frame_lag": args.frame_lag, "rope": args.rope}
 
 
 def main() -> int:
@@ -75,6 +77,8 @@ def main() -> int:
                     help="share of training videos whose frames get their own step (diffusion forcing; 0 = none)")
     ap.add_argument("--frame-lag", type=int, default=FRAME_LAG, help="the trained model samples frame after frame "
                     "with this lag in DDIM steps (needs --frame-steps)")
+    ap.add_argument("--rope", action=argparse.BooleanOptionalAction, default=ROPE,
+                    help="rotary frame positions in the temporal attention")
     ap.add_argument("--probe-steps", type=int, default=60)
     ap.add_argument("--per-class", type=int, default=10, help="judged samples per digit and guidance scale")
     ap.add_argument("--small", action="store_true", help="smoke run: the tiny preset, seconds of training, few samples")
@@ -102,7 +106,7 @@ def main() -> int:
     t = time.perf_counter()
     try:
         train_sora(args.preset, steps, model_dir, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                   device=args.device, max_seconds=args.minutes * 60 * 1.1, force=True, **recipe(args),
+                   device=args.device, max_seconds=args.minutes * 60 * 1.1 + 30, force=True, **recipe(args),
                    progress=lambda s, n, loss: print(f"step {s}/{n} loss {loss:.4f}", flush=True) if s % 500 == 0 else None)
     except ParticlizeError as e:
         res["error"] = str(e)

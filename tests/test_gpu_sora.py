@@ -33,6 +33,7 @@ def test_smoke_run_trains_the_planned_steps_and_judges_the_model(tmp_path):
     assert res["probe"]["steps_per_s"] > 0 and res["train"]["steps_done"] == res["planned_steps"]
     assert not res["train"]["stopped_early"] and res["judges"]["returncode"] == 0
     model = pz.load(tmp_path / "sora-tiny")
+    assert model.config.rope and model.config.frame_lag == 8  # the recipe the CPU runs settled on
     assert model.sample([3], steps=2).shape == (1, 1, 8, 32, 32)
     judged = json.loads((tmp_path / "judges.json").read_text())
     assert {r["model"] for r in judged["runs"]} >= {str(tmp_path / "sora-tiny"), "sora-digits"}
