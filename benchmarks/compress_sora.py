@@ -4,7 +4,7 @@
         [--recover-epochs 4] [--final-recover-epochs 0] [--per-class 50] [--steps 50] [--out bench-out/sora]
         [--compensate none|bias|merge|refit] [--max-fraction 0.34] [--lr 3e-4] [--focus LO HI] [--judge-seeds 0 1 2]
 
-Three models, the same sampler (DDIM, ``--steps`` steps, the default guidance 5) and the same seeds:
+Three models, the same sampler (DDIM, ``--steps`` steps, the input model's guidance) and the same seeds:
 - dense: the input model;
 - width: `particlize.compress` removing spatial/temporal attention heads and MLP neurons;
 - depth: `particlize.compress` removing whole blocks (TinyFusion-style depth pruning);
@@ -134,7 +134,8 @@ def main() -> None:
     for name, m in models.items():
         videos = m.sample(labels, steps=args.steps, seed=0)
         video_grid(videos, out / f"{name}.png", row_labels=[f"digit {i}" for i in range(10)],
-                   title=f"{args.model} {name}: DDIM {args.steps} steps, guidance 5, seed 0", force=True)
+                   title=f"{args.model} {name}: DDIM {args.steps} steps, guidance {dense.config.guidance:g}, seed 0",
+                   force=True)
         video_gif(videos, out / f"{name}.gif", ncols=5, force=True)
     video_grid(real_v[:10], out / "real.png", row_labels=[f"label {int(i)}" for i in real_y[:10]],
                title="real test videos", force=True)
@@ -159,7 +160,8 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps({"quality": q, "times": times, "runs": runs, "table": table}, indent=1, default=str))
     for seed in args.judge_seeds:  # a process of its own: the judges' runs are what sora_judges.py prints alone
         judge = [sys.executable, str(Path(__file__).with_name("sora_judges.py")), "--model", args.model,
-                 *(str(out / n) for n in args.variants), "--guidance", "5", "--per-class", str(args.judge_per_class),
+                 *(str(out / n) for n in args.variants), "--guidance", f"{dense.config.guidance:g}",
+                 "--per-class", str(args.judge_per_class),
                  "--steps", str(args.steps), "--seed", str(seed), "--json", str(out / f"judges-seed{seed}.json")]
         if subprocess.run(judge, check=False).returncode:
             raise SystemExit(f"compress_sora: the judges failed on seed {seed}: run `{' '.join(judge)}` to see why")

@@ -337,6 +337,7 @@ def test_the_shipped_reference_is_a_token_per_frame_model_within_10_mb():
     assert isinstance(m, SpacetimeDiT) and m.config.patch[0] == 1 and m.config.frame_corr > 0
     assert m.config.frame_steps > 0 and m.config.frame_lag > 0  # trained with a step per frame, sampled in turn
     assert m.config.rope  # rotary frame positions: without them its learned temporal positions had collapsed
+    assert m.config.guidance == 3.0  # its tuned sampling guidance (the judges' Fréchet distances), sample's default
     assert sum(p.numel() * p.element_size() for p in m.parameters()) <= 10 * 2**20
     meta = pz.io.read_meta("sora-digits")["extra"]
     assert meta["steps_done"] > 0 and meta["call"]["init"]  # continued from the runs its README lists

@@ -109,3 +109,18 @@ def test_graph_sampler_equals_eager_on_cuda():
         torch.testing.assert_close(states[-1][0], ref_states[-1][0], atol=1e-4, rtol=1e-4)
     unguided = FastSampler(m, 3, mode="graph", guidance=1.0)(LABELS, steps=3, seed=0)
     torch.testing.assert_close(unguided, m.sample(LABELS, steps=3, seed=0, guidance=1.0), atol=1e-4, rtol=1e-4)
+
+
+def test_a_models_own_guidance_is_the_samplers_default():
+    """``SoraConfig.guidance`` (what a model was tuned to sample with) is the default of `sample`, of the fast
+    sampler and of the sample metrics; an explicit scale still wins, and a scale below 1 is refused."""
+    m = _model()
+    tuned = SpacetimeDiT(SoraConfig(**CFG, guidance=3.0)).eval()
+    tuned.load_state_dict(m.state_dict())
+    want = m.sample(LABELS, steps=3, seed=0, guidance=3.0)
+    torch.testing.assert_close(tuned.sample(LABELS, steps=3, seed=0), want, atol=0, rtol=0)
+    assert not torch.allclose(m.sample(LABELS, steps=3, seed=0), want)  # the usual default is another scale
+    torch.testing.assert_close(tuned.sample(LABELS, steps=3, seed=0, guidance=5.0), m.sample(LABELS, steps=3, seed=0))
+    assert FastSampler(tuned, 3, mode="eager").guidance == 3.0 and FastSampler(m, 3, mode="eager").guidance == 5.0
+    with pytest.raises(ValueError, match="1 \\(none\\) or more"):
+        SoraConfig(**CFG, guidance=0.5)

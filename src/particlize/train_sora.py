@@ -50,14 +50,15 @@ def _save_checkpoint(path: Path, model, ema, opt, step: int, losses: list[float]
 
 
 # settings a model's weights carry across
-SAME_WEIGHTS = ("shift", "temporal", "rope", "frame_corr", "frame_steps", "frame_lag")
+SAME_WEIGHTS = ("shift", "temporal", "rope", "frame_corr", "frame_steps", "frame_lag", "guidance")
 OVERRIDABLE = ("patch", "dim", "depth", "heads", *SAME_WEIGHTS)  # the CLIs' preset overrides
 
 
 def _adapted(start: SpacetimeDiT, cfg: SoraConfig) -> SpacetimeDiT:
     """``start`` carried over to ``cfg`` when only the temporal patch (a divisor of ``start``'s: `inflate_time`)
     and `SAME_WEIGHTS` settings (noise shift, temporal attention's reach and positions, noise and steps per frame,
-    the sampler's lag) differ; else ``start`` unchanged (a model with rotary positions is not inflated)."""
+    the sampler's lag and guidance) differ; else ``start`` unchanged (a model with rotary positions is not
+    inflated)."""
     if {**asdict(start.config), "patch": cfg.patch, **{k: getattr(cfg, k) for k in SAME_WEIGHTS}} != asdict(cfg):
         return start
     if start.config.patch != cfg.patch:
@@ -102,8 +103,9 @@ def train_sora(
     the model and its EMA; the schedule, optimizer and data stream start afresh), or of one that differs
     only by a coarser temporal patch, which is inflated first (`inflate_time`), and/or by `SAME_WEIGHTS`
     settings (noise shift, temporal attention's reach and rotary positions, the frames' noise correlation, steps
-    per frame and sampling lag), which keep the weights as they are. A model trained with ``frame_steps`` > 0 learns to
-    denoise frames at different steps (diffusion forcing), which its ``frame_lag`` sampler then uses.
+    per frame, sampling lag and guidance), which keep the weights as they are. A model trained with
+    ``frame_steps`` > 0 learns to denoise frames at different steps (diffusion forcing), which its ``frame_lag``
+    sampler then uses.
     ``min_snr_gamma`` weights each step's loss by ``min(snr, gamma) / snr`` (Min-SNR; None: plain MSE).
     ``overrides`` change preset fields (``dim=64``, ``frames=16`` ...).
     """
@@ -238,6 +240,7 @@ def _main(argv: list[str] | None = None) -> None:
                     help="share of training videos whose frames each get their own step (diffusion forcing)")
     ap.add_argument("--frame-lag", type=int, default=None,
                     help="the saved model samples each frame this many steps after the one before")
+    ap.add_argument("--guidance", type=float, default=None, help="the saved model's default sampling guidance")
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--warmup", type=int, default=100)
     a = ap.parse_args(argv)

@@ -94,11 +94,13 @@ def train_sora_command(
                                                 "each get their own noise step (diffusion forcing)"),
     frame_lag: Optional[int] = typer.Option(None, "--frame-lag", min=0, help="the saved model samples each frame "
                                             "this many DDIM steps after the one before (needs --frame-steps)"),
+    guidance: Optional[float] = typer.Option(None, "--guidance", min=1.0, help="the saved model's default "
+                                             "classifier-free guidance when sampling"),
 ) -> None:
     """Train the Sora-style spacetime diffusion transformer on moving digits."""
     check_device(device)
     given = dict(patch=patch, dim=dim, depth=depth, heads=heads, shift=shift, temporal=temporal, rope=rope,
-                 frame_corr=frame_corr, frame_steps=frame_steps, frame_lag=frame_lag)
+                 frame_corr=frame_corr, frame_steps=frame_steps, frame_lag=frame_lag, guidance=guidance)
     overrides = {k: v for k, v in given.items() if v is not None}
     folder = train_sora(preset, steps, out, batch_size=batch_size, lr=lr, seed=seed, max_seconds=max_seconds,
                         stop_at=stop_at, min_snr_gamma=min_snr_gamma or None, device=device, progress=True,

@@ -53,6 +53,7 @@ class SoraConfig:
     frame_steps: float = 0.0  # share of training videos whose frames each get their own step (diffusion forcing)
     frame_lag: int = 0  # sampler: each temporal token starts this many DDIM steps after the one before (0: together)
     rope: bool = False  # rotary frame positions in the temporal attention (relative time, which motion needs)
+    guidance: float = GUIDANCE  # the sampler's default classifier-free guidance scale (1: none)
 
     def __post_init__(self) -> None:
         self.patch = tuple(int(p) for p in self.patch)  # JSON gives lists
@@ -69,6 +70,8 @@ class SoraConfig:
             raise ValueError(f"frame_lag counts sampler steps: 0 or more, got {self.frame_lag}")
         if not self.shift > 0:
             raise ValueError(f"noise shift must be positive, got {self.shift}")
+        if not self.guidance >= 1:
+            raise ValueError(f"guidance scales the conditional direction: 1 (none) or more, got {self.guidance}")
         if self.temporal not in TEMPORAL:
             raise ValueError(f"unknown temporal attention {self.temporal!r}; choose one of {', '.join(TEMPORAL)}")
         if self.schedule not in SCHEDULES:
@@ -370,14 +373,15 @@ class SpacetimeDiT(nn.Module):
         labels: Sequence[int] | Tensor,
         steps: int = 50,
         seed: int = 0,
-        guidance: float = GUIDANCE,
+        guidance: float | None = None,
         trajectory: list[tuple[Tensor, int | Tensor]] | None = None,
         mode: str = "eager",
     ) -> Tensor:
         """Deterministic DDIM (eta = 0) with classifier-free guidance: videos ``[B, C, T, H, W]`` in [0, 1].
 
-        ``labels`` are class ids (``num_classes`` = unconditional); ``guidance`` 1.0 turns guidance off
-        (5.0, the default, is where the shipped ``sora-tiny`` draws its digits best: benchmarks/RESULTS.md).
+        ``labels`` are class ids (``num_classes`` = unconditional); ``guidance`` 1.0 turns guidance off; None
+        (the default) takes the model's own ``config.guidance`` (5 unless its training says otherwise: the shipped
+        ``sora-tiny`` draws its digits best at 5, ``sora-digits`` at 3; benchmarks/RESULTS.md).
         The starting noise is drawn on the CPU from ``seed``, so results do not depend on the device.
         A model with ``config.frame_lag`` > 0 draws its frames staggered (`ddim_plan`: each frame's steps start
         ``frame_lag`` iterations after the previous frame's, as diffusion forcing samples).
@@ -390,6 +394,7 @@ class SpacetimeDiT(nn.Module):
         if mode not in MODES:
             raise ParticlizeError(f"unknown sampling mode {mode!r}: choose one of {', '.join(MODES)}")
         y = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        guidance = self.config.guidance if guidance is None else guidance
         if mode != "eager":
             return FastSampler(self, y.shape[0], mode, guidance)(y, steps=steps, seed=seed, trajectory=trajectory)
         was_training = self.training

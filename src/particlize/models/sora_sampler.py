@@ -140,19 +140,21 @@ class FastSampler:
     """Guided DDIM sampling of a `SpacetimeDiT` for a fixed batch size, built once and called many times.
 
     ``mode`` is one of `MODES`; ``batch`` the number of videos per call (the static buffers' size);
-    ``guidance`` the classifier-free guidance scale (fixed: it is part of the captured / compiled step).
+    ``guidance`` the classifier-free guidance scale (fixed: it is part of the captured / compiled step; default:
+    the model's ``config.guidance``, else `GUIDANCE`).
     Construction validates the mode; ``"graph"`` captures its CUDA graph here (a few warm-up steps first),
     ``"compile"`` compiles on the first call. The model is put in eval mode while sampling.
     """
 
-    def __init__(self, model: nn.Module, batch: int, mode: str = "graph", guidance: float = GUIDANCE):
+    def __init__(self, model: nn.Module, batch: int, mode: str = "graph", guidance: float | None = None):
         if mode not in MODES:
             raise ParticlizeError(f"unknown sampling mode {mode!r}: choose one of {', '.join(MODES)}")
         if batch < 1:
             raise ParticlizeError(f"batch={batch}: a sampler needs at least one video per call")
+        cfg = model.config
+        guidance = getattr(cfg, "guidance", GUIDANCE) if guidance is None else guidance
         self.model, self.batch, self.mode, self.guidance = model, int(batch), mode, float(guidance)
         self.device = next(model.parameters()).device
-        cfg = model.config
         self.shape = (self.batch, cfg.in_channels, cfg.frames, cfg.size, cfg.size)
         self.frame_corr = getattr(cfg, "frame_corr", 0.0)
         self.tokens = model.grid[0] if getattr(cfg, "frame_lag", 0) else 0  # a step per temporal token

@@ -259,10 +259,11 @@ def sample_metrics(
     n_per_class: int = 4,
     steps: int = 50,
     seed: int = 0,
-    guidance: float = 5.0,
+    guidance: float | None = None,
 ) -> dict[str, float]:
-    """Sample ``n_per_class`` videos per digit once and score them: ``sample_accuracy`` (how often the
-    frame classifier reads the requested digit) and ``temporal_consistency`` (see below)."""
+    """Sample ``n_per_class`` videos per digit once (``guidance`` None: the model's own) and score them:
+    ``sample_accuracy`` (how often the frame classifier reads the requested digit) and ``temporal_consistency``
+    (see below)."""
     labels = torch.arange(10).repeat_interleave(n_per_class)
     videos = model.sample(labels, steps=steps, seed=seed, guidance=guidance).cpu()
     return {"sample_accuracy": (classify_videos(classifier, videos) == labels).float().mean().item(),
@@ -275,7 +276,7 @@ def sample_accuracy(
     n_per_class: int = 4,
     steps: int = 50,
     seed: int = 0,
-    guidance: float = 5.0,
+    guidance: float | None = None,
 ) -> float:
     """Fraction of sampled videos (``n_per_class`` per digit) that the frame classifier reads as the
     requested digit."""
