@@ -110,13 +110,21 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 ROPE_BASE = 100.0  # rotary wavelengths from 2*pi to ~2*pi*100 frames: a clip is a handful of frames long
 
 
-def rotate(t: Tensor, positions: Tensor) -> Tensor:
-    """Rotary position embedding (RoFormer, rotate-half layout) of ``t [..., L, hd]`` at ``positions [L]``:
-    the dot product of a rotated query and key depends on their positions only through the difference."""
-    half = t.shape[-1] // 2
-    freqs = ROPE_BASE ** (-torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    angle = positions.to(torch.float32)[:, None] * freqs  # [L, half]
-    cos, sin = angle.cos().to(t.dtype), angle.sin().to(t.dtype)
+def rotary(positions: Tensor, head_dim: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    """The cosines and sines ``[L, head_dim // 2]`` that `rotate` turns vectors by at ``positions [L]``, in
+    ``like``'s dtype and device (computed once, shared by a layer's queries and keys)."""
+    half = head_dim // 2
+    freqs = ROPE_BASE ** (-torch.arange(half, device=like.device, dtype=torch.float32) / half)
+    angle = positions.to(like.device, torch.float32)[:, None] * freqs  # [L, half]
+    return angle.cos().to(like.dtype), angle.sin().to(like.dtype)
+
+
+def rotate(t: Tensor, positions: Tensor, table: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Rotary position embedding (RoFormer, rotate-half layout) of ``t [..., L, hd]`` at ``positions [L]``
+    (``table``: their `rotary` cosines and sines, if already computed): the dot product of a rotated query and
+    key depends on their positions only through the difference."""
+    cos, sin = table if table is not None else rotary(positions, t.shape[-1], t)
+    half = cos.shape[-1]
     a, b = t[..., :half], t[..., half:2 * half]
     return torch.cat([a * cos - b * sin, b * cos + a * sin, t[..., 2 * half:]], dim=-1)
 
@@ -147,7 +155,8 @@ class Attention(nn.Module):
 
         q, k = split(self.q(x)), split(self.k(x))
         if positions is not None:
-            q, k = rotate(q, positions), rotate(k, positions)
+            table = rotary(positions, hd, q)
+            q, k = rotate(q, positions, table), rotate(k, positions, table)
         y = F.scaled_dot_product_attention(q, k, split(self.v(x)))
         y = y.transpose(1, 2).reshape(B, N, L, h * hd)  # heads side by side, batch first again
         return self.proj(y)
