@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import particlize as pz
-from particlize.models.sora import SoraConfig, SpacetimeDiT, inflate_time, rotate
+from particlize.models.sora import ROPE_BASE, SoraConfig, SpacetimeDiT, inflate_time, rotate
 from particlize.train_sora import _adapted
 from strategies import removal_sets
 from test_sora import _batch, _model
@@ -76,3 +76,17 @@ def test_a_run_can_turn_rope_on_over_trained_weights_but_not_inflate_a_rope_mode
         inflate_time(coarse, 1)
     fine = SoraConfig(**{**coarse.config.__dict__, "patch": (1, 4, 4)})
     assert _adapted(coarse, fine) is coarse  # so train_sora says the folder cannot start the run
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), hd=st.sampled_from([2, 5, 8, 16]))
+def test_rotate_turns_each_half_pair_by_its_angle(seed, hd):
+    """`rotate`'s three-pass form against the textbook rotate-half: dims i and i + hd // 2 turn together by
+    position / base ** (i / (hd // 2)); an odd last dimension stays as it is."""
+    g = torch.Generator().manual_seed(seed)
+    t, pos = torch.randn(2, 3, 7, hd, generator=g), torch.randint(-9, 9, (7,), generator=g)
+    half = hd // 2
+    angle = pos[:, None].float() / ROPE_BASE ** (torch.arange(half).float() / half)
+    a, b = t[..., :half], t[..., half:2 * half]
+    want = torch.cat([a * angle.cos() - b * angle.sin(), b * angle.cos() + a * angle.sin(), t[..., 2 * half:]], -1)
+    torch.testing.assert_close(rotate(t, pos), want, atol=1e-5, rtol=1e-5)

@@ -103,30 +103,39 @@ def per_frame(v: Tensor, frames: int) -> Tensor:
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    # x [B, T, S, D]; shift, scale [B, D] or [B, T, D]
-    return x * (1 + per_token(scale)) + per_token(shift)
+    # x [B, T, S, D]; shift, scale [B, D] or [B, T, D]; one pass over x (addcmul), not two
+    return torch.addcmul(per_token(shift), x, 1 + per_token(scale))
+
+
+def gated(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
+    """The residual update ``x + gate * y`` (adaLN-Zero's gate per video or per frame) in one pass."""
+    return torch.addcmul(x, per_token(gate), y)
 
 
 ROPE_BASE = 100.0  # rotary wavelengths from 2*pi to ~2*pi*100 frames: a clip is a handful of frames long
 
 
 def rotary(positions: Tensor, head_dim: int, like: Tensor) -> tuple[Tensor, Tensor]:
-    """The cosines and sines ``[L, head_dim // 2]`` that `rotate` turns vectors by at ``positions [L]``, in
-    ``like``'s dtype and device (computed once, shared by a layer's queries and keys)."""
+    """The factors ``(cos, sin) [L, head_dim]`` that `rotate` turns vectors by at ``positions [L]``, in ``like``'s
+    dtype and device: each cosine twice (both halves), the sines negated on the first half (rotate-half's
+    ``-b``), and 1 / 0 on an odd trailing dimension. Computed once, shared by a layer's queries and keys."""
     half = head_dim // 2
     freqs = ROPE_BASE ** (-torch.arange(half, device=like.device, dtype=torch.float32) / half)
     angle = positions.to(like.device, torch.float32)[:, None] * freqs  # [L, half]
-    return angle.cos().to(like.dtype), angle.sin().to(like.dtype)
+    cos, sin = angle.cos(), angle.sin()
+    rest = angle.new_ones(angle.shape[0], head_dim - 2 * half)
+    return (torch.cat([cos, cos, rest], -1).to(like.dtype), torch.cat([-sin, sin, rest * 0], -1).to(like.dtype))
 
 
 def rotate(t: Tensor, positions: Tensor, table: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Rotary position embedding (RoFormer, rotate-half layout) of ``t [..., L, hd]`` at ``positions [L]``
-    (``table``: their `rotary` cosines and sines, if already computed): the dot product of a rotated query and
-    key depends on their positions only through the difference."""
+    (``table``: their `rotary` factors, if already computed): the dot product of a rotated query and key depends
+    on their positions only through the difference. Pairs ``(a, b)`` = dims ``(i, i + hd // 2)`` turn to
+    ``(a cos - b sin, b cos + a sin)``, computed as ``t * cos + swap(t) * sin`` in three passes over ``t``."""
     cos, sin = table if table is not None else rotary(positions, t.shape[-1], t)
-    half = cos.shape[-1]
-    a, b = t[..., :half], t[..., half:2 * half]
-    return torch.cat([a * cos - b * sin, b * cos + a * sin, t[..., 2 * half:]], dim=-1)
+    half = t.shape[-1] // 2
+    swapped = torch.cat([t[..., half:2 * half], t[..., :half], t[..., 2 * half:]], dim=-1)  # (b, a, rest)
+    return torch.addcmul(t * cos, swapped, sin)
 
 
 class Attention(nn.Module):
@@ -198,16 +207,16 @@ class DiTBlock(nn.Module):
         # x [B, T, S, D]; c [B, D] or, with a step per frame, [B, T, D]
         mods = self.adaLN(c).chunk(9, dim=-1)
         sh1, sc1, g1, sh2, sc2, g2, sh3, sc3, g3 = mods
-        x = x + per_token(g1) * self.attn_s(modulate(self.norm1(x), sh1, sc1))  # within a frame
+        x = gated(x, g1, self.attn_s(modulate(self.norm1(x), sh1, sc1)))  # within a frame
         xt = modulate(self.norm2(x), sh2, sc2)
         B, T, S, D = x.shape
         frame = torch.arange(T, device=x.device) if self.rope else None
         if self.temporal == "all":  # [B, 1, T*S, D]: every token of the video
             pos = frame.repeat_interleave(S) if frame is not None else None
-            x = x + per_token(g2) * self.attn_t(xt.reshape(B, 1, T * S, D), pos).reshape(B, T, S, D)
-        else:  # [B, S, T, D]: across frames
-            x = x + per_token(g2) * self.attn_t(xt.transpose(1, 2), frame).transpose(1, 2)
-        x = x + per_token(g3) * self.mlp(modulate(self.norm3(x), sh3, sc3))
+            x = gated(x, g2, self.attn_t(xt.reshape(B, 1, T * S, D), pos).reshape(B, T, S, D))
+        else:  # [B, S, T, D]: across frames, laid out once (not once for each of q, k and v)
+            x = gated(x, g2, self.attn_t(xt.transpose(1, 2).contiguous(), frame).transpose(1, 2))
+        x = gated(x, g3, self.mlp(modulate(self.norm3(x), sh3, sc3)))
         return x
 
 
