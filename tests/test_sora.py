@@ -731,3 +731,20 @@ def test_layer_distillation_pulls_dit_blocks_to_the_teacher(task):
         assert all(not m._forward_hooks for m in student.modules())
     assert all(not m._forward_hooks for m in teacher.modules())
     assert gaps[5.0] < gaps[0.0]
+
+
+def test_distillation_draws_and_weighs_at_the_teachers_own_guidance(task):
+    """The trajectory pool is drawn, and the guided term formed, at the scale the teacher samples at."""
+    import copy
+
+    from particlize.recover.dit import distill_dit
+
+    teacher = _model()
+    teacher.config.guidance = 3.0
+    student = copy.deepcopy(teacher)
+    scales: list[float] = []
+    sample = teacher.sample
+    teacher.sample = lambda *a, **kw: (scales.append(kw["guidance"]), sample(*a, **kw))[1]
+    distill_dit(student, teacher, task, steps=1, batch_size=4, trajectory_videos=2, sampler_steps=2)
+    distill_dit(student, teacher, task, steps=1, batch_size=4, trajectory_videos=2, sampler_steps=2, guidance=5.0)
+    assert scales == [3.0, 5.0]

@@ -13,7 +13,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -71,7 +71,7 @@ def distill_dit(
     seed: int = 0,
     alpha: float = 0.5,
     min_snr_gamma: float | None = 5.0,
-    guidance: float | None = GUIDANCE,
+    guidance: float | Literal["teacher"] | None = "teacher",
     trajectory_fraction: float = 0.5,
     trajectory_videos: int = 64,
     sampler_steps: int = 50,
@@ -91,9 +91,9 @@ def distill_dit(
     ``alpha`` times the Min-SNR-weighted MSE to the teacher's noise prediction plus ``1 - alpha`` times
     the MSE to the true noise (fresh rows only).
 
-    With ``guidance`` (default: the sampler's), every labelled row is also run unconditionally and the
-    teacher term covers the conditional and unconditional predictions and, divided by ``guidance``, the
-    guided one ``eps_u + guidance * (eps_c - eps_u)``. Sampling depends on the conditional -
+    With ``guidance`` (default ``"teacher"``: the scale the teacher samples at, its ``config.guidance``), every
+    labelled row is also run unconditionally and the teacher term covers the conditional and unconditional
+    predictions and, divided by ``guidance``, the guided one ``eps_u + guidance * (eps_c - eps_u)``. Sampling depends on the conditional -
     unconditional difference, which plain noise-prediction distillation leaves loose, and guidance
     multiplies its error. ``guidance=None`` and ``trajectory_fraction=0`` give plain distillation.
     ``hidden_weight`` adds that times the mean squared difference between each kept block's output and
@@ -122,6 +122,8 @@ def distill_dit(
     if focus is not None and not (0 <= focus[0] <= focus[1] < teacher.diffusion.steps and 0.0 < focus_share <= 1.0):
         raise ValueError(f"focus must be steps (lo, hi) with 0 <= lo <= hi < {teacher.diffusion.steps} and focus_share "
                          f"in (0, 1], got {focus} and {focus_share}")
+    if guidance == "teacher":
+        guidance = getattr(getattr(teacher, "config", None), "guidance", GUIDANCE)
     device = next(student.parameters()).device
     teacher = teacher.eval()
     n_traj = round(batch_size * trajectory_fraction)
