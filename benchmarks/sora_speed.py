@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/sora_speed.py MODEL_DIR [MODEL_DIR ...] [--dense sora-tiny]
         [--videos 4 20 100] [--steps 50] [--rounds 5]
 
-Times ``model.sample`` (DDIM, classifier-free guidance 5: two rows per video and step) of the dense
+Times ``model.sample`` (DDIM, classifier-free guidance at the model's own scale: two rows per video and step) of the dense
 model and of every given compressed model, the same labels, seed and number of steps, in interleaved
 rounds, and prints the median paired speedup (dense time / model time, per round) with its range for
 every batch size. Run it on a quiet machine: `compress_sora.py` times its models right after a long
