@@ -30,8 +30,10 @@ FACTORY = textwrap.dedent("""
                                     intermediate_size=24, max_position_embeddings=16))
 
     def interrupted():  # what Ctrl-C does while a model loads
-        import os, signal
+        import os, signal, time
         os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(500):  # still loading: Python raises KeyboardInterrupt at its next check, not always at once
+            time.sleep(0.01)
 """)
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
 
