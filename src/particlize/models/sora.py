@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from ..errors import ParticlizeError
 from ._util import _recipe
-from .sora_sampler import GUIDANCE, MODES, FastSampler, ddim_plan, frame_noise, guided_ddim_step, initial_noise, step_ids
+from .sora_sampler import (GUIDANCE, MODES, FastSampler, ddim_plan, frame_noise, guidance_of, guided_ddim_step,
+                           initial_noise, step_ids)
 
 __all__ = ["PRESETS", "SoraConfig", "SpacetimeDiT", "DiTBlock", "Attention", "Diffusion", "FastSampler", "GUIDANCE",
            "inflate_time", "sora"]
@@ -124,7 +125,8 @@ def rotary(positions: Tensor, head_dim: int, like: Tensor) -> tuple[Tensor, Tens
     angle = positions.to(like.device, torch.float32)[:, None] * freqs  # [L, half]
     cos, sin = angle.cos(), angle.sin()
     rest = angle.new_ones(angle.shape[0], head_dim - 2 * half)
-    return (torch.cat([cos, cos, rest], -1).to(like.dtype), torch.cat([-sin, sin, rest * 0], -1).to(like.dtype))
+    cos, sin = torch.cat([cos, cos, rest], -1), torch.cat([-sin, sin, torch.zeros_like(rest)], -1)
+    return cos.to(like.dtype), sin.to(like.dtype)
 
 
 def rotate(t: Tensor, positions: Tensor, table: tuple[Tensor, Tensor] | None = None) -> Tensor:
@@ -412,7 +414,7 @@ class SpacetimeDiT(nn.Module):
         if mode not in MODES:
             raise ParticlizeError(f"unknown sampling mode {mode!r}: choose one of {', '.join(MODES)}")
         y = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-        guidance = self.config.guidance if guidance is None else guidance
+        guidance = guidance_of(self, guidance)
         if mode != "eager":
             return FastSampler(self, y.shape[0], mode, guidance)(y, steps=steps, seed=seed, trajectory=trajectory)
         was_training = self.training

@@ -30,11 +30,17 @@ from torch import Tensor, nn
 
 from ..errors import ParticlizeError
 
-__all__ = ["GUIDANCE", "MODES", "FastSampler", "ddim_plan", "ddim_timesteps", "frame_noise", "guided_ddim_step",
-           "initial_noise"]
+__all__ = ["GUIDANCE", "MODES", "FastSampler", "ddim_plan", "ddim_timesteps", "frame_noise", "guidance_of",
+           "guided_ddim_step", "initial_noise"]
 
 GUIDANCE = 5.0  # the sampler's default classifier-free guidance scale
 MODES = ("eager", "graph", "compile")
+
+
+def guidance_of(model: nn.Module, guidance: float | None = None) -> float:
+    """The classifier-free guidance scale to sample ``model`` with: ``guidance`` if given, else the model's own
+    ``config.guidance`` (what it was tuned to sample at), else `GUIDANCE`."""
+    return float(getattr(getattr(model, "config", None), "guidance", GUIDANCE) if guidance is None else guidance)
 
 
 def ddim_timesteps(total: int, steps: int) -> list[int]:
@@ -151,10 +157,9 @@ class FastSampler:
             raise ParticlizeError(f"unknown sampling mode {mode!r}: choose one of {', '.join(MODES)}")
         if batch < 1:
             raise ParticlizeError(f"batch={batch}: a sampler needs at least one video per call")
-        cfg = model.config
-        guidance = getattr(cfg, "guidance", GUIDANCE) if guidance is None else guidance
-        self.model, self.batch, self.mode, self.guidance = model, int(batch), mode, float(guidance)
+        self.model, self.batch, self.mode, self.guidance = model, int(batch), mode, guidance_of(model, guidance)
         self.device = next(model.parameters()).device
+        cfg = model.config
         self.shape = (self.batch, cfg.in_channels, cfg.frames, cfg.size, cfg.size)
         self.frame_corr = getattr(cfg, "frame_corr", 0.0)
         self.tokens = model.grid[0] if getattr(cfg, "frame_lag", 0) else 0  # a step per temporal token

@@ -19,8 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import ParticlizeError
-from ..models.sora import GUIDANCE
-from ..models.sora_sampler import frame_noise
+from ..models.sora_sampler import frame_noise, guidance_of
 from .config import RecoveryConfig
 from .layers import layer_distillation
 
@@ -93,9 +92,9 @@ def distill_dit(
 
     With ``guidance`` (default ``"teacher"``: the scale the teacher samples at, its ``config.guidance``), every
     labelled row is also run unconditionally and the teacher term covers the conditional and unconditional
-    predictions and, divided by ``guidance``, the guided one ``eps_u + guidance * (eps_c - eps_u)``. Sampling depends on the conditional -
-    unconditional difference, which plain noise-prediction distillation leaves loose, and guidance
-    multiplies its error. ``guidance=None`` and ``trajectory_fraction=0`` give plain distillation.
+    predictions and, divided by ``guidance``, the guided one ``eps_u + guidance * (eps_c - eps_u)``. Sampling
+    depends on the conditional - unconditional difference, which plain noise-prediction distillation leaves loose,
+    and guidance multiplies its error. ``guidance=None`` and ``trajectory_fraction=0`` give plain distillation.
     ``hidden_weight`` adds that times the mean squared difference between each kept block's output and
     that of the teacher block it came from, over every row (layer-wise distillation, as for classifiers:
     `particlize.recover.classifier.train_classifier`).
@@ -123,7 +122,7 @@ def distill_dit(
         raise ValueError(f"focus must be steps (lo, hi) with 0 <= lo <= hi < {teacher.diffusion.steps} and focus_share "
                          f"in (0, 1], got {focus} and {focus_share}")
     if guidance == "teacher":
-        guidance = getattr(getattr(teacher, "config", None), "guidance", GUIDANCE)
+        guidance = guidance_of(teacher)
     device = next(student.parameters()).device
     teacher = teacher.eval()
     n_traj = round(batch_size * trajectory_fraction)
