@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,23 @@ def device_of(model: torch.nn.Module) -> torch.device:
 def call(model: torch.nn.Module, inputs: Any) -> Tensor:
     """Logits of ``model`` on ``inputs`` (a tensor, or a dict passed as keyword arguments)."""
     return logits_of(model(**inputs) if isinstance(inputs, Mapping) else model(inputs))
+
+
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module) -> Iterator[None]:
+    """``model``'s parameters set not to require gradients for the duration, then restored as they were.
+
+    The gate-gradient scorers differentiate with respect to the gates only; a parameter that requires a gradient
+    makes autograd keep each layer's input for a weight gradient nobody asks for (about a third of a transformer's
+    saved activations, and what keeps a bf16 Llama's scoring above Torch-Pruning's weight-gradient peak)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 @dataclass

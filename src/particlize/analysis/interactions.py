@@ -34,7 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..adapters import decompose
 from ..errors import ParticlizeError
 from ..particles import ParticleMap
-from ._common import Batch, Progress, as_batches, call, device_of, per_example_metric, select_groups
+from ._common import Batch, Progress, as_batches, call, device_of, frozen, per_example_metric, select_groups
 from ._pairs import Pair, Particle, pair_effects
 from .ablation import ablation_effects
 from .registry import MODES
@@ -238,9 +238,8 @@ def _gate_grads(pm, batches, parts, metric, mode) -> dict[str, Tensor]:
     for b in batches:
         with torch.no_grad():
             ref = call(pm.model, b.inputs)
-        with pm.gates(gates, patch):
+        with pm.gates(gates, patch), frozen(pm.model):  # gradients for the gates only (no parameter's)
             out = call(pm.model, b.inputs)
-        # gradients for the gates only: no parameter .grad is computed or left behind
         got = torch.autograd.grad(per_example_metric(metric, out, b.targets, ref).sum() / total, list(gates.values()))
         for n, g in zip(gates, got):
             grads[n] += g.double()

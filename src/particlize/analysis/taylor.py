@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..errors import ParticlizeError
 from ..particles import ParticleMap
-from ._common import Batch, Progress, call, device_of, map_tensors, per_example_metric
+from ._common import Batch, Progress, call, device_of, frozen, map_tensors, per_example_metric
 from .registry import ScorerSpec, register
 
 
@@ -93,23 +93,24 @@ def _gate_gradients(
             for n, g in zip(gates, grads):
                 out[k][n].append(g.detach().double()[None] if unsqueeze else g.detach().double())
 
-    for batch in batches:
-        B = batch.size
-        if per_row:
-            gates = {n: torch.ones(B, pm[n].size, dtype=GATE_DTYPE, device=dev, requires_grad=True) for n in per_row}
-            with pm.gates(gates, {n: patch[n] for n in per_row} if patch else None):
-                backward(gates, call(model, batch.inputs), batch.targets, False)
-        done += 1
-        if progress:
-            progress(done, total, "gate gradients")
-        for b in range(B) if shared else ():
-            one = Batch(_row(batch.inputs, b, B), batch.targets[b : b + 1])
-            gates = {n: torch.ones(pm[n].size, dtype=GATE_DTYPE, device=dev, requires_grad=True) for n in shared}
-            with pm.gates(gates):
-                backward(gates, call(model, one.inputs), one.targets, True)
+    with frozen(model):  # gradients for the gates only: no layer input is kept for a weight gradient
+        for batch in batches:
+            B = batch.size
+            if per_row:
+                gates = {n: torch.ones(B, pm[n].size, dtype=GATE_DTYPE, device=dev, requires_grad=True) for n in per_row}
+                with pm.gates(gates, {n: patch[n] for n in per_row} if patch else None):
+                    backward(gates, call(model, batch.inputs), batch.targets, False)
             done += 1
             if progress:
-                progress(done, total, "gate gradients (recurrent)")
+                progress(done, total, "gate gradients")
+            for b in range(B) if shared else ():
+                one = Batch(_row(batch.inputs, b, B), batch.targets[b : b + 1])
+                gates = {n: torch.ones(pm[n].size, dtype=GATE_DTYPE, device=dev, requires_grad=True) for n in shared}
+                with pm.gates(gates):
+                    backward(gates, call(model, one.inputs), one.targets, True)
+                done += 1
+                if progress:
+                    progress(done, total, "gate gradients (recurrent)")
     return [{n: torch.cat(v) for n, v in o.items()} for o in out]
 
 

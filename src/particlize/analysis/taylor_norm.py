@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..particles import ParticleMap, linear_reader_weight, token_weights
-from ._common import Batch, Progress, call, map_tensors, per_example_metric
+from ._common import Batch, Progress, call, frozen, map_tensors, per_example_metric
 from ._norms import next_norm, norm_params, rank1_scales
 from .ablation import ExecutionTrace, _recording, _removal
 from .registry import ScorerSpec, register
@@ -193,57 +193,58 @@ def taylor_norm(pm: ParticleMap, batches: Sequence[Batch], *, metric: str = "los
     closed: dict[str, bool] = {}
     readers = list(dict.fromkeys(s[0] for s in sites.values()))
     norms = list(dict.fromkeys(s[2] for s in sites.values()))
-    for i, batch in enumerate(batches):
-        B = batch.size
-        inputs: dict[str, Tensor] = {}
-        norm_io: dict[str, tuple[Tensor, Tensor]] = {}  # the norm's clean input and its output (in the graph)
-        gates = {n: torch.ones(B, pm[n].size, requires_grad=True) for n in per_row}
-        with pm.gates(gates, {n: patches[n] for n in per_row} if patches else None), \
-                _recording(model, readers, inputs, keep=lambda args, out: args[0].detach()), \
-                _recording(model, norms, norm_io, keep=lambda args, out: (args[0].detach(), out)), torch.enable_grad():
-            out = call(model, batch.inputs)
-            grads = torch.autograd.grad(per_example_metric(metric, out, batch.targets).sum(),
-                                        [*gates.values(), *(norm_io[nm][1] for nm in norms)], allow_unused=True)
-        for n, g in zip(per_row, grads):
-            parts[n].append(-(g.double() if g is not None else torch.zeros(B, pm[n].size, dtype=torch.float64)))
-        if progress is not None:
-            progress(i + 1, len(batches), "taylor-norm")
-        grads = grads[len(per_row):]
-        gy = dict(zip(norms, grads))
-        for name, (reader, W, norm) in sites.items():
-            a, z, g = inputs[reader], norm_io[norm][0], gy[norm]
-            if g is None or a.shape[0] != B or z.shape[0] != B or a.shape[:-1] != z.shape[:-1]:
-                continue  # the metric does not depend on the norm, or activations are not laid out per example
-            a, z, g = a.reshape(B, -1, a.shape[-1]), z.reshape(B, -1, z.shape[-1]), g.detach().reshape(B, -1, z.shape[-1])
-            patch = patches[name][0] if name in patches else None
-            est_b = parts[name][-1]
-            if name not in checked:
-                checked[name] = _path_is_identity(pm, name, norm, batch, a, W, patch)
-            if not checked[name]:
-                continue
-            N = model.get_submodule(norm)
-            with torch.enable_grad():
-                zz = z.detach().requires_grad_(True)
-                (v,) = torch.autograd.grad(N(zz), zz, g)
-            n = pm[name].size
-            if name not in closed:
-                closed[name] = W.shape[0] == n and _closed_form_agrees(N, a, z, W, g, v, patch)
-            if closed[name]:  # width-1 particles: rank-1 changes, the norm's change in closed form
-                C = _removal(a, patch)  # [B, T, n]
-                corr = _rank1_norm_change(N, z.flatten(0, 1), C.flatten(0, 1), W, g.flatten(0, 1), v.flatten(0, 1))
-                est_b += corr.view(B, -1, n).sum(1).cpu()
-                continue
-            per = max(1, _CHUNK_ELEMENTS // max(1, z.numel()))
-            corr = torch.zeros(B, n, dtype=torch.float64)
-            with torch.no_grad():
-                Nz = N(z)
-                for c0 in range(0, n, per):
-                    chunk = list(range(c0, min(n, c0 + per)))
-                    d = _deltas(a, W, n, chunk, patch)  # [B, T, c, d]
-                    exact = ((N(z.unsqueeze(2) + d) - Nz.unsqueeze(2)) * g.unsqueeze(2)).sum(-1)
-                    linear = (d * v.unsqueeze(2)).sum(-1)
-                    corr[:, c0:c0 + len(chunk)] = (exact - linear).double().sum(1).cpu()
-            est_b += corr
+    with frozen(model):  # gradients for the gates and norm outputs only
+        for i, batch in enumerate(batches):
+            B = batch.size
+            inputs: dict[str, Tensor] = {}
+            norm_io: dict[str, tuple[Tensor, Tensor]] = {}  # the norm's clean input and its output (in the graph)
+            gates = {n: torch.ones(B, pm[n].size, requires_grad=True) for n in per_row}
+            with pm.gates(gates, {n: patches[n] for n in per_row} if patches else None), \
+                    _recording(model, readers, inputs, keep=lambda args, out: args[0].detach()), \
+                    _recording(model, norms, norm_io, keep=lambda args, out: (args[0].detach(), out)), torch.enable_grad():
+                out = call(model, batch.inputs)
+                grads = torch.autograd.grad(per_example_metric(metric, out, batch.targets).sum(),
+                                            [*gates.values(), *(norm_io[nm][1] for nm in norms)], allow_unused=True)
+            for n, g in zip(per_row, grads):
+                parts[n].append(-(g.double() if g is not None else torch.zeros(B, pm[n].size, dtype=torch.float64)))
+            if progress is not None:
+                progress(i + 1, len(batches), "taylor-norm")
+            grads = grads[len(per_row):]
+            gy = dict(zip(norms, grads))
+            for name, (reader, W, norm) in sites.items():
+                a, z, g = inputs[reader], norm_io[norm][0], gy[norm]
+                if g is None or a.shape[0] != B or z.shape[0] != B or a.shape[:-1] != z.shape[:-1]:
+                    continue  # the metric does not depend on the norm, or activations are not laid out per example
+                a, z, g = a.reshape(B, -1, a.shape[-1]), z.reshape(B, -1, z.shape[-1]), g.detach().reshape(B, -1, z.shape[-1])
+                patch = patches[name][0] if name in patches else None
+                est_b = parts[name][-1]
+                if name not in checked:
+                    checked[name] = _path_is_identity(pm, name, norm, batch, a, W, patch)
+                if not checked[name]:
+                    continue
+                N = model.get_submodule(norm)
+                with torch.enable_grad():
+                    zz = z.detach().requires_grad_(True)
+                    (v,) = torch.autograd.grad(N(zz), zz, g)
+                n = pm[name].size
+                if name not in closed:
+                    closed[name] = W.shape[0] == n and _closed_form_agrees(N, a, z, W, g, v, patch)
+                if closed[name]:  # width-1 particles: rank-1 changes, the norm's change in closed form
+                    C = _removal(a, patch)  # [B, T, n]
+                    corr = _rank1_norm_change(N, z.flatten(0, 1), C.flatten(0, 1), W, g.flatten(0, 1), v.flatten(0, 1))
+                    est_b += corr.view(B, -1, n).sum(1).cpu()
+                    continue
+                per = max(1, _CHUNK_ELEMENTS // max(1, z.numel()))
+                corr = torch.zeros(B, n, dtype=torch.float64)
+                with torch.no_grad():
+                    Nz = N(z)
+                    for c0 in range(0, n, per):
+                        chunk = list(range(c0, min(n, c0 + per)))
+                        d = _deltas(a, W, n, chunk, patch)  # [B, T, c, d]
+                        exact = ((N(z.unsqueeze(2) + d) - Nz.unsqueeze(2)) * g.unsqueeze(2)).sum(-1)
+                        linear = (d * v.unsqueeze(2)).sum(-1)
+                        corr[:, c0:c0 + len(chunk)] = (exact - linear).double().sum(1).cpu()
+                est_b += corr
     return {n: est[n] if n in est else torch.cat(parts[n]) for n in groups}
 
 
