@@ -48,8 +48,8 @@ def frozen(model: torch.nn.Module) -> Iterator[None]:
     """``model``'s parameters set not to require gradients for the duration, then restored as they were.
 
     The gate-gradient scorers differentiate with respect to the gates only; a parameter that requires a gradient
-    makes autograd keep each layer's input for a weight gradient nobody asks for (about a third of a transformer's
-    saved activations, and what keeps a bf16 Llama's scoring above Torch-Pruning's weight-gradient peak)."""
+    makes autograd keep each layer's input for a weight gradient nobody asks for (a fifth to a third of the
+    activations saved for backward on MiniLM and Llama; benchmarks/results/gpu.md)."""
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
         p.requires_grad_(False)
