@@ -20,6 +20,10 @@ each shape's token count (`flops_kept`), not read from ``--arch``. On a CPU with
 ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296``, or the dense model's large
 activations are mapped afresh each forward and its page faults inflate every speedup (RESULTS.md, session 13).
 
+Every run also times a *floor* model (one head and one FFN neuron per layer, 3% of MiniLM's FLOPs). Its time as a
+share of the dense model's, less its FLOPs share, is the work no width cut removes (embeddings, LayerNorms,
+residual adds, the projections that write the full hidden width); it bounds what any width-only cut can reach.
+
 ``--write-arch`` makes the ``--arch`` file from a trained model folder and ``compress_minilm.py --json`` /
 ``latency_allocation.py`` width records (run once on the machine that has them).
 """
@@ -146,6 +150,8 @@ def main() -> int:
     dense = TextClassifier(**spec["recipe"]).eval()
     archs = [a for a in spec["models"] if args.budgets is None or a["budget"] in args.budgets]
     cpu_models = {"dense": dense, **{a["name"]: by_widths(dense, a["widths"]) for a in archs}}
+    # the floor: one head and one FFN neuron per layer; its time beyond its FLOPs is the work no width cut removes
+    cpu_models["floor"] = by_widths(dense, [[1, 1]] * dense.encoder.config.num_hidden_layers)
     recorded = {a["name"]: a["flops_kept"] for a in archs if "flops_kept" in a}
     kept_at = {t: flops_kept(cpu_models, t) for t in sorted({int(s.lower().split("x")[1]) for s in args.shape})}
     for name, share in recorded.items():  # the --arch file's number, written at 64 tokens, is only cross-checked
@@ -176,6 +182,13 @@ def main() -> int:
                            "ms": statistics.median(times[k]), "speedup": sp, "efficiency": sp * kept[k]}
                     results.append(row)
                     print(f"{k:<34} {kept[k]:>10.3f} {row['ms']:>9.3f} {sp:>7.2f}× {row['efficiency']:>10.2f}", flush=True)
+                share = statistics.median(f / d for f, d in zip(times["floor"], times["dense"]))
+                fixed = share - kept["floor"]  # the floor's own FLOPs counted at the dense model's rate
+                results.append({"dtype": dname, "shape": shape, "mode": mode, "floor_share": share, "fixed_share": fixed})
+                print(f"fixed work: the floor (one head, one neuron per layer; {kept['floor']:.1%} of the FLOPs) takes "
+                      f"{share:.1%} of the dense time, so {fixed:.1%} is work no width cut removes. Efficiency 0.95 at a "
+                      f"FLOPs share f needs that under 0.05·f / (0.95·(1 − f)) even if the rest scaled with the FLOPs "
+                      f"(1.8% at 25%, 0.8% at 12.5%)")
         del models
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "results": results}, indent=1) + "\n")
