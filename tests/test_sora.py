@@ -748,3 +748,13 @@ def test_distillation_draws_and_weighs_at_the_teachers_own_guidance(task):
     distill_dit(student, teacher, task, steps=1, batch_size=4, trajectory_videos=2, sampler_steps=2)
     distill_dit(student, teacher, task, steps=1, batch_size=4, trajectory_videos=2, sampler_steps=2, guidance=5.0)
     assert scales == [3.0, 5.0]
+
+
+def test_distillation_refuses_a_guidance_it_does_not_know(task):
+    import copy
+
+    from particlize.recover.dit import distill_dit
+
+    teacher = _model()
+    with pytest.raises(ValueError, match=r"guidance is a scale .* got 'teachr'"):
+        distill_dit(copy.deepcopy(teacher), teacher, task, steps=1, batch_size=4, guidance="teachr")

@@ -121,6 +121,9 @@ def distill_dit(
     if focus is not None and not (0 <= focus[0] <= focus[1] < teacher.diffusion.steps and 0.0 < focus_share <= 1.0):
         raise ValueError(f"focus must be steps (lo, hi) with 0 <= lo <= hi < {teacher.diffusion.steps} and focus_share "
                          f"in (0, 1], got {focus} and {focus_share}")
+    if isinstance(guidance, str) and guidance != "teacher":
+        raise ValueError(f"guidance is a scale (a number), 'teacher' (the teacher's own scale) or None (plain "
+                         f"distillation), got {guidance!r}")
     if guidance == "teacher":
         guidance = guidance_of(teacher)
     device = next(student.parameters()).device
