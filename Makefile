@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all bench venv clean
+.PHONY: demo test test-all bench gpu-wheels venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/build_and_prune.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/latency_minilm.py
+
+# The peers' pure-Python wheels for benchmarks/gpu_check.py --wheels wheels (the GPU machine has no pip access):
+# run here, then the folder travels with the tree.
+gpu-wheels: $(STAMP)
+	$(PIP) download -q --no-deps captum==0.9.0 torch-pruning==1.6.1 -d wheels
 
 clean:
 	rm -rf $(VENV) out build *.egg-info src/*.egg-info

@@ -228,12 +228,12 @@ def writer_l2(model: nn.Module, group: Any) -> torch.Tensor:
         dim = s.dim % t.ndim
         if s.repeat == 1 and dim == 0 and t.shape[0] == group.size * s.width:
             rows = t.reshape(group.size, -1)
-            score += torch.linalg.vector_norm(rows, dim=1).double() ** 2
+            score += torch.linalg.vector_norm(rows, dim=1).double().cpu() ** 2
         else:  # general layout: [repeat, particles, width] along dim
-            sel = t.index_select(dim, s.indices(range(group.size))).movedim(dim, 0)
+            sel = t.index_select(dim, s.indices(range(group.size)).to(t.device)).movedim(dim, 0)
             sel = sel.reshape(s.repeat, group.size, s.width, -1)
-            score += (torch.linalg.vector_norm(sel, dim=(0, 2, 3)).double() ** 2)
-    return score
+            score += (torch.linalg.vector_norm(sel, dim=(0, 2, 3)).double().cpu() ** 2)
+    return score  # on the CPU wherever the model is
 
 
 def pz_plan(pm: Any, fraction: float = FRACTION) -> dict[str, list[int]]:

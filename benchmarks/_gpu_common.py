@@ -288,6 +288,10 @@ def add_wheels(folder: str | None) -> list[str]:
     if not folder:
         return []
     wheels = sorted(glob.glob(str(Path(folder) / "*.whl")))
+    missing = [p for p in ("captum", "torch_pruning") if not any(Path(w).name.startswith(p + "-") for w in wheels)]
+    if missing:  # asked for the peers and would silently run without them: say so before any GPU time is spent
+        raise SystemExit(f"--wheels {folder}: no {' or '.join(missing)} wheel there; run `make gpu-wheels` first "
+                         f"(or leave --wheels out to run without the peers)")
     for w in wheels:
         if w not in sys.path:
             sys.path.append(w)

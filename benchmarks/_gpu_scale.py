@@ -100,7 +100,7 @@ def llama_times(ctx: Ctx) -> dict[str, Any]:
         flops = {k: pz.decompose(m, seq_len=T).cost().flops for k, m in models.items()}
         widths = {k: C.layer_shapes(m)[0] for k, m in models.items()}
         out = {k: {"speedup": paired(t, "dense", k), "flops_kept": flops[k] / flops["dense"], "layer0": widths[k],
-                   "ms": med(t[k]) * 1e3} for k in models}
+                   "ms": med(t[k]) * 1e3 / ctx.cfg.llama_reps} for k in models}  # each timed call ran llama_reps forwards
         del timers, models
         return {"cuts": out, "peer_source": source, "shape": f"{B}x{T}"}
 

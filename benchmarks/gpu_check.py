@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out / JSON_NAME
     if out.exists() and not args.force:
         return _fail(f"{out} exists: pass --force to overwrite it or choose another --out")
+    wheels = add_wheels(args.wheels)  # before anything is written: a missing peer wheel is one line and exit 1
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -169,11 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         # matrices on 2 threads of a loaded machine ran ~30x slower than on one: thread hand-offs, not work)
         torch.set_num_threads(1) if args.small else C.setup_threads()
     torch.manual_seed(0)
-    wheels = add_wheels(args.wheels)
     ctx = Ctx(torch.device(device), Settings.make(args.small))
     budget = args.budget_s or (300.0 if args.small else 450.0)
     data = {"machine": machine(ctx.device, wheels), "settings": vars(ctx.cfg), "budget_s": budget, "rows": []}
     print("gpu_check:", json.dumps(data["machine"]), flush=True)
+    write_json(out, data)  # the machine and settings on disk before the first row, should the process be killed in it
     start = time.perf_counter()
     for name in args.only or list(ROWS):
         left = budget - (time.perf_counter() - start)

@@ -149,3 +149,10 @@ def test_an_existing_report_is_not_overwritten(tmp_path: Path, capsys: pytest.Ca
     assert _main()(["--out", str(tmp_path), "--device", "cpu", "--small", "--only", "heads"]) != 0
     assert "--force" in capsys.readouterr().err
     assert (tmp_path / "gpu_check.json").read_text() == "{}"
+
+
+def test_a_wheels_folder_without_the_peers_is_one_line_before_anything_is_written(tmp_path):
+    (tmp_path / "wheels").mkdir()
+    p = _run("--out", str(tmp_path / "o"), "--device", "cpu", "--small", "--wheels", str(tmp_path / "wheels"))
+    assert p.returncode == 1 and "make gpu-wheels" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
