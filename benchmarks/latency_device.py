@@ -31,6 +31,7 @@ residual adds, the projections that write the full hidden width); it bounds what
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -88,9 +89,14 @@ class _Timer:
         self.model, self.x, self.graph = model, x, None
         graph = mode == "graph"
         with torch.inference_mode():
-            for _ in range(3):
-                model(**x)
+            side = torch.cuda.Stream() if graph else None  # CUDA graphs want their warm-up on a side stream
+            if side is not None:
+                side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                for _ in range(3):
+                    model(**x)
             if graph:
+                torch.cuda.current_stream().wait_stream(side)
                 torch.cuda.synchronize()
                 self.graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(self.graph):

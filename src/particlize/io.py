@@ -273,7 +273,8 @@ def load(
             f"pass base={name}(...) built as the original, unchanged, e.g. pz.load(path, base={name}(...))"
         )
     else:
-        model = build(recipe, trust_code=trust_code)
+        with torch.device(device):  # built where the weights go: a 1.1B model's throwaway initialisation on a
+            model = build(recipe, trust_code=trust_code)  # GPU takes a moment, on the host most of a minute
     plan = Plan.from_json(meta.get("plan", []), format=meta["format"])
     if len(plan):
         _plan.run(decompose(model, recipe=recipe), plan, replay=True, written_by=meta.get("particlize"))

@@ -24,8 +24,8 @@ COLUMNS = [
 def _per_particle_sq(t: Tensor, s: Slice, n: int) -> Tensor:
     """Sum of squares of the elements each of the ``n`` particles owns in ``t`` along ``s``."""
     x = t.detach().float().movedim(s.dim % t.ndim, 0)
-    x = x[s.indices(range(n))].reshape(s.repeat, n, s.width, -1)
-    return x.square().sum(dim=(0, 2, 3))
+    x = x[s.indices(range(n)).to(x.device)].reshape(s.repeat, n, s.width, -1)
+    return x.square().sum(dim=(0, 2, 3)).cpu()  # tables are built on the CPU, wherever the model is
 
 
 def _slice_norms(pm: ParticleMap, g: ParticleGroup, slices: tuple[Slice, ...]) -> Tensor:
@@ -73,9 +73,9 @@ def particle_table(pm: ParticleMap, seq_len: int | None = None, data: Iterable[A
     for g in pm.groups:
         params, flops = unit_cost(pm, g, seq_len)
         if g.kind == "block":
-            wn = torch.stack([
-                torch.sqrt(sum(pm._tensor(n).detach().float().square().sum() for n in names))
-                if names else torch.tensor(math.nan) for names in g.owned
+            wn = torch.tensor([
+                math.sqrt(float(sum(pm._tensor(n).detach().float().square().sum() for n in names)))
+                if names else math.nan for names in g.owned
             ])
             rn = torch.full((g.size,), math.nan)
         else:
@@ -110,7 +110,8 @@ def activation_stats(pm: ParticleMap, data: Iterable[Any]) -> pd.DataFrame:
             x = a.detach().double().movedim(dim, -1).reshape(-1, g.size, a.shape[dim] // g.size)
             x = x.reshape(x.shape[0], g.size, -1).transpose(1, 2).reshape(-1, g.size)
             idx = slice(None)
-        s = acc.setdefault(name, [torch.zeros(g.size, dtype=torch.float64) for _ in range(3)] + [torch.zeros(g.size)])
+        s = acc.setdefault(name, [torch.zeros(g.size, dtype=torch.float64, device=x.device) for _ in range(3)]
+                           + [torch.zeros(g.size, device=x.device)])  # summed where the model runs
         s[0][idx] += x.abs().sum(0)
         s[1][idx] += x.sum(0)
         s[2][idx] += x.square().sum(0)
@@ -120,7 +121,8 @@ def activation_stats(pm: ParticleMap, data: Iterable[Any]) -> pd.DataFrame:
         for batch in data:
             run_batch(pm.model, batch)
     rows = []
-    for name, (sa, s1, s2, cnt) in acc.items():
+    for name, sums in acc.items():
+        sa, s1, s2, cnt = (t.cpu() for t in sums)
         cnt = cnt.double().clamp_min(1)
         mean = s1 / cnt
         rows.append(pd.DataFrame({

@@ -70,9 +70,10 @@ def _gate_gradients(
     """Per-example gate gradients of each of ``objectives`` (sums over the batch of per-example terms,
     so the gradient of row ``b``'s gate is example ``b``'s own): one forward and one backward each.
 
-    In a bf16 / fp16 model the gates are fp32 leaves on the model's device (each gradient arrives in fp32,
-    reduced over its tokens and features with an fp32 accumulator) and the per-example gradients are kept in
-    float64, so sums over examples (``fisher``) lose nothing to the model's precision."""
+    In a bf16 / fp16 model the gates are fp32 leaves on the model's device. The gate multiplies the activation
+    in the model's dtype, so each example's gradient is reduced over its tokens and features with the kernels'
+    fp32 accumulator and rounded once to the model's precision on its way to the leaf; the per-example gradients
+    are then kept in float64, so sums over examples (``fisher``) add no further rounding."""
     check_gradient_metric(metric, mode)
     model = pm.model
     dev = device_of(model)
@@ -138,7 +139,7 @@ def _curvature_objectives(samples: int, seed: int, exact_up_to: int = 32) -> Obj
     cross-entropy: ``√p_c · log p_c`` for every class (exact; up to ``exact_up_to`` classes), else
     ``samples`` labels drawn from the model's own distribution (an unbiased Monte Carlo estimate,
     per token for token outputs, scaled by their count)."""
-    gen = torch.Generator().manual_seed(seed)
+    gens: dict[torch.device, torch.Generator] = {}  # one per device the outputs come from (CUDA sampling needs its own)
 
     def objectives(outputs: Tensor, targets: Tensor) -> list[Tensor]:
         if targets.is_floating_point():
@@ -149,7 +150,8 @@ def _curvature_objectives(samples: int, seed: int, exact_up_to: int = 32) -> Obj
             w = logp.detach().exp().sqrt()
             return [(w[:, c] * logp[:, c]).sum() for c in range(logp.shape[-1])]
         flat = logp.reshape(logp.shape[0], -1, logp.shape[-1])  # [B, T, V]
-        keep = torch.ones(flat.shape[:2])
+        keep = torch.ones(flat.shape[:2], device=flat.device)
+        gen = gens.setdefault(flat.device, torch.Generator(device=flat.device).manual_seed(seed))
         if targets.ndim == 2 and logp.ndim == 3:
             keep = (targets != -100).float()
         scale = keep.sum(1).clamp_min(1).rsqrt()  # L = mean over the example's tokens
