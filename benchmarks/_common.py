@@ -60,8 +60,12 @@ def cpu_model() -> str:
 
 
 def machine_line() -> str:
-    import transformers
+    try:
+        import transformers
 
+        tfv = transformers.__version__
+    except ImportError:
+        tfv = "not installed"
     try:
         import torch_pruning as tp
 
@@ -71,7 +75,7 @@ def machine_line() -> str:
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (
         f"{now} | CPU: {cpu_model()} ({os.cpu_count()} logical cores visible), torch threads {torch.get_num_threads()} | "
-        f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, {tpv}"
+        f"python {platform.python_version()}, torch {torch.__version__}, transformers {tfv}, {tpv}"
     )
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -103,6 +104,8 @@ def main() -> int:
     print(f"probe: {rate:.1f} steps/s at batch {args.batch_size}; training {steps} steps (~{args.minutes:g} min)", flush=True)
 
     model_dir = args.out / f"sora-{args.preset}"
+    if (model_dir / "checkpoint").exists():  # a killed earlier run's, planned for another step count: start afresh
+        shutil.rmtree(model_dir / "checkpoint")
     t = time.perf_counter()
     try:
         train_sora(args.preset, steps, model_dir, batch_size=args.batch_size, lr=args.lr, seed=args.seed,

@@ -141,7 +141,7 @@ def train_sora(
         start, losses, before = state["step"], state["losses"], state.get("seconds", 0.0)
         model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
         ema_model.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
-        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu"))  # moved to the params
         for _ in range(start):  # replay the data and noise streams to stay deterministic
             draw_batch(model, stream, gen, batch_size, "cpu")
 
@@ -158,8 +158,9 @@ def train_sora(
     params, ema_params = list(model.parameters()), list(ema_model.parameters())
     model.train()
     try:
+        batch = draw_batch(model, stream, gen, batch_size, device) if start < steps else None
         for step in range(start, steps):
-            x0, y, t, noise = draw_batch(model, stream, gen, batch_size, device)
+            x0, y, t, noise = batch
             frac = min(1.0, (step + 1) / max(warmup, 1))
             cos = 0.5 * (1 + math.cos(math.pi * step / max(steps, 1)))
             for g in opt.param_groups:
@@ -171,6 +172,8 @@ def train_sora(
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             ema_step(ema_params, params, ema, step)
+            if step + 1 < steps:  # the next batch is made on the host while a GPU still runs this step (the
+                batch = draw_batch(model, stream, gen, batch_size, device)  # same draws in the same order)
             losses.append(round(loss.item(), 5))
             if callable(progress) and progress is not True:
                 progress(step + 1, steps, loss.item())

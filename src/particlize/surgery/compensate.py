@@ -146,7 +146,7 @@ class Merge(_Compensation):
         nk, z, nr = Zk.shape[0], Zk.shape[1], Ig.shape[0]
         A = p.M[Zk[:, :, None], Zk[:, None, :]]  # [kept, z, z]
         ridge = self.damp * A.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)
-        A = A + ridge[:, None, None] * torch.eye(z, dtype=A.dtype)
+        A = A + ridge[:, None, None] * torch.eye(z, dtype=A.dtype, device=A.device)
         B = p.M[Zk[:, :, None], Ig.reshape(1, 1, -1)]  # [kept, z, removed * w]
         R = torch.linalg.solve(A, B).reshape(nk, z, nr, w).transpose(1, 2)  # [kept, removed, z, w]: x_i ≈ Rᵀ z_j
         MZI = B.reshape(nk, z, nr, w).transpose(1, 2)
@@ -155,10 +155,10 @@ class Merge(_Compensation):
         E = MII[None] - RtMZI - RtMZI.transpose(-1, -2) + R.transpose(-1, -2) @ A[:, None] @ R  # residual moments
         WI = p.Wf[Ig]  # [removed, w, out]
         err = torch.einsum("nwo,knwv,nvo->kn", WI, E, WI)  # reader output error of merging i into j
-        best = err.argmin(0)  # [removed]
+        best = err.argmin(0).cpu()  # [removed]; indexes the host-side feature lists below
         Rb = R[best, torch.arange(nr)]  # [removed, z, w]
         fold = Rb @ WI  # [removed, z, out]
-        Wf = p.Wf.index_add(0, Zk[best][:, :w].reshape(-1), fold[:, :w].reshape(-1, fold.shape[-1]))
+        Wf = p.Wf.index_add(0, Zk[best][:, :w].reshape(-1).to(p.Wf.device), fold[:, :w].reshape(-1, fold.shape[-1]))
         b = p.b + fold[:, w].sum(0) if p.b is not None else None
         into = {str(i): int(p.keep[int(k)]) for i, k in zip(p.removed, best)}
         return Wf, b, {"into": into}
@@ -177,7 +177,7 @@ class Refit(_Compensation):
         const = torch.tensor([p.const]) if p.b is not None else torch.tensor([], dtype=torch.long)
         K = torch.cat([p.kept, const])
         A = p.M[K][:, K]
-        A = A + self.damp * A.diagonal().mean().clamp_min(1e-12) * torch.eye(len(K), dtype=A.dtype)
+        A = A + self.damp * A.diagonal().mean().clamp_min(1e-12) * torch.eye(len(K), dtype=A.dtype, device=A.device)
         R = torch.linalg.solve(A, p.M[K][:, p.gone])  # [|K| (+1), |S|]
         Wf = p.Wf.clone()
         Wf[p.kept] += R[: len(p.kept)] @ p.Wf[p.gone]
