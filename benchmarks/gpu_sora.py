@@ -84,7 +84,12 @@ def main() -> int:
     ap.add_argument("--per-class", type=int, default=10, help="judged samples per digit and guidance scale")
     ap.add_argument("--small", action="store_true", help="smoke run: the tiny preset, seconds of training, few samples")
     ap.add_argument("--force", action="store_true", help="replace an existing OUT/gpu_sora.json")
+    ap.add_argument("--fp32-matmul", choices=["highest", "high"], default="high",
+                    help="torch.set_float32_matmul_precision while training: 'high' lets a GPU's tensor cores run fp32 "
+                         "matmuls in TF32 (more steps in the same minutes), 'highest' keeps full fp32; the judges "
+                         "sample in their own process at full fp32")
     args = ap.parse_args()
+    torch.set_float32_matmul_precision(args.fp32_matmul)
     if args.small:
         args.preset, args.minutes, args.batch_size, args.probe_steps, args.per_class = "tiny", 0.25, 8, 10, 1
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -758,3 +758,22 @@ def test_distillation_refuses_a_guidance_it_does_not_know(task):
     teacher = _model()
     with pytest.raises(ValueError, match=r"guidance is a scale .* got 'teachr'"):
         distill_dit(copy.deepcopy(teacher), teacher, task, steps=1, batch_size=4, guidance="teachr")
+
+
+def test_a_bf16_model_takes_and_returns_fp32_videos_and_predicts_like_fp32():
+    """`.to(torch.bfloat16)` gives a model the sampler can run: fp32 videos in and out, the noise predicted
+    as the fp32 model predicts it up to bf16's precision."""
+    import copy
+
+    m = _model()
+    half = copy.deepcopy(m).to(torch.bfloat16)
+    cfg = m.config
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, cfg.in_channels, cfg.frames, cfg.size, cfg.size, generator=g)
+    t, y = torch.tensor([10, 700]), torch.tensor([1, 3])
+    with torch.no_grad():
+        full, low = m(x, t, y), half(x, t, y)
+    assert low.dtype == torch.float32 and low.shape == full.shape
+    assert float((low - full).norm() / full.norm()) < 0.05
+    video = half.sample(torch.tensor([1]), steps=2, seed=0)
+    assert video.dtype == torch.float32 and bool(torch.isfinite(video).all())

@@ -234,7 +234,8 @@ class TimestepEmbedder(nn.Module):
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
         args = t.float()[..., None] * freqs
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # in fp32, then in the model's dtype
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
 class FinalLayer(nn.Module):
@@ -350,7 +351,8 @@ class SpacetimeDiT(nn.Module):
         # x [B, C, T, H, W]; t [B] (0..999) or [B, T'] (a step per temporal token); y [B] (num_classes = null label)
         B = x.shape[0]
         T_, H_, W_ = self.grid
-        h = self.patch_embed(x)  # [B, D, T', H', W']
+        out_dtype = x.dtype  # a bf16 / fp16 model takes and returns the sampler's fp32 videos
+        h = self.patch_embed(x.to(self.patch_embed.weight.dtype))  # [B, D, T', H', W']
         h = h.flatten(3).permute(0, 2, 3, 1)  # [B, T', S, D]
         h = h + self.pos_spatial + self.pos_temporal
         c = self.t_embed(t) + (self.y_embed(y) if t.ndim == 1 else self.y_embed(y)[:, None])  # [B, D] or [B, T', D]
@@ -361,7 +363,7 @@ class SpacetimeDiT(nn.Module):
         C = self.config.in_channels
         h = h.reshape(B, T_, H_, W_, pt, ph, pw, C)
         h = h.permute(0, 7, 1, 4, 2, 5, 3, 6)  # [B, C, T', pt, H', ph, W', pw]
-        return h.reshape(B, C, T_ * pt, H_ * ph, W_ * pw)
+        return h.reshape(B, C, T_ * pt, H_ * ph, W_ * pw).to(out_dtype)
 
     def loss(
         self, x0: Tensor, y: Tensor, generator: torch.Generator | None = None, min_snr_gamma: float | None = None
