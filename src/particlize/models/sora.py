@@ -274,9 +274,16 @@ class Diffusion:
             snr = self.alpha_bar.double() / (1 - self.alpha_bar.double()) / shift**2
             self.alpha_bar = (snr / (1 + snr)).float()
 
+    def on(self, device: torch.device) -> Tensor:
+        """``alpha_bar`` on ``device``, copied there once (not a host-to-device copy every training step)."""
+        cache = self.__dict__.setdefault("_on", {})
+        if device not in cache or cache[device][0] is not self.alpha_bar:
+            cache[device] = (self.alpha_bar, self.alpha_bar.to(device))
+        return cache[device][1]
+
     def snr(self, t: Tensor) -> Tensor:
         """Signal-to-noise ratio ``alpha_bar / (1 - alpha_bar)`` at steps ``t``."""
-        a = self.alpha_bar.to(t.device)[t]
+        a = self.on(t.device)[t]
         return a / (1 - a)
 
     def loss_weight(self, t: Tensor, min_snr_gamma: float | None) -> Tensor:
@@ -295,7 +302,7 @@ class Diffusion:
 
     def alpha_bar_like(self, x: Tensor, t: Tensor) -> Tensor:
         """``alpha_bar`` at steps ``t`` (``[B]`` or ``[B, T']``) shaped to broadcast over videos ``x [B, C, T, ...]``."""
-        a = self.alpha_bar.to(x.device)[t]
+        a = self.on(x.device)[t]
         if t.ndim == 1:
             return a.view(-1, *[1] * (x.ndim - 1))
         return per_frame(a, x.shape[2]).view(a.shape[0], 1, x.shape[2], *[1] * (x.ndim - 3))
