@@ -43,6 +43,9 @@ def _models(ctx: Ctx) -> dict[str, Any]:
                     seen[key] = name
                     models[name] = C.by_widths(dense, w)
                 alias[name] = seen[key]  # the model that has these widths
+        # the floor: one head and one neuron per layer; its time beyond its FLOPs is what no width cut removes
+        models["floor"] = C.by_widths(dense, [[1, 1]] * enc.num_hidden_layers)
+        alias["floor"] = "floor"
         return {"models": models, "alias": alias}
 
     return ctx.once("cut_models", make)
@@ -111,7 +114,9 @@ def _cut_row(ctx: Ctx, dtype: str, what: str) -> dict[str, Any]:
             "target": f">= {TARGET_EFF} at 50% and >= Torch-Pruning's at every budget", "passed": ok,
             "details": {"round_to": device_round_to(ctx.device, DTYPES[dtype]), "particlize": mine, "torch_pruning": tp,
                         "particlize_unaligned": today, "speedup_at_50": cuts[_pz_name(ctx, 0.5, dtype)]["speedup"],
-                        "tp_speedup_at_50": cuts["tp@0.5"]["speedup"], "dense_ms": res["dense_ms"], "all": cuts}}
+                        "tp_speedup_at_50": cuts["tp@0.5"]["speedup"], "dense_ms": res["dense_ms"],
+                        # share of the dense time no width cut removes (the floor's time less its FLOPs share)
+                        "fixed_share": 1 / cuts["floor"]["speedup"] - cuts["floor"]["flops_kept"], "all": cuts}}
 
 
 def row_cuts_fp32(ctx: Ctx) -> dict[str, Any]:
