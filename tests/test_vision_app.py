@@ -56,6 +56,10 @@ def test_fashion_mnist_end_to_end(tmp_path: Path) -> None:
     """The real data, a tenth of the benchmark reference's recipe (3 of its 30 epochs over the whole training
     split, batch 128: about 0.86 test accuracy; the reference reaches 0.90; chance is 0.10), then 50% of the FLOPs
     with a short recovery (one pass over 2,048 images: 64 steps)."""
+    from particlize.tasks import fashion_mnist as fm
+
+    if not fm.DATA_DIR.is_dir():
+        pytest.skip(f"Fashion-MNIST not installed ({fm.APT})")
     dense, small, info = _train_and_compress(tmp_path, ["--epochs", "3", "--batch-size", "128"])
     acc = info["meta"]["metrics"]["test"]["accuracy"]
     assert info["meta"]["metrics"]["test"]["n"] == 10000 and acc > 0.82
