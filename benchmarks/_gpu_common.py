@@ -163,7 +163,7 @@ class ForwardTimer:
             for _ in range(3):
                 self._eager()
             if graph:
-                self.graph = capture(ctx, self._eager)
+                self.graph = capture(ctx.device, self._eager)
 
     def _eager(self) -> Any:
         return self.model(**self.x) if isinstance(self.x, dict) else self.model(self.x)
@@ -177,14 +177,14 @@ class ForwardTimer:
         return timed(self.ctx, run)[0] / reps
 
 
-def capture(ctx: Ctx, fn: Callable[[], Any]) -> Any:
-    """A CUDA graph of ``fn`` (warmed up on a side stream first, as CUDA graph capture wants)."""
-    side = torch.cuda.Stream(ctx.device)
-    side.wait_stream(torch.cuda.current_stream(ctx.device))
+def capture(device: torch.device, fn: Callable[[], Any]) -> Any:
+    """A CUDA graph of ``fn`` on ``device`` (warmed up on a side stream first, as CUDA graph capture wants)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
         for _ in range(3):
             fn()
-    torch.cuda.current_stream(ctx.device).wait_stream(side)
+    torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()

@@ -31,7 +31,6 @@ residual adds, the projections that write the full hidden width); it bounds what
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import statistics
@@ -43,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import by_widths, machine_line, setup_threads  # noqa: E402
+from _gpu_common import capture  # noqa: E402
 
 import particlize as pz  # noqa: E402
 from particlize.models.text import TextClassifier  # noqa: E402
@@ -89,17 +89,10 @@ class _Timer:
         self.model, self.x, self.graph = model, x, None
         graph = mode == "graph"
         with torch.inference_mode():
-            side = torch.cuda.Stream() if graph else None  # CUDA graphs want their warm-up on a side stream
-            if side is not None:
-                side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            if graph:  # warmed up on a side stream, then captured
+                self.graph = capture(x["input_ids"].device, lambda: model(**x))
+            else:
                 for _ in range(3):
-                    model(**x)
-            if graph:
-                torch.cuda.current_stream().wait_stream(side)
-                torch.cuda.synchronize()
-                self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph):
                     model(**x)
 
     def __call__(self, reps: int) -> float:

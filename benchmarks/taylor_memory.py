@@ -6,7 +6,8 @@
 The model: TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 query heads in 4 key/value groups, 5632 FFN neurons,
 vocab 32000), random weights drawn straight into ``--dtype`` (N(0, 0.02), norms 1), eval mode; ``--shape small`` is a
 2-layer, hidden-512 stand-in to check the script. One batch of ``--batch`` × ``--seq`` random token ids, the
-next-token cross-entropy on both sides.
+next-token cross-entropy on both sides (particlize's per-example loss also scores the last position against the
+first token, wrapped round: one position in ``--seq`` more, the same forward and backward).
 
 Every measurement is a fresh process (1 thread) that builds the model, runs one forward without gradients (so the
 baseline holds the weights and an inference pass), then does one thing; its extra memory is the process's peak RSS

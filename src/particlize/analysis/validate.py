@@ -93,7 +93,7 @@ def _screen(pm: ParticleMap, batches: list, screen: str, metric: str, mode: str,
         per = {n: v.cpu() for n, v in per.items()}  # gate gradients stay where the model ran
         rows = [pd.DataFrame({"group": n, "index": range(v.shape[1]), "screen_score": v.mean(0).numpy(),
                               "width": v.abs().mean(0).numpy(),
-                              "size": sizes[n].mean(0).cpu().numpy() if n in sizes else float("nan")})
+                              "size": sizes[n].mean(0).numpy() if n in sizes else float("nan")})
                 for n, v in per.items() if n in names]
         return pd.concat(rows, ignore_index=True)
     df = analyze(pm, batches, screen, *_fitting(spec, metric, mode), groups=names, table=False, progress=progress)

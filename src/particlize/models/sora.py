@@ -273,13 +273,13 @@ class Diffusion:
         if shift != 1.0:
             snr = self.alpha_bar.double() / (1 - self.alpha_bar.double()) / shift**2
             self.alpha_bar = (snr / (1 + snr)).float()
+        self._on: dict[torch.device, tuple[Tensor, Tensor]] = {}  # alpha_bar per device (`on`)
 
     def on(self, device: torch.device) -> Tensor:
         """``alpha_bar`` on ``device``, copied there once (not a host-to-device copy every training step)."""
-        cache = self.__dict__.setdefault("_on", {})
-        if device not in cache or cache[device][0] is not self.alpha_bar:
-            cache[device] = (self.alpha_bar, self.alpha_bar.to(device))
-        return cache[device][1]
+        if device not in self._on or self._on[device][0] is not self.alpha_bar:  # (re)copied if alpha_bar was replaced
+            self._on[device] = (self.alpha_bar, self.alpha_bar.to(device))
+        return self._on[device][1]
 
     def snr(self, t: Tensor) -> Tensor:
         """Signal-to-noise ratio ``alpha_bar / (1 - alpha_bar)`` at steps ``t``."""

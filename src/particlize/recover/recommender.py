@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ParticlizeError
+from ..tasks.base import model_device, to_device
 from ..tasks.movielens import RatingTask
 from .config import RecoveryConfig
 
@@ -71,13 +72,13 @@ def train_recommender(model: nn.Module, task: RatingTask, *, epochs: float = 20,
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
     bad = 0
-    device = next(model.parameters()).device
+    device = model_device(model)
     for ep in range(n_epochs):
         model.train()
         for inputs, y in task.batches("train", batch_size=batch_size, limit=limit, shuffle=True, seed=seed * 1000 + ep):
             if steps_total >= total:
                 break
-            inputs, y = {k: v.to(device) for k, v in inputs.items()}, y.to(device)  # batches follow the model
+            inputs, y = to_device(inputs, device), y.to(device)  # batches follow the model
             pred = model(**inputs)
             loss = F.mse_loss(pred, y)
             if alpha > 0:
